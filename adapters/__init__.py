@@ -1,0 +1,1 @@
+"""Built-in model-family adapters, one module each, each registered as a ``cachekit`` plugin."""

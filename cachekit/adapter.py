@@ -1,0 +1,149 @@
+"""The Adapter contract: where one model family keeps the points a cache policy works on.
+
+An adapter never changes the model. It names modules (blocks, attention) and reads values out of
+the calls the model makes anyway, so the runtime can hook module boundaries instead of copying the
+model's forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from cachekit.errors import MissingPointError
+
+Streams = tuple[torch.Tensor, ...]
+
+
+class Point(str, Enum):
+    """A place in the model a policy can ask for."""
+
+    STEP = "step"  # the timestep of each transformer call
+    PROBE = "probe"  # the first block's timestep-modulated input
+    SPAN = "span"  # the run of blocks whose residual can be cached
+    ATTENTION = "attention"  # attention modules with their kind
+    BLOCKS = "blocks"  # the blocks themselves
+
+
+class AttentionKind(str, Enum):
+    SPATIAL = "spatial"
+    TEMPORAL = "temporal"
+    CROSS = "cross"
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    name: str  # the module's qualified name inside the transformer
+    module: nn.Module
+    kind: AttentionKind
+
+
+def call_arg(args: tuple[Any, ...], kwargs: Mapping[str, Any], position: int, name: str) -> Any:
+    """An argument of a call, whether it was passed by keyword or by position."""
+    if name in kwargs:
+        return kwargs[name]
+    if position < len(args):
+        return args[position]
+    raise TypeError(f"the call has no argument {name!r} (position {position})")
+
+
+@dataclass(frozen=True)
+class BlockStreams:
+    """How one kind of block takes and returns the streams the span carries.
+
+    `inputs` gives (position, keyword) of each stream in the block's call, in the span's stream
+    order; `outputs` gives the index of each stream in the returned tuple, or None when the block
+    returns its single stream as a bare tensor.
+    """
+
+    inputs: tuple[tuple[int, str], ...]
+    outputs: tuple[int, ...] | None = None
+
+    def read_inputs(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Streams:
+        return tuple(call_arg(args, kwargs, position, name) for position, name in self.inputs)
+
+    def read_outputs(self, output: Any) -> Streams:
+        if self.outputs is None:
+            return (output,)
+        return tuple(output[index] for index in self.outputs)
+
+    def pack(self, streams: Streams) -> Any:
+        """Shape `streams` the way the block returns them."""
+        if self.outputs is None:
+            return streams[0]
+        packed: list[torch.Tensor | None] = [None] * len(self.outputs)
+        for stream, index in zip(streams, self.outputs, strict=True):
+            packed[index] = stream
+        return tuple(packed)
+
+
+@dataclass(frozen=True)
+class ResidualSpan:
+    """Consecutive blocks, in the order the model runs them, and how each carries the streams.
+
+    Their total effect (output minus input, per stream) is what span-level policies cache.
+    """
+
+    blocks: tuple[tuple[nn.Module, BlockStreams], ...]
+
+    def __post_init__(self) -> None:
+        if not self.blocks:
+            raise ValueError("a residual span needs at least one block")
+
+
+class Adapter:
+    """Base class of model-family adapters.
+
+    Subclasses set `name` and `model_class`, implement the points their model has, and list in
+    `missing` the points it lacks with the reason, so a policy needing one fails at attach time.
+    """
+
+    name: ClassVar[str]
+    model_class: ClassVar[type[nn.Module]]
+    missing: ClassVar[Mapping[Point, str]] = {}
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether this adapter knows `model`. Override where variants of a class differ."""
+        return isinstance(model, cls.model_class)
+
+    @classmethod
+    def provides(cls, point: Point) -> bool:
+        return point not in cls.missing
+
+    def require(self, point: Point, policy_name: str) -> None:
+        """Fail with a message naming the point, the model and the policy if `point` is missing."""
+        if point in self.missing:
+            raise MissingPointError(
+                f"strategy {policy_name!r} needs the {point.value!r} point, which the "
+                f"{self.name!r} adapter does not provide for {type(self.model).__name__}: "
+                f"{self.missing[point]}"
+            )
+
+    # -- points ---------------------------------------------------------------------------------
+
+    def timestep(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """The timestep tensor of a transformer call, from the call's arguments."""
+        raise NotImplementedError
+
+    def span(self) -> ResidualSpan:
+        raise NotImplementedError
+
+    def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """The first span block's timestep-modulated input, from that block's call arguments."""
+        raise NotImplementedError
+
+    def attention_sites(self) -> list[AttentionSite]:
+        raise NotImplementedError
+
+    def blocks(self) -> list[nn.Module]:
+        """Every transformer block, in execution order."""
+        return [block for block, _ in self.span().blocks]

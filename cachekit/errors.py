@@ -1,0 +1,33 @@
+"""Errors cachekit raises for bad input. Each names what is wrong and what is allowed."""
+
+
+class CachekitError(Exception):
+    """Base of every cachekit error."""
+
+
+class UnknownStrategyError(CachekitError, LookupError):
+    """A strategy name that no loaded plugin registers."""
+
+
+class UnsupportedModelError(CachekitError, TypeError):
+    """A model no registered adapter knows."""
+
+
+class MissingPointError(CachekitError):
+    """A policy needs a point the model's adapter declares it cannot provide."""
+
+
+class AlreadyAttachedError(CachekitError, RuntimeError):
+    """A second policy applied to a model that already has one."""
+
+
+class HandleRemovedError(CachekitError, RuntimeError):
+    """A handle used after `.remove()`."""
+
+
+class PluginError(CachekitError):
+    """A plugin that failed to load or registered something invalid."""
+
+
+class PolicyError(CachekitError, RuntimeError):
+    """A policy decided something the runtime cannot do (e.g. reuse before any compute)."""

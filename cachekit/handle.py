@@ -1,0 +1,146 @@
+"""`cachekit.apply`: the single entry point, and the handle that undoes it."""
+
+from __future__ import annotations
+
+import functools
+import os
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import nn
+
+from cachekit.adapter import Adapter
+from cachekit.errors import AlreadyAttachedError, HandleRemovedError
+from cachekit.policy import CachePolicy
+from cachekit.registry import get_strategy, make_config, resolve_adapter
+from cachekit.runtime import Runtime
+from cachekit.schemas import PolicyConfig
+from cachekit.stats import CacheStats
+
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, CacheHandle] = weakref.WeakKeyDictionary()
+
+
+class CacheHandle:
+    """A policy attached to a model. Use as a context manager, or call `.remove()`.
+
+    `.stats` stays readable after removal; everything else then raises.
+    """
+
+    def __init__(self, runtime: Runtime, scheduler: Any | None) -> None:
+        self._runtime = runtime
+        self._removed = False
+        self._unwatch = self._watch(scheduler) if scheduler is not None else None
+
+    @property
+    def policy(self) -> CachePolicy[Any]:
+        return self._runtime.policy
+
+    @property
+    def adapter(self) -> Adapter:
+        return self._runtime.adapter
+
+    @property
+    def stats(self) -> CacheStats:
+        return self._runtime.stats
+
+    def reset(self) -> None:
+        """Start a new generation at the next call (drops every branch's state and residual)."""
+        self._check()
+        self._runtime.tracker.start()
+
+    def remove(self) -> None:
+        """Detach the policy; the model behaves exactly as before `apply`."""
+        self._check()
+        self._runtime.uninstall()
+        if self._unwatch is not None:
+            self._unwatch()
+        del _ATTACHED[self._runtime.model]
+        self._removed = True
+
+    def __enter__(self) -> CacheHandle:
+        self._check()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else "attached"
+        return f"<CacheHandle {self.stats.strategy} on {self.stats.adapter} ({state})>"
+
+    def _check(self) -> None:
+        if self._removed:
+            raise HandleRemovedError(
+                "this CacheHandle was removed; call cachekit.apply(...) again for a new one"
+            )
+
+    def _watch(self, scheduler: Any) -> Callable[[], None]:
+        """A pipeline sets the scheduler's timesteps once per generation: a new generation of
+        that many steps starts at the next transformer call. Returns the undo."""
+        own = scheduler.__dict__.get("set_timesteps")
+        set_timesteps = scheduler.set_timesteps
+        tracker = self._runtime.tracker
+
+        @functools.wraps(set_timesteps)  # pipelines inspect its signature
+        def watched_set_timesteps(*args: Any, **kwargs: Any) -> Any:
+            result = set_timesteps(*args, **kwargs)
+            tracker.start(len(scheduler.timesteps))
+            return result
+
+        scheduler.set_timesteps = watched_set_timesteps
+
+        def unwatch() -> None:
+            if own is None:
+                del scheduler.set_timesteps
+            else:
+                scheduler.set_timesteps = own
+
+        return unwatch
+
+
+def apply(target: Any, config: PolicyConfig | Mapping[str, Any] | str | os.PathLike[str]) -> CacheHandle:
+    """Attach the policy `config` describes to a diffusers pipeline or its transformer.
+
+    `config` is a config object (`UniformConfig(interval=2)`), a dict with a ``strategy`` key, a
+    JSON/TOML file, or a strategy name for its defaults.
+    """
+    config = make_config(config)
+    policy_class = get_strategy(config.strategy)
+    model, scheduler = _split_target(target)
+    if model in _ATTACHED:
+        raise AlreadyAttachedError(
+            f"{type(model).__name__} already has a cache policy attached ({_ATTACHED[model]!r}); "
+            "remove that handle first"
+        )
+    adapter = resolve_adapter(model)(model)
+    for point in sorted(policy_class.requires, key=lambda point: point.value):
+        adapter.require(point, policy_class.name())
+    if policy_class.needs_num_steps and scheduler is None and config.num_inference_steps is None:
+        raise ValueError(
+            f"strategy {config.strategy!r} must know the generation's last step: apply it to the "
+            "pipeline, or set num_inference_steps in its config when applying it to a bare transformer"
+        )
+    runtime = Runtime(model, adapter, policy_class(config), config.num_inference_steps)
+    runtime.install()
+    handle = CacheHandle(runtime, scheduler)
+    _ATTACHED[model] = handle
+    return handle
+
+
+def _split_target(target: Any) -> tuple[nn.Module, Any | None]:
+    """The transformer to hook and, for a pipeline, its scheduler."""
+    if isinstance(target, nn.Module):
+        return target, None
+    transformer = getattr(target, "transformer", None)
+    if not isinstance(transformer, nn.Module):
+        raise TypeError(
+            "cachekit.apply takes a diffusers pipeline with a `transformer` or a transformer module, "
+            f"got {type(target).__name__}"
+        )
+    if getattr(target, "transformer_2", None) is not None:
+        raise NotImplementedError(
+            f"{type(target).__name__} runs two transformers (transformer and transformer_2); "
+            "apply a policy to each transformer instead"
+        )
+    return transformer, getattr(target, "scheduler", None)

@@ -1,0 +1,28 @@
+"""The whole plugin contract. A plugin is a module (or object) listed under the entry-point group
+``cachekit`` that implements one or both hooks; the built-in strategies and adapters are plugins
+of exactly this kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from cachekit.adapter import Adapter
+    from cachekit.policy import CachePolicy
+
+hookspec = pluggy.HookspecMarker("cachekit")
+hookimpl = pluggy.HookimplMarker("cachekit")
+
+
+@hookspec
+def cachekit_register_strategies(register: Callable[[type[CachePolicy]], None]) -> None:
+    """Call ``register(PolicyClass)`` for each strategy this plugin provides."""
+
+
+@hookspec
+def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
+    """Call ``register(AdapterClass)`` for each model family this plugin supports."""

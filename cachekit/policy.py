@@ -1,0 +1,68 @@
+"""The CachePolicy contract: a policy decides compute or reuse; it never plumbs.
+
+The runtime asks a policy at each site it declared (`requires`) and hands it the step, the
+signals it asked for, and a state object that belongs to one CFG branch of one generation. A
+policy never sees another branch's state, so cross-branch leaks cannot happen by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
+
+import torch
+
+from cachekit.adapter import Point
+from cachekit.schemas import PolicyConfig
+
+ConfigT = TypeVar("ConfigT", bound=PolicyConfig)
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where a transformer call sits in the generation."""
+
+    index: int  # the step, from 0
+    num_steps: int | None  # steps in the generation, when known
+    timestep: float
+    branch: int  # 0 for the first call at this timestep, 1 for the next (CFG as separate calls)
+
+    @property
+    def is_last(self) -> bool:
+        return self.num_steps is not None and self.index == self.num_steps - 1
+
+
+@dataclass(frozen=True)
+class Signals:
+    """Values computed from the model for a decision; only those the policy requires are set."""
+
+    probe: torch.Tensor | None = None
+
+
+class CachePolicy(Generic[ConfigT]):
+    """Base class of every strategy.
+
+    Subclasses set `config_class` and `requires`, and implement the decision for each site they
+    require. `new_state` gives the per-branch state; the runtime keeps one per branch and drops
+    them all when a generation starts.
+    """
+
+    config_class: ClassVar[type[PolicyConfig]]
+    requires: ClassVar[frozenset[Point]]
+    #: True when the decision depends on knowing the generation's last step.
+    needs_num_steps: ClassVar[bool] = False
+
+    def __init__(self, config: ConfigT) -> None:
+        self.config = config
+
+    @classmethod
+    def name(cls) -> str:
+        return cls.config_class.strategy_name()
+
+    def new_state(self) -> Any:
+        """State for one branch of one generation."""
+        return None
+
+    def decide_span(self, step: Step, signals: Signals, state: Any) -> bool:
+        """True: run the residual span; False: re-apply this branch's last residual."""
+        raise NotImplementedError(f"{type(self).__name__} requires the span but does not decide it")

@@ -1,0 +1,181 @@
+"""Which strategies and adapters exist.
+
+Every plugin listed under the entry-point group ``cachekit`` (the built-ins included) is loaded
+once, on first use, each in isolation: a plugin that fails to import or to register is reported
+by name and the others still load. `register_plugin` adds one from code through the same hooks.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+import os
+import tomllib
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pluggy
+from torch import nn
+
+from cachekit import hookspecs
+from cachekit.adapter import Adapter
+from cachekit.errors import PluginError, UnknownStrategyError, UnsupportedModelError
+from cachekit.policy import CachePolicy
+from cachekit.schemas import PolicyConfig
+
+ENTRY_POINT_GROUP = "cachekit"
+
+
+class PluginWarning(UserWarning):
+    """A plugin failed to load; the others are unaffected."""
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._plugins = pluggy.PluginManager(ENTRY_POINT_GROUP)
+        self._plugins.add_hookspecs(hookspecs)
+        self.strategies: dict[str, type[CachePolicy[Any]]] = {}
+        self.adapters: dict[str, type[Adapter]] = {}
+        self._origin: dict[tuple[str, str], str] = {}  # (kind, name) -> plugin that registered it
+        #: Plugin name -> why it failed to load or register.
+        self.errors: dict[str, str] = {}
+
+    def load_entry_points(self) -> None:
+        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                plugin = entry_point.load()
+            except Exception as exc:  # a broken plugin must not break the others
+                self._fail(entry_point.name, f"import of {entry_point.value!r} raised {exc!r}")
+                continue
+            self.add(plugin, entry_point.name)
+
+    def add(self, plugin: object, name: str) -> None:
+        """Register `plugin` under `name` and run its registration hooks."""
+        try:
+            self._plugins.register(plugin, name=name)
+        except Exception as exc:
+            self._fail(name, str(exc))
+            return
+        registrations: list[tuple[str, Callable[[Any], None]]] = [
+            ("cachekit_register_strategies", functools.partial(self._add_strategy, name)),
+            ("cachekit_register_adapters", functools.partial(self._add_adapter, name)),
+        ]
+        for hook_name, register in registrations:
+            for impl in getattr(self._plugins.hook, hook_name).get_hookimpls():
+                if impl.plugin_name != name:
+                    continue
+                try:
+                    impl.function(register=register)
+                except Exception as exc:
+                    self._fail(name, f"{hook_name} raised {exc!r}")
+
+    def _add_strategy(self, plugin: str, policy: type[CachePolicy[Any]]) -> None:
+        if not (isinstance(policy, type) and issubclass(policy, CachePolicy)):
+            raise PluginError(f"registered {policy!r}, which is not a CachePolicy subclass")
+        if not issubclass(getattr(policy, "config_class", object), PolicyConfig):
+            raise PluginError(f"{policy.__name__}.config_class must be a PolicyConfig subclass")
+        self._claim("strategy", policy.name(), plugin)
+        self.strategies[policy.name()] = policy
+
+    def _add_adapter(self, plugin: str, adapter: type[Adapter]) -> None:
+        if not (isinstance(adapter, type) and issubclass(adapter, Adapter)):
+            raise PluginError(f"registered {adapter!r}, which is not an Adapter subclass")
+        self._claim("adapter", adapter.name, plugin)
+        self.adapters[adapter.name] = adapter
+
+    def _claim(self, kind: str, name: str, plugin: str) -> None:
+        owner = self._origin.setdefault((kind, name), plugin)
+        if owner != plugin:
+            raise PluginError(f"{kind} {name!r} is already registered by plugin {owner!r}")
+
+    def _fail(self, plugin: str, reason: str) -> None:
+        self.errors[plugin] = reason
+        warnings.warn(f"cachekit plugin {plugin!r} failed to load: {reason}", PluginWarning, stacklevel=3)
+
+
+@functools.cache
+def registry() -> Registry:
+    """The process-wide registry, with every installed plugin loaded."""
+    loaded = Registry()
+    loaded.load_entry_points()
+    return loaded
+
+
+def register_plugin(plugin: object, name: str | None = None) -> None:
+    """Add a plugin defined in code (a module or an object with hook implementations)."""
+    registry().add(plugin, name or getattr(plugin, "__name__", type(plugin).__name__))
+
+
+def list_strategies() -> list[str]:
+    return sorted(registry().strategies)
+
+
+def list_adapters() -> list[str]:
+    return sorted(registry().adapters)
+
+
+def plugin_errors() -> dict[str, str]:
+    """Plugins that failed to load, each with the reason."""
+    return dict(registry().errors)
+
+
+def get_strategy(name: str) -> type[CachePolicy[Any]]:
+    strategies = registry().strategies
+    if name not in strategies:
+        raise UnknownStrategyError(
+            f"unknown strategy {name!r}; known strategies: {', '.join(sorted(strategies)) or 'none'}"
+        )
+    return strategies[name]
+
+
+def resolve_adapter(model: nn.Module) -> type[Adapter]:
+    """The adapter for `model`: among those that match, the one for the most derived class."""
+    mro = type(model).__mro__
+    candidates = [adapter for adapter in registry().adapters.values() if adapter.matches(model)]
+    if not candidates:
+        supported = sorted({adapter.model_class.__name__ for adapter in registry().adapters.values()})
+        raise UnsupportedModelError(
+            f"no cachekit adapter supports {type(model).__name__}; supported models: "
+            f"{', '.join(supported) or 'none'}"
+        )
+    return min(candidates, key=lambda adapter: mro.index(adapter.model_class))
+
+
+def make_config(config: PolicyConfig | Mapping[str, Any] | str | os.PathLike[str]) -> PolicyConfig:
+    """A validated config from a config object, a dict with a ``strategy`` key, a JSON or TOML
+    file, or a bare strategy name (its defaults)."""
+    if isinstance(config, PolicyConfig):
+        expected = get_strategy(config.strategy).config_class
+        if not isinstance(config, expected):
+            raise TypeError(
+                f"strategy {config.strategy!r} takes a {expected.__name__}, got {type(config).__name__}"
+            )
+        return config
+    if isinstance(config, os.PathLike) or (isinstance(config, str) and config.endswith((".json", ".toml"))):
+        return make_config(_read_config_file(Path(config)))
+    if isinstance(config, str):
+        return get_strategy(config).config_class()
+    if isinstance(config, Mapping):
+        if "strategy" not in config:
+            raise ValueError(
+                f"a policy config needs a 'strategy' key; known strategies: {', '.join(list_strategies())}"
+            )
+        return get_strategy(config["strategy"]).config_class.model_validate(dict(config))
+    raise TypeError(
+        f"a policy config must be a PolicyConfig, a dict with a 'strategy' key, a .json/.toml path "
+        f"or a strategy name, got {type(config).__name__}"
+    )
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if path.suffix == ".toml":
+        return tomllib.loads(path.read_text())
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a policy config must be a JSON object")
+        return data
+    raise ValueError(f"{path}: a policy config file must end in .json or .toml")

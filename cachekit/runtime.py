@@ -1,0 +1,168 @@
+"""The plumbing between one transformer and one policy.
+
+Hooks (diffusers' `ModelHook`s, so they stack with diffusers' own offloading and casting hooks)
+sit on the transformer and on the blocks of the residual span. The transformer hook turns each
+call into a step and branch; the first span block asks the policy; on reuse the span blocks pass
+their inputs through and the last one adds the branch's stored residual. Nothing else changes:
+when the policy computes, every block runs its own forward on the exact same arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+from cachekit.adapter import Adapter, BlockStreams, Point, Streams
+from cachekit.errors import PolicyError
+from cachekit.policy import CachePolicy, Signals, Step
+from cachekit.stats import BranchStats, CacheStats, GenerationStats
+from cachekit.steps import StepTracker
+
+HOOK_NAME = "cachekit"
+
+
+@dataclass
+class _Call:
+    """What the runtime knows during one transformer call."""
+
+    step: Step
+    stats: BranchStats
+    state: Any
+    inputs: Streams = ()
+    compute: bool = True
+
+
+class Runtime:
+    def __init__(self, model: nn.Module, adapter: Adapter, policy: CachePolicy[Any], num_steps: int | None):
+        self.model = model
+        self.adapter = adapter
+        self.policy = policy
+        self.tracker = StepTracker(num_steps)
+        self.stats = CacheStats(strategy=policy.name(), adapter=adapter.name)
+        self._wants_probe = Point.PROBE in policy.requires
+        self._span = adapter.span() if Point.SPAN in policy.requires else None
+        self._states: dict[int, Any] = {}
+        self._residuals: dict[int, Streams] = {}
+        self._call: _Call | None = None
+        self._installed: list[tuple[nn.Module, bool, bool]] = []
+
+    # -- installing -----------------------------------------------------------------------------
+
+    def install(self) -> None:
+        self._hook(self.model, _CallHook(self))
+        if self._span is not None:
+            last = len(self._span.blocks) - 1
+            for position, (block, streams) in enumerate(self._span.blocks):
+                self._hook(block, _SpanBlockHook(self, position == 0, position == last, streams))
+        self._forget_cached_children()
+
+    def uninstall(self) -> None:
+        """Remove every hook and whatever the hook registry added, leaving the modules as found."""
+        for module, had_registry, had_forward in reversed(self._installed):
+            registry: HookRegistry = module._diffusers_hook
+            registry.remove_hook(HOOK_NAME, recurse=False)
+            if not registry.hooks:
+                if not had_forward:
+                    del module.forward  # the registry leaves the original bound method behind
+                if not had_registry:
+                    del module._diffusers_hook
+        self._installed.clear()
+        self._forget_cached_children()
+
+    def _hook(self, module: nn.Module, hook: ModelHook) -> None:
+        had_registry = hasattr(module, "_diffusers_hook")
+        had_forward = "forward" in module.__dict__
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+        self._installed.append((module, had_registry, had_forward))
+
+    def _forget_cached_children(self) -> None:
+        # diffusers caches which submodules carry hooks; ours just changed.
+        registry = getattr(self.model, "_diffusers_hook", None)
+        if registry is not None:
+            registry.invalidate_child_registries_cache()
+
+    # -- running --------------------------------------------------------------------------------
+
+    def begin_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        timestep = float(self.adapter.timestep(args, kwargs).max())
+        step, new_generation = self.tracker.advance(timestep)
+        if new_generation:
+            self._states.clear()
+            self._residuals.clear()
+            self.stats.generations.append(GenerationStats(self.tracker.num_steps))
+        branch_stats = self.stats.last.branch(step.branch)
+        branch_stats.calls += 1
+        if step.branch not in self._states:
+            self._states[step.branch] = self.policy.new_state()
+        self._call = _Call(step, branch_stats, self._states[step.branch])
+
+    def end_call(self) -> None:
+        self._call = None
+
+    def span_block(
+        self,
+        first: bool,
+        last: bool,
+        streams: BlockStreams,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+    ) -> Any:
+        call = self._call
+        if call is None:  # a block run on its own, outside a transformer call
+            return forward(*args, **kwargs)
+        branch = call.step.branch
+        if first:
+            call.inputs = streams.read_inputs(args, kwargs)
+            signals = Signals(probe=self.adapter.probe(args, kwargs) if self._wants_probe else None)
+            call.compute = self.policy.decide_span(call.step, signals, call.state)
+            if not call.compute and branch not in self._residuals:
+                raise PolicyError(
+                    f"strategy {self.policy.name()!r} chose to reuse the span at step {call.step.index} "
+                    f"(branch {branch}) before computing it once in this generation"
+                )
+            call.stats.count("span", call.compute)
+            call.stats.span_schedule.append(call.compute)
+        if call.compute:
+            output = forward(*args, **kwargs)
+            if last:
+                outputs = streams.read_outputs(output)
+                self._residuals[branch] = tuple(out - inp for out, inp in zip(outputs, call.inputs, strict=True))
+            return output
+        passed = streams.read_inputs(args, kwargs)
+        if last:
+            passed = tuple(value + residual for value, residual in zip(passed, self._residuals[branch], strict=True))
+        return streams.pack(passed)
+
+
+class _CallHook(ModelHook):
+    """On the transformer: frames each call with its step and branch."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__()
+        self.runtime = runtime
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        self.runtime.begin_call(args, kwargs)
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            self.runtime.end_call()
+
+
+class _SpanBlockHook(ModelHook):
+    """On each block of the residual span: runs it, or passes through and re-applies."""
+
+    def __init__(self, runtime: Runtime, first: bool, last: bool, streams: BlockStreams) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.first = first
+        self.last = last
+        self.streams = streams
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.runtime.span_block(self.first, self.last, self.streams, self.fn_ref.original_forward, args, kwargs)

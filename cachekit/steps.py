@@ -1,0 +1,41 @@
+"""Step and branch tracking from the model's own calls.
+
+A new timestep value starts a new step; further calls at the same timestep are further CFG
+branches. A generation starts at the first call, after `start()` (the pipeline's scheduler set
+new timesteps, or the user reset), when the timestep goes back up (denoising never does), or
+when a known number of steps has been run.
+"""
+
+from __future__ import annotations
+
+from cachekit.policy import Step
+
+
+class StepTracker:
+    def __init__(self, num_steps: int | None) -> None:
+        self.num_steps = num_steps
+        self._timestep: float | None = None
+        self._index = -1
+        self._branch = -1
+
+    def start(self, num_steps: int | None = None) -> None:
+        """The next call opens a new generation (of `num_steps` steps, when given)."""
+        if num_steps is not None:
+            self.num_steps = num_steps
+        self._timestep = None
+
+    def advance(self, timestep: float) -> tuple[Step, bool]:
+        """The step of a call at `timestep`, and whether it opens a new generation."""
+        new_generation = (
+            self._timestep is None
+            or timestep > self._timestep
+            or (timestep != self._timestep and self.num_steps is not None and self._index + 1 >= self.num_steps)
+        )
+        if new_generation:
+            self._index, self._branch = 0, 0
+        elif timestep == self._timestep:
+            self._branch += 1
+        else:
+            self._index, self._branch = self._index + 1, 0
+        self._timestep = timestep
+        return Step(self._index, self.num_steps, timestep, self._branch), new_generation

@@ -1,0 +1,175 @@
+"""Tiny diffusers models and pipelines with random weights, built offline in a second.
+
+For tests of cachekit and of plugins: real diffusers classes, so every hook and call path is the
+one a full-size model takes. The pipelines need `transformers` (the ``test`` extra). Random
+weights have no denoising dynamics: use them to test plumbing, never to rank policies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLWan,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+
+_LETTERS = [chr(code) for code in range(ord("a"), ord("z") + 1)]
+
+
+def tiny_flux_transformer(seed: int = 0, num_layers: int = 1, num_single_layers: int = 2) -> FluxTransformer2DModel:
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+    ).eval()
+
+
+def tiny_wan_transformer(seed: int = 0, num_layers: int = 2) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+
+
+def _t5_tokenizer() -> Any:
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    return T5Tokenizer(vocab=pieces + [(letter, -1.0) for letter in _LETTERS])
+
+
+def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
+    """A FluxPipeline for 32x32 images (64 image tokens) that supports true CFG."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    transformer = tiny_flux_transformer(seed)
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=1000,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            projection_dim=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)).eval()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for letter in _LETTERS:
+        vocab[letter] = len(vocab)
+        vocab[letter + "</w>"] = len(vocab)
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=1,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+        down_block_types=["DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D"],
+    ).eval()
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=clip,
+        tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
+        text_encoder_2=t5,
+        tokenizer_2=_t5_tokenizer(),
+        vae=vae,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_wan_pipeline(seed: int = 0) -> WanPipeline:
+    """A WanPipeline for 5 frames of 16x16 (2 latent frames, 32 video tokens) with CFG."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    transformer = tiny_wan_transformer(seed)
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(vocab_size=1000, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4)
+    ).eval()
+    vae = AutoencoderKLWan(
+        base_dim=3,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ).eval()
+    pipe = WanPipeline(
+        tokenizer=_t5_tokenizer(),
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_flux(pipe: FluxPipeline, steps: int = 8, seed: int = 0) -> torch.Tensor:
+    """One generation with true CFG (cond and uncond as separate transformer calls)."""
+    return pipe(
+        "a red cat",
+        negative_prompt="blurry",
+        true_cfg_scale=3.0,
+        num_inference_steps=steps,
+        height=32,
+        width=32,
+        max_sequence_length=16,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
+
+
+def run_wan(pipe: WanPipeline, steps: int = 8, seed: int = 0) -> torch.Tensor:
+    """One generation with CFG (cond and uncond as separate transformer calls)."""
+    return pipe(
+        "a red cat",
+        negative_prompt="blurry",
+        guidance_scale=5.0,
+        num_inference_steps=steps,
+        height=16,
+        width=16,
+        num_frames=5,
+        max_sequence_length=16,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).frames

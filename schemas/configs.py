@@ -1,0 +1,42 @@
+"""Policy configs: what a user writes to choose and tune a cache policy.
+
+Pure data (no torch), so a config file can be validated anywhere. Every strategy, built-in or
+plugin, brings a subclass of `PolicyConfig` whose `strategy` field is a fixed literal naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PolicyConfig(BaseModel):
+    """Fields every policy shares. Unknown fields are rejected, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: str
+    num_inference_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Steps in one generation. Needed only on a bare transformer by policies that must "
+            "know the last step; on a pipeline it is read from the scheduler."
+        ),
+    )
+
+    @classmethod
+    def strategy_name(cls) -> str:
+        """The name this config's ``strategy`` field defaults to (its registry name)."""
+        return str(cls.model_fields["strategy"].default)
+
+
+class UniformConfig(PolicyConfig):
+    """Compute every `interval`-th step, the first `warmup` steps and the last step; reuse the
+    residual of the last computed step in between."""
+
+    strategy: Literal["uniform"] = "uniform"
+
+    interval: int = Field(default=2, ge=1, le=1000, description="Compute every N-th step (1 = never reuse).")
+    warmup: int = Field(default=1, ge=1, description="Steps always computed at the start.")

@@ -1,0 +1,28 @@
+"""Uniform-interval reuse: compute every N-th step, reuse the span residual in between.
+
+The TeaCache paper's static baseline; FORA and Δ-DiT cache at a finer grain on the same schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cachekit.adapter import Point
+from cachekit.hookspecs import hookimpl
+from cachekit.policy import CachePolicy, Signals, Step
+from cachekit.schemas import UniformConfig
+
+
+class UniformPolicy(CachePolicy[UniformConfig]):
+    config_class = UniformConfig
+    requires = frozenset({Point.STEP, Point.SPAN})
+    needs_num_steps = True
+
+    def decide_span(self, step: Step, signals: Signals, state: Any) -> bool:
+        return step.index < self.config.warmup or step.is_last or step.index % self.config.interval == 0
+
+
+@hookimpl
+def cachekit_register_strategies(register: Callable[[type[CachePolicy[Any]]], None]) -> None:
+    register(UniformPolicy)
