@@ -4,63 +4,80 @@
     image = pipe(prompt).images[0]
     print(handle.stats.last)
     handle.remove()
+
+Names are imported on first use, so `cachekit.schemas` loads without torch.
 """
 
-from cachekit.adapter import Adapter, AttentionKind, AttentionSite, BlockStreams, Point, ResidualSpan
-from cachekit.errors import (
-    AlreadyAttachedError,
-    CachekitError,
-    HandleRemovedError,
-    MissingPointError,
-    PluginError,
-    PolicyError,
-    UnknownStrategyError,
-    UnsupportedModelError,
-)
-from cachekit.handle import CacheHandle, apply
-from cachekit.hookspecs import hookimpl
-from cachekit.policy import CachePolicy, Signals, Step
-from cachekit.registry import (
-    get_strategy,
-    list_adapters,
-    list_strategies,
-    make_config,
-    plugin_errors,
-    register_plugin,
-    resolve_adapter,
-)
-from cachekit.stats import BranchStats, CacheStats, GenerationStats, SiteCounts
+from __future__ import annotations
 
-__all__ = [
-    "Adapter",
-    "AlreadyAttachedError",
-    "AttentionKind",
-    "AttentionSite",
-    "BlockStreams",
-    "BranchStats",
-    "CacheHandle",
-    "CachePolicy",
-    "CacheStats",
-    "CachekitError",
-    "GenerationStats",
-    "HandleRemovedError",
-    "MissingPointError",
-    "PluginError",
-    "Point",
-    "PolicyError",
-    "ResidualSpan",
-    "Signals",
-    "SiteCounts",
-    "Step",
-    "UnknownStrategyError",
-    "UnsupportedModelError",
-    "apply",
-    "get_strategy",
-    "hookimpl",
-    "list_adapters",
-    "list_strategies",
-    "make_config",
-    "plugin_errors",
-    "register_plugin",
-    "resolve_adapter",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "cachekit.adapter": ["Adapter", "AttentionKind", "AttentionSite", "BlockStreams", "Point", "ResidualSpan"],
+    "cachekit.errors": [
+        "AlreadyAttachedError",
+        "CachekitError",
+        "HandleRemovedError",
+        "MissingPointError",
+        "PluginError",
+        "PolicyError",
+        "UnknownStrategyError",
+        "UnsupportedModelError",
+    ],
+    "cachekit.handle": ["CacheHandle", "apply"],
+    "cachekit.hookspecs": ["hookimpl"],
+    "cachekit.policy": ["CachePolicy", "Signals", "Step"],
+    "cachekit.registry": [
+        "get_strategy",
+        "list_adapters",
+        "list_strategies",
+        "make_config",
+        "plugin_errors",
+        "register_plugin",
+        "resolve_adapter",
+    ],
+    "cachekit.stats": ["BranchStats", "CacheStats", "GenerationStats", "SiteCounts"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'cachekit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:
+    from cachekit.adapter import Adapter, AttentionKind, AttentionSite, BlockStreams, Point, ResidualSpan
+    from cachekit.errors import (
+        AlreadyAttachedError,
+        CachekitError,
+        HandleRemovedError,
+        MissingPointError,
+        PluginError,
+        PolicyError,
+        UnknownStrategyError,
+        UnsupportedModelError,
+    )
+    from cachekit.handle import CacheHandle, apply
+    from cachekit.hookspecs import hookimpl
+    from cachekit.policy import CachePolicy, Signals, Step
+    from cachekit.registry import (
+        get_strategy,
+        list_adapters,
+        list_strategies,
+        make_config,
+        plugin_errors,
+        register_plugin,
+        resolve_adapter,
+    )
+    from cachekit.stats import BranchStats, CacheStats, GenerationStats, SiteCounts

@@ -1,0 +1,31 @@
+"""A plugin strategy with its own config model: compute even steps and the last one."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from cachekit import CachePolicy, Point, hookimpl
+from cachekit.schemas import PolicyConfig
+
+
+class AlternateConfig(PolicyConfig):
+    strategy: Literal["alternate"] = "alternate"
+    offset: int = Field(default=0, ge=0, le=1)
+
+
+class AlternatePolicy(CachePolicy[AlternateConfig]):
+    config_class = AlternateConfig
+    requires = frozenset({Point.SPAN})
+    needs_num_steps = True
+
+    def new_state(self):
+        return {"decisions": 0}
+
+    def decide_span(self, step, signals, state):
+        state["decisions"] += 1
+        return step.index == 0 or step.is_last or (step.index + self.config.offset) % 2 == 0
+
+
+@hookimpl
+def cachekit_register_strategies(register):
+    register(AlternatePolicy)

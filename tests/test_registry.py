@@ -1,0 +1,131 @@
+"""The plugin registry: built-ins and third-party plugins take the same path."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import cachekit
+from cachekit import registry as registry_module
+from cachekit.errors import UnknownStrategyError
+from cachekit.hookspecs import hookimpl
+from cachekit.registry import PluginWarning, Registry
+from cachekit.schemas import UniformConfig
+from cachekit.testing import run_flux
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """A registry of its own, so plugins registered by a test do not leak into others."""
+    fresh = Registry()
+    fresh.load_entry_points()
+    monkeypatch.setattr(registry_module, "registry", lambda: fresh)
+    return fresh
+
+
+def test_builtins_are_entry_point_plugins():
+    names = {entry_point.name for entry_point in importlib.metadata.entry_points(group="cachekit")}
+    assert {"uniform", "flux", "wan"} <= names
+    assert "uniform" in cachekit.list_strategies()
+    assert {"flux", "wan"} <= set(cachekit.list_adapters())
+    assert cachekit.get_strategy("uniform").config_class is UniformConfig
+
+
+def test_unknown_strategy_lists_the_known_ones():
+    with pytest.raises(UnknownStrategyError, match=r"unknown strategy 'teacash'; known strategies: .*uniform"):
+        cachekit.get_strategy("teacash")
+
+
+def test_register_plugin_from_code_then_apply(fresh_registry, flux_pipe):
+    from strategies_for_tests import EveryThird
+
+    class Plugin:
+        @hookimpl
+        def cachekit_register_strategies(self, register):
+            register(EveryThird)
+
+    cachekit.register_plugin(Plugin(), "every-third-plugin")
+    assert "every_third" in cachekit.list_strategies()
+    with cachekit.apply(flux_pipe, {"strategy": "every_third"}) as handle:
+        run_flux(flux_pipe, steps=7)
+    assert handle.stats.last.branches[0].span_schedule == [True, False, False, True, False, False, True]
+
+
+def test_failing_hook_and_duplicate_name_are_reported_by_plugin_name(fresh_registry):
+    class Raises:
+        @hookimpl
+        def cachekit_register_strategies(self, register):
+            raise RuntimeError("boom")
+
+    class ClaimsUniform:
+        @hookimpl
+        def cachekit_register_strategies(self, register):
+            register(cachekit.get_strategy("uniform"))
+
+    class NotAPolicy:
+        @hookimpl
+        def cachekit_register_strategies(self, register):
+            register(dict)
+
+    with pytest.warns(PluginWarning, match="'raises' failed to load: .*boom"):
+        cachekit.register_plugin(Raises(), "raises")
+    with pytest.warns(PluginWarning, match="strategy 'uniform' is already registered by plugin 'uniform'"):
+        cachekit.register_plugin(ClaimsUniform(), "claims-uniform")
+    with pytest.warns(PluginWarning, match="not a CachePolicy subclass"):
+        cachekit.register_plugin(NotAPolicy(), "not-a-policy")
+    errors = cachekit.plugin_errors()
+    assert set(errors) == {"raises", "claims-uniform", "not-a-policy"}
+    assert "uniform" in cachekit.list_strategies()  # the others still load
+
+
+def test_installed_third_party_plugin_works_and_a_broken_one_is_reported(tmp_path):
+    """Install two real plugin packages (one raises at import) and use them in a fresh process."""
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--no-index", "--target", str(target), str(PLUGINS / "alternate"), str(PLUGINS / "broken")],
+        check=True,
+        capture_output=True,
+    )
+    script = textwrap.dedent(
+        """
+        import json, warnings
+        warnings.simplefilter("ignore")
+        import cachekit
+        from cachekit.testing import run_flux, tiny_flux_pipeline
+
+        pipe = tiny_flux_pipeline()
+        with cachekit.apply(pipe, {"strategy": "alternate", "offset": 1}) as handle:
+            run_flux(pipe, steps=6)
+        print(json.dumps({
+            "strategies": cachekit.list_strategies(),
+            "adapters": cachekit.list_adapters(),
+            "errors": cachekit.plugin_errors(),
+            "schedule": handle.stats.last.branches[1].span_schedule,
+            "config": handle.policy.config.model_dump(),
+        }))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"alternate", "uniform"} <= set(report["strategies"])
+    assert {"flux", "wan"} <= set(report["adapters"])
+    assert list(report["errors"]) == ["broken"]
+    assert "cachekit_broken needs a library that is not installed" in report["errors"]["broken"]
+    assert report["schedule"] == [True, True, False, True, False, True]
+    assert report["config"]["offset"] == 1
