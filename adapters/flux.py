@@ -22,6 +22,7 @@ _STREAMS = BlockStreams(inputs=((0, "hidden_states"), (1, "encoder_hidden_states
 class FluxAdapter(Adapter):
     name = "flux"
     model_class = FluxTransformer2DModel
+    model: FluxTransformer2DModel
 
     def timestep(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
         return call_arg(args, kwargs, 3, "timestep")

@@ -22,6 +22,7 @@ _STREAMS = BlockStreams(inputs=((0, "hidden_states"),))
 class WanAdapter(Adapter):
     name = "wan"
     model_class = WanTransformer3DModel
+    model: WanTransformer3DModel
 
     def timestep(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
         return call_arg(args, kwargs, 1, "timestep")

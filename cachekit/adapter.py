@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any, ClassVar
 
 import torch
@@ -20,7 +20,7 @@ from cachekit.errors import MissingPointError
 Streams = tuple[torch.Tensor, ...]
 
 
-class Point(str, Enum):
+class Point(StrEnum):
     """A place in the model a policy can ask for."""
 
     STEP = "step"  # the timestep of each transformer call
@@ -30,7 +30,7 @@ class Point(str, Enum):
     BLOCKS = "blocks"  # the blocks themselves
 
 
-class AttentionKind(str, Enum):
+class AttentionKind(StrEnum):
     SPATIAL = "spatial"
     TEMPORAL = "temporal"
     CROSS = "cross"

@@ -71,9 +71,7 @@ class CacheHandle:
 
     def _check(self) -> None:
         if self._removed:
-            raise HandleRemovedError(
-                "this CacheHandle was removed; call cachekit.apply(...) again for a new one"
-            )
+            raise HandleRemovedError("this CacheHandle was removed; call cachekit.apply(...) again for a new one")
 
     def _watch(self, scheduler: Any) -> Callable[[], None]:
         """A pipeline sets the scheduler's timesteps once per generation: a new generation of

@@ -106,7 +106,7 @@ def registry() -> Registry:
 
 def register_plugin(plugin: object, name: str | None = None) -> None:
     """Add a plugin defined in code (a module or an object with hook implementations)."""
-    registry().add(plugin, name or getattr(plugin, "__name__", type(plugin).__name__))
+    registry().add(plugin, name or str(getattr(plugin, "__name__", type(plugin).__name__)))
 
 
 def list_strategies() -> list[str]:
@@ -138,8 +138,7 @@ def resolve_adapter(model: nn.Module) -> type[Adapter]:
     if not candidates:
         supported = sorted({adapter.model_class.__name__ for adapter in registry().adapters.values()})
         raise UnsupportedModelError(
-            f"no cachekit adapter supports {type(model).__name__}; supported models: "
-            f"{', '.join(supported) or 'none'}"
+            f"no cachekit adapter supports {type(model).__name__}; supported models: {', '.join(supported) or 'none'}"
         )
     return min(candidates, key=lambda adapter: mro.index(adapter.model_class))
 
@@ -150,14 +149,12 @@ def make_config(config: PolicyConfig | Mapping[str, Any] | str | os.PathLike[str
     if isinstance(config, PolicyConfig):
         expected = get_strategy(config.strategy).config_class
         if not isinstance(config, expected):
-            raise TypeError(
-                f"strategy {config.strategy!r} takes a {expected.__name__}, got {type(config).__name__}"
-            )
+            raise TypeError(f"strategy {config.strategy!r} takes a {expected.__name__}, got {type(config).__name__}")
         return config
     if isinstance(config, os.PathLike) or (isinstance(config, str) and config.endswith((".json", ".toml"))):
         return make_config(_read_config_file(Path(config)))
     if isinstance(config, str):
-        return get_strategy(config).config_class()
+        return get_strategy(config).config_class.model_validate({"strategy": config})
     if isinstance(config, Mapping):
         if "strategy" not in config:
             raise ValueError(

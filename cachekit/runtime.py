@@ -63,7 +63,7 @@ class Runtime:
     def uninstall(self) -> None:
         """Remove every hook and whatever the hook registry added, leaving the modules as found."""
         for module, had_registry, had_forward in reversed(self._installed):
-            registry: HookRegistry = module._diffusers_hook
+            registry = HookRegistry.check_if_exists_or_initialize(module)
             registry.remove_hook(HOOK_NAME, recurse=False)
             if not registry.hooks:
                 if not had_forward:

@@ -6,7 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+import cachekit
+from cachekit import registry as registry_module
 from cachekit import testing
+from cachekit.hookspecs import hookimpl
+from cachekit.registry import Registry
 
 
 @pytest.fixture
@@ -40,3 +44,28 @@ def _deterministic():
     torch.use_deterministic_algorithms(True)
     yield
     torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """A registry of its own, so plugins registered by a test do not leak into others."""
+    fresh = Registry()
+    fresh.load_entry_points()
+    monkeypatch.setattr(registry_module, "registry", lambda: fresh)
+    return fresh
+
+
+@pytest.fixture
+def register_policy(fresh_registry):
+    """Register a policy class defined in a test, through the plugin hooks."""
+
+    def register(policy):
+        class Plugin:
+            @hookimpl
+            def cachekit_register_strategies(self, register):
+                register(policy)
+
+        cachekit.register_plugin(Plugin(), f"test-{policy.name()}")
+        assert not fresh_registry.errors
+
+    return register

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from cachekit import CachePolicy, Point
 from cachekit.schemas import PolicyConfig
+
+from cachekit import CachePolicy, Point
 
 
 class EveryThirdConfig(PolicyConfig):
@@ -20,3 +21,17 @@ class EveryThird(CachePolicy[EveryThirdConfig]):
 
     def decide_span(self, step, signals, state):
         return step.index % 3 == 0
+
+
+class NeverComputesConfig(PolicyConfig):
+    strategy: Literal["never_computes"] = "never_computes"
+
+
+class NeverComputes(CachePolicy[NeverComputesConfig]):
+    """A broken policy: asks to reuse before anything was computed."""
+
+    config_class = NeverComputesConfig
+    requires = frozenset({Point.SPAN})
+
+    def decide_span(self, step, signals, state):
+        return False

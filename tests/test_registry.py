@@ -10,25 +10,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cachekit.schemas import UniformConfig
 
 import cachekit
-from cachekit import registry as registry_module
 from cachekit.errors import UnknownStrategyError
 from cachekit.hookspecs import hookimpl
-from cachekit.registry import PluginWarning, Registry
-from cachekit.schemas import UniformConfig
+from cachekit.registry import PluginWarning
 from cachekit.testing import run_flux
 
 PLUGINS = Path(__file__).parent / "plugins"
-
-
-@pytest.fixture
-def fresh_registry(monkeypatch):
-    """A registry of its own, so plugins registered by a test do not leak into others."""
-    fresh = Registry()
-    fresh.load_entry_points()
-    monkeypatch.setattr(registry_module, "registry", lambda: fresh)
-    return fresh
 
 
 def test_builtins_are_entry_point_plugins():
@@ -90,8 +80,20 @@ def test_installed_third_party_plugin_works_and_a_broken_one_is_reported(tmp_pat
     """Install two real plugin packages (one raises at import) and use them in a fresh process."""
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(target), str(PLUGINS / "alternate"), str(PLUGINS / "broken")],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(PLUGINS / "alternate"),
+            str(PLUGINS / "broken"),
+        ],
         check=True,
         capture_output=True,
     )

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cachekit.schemas import UniformConfig
 from helpers import ExecutionCounter
 from torch import nn
 
 import cachekit
-from cachekit.schemas import UniformConfig
 
 STEPS = 10
 
@@ -42,9 +42,9 @@ class StraightLineSpan(nn.Module):
             outputs = streams
             for block in self.blocks:
                 outputs = block_call(block, outputs)
-            self.residuals[key] = tuple(out - inp for out, inp in zip(outputs, streams))
+            self.residuals[key] = tuple(out - inp for out, inp in zip(outputs, streams, strict=True))
             return outputs
-        return tuple(inp + res for inp, res in zip(streams, self.residuals[key]))
+        return tuple(inp + res for inp, res in zip(streams, self.residuals[key], strict=True))
 
 
 class FluxStraightLine(StraightLineSpan):

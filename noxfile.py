@@ -1,0 +1,54 @@
+"""Project tasks. `nox` runs the checks CI runs: tests, lint, typecheck."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.default_venv_backend = "venv"
+
+# The CPU build; an unpinned torch would pull the multi-GB CUDA build.
+TORCH = "torch==2.13.0"
+
+
+def install(session: nox.Session, *extras: str) -> None:
+    session.install(TORCH)
+    session.install(f".[{','.join(extras)}]" if extras else ".")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The fast suite, against the installed package."""
+    install(session, "test")
+    session.run("pytest", "-m", "not slow", *session.posargs)
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """Tests marked slow."""
+    install(session, "test")
+    session.run("pytest", "-m", "slow", *session.posargs, success_codes=[0, 5])
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy on the installed package (the source folders only form `cachekit` once installed)."""
+    install(session)
+    session.install("mypy")
+    config = str(session.invocation_dir / "pyproject.toml")
+    session.chdir(session.create_tmp())
+    session.run("mypy", "--config-file", config, "-p", "cachekit")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Uniform caching on a tiny Flux pipeline: what was computed, reused, and the time it took."""
+    install(session, "test")
+    session.run("python", str(session.invocation_dir / "examples" / "quickstart.py"))
