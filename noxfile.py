@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
+
+ROOT = Path(__file__).parent
 
 nox.options.sessions = ["tests", "lint", "typecheck"]
 nox.options.default_venv_backend = "venv"
@@ -42,7 +46,7 @@ def typecheck(session: nox.Session) -> None:
     """mypy on the installed package (the source folders only form `cachekit` once installed)."""
     install(session)
     session.install("mypy")
-    config = str(session.invocation_dir / "pyproject.toml")
+    config = str(ROOT / "pyproject.toml")
     session.chdir(session.create_tmp())
     session.run("mypy", "--config-file", config, "-p", "cachekit")
 
@@ -51,4 +55,4 @@ def typecheck(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """Uniform caching on a tiny Flux pipeline: what was computed, reused, and the time it took."""
     install(session, "test")
-    session.run("python", str(session.invocation_dir / "examples" / "quickstart.py"))
+    session.run("python", str(ROOT / "examples" / "quickstart.py"))

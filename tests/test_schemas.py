@@ -60,7 +60,7 @@ def test_every_registered_strategy_config_is_a_policy_config():
         assert config_class.model_json_schema()["properties"]["strategy"]["const"] == name
 
 
-def test_schemas_import_without_torch():
+def test_schemas_import_without_torch(tmp_path):
     code = "import sys, cachekit.schemas as s; s.UniformConfig(interval=2); print('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert result.stdout.strip() == "False"
