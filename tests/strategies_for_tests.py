@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from cachekit.schemas import PolicyConfig
 
@@ -35,3 +35,19 @@ class NeverComputes(CachePolicy[NeverComputesConfig]):
 
     def decide_span(self, step, signals, state):
         return False
+
+
+class RecordSignalsConfig(PolicyConfig):
+    strategy: Literal["record_signals"] = "record_signals"
+
+
+class RecordSignals(CachePolicy[RecordSignalsConfig]):
+    """Always computes, and keeps the probe it was handed at each call."""
+
+    config_class = RecordSignalsConfig
+    requires = frozenset({Point.SPAN, Point.PROBE})
+    seen: ClassVar[list] = []
+
+    def decide_span(self, step, signals, state):
+        RecordSignals.seen.append((step.index, step.branch, signals.probe))
+        return True
