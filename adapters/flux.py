@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from diffusers import FluxTransformer2DModel
 
-from cachekit.adapter import Adapter, AttentionKind, AttentionSite, BlockStreams, ResidualSpan, call_arg
+from cachekit.adapter import Adapter, BlockStreams, ModuleSite, OutputSite, ResidualSpan, SiteKind, call_arg
 from cachekit.hookspecs import hookimpl
 
 # Both block kinds: (hidden_states, encoder_hidden_states, temb, ...) -> (encoder_hidden_states, hidden_states)
@@ -25,11 +25,17 @@ class FluxAdapter(Adapter):
     model: FluxTransformer2DModel
 
     def timestep(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
-        return call_arg(args, kwargs, 3, "timestep")
+        # Flux pipelines pass t / 1000; the model multiplies it back.
+        return call_arg(args, kwargs, 3, "timestep") * 1000
+
+    def timestep_embedding(self) -> OutputSite:
+        return OutputSite(self.model.time_text_embed)
 
     def span(self) -> ResidualSpan:
-        blocks = [*self.model.transformer_blocks, *self.model.single_transformer_blocks]
-        return ResidualSpan(tuple((block, _STREAMS) for block in blocks))
+        return ResidualSpan(tuple((block, _STREAMS) for block in self.blocks()))
+
+    def blocks(self) -> list[torch.nn.Module]:
+        return [*self.model.transformer_blocks, *self.model.single_transformer_blocks]
 
     def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
         first = self.model.transformer_blocks[0]
@@ -37,13 +43,27 @@ class FluxAdapter(Adapter):
         temb = call_arg(args, kwargs, 2, "temb")
         return first.norm1(hidden_states, emb=temb)[0]
 
-    def attention_sites(self) -> list[AttentionSite]:
+    def attention_sites(self) -> list[ModuleSite]:
         # Joint attention over image and text tokens: self-attention, there is no cross attention.
         return [
-            AttentionSite(f"{blocks}.{index}.attn", block.attn, AttentionKind.SPATIAL)
-            for blocks in ("transformer_blocks", "single_transformer_blocks")
-            for index, block in enumerate(getattr(self.model, blocks))
+            ModuleSite(f"{name}.attn", block.attn, SiteKind.SPATIAL, index)
+            for index, name, block in self._named_blocks()
         ]
+
+    def mlp_sites(self) -> list[ModuleSite]:
+        sites = []
+        for index, name, block in self._named_blocks():
+            if hasattr(block, "ff"):  # double-stream: one MLP per stream
+                sites.append(ModuleSite(f"{name}.ff", block.ff, SiteKind.MLP, index))
+                sites.append(ModuleSite(f"{name}.ff_context", block.ff_context, SiteKind.MLP, index))
+            else:  # single-stream: the MLP's input projection runs beside attention
+                sites.append(ModuleSite(f"{name}.proj_mlp", block.proj_mlp, SiteKind.MLP, index))
+        return sites
+
+    def _named_blocks(self) -> list[tuple[int, str, torch.nn.Module]]:
+        names = [f"transformer_blocks.{i}" for i in range(len(self.model.transformer_blocks))]
+        names += [f"single_transformer_blocks.{i}" for i in range(len(self.model.single_transformer_blocks))]
+        return [(index, name, block) for index, (name, block) in enumerate(zip(names, self.blocks(), strict=True))]
 
 
 @hookimpl

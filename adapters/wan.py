@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from diffusers import WanTransformer3DModel
 
-from cachekit.adapter import Adapter, AttentionKind, AttentionSite, BlockStreams, ResidualSpan, call_arg
+from cachekit.adapter import Adapter, BlockStreams, ModuleSite, OutputSite, ResidualSpan, SiteKind, call_arg
 from cachekit.hookspecs import hookimpl
 
 # (hidden_states, encoder_hidden_states, temb, rotary_emb) -> hidden_states
@@ -27,8 +27,15 @@ class WanAdapter(Adapter):
     def timestep(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
         return call_arg(args, kwargs, 1, "timestep")
 
+    def timestep_embedding(self) -> OutputSite:
+        # condition_embedder returns (temb, timestep_proj, text, image); temb is the embedding.
+        return OutputSite(self.model.condition_embedder, index=0)
+
     def span(self) -> ResidualSpan:
         return ResidualSpan(tuple((block, _STREAMS) for block in self.model.blocks))
+
+    def blocks(self) -> list[torch.nn.Module]:
+        return list(self.model.blocks)
 
     def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
         first = self.model.blocks[0]
@@ -41,13 +48,16 @@ class WanAdapter(Adapter):
             shift, scale = (first.scale_shift_table + temb).chunk(6, dim=1)[:2]
         return first.norm1(hidden_states.float()) * (1 + scale) + shift
 
-    def attention_sites(self) -> list[AttentionSite]:
+    def attention_sites(self) -> list[ModuleSite]:
         # attn1 attends over all video tokens at once: spatial and temporal are not separate.
         sites = []
         for index, block in enumerate(self.model.blocks):
-            sites.append(AttentionSite(f"blocks.{index}.attn1", block.attn1, AttentionKind.SPATIAL))
-            sites.append(AttentionSite(f"blocks.{index}.attn2", block.attn2, AttentionKind.CROSS))
+            sites.append(ModuleSite(f"blocks.{index}.attn1", block.attn1, SiteKind.SPATIAL, index))
+            sites.append(ModuleSite(f"blocks.{index}.attn2", block.attn2, SiteKind.CROSS, index))
         return sites
+
+    def mlp_sites(self) -> list[ModuleSite]:
+        return [ModuleSite(f"blocks.{i}.ffn", block.ffn, SiteKind.MLP, i) for i, block in enumerate(self.model.blocks)]
 
 
 @hookimpl

@@ -14,7 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "cachekit.adapter": ["Adapter", "AttentionKind", "AttentionSite", "BlockStreams", "Point", "ResidualSpan"],
+    "cachekit.adapter": ["Adapter", "BlockStreams", "ModuleSite", "OutputSite", "Point", "ResidualSpan", "SiteKind"],
     "cachekit.errors": [
         "AlreadyAttachedError",
         "CachekitError",
@@ -57,7 +57,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from cachekit.adapter import Adapter, AttentionKind, AttentionSite, BlockStreams, Point, ResidualSpan
+    from cachekit.adapter import Adapter, BlockStreams, ModuleSite, OutputSite, Point, ResidualSpan, SiteKind
     from cachekit.errors import (
         AlreadyAttachedError,
         CachekitError,

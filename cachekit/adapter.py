@@ -25,22 +25,41 @@ class Point(StrEnum):
 
     STEP = "step"  # the timestep of each transformer call
     PROBE = "probe"  # the first block's timestep-modulated input
+    TIMESTEP_EMBEDDING = "timestep_embedding"  # the timestep embedding the blocks are conditioned on
     SPAN = "span"  # the run of blocks whose residual can be cached
     ATTENTION = "attention"  # attention modules with their kind
+    MLP = "mlp"  # the blocks' feed-forward modules
     BLOCKS = "blocks"  # the blocks themselves
 
 
-class AttentionKind(StrEnum):
+class SiteKind(StrEnum):
+    """What a module-level site computes; attention sites differ in how fast they change."""
+
     SPATIAL = "spatial"
     TEMPORAL = "temporal"
     CROSS = "cross"
+    MLP = "mlp"
 
 
 @dataclass(frozen=True)
-class AttentionSite:
+class ModuleSite:
+    """A module whose output a policy may reuse (an attention or an MLP)."""
+
     name: str  # the module's qualified name inside the transformer
     module: nn.Module
-    kind: AttentionKind
+    kind: SiteKind
+    block: int  # index of its block in `Adapter.blocks()`
+
+
+@dataclass(frozen=True)
+class OutputSite:
+    """A module whose output, or one item of its output tuple, is a signal."""
+
+    module: nn.Module
+    index: int | None = None
+
+    def read(self, output: Any) -> torch.Tensor:
+        return output if self.index is None else output[self.index]
 
 
 def call_arg(args: tuple[Any, ...], kwargs: Mapping[str, Any], position: int, name: str) -> Any:
@@ -131,7 +150,11 @@ class Adapter:
     # -- points ---------------------------------------------------------------------------------
 
     def timestep(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
-        """The timestep tensor of a transformer call, from the call's arguments."""
+        """The timestep of a transformer call on the 0-1000 training scale, from its arguments."""
+        raise NotImplementedError
+
+    def timestep_embedding(self) -> OutputSite:
+        """Where the timestep embedding the blocks are conditioned on comes out."""
         raise NotImplementedError
 
     def span(self) -> ResidualSpan:
@@ -141,7 +164,10 @@ class Adapter:
         """The first span block's timestep-modulated input, from that block's call arguments."""
         raise NotImplementedError
 
-    def attention_sites(self) -> list[AttentionSite]:
+    def attention_sites(self) -> list[ModuleSite]:
+        raise NotImplementedError
+
+    def mlp_sites(self) -> list[ModuleSite]:
         raise NotImplementedError
 
     def blocks(self) -> list[nn.Module]:

@@ -112,14 +112,15 @@ def apply(target: Any, config: PolicyConfig | Mapping[str, Any] | str | os.PathL
             "remove that handle first"
         )
     adapter = resolve_adapter(model)(model)
-    for point in sorted(policy_class.requires, key=lambda point: point.value):
-        adapter.require(point, policy_class.name())
-    if policy_class.needs_num_steps and scheduler is None and config.num_inference_steps is None:
+    policy = policy_class(config)
+    for point in sorted(policy.required_points()):
+        adapter.require(point, policy.name())
+    if policy.needs_num_steps and scheduler is None and config.num_inference_steps is None:
         raise ValueError(
             f"strategy {config.strategy!r} must know the generation's last step: apply it to the "
             "pipeline, or set num_inference_steps in its config when applying it to a bare transformer"
         )
-    runtime = Runtime(model, adapter, policy_class(config), config.num_inference_steps)
+    runtime = Runtime(model, adapter, policy, config.num_inference_steps)
     runtime.install()
     handle = CacheHandle(runtime, scheduler)
     _ATTACHED[model] = handle

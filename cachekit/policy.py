@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
-from cachekit.adapter import Point
+from cachekit.adapter import Adapter, ModuleSite, Point
 from cachekit.schemas import PolicyConfig
 
 ConfigT = TypeVar("ConfigT", bound=PolicyConfig)
@@ -37,18 +37,20 @@ class Signals:
     """Values computed from the model for a decision; only those the policy requires are set."""
 
     probe: torch.Tensor | None = None
+    timestep_embedding: torch.Tensor | None = None
 
 
 class CachePolicy(Generic[ConfigT]):
     """Base class of every strategy.
 
-    Subclasses set `config_class` and `requires`, and implement the decision for each site they
-    require. `new_state` gives the per-branch state; the runtime keeps one per branch and drops
-    them all when a generation starts.
+    Subclasses set `config_class` and `requires` (or override `required_points` where the config
+    decides), and implement the decision for each site they require: `decide_span` for the span,
+    `decide_module` for attention and MLP sites. `new_state` gives the per-branch state; the
+    runtime keeps one per branch and drops them all when a generation starts.
     """
 
     config_class: ClassVar[type[PolicyConfig]]
-    requires: ClassVar[frozenset[Point]]
+    requires: ClassVar[frozenset[Point]] = frozenset()
     #: True when the decision depends on knowing the generation's last step.
     needs_num_steps: ClassVar[bool] = False
 
@@ -59,6 +61,19 @@ class CachePolicy(Generic[ConfigT]):
     def name(cls) -> str:
         return cls.config_class.strategy_name()
 
+    def required_points(self) -> frozenset[Point]:
+        """The points this policy needs from the model's adapter (and the signals it is handed)."""
+        return self.requires
+
+    def attach(self, adapter: Adapter) -> dict[str, Any]:
+        """Called once when applied. May read the adapter's identity (never the model's tensors)
+        to settle defaults; returns facts worth reporting in `handle.stats.info`."""
+        return {}
+
+    def may_reuse(self, site: ModuleSite) -> bool:
+        """Whether `site`'s output may ever be reused; outputs that never are are not kept."""
+        return True
+
     def new_state(self) -> Any:
         """State for one branch of one generation."""
         return None
@@ -66,3 +81,7 @@ class CachePolicy(Generic[ConfigT]):
     def decide_span(self, step: Step, signals: Signals, state: Any) -> bool:
         """True: run the residual span; False: re-apply this branch's last residual."""
         raise NotImplementedError(f"{type(self).__name__} requires the span but does not decide it")
+
+    def decide_module(self, step: Step, site: ModuleSite, state: Any) -> bool:
+        """True: run the attention or MLP module at `site`; False: reuse this branch's last output."""
+        raise NotImplementedError(f"{type(self).__name__} requires module sites but does not decide them")

@@ -1,10 +1,11 @@
 """The plumbing between one transformer and one policy.
 
 Hooks (diffusers' `ModelHook`s, so they stack with diffusers' own offloading and casting hooks)
-sit on the transformer and on the blocks of the residual span. The transformer hook turns each
-call into a step and branch; the first span block asks the policy; on reuse the span blocks pass
-their inputs through and the last one adds the branch's stored residual. Nothing else changes:
-when the policy computes, every block runs its own forward on the exact same arguments.
+sit on the transformer, on the blocks of the residual span and on attention/MLP modules, only
+where the policy asked. The transformer hook turns each call into a step and branch; the first
+span block asks the policy; on reuse the span blocks pass their inputs through and the last one
+adds the branch's stored residual; a module site returns the branch's stored output instead of
+running. Nothing else changes: what computes runs its own forward on the exact same arguments.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from cachekit.adapter import Adapter, BlockStreams, Point, Streams
+from cachekit.adapter import Adapter, BlockStreams, ModuleSite, OutputSite, Point, Streams
 from cachekit.errors import PolicyError
 from cachekit.policy import CachePolicy, Signals, Step
 from cachekit.stats import BranchStats, CacheStats, GenerationStats
@@ -34,6 +35,7 @@ class _Call:
     state: Any
     inputs: Streams = ()
     compute: bool = True
+    timestep_embedding: Any = None
 
 
 class Runtime:
@@ -42,11 +44,18 @@ class Runtime:
         self.adapter = adapter
         self.policy = policy
         self.tracker = StepTracker(num_steps)
-        self.stats = CacheStats(strategy=policy.name(), adapter=adapter.name)
-        self._wants_probe = Point.PROBE in policy.requires
-        self._span = adapter.span() if Point.SPAN in policy.requires else None
+        self.stats = CacheStats(strategy=policy.name(), adapter=adapter.name, info=policy.attach(adapter))
+        points = policy.required_points()
+        self._wants_probe = Point.PROBE in points
+        self._embedding = adapter.timestep_embedding() if Point.TIMESTEP_EMBEDDING in points else None
+        self._span = adapter.span() if Point.SPAN in points else None
+        self._sites = [
+            *(adapter.attention_sites() if Point.ATTENTION in points else []),
+            *(adapter.mlp_sites() if Point.MLP in points else []),
+        ]
         self._states: dict[int, Any] = {}
         self._residuals: dict[int, Streams] = {}
+        self._outputs: dict[int, dict[str, Any]] = {}  # branch -> site name -> last output
         self._call: _Call | None = None
         self._installed: list[tuple[nn.Module, bool, bool]] = []
 
@@ -54,10 +63,14 @@ class Runtime:
 
     def install(self) -> None:
         self._hook(self.model, _CallHook(self))
+        if self._embedding is not None:
+            self._hook(self._embedding.module, _EmbeddingHook(self, self._embedding))
         if self._span is not None:
             last = len(self._span.blocks) - 1
             for position, (block, streams) in enumerate(self._span.blocks):
                 self._hook(block, _SpanBlockHook(self, position == 0, position == last, streams))
+        for site in self._sites:
+            self._hook(site.module, _ModuleSiteHook(self, site, self.policy.may_reuse(site)))
         self._forget_cached_children()
 
     def uninstall(self) -> None:
@@ -93,6 +106,7 @@ class Runtime:
         if new_generation:
             self._states.clear()
             self._residuals.clear()
+            self._outputs.clear()
             self.stats.generations.append(GenerationStats(self.tracker.num_steps))
         branch_stats = self.stats.last.branch(step.branch)
         branch_stats.calls += 1
@@ -102,6 +116,10 @@ class Runtime:
 
     def end_call(self) -> None:
         self._call = None
+
+    def embedding_computed(self, embedding: Any) -> None:
+        if self._call is not None:
+            self._call.timestep_embedding = embedding
 
     def span_block(
         self,
@@ -118,7 +136,10 @@ class Runtime:
         branch = call.step.branch
         if first:
             call.inputs = streams.read_inputs(args, kwargs)
-            signals = Signals(probe=self.adapter.probe(args, kwargs) if self._wants_probe else None)
+            signals = Signals(
+                probe=self.adapter.probe(args, kwargs) if self._wants_probe else None,
+                timestep_embedding=call.timestep_embedding,
+            )
             call.compute = self.policy.decide_span(call.step, signals, call.state)
             if not call.compute and branch not in self._residuals:
                 raise PolicyError(
@@ -137,6 +158,32 @@ class Runtime:
         if last:
             passed = tuple(value + residual for value, residual in zip(passed, self._residuals[branch], strict=True))
         return streams.pack(passed)
+
+    def module_site(
+        self,
+        site: ModuleSite,
+        keep: bool,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+    ) -> Any:
+        call = self._call
+        if call is None:
+            return forward(*args, **kwargs)
+        outputs = self._outputs.setdefault(call.step.branch, {})
+        compute = self.policy.decide_module(call.step, site, call.state)
+        if not compute and site.name not in outputs:
+            raise PolicyError(
+                f"strategy {self.policy.name()!r} chose to reuse {site.name} at step {call.step.index} "
+                f"(branch {call.step.branch}) before computing it once in this generation"
+            )
+        call.stats.count(site.kind.value, compute)
+        if not compute:
+            return outputs[site.name]
+        output = forward(*args, **kwargs)
+        if keep:
+            outputs[site.name] = output
+        return output
 
 
 class _CallHook(ModelHook):
@@ -166,3 +213,29 @@ class _SpanBlockHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return self.runtime.span_block(self.first, self.last, self.streams, self.fn_ref.original_forward, args, kwargs)
+
+
+class _ModuleSiteHook(ModelHook):
+    """On an attention or MLP module: runs it, or returns the branch's last output."""
+
+    def __init__(self, runtime: Runtime, site: ModuleSite, keep: bool) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.site = site
+        self.keep = keep
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.runtime.module_site(self.site, self.keep, self.fn_ref.original_forward, args, kwargs)
+
+
+class _EmbeddingHook(ModelHook):
+    """On the timestep embedder: hands its output to the call's signals."""
+
+    def __init__(self, runtime: Runtime, site: OutputSite) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.site = site
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        self.runtime.embedding_computed(self.site.read(output))
+        return output

@@ -9,7 +9,7 @@ from diffusers import FluxTransformer2DModel
 from strategies_for_tests import EveryThird, RecordSignals
 
 import cachekit
-from cachekit import AttentionKind
+from cachekit import SiteKind
 from cachekit.testing import run_flux, tiny_flux_transformer
 
 
@@ -52,19 +52,19 @@ def test_probe_is_not_computed_for_a_policy_that_does_not_ask(flux_pipe, registe
 def test_attention_sites_and_blocks(flux_pipe, wan_pipe):
     flux = FluxAdapter(flux_pipe.transformer)
     assert [(site.name, site.kind) for site in flux.attention_sites()] == [
-        ("transformer_blocks.0.attn", AttentionKind.SPATIAL),
-        ("single_transformer_blocks.0.attn", AttentionKind.SPATIAL),
-        ("single_transformer_blocks.1.attn", AttentionKind.SPATIAL),
+        ("transformer_blocks.0.attn", SiteKind.SPATIAL),
+        ("single_transformer_blocks.0.attn", SiteKind.SPATIAL),
+        ("single_transformer_blocks.1.attn", SiteKind.SPATIAL),
     ]
     assert all(site.module is flux_pipe.transformer.get_submodule(site.name) for site in flux.attention_sites())
     assert len(flux.blocks()) == 3
 
     wan = WanAdapter(wan_pipe.transformer)
     assert [(site.name, site.kind) for site in wan.attention_sites()] == [
-        ("blocks.0.attn1", AttentionKind.SPATIAL),
-        ("blocks.0.attn2", AttentionKind.CROSS),
-        ("blocks.1.attn1", AttentionKind.SPATIAL),
-        ("blocks.1.attn2", AttentionKind.CROSS),
+        ("blocks.0.attn1", SiteKind.SPATIAL),
+        ("blocks.0.attn2", SiteKind.CROSS),
+        ("blocks.1.attn1", SiteKind.SPATIAL),
+        ("blocks.1.attn2", SiteKind.CROSS),
     ]
     assert wan.blocks() == list(wan_pipe.transformer.blocks)
 
