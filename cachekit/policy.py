@@ -52,7 +52,7 @@ class CachePolicy(Generic[ConfigT]):
     config_class: ClassVar[type[PolicyConfig]]
     requires: ClassVar[frozenset[Point]] = frozenset()
     #: True when the decision depends on knowing the generation's last step.
-    needs_num_steps: ClassVar[bool] = False
+    needs_num_steps: bool = False
 
     def __init__(self, config: ConfigT) -> None:
         self.config = config

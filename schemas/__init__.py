@@ -1,5 +1,19 @@
-"""Pure-data models of cachekit: policy configs (and later presets, study specs, results)."""
+"""Pure-data models of cachekit (no torch): policy configs and presets."""
 
 from cachekit.schemas.configs import PolicyConfig, UniformConfig
+from cachekit.schemas.pab import PAB_DEFAULTS, PAB_FALLBACK, Broadcast, MLPBroadcast, PABConfig
+from cachekit.schemas.teacache import TeaCacheConfig, TeaCachePreset, presets_for, teacache_presets
 
-__all__ = ["PolicyConfig", "UniformConfig"]
+__all__ = [
+    "PAB_DEFAULTS",
+    "PAB_FALLBACK",
+    "Broadcast",
+    "MLPBroadcast",
+    "PABConfig",
+    "PolicyConfig",
+    "TeaCacheConfig",
+    "TeaCachePreset",
+    "UniformConfig",
+    "presets_for",
+    "teacache_presets",
+]

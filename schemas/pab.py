@@ -1,0 +1,71 @@
+"""Pyramid Attention Broadcast's config and its published per-family defaults."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cachekit.schemas.configs import PolicyConfig
+
+
+class Broadcast(BaseModel):
+    """Recompute a module every `range`-th call and reuse its output in between, but only while
+    the timestep is strictly inside `window`; outside it, always compute."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    range: int = Field(ge=1, le=1000, description="Recompute every N-th call (1 = never reuse).")
+    window: tuple[float, float] = Field(default=(100.0, 800.0), description="(low, high), 0-1000 timestep scale.")
+
+    @model_validator(mode="after")
+    def _ordered_window(self) -> Broadcast:
+        low, high = self.window
+        if not 0 <= low < high:
+            raise ValueError(f"window must satisfy 0 <= low < high, got {self.window}")
+        return self
+
+
+class MLPBroadcast(Broadcast):
+    """Broadcast the MLP output of the chosen blocks (indices into the model's block order)."""
+
+    blocks: tuple[int, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _valid_blocks(self) -> MLPBroadcast:
+        if min(self.blocks) < 0:
+            raise ValueError(f"blocks must be block indices >= 0, got {self.blocks}")
+        return self
+
+
+class PABConfig(PolicyConfig):
+    """Pyramid Attention Broadcast (arXiv 2408.12588): per attention kind, reuse each attention
+    module's output between recomputations, inside a timestep window; each CFG branch keeps its
+    own outputs. Kinds left unset take the model family's published default."""
+
+    strategy: Literal["pab"] = "pab"
+    spatial: Broadcast | None = None
+    temporal: Broadcast | None = None
+    cross: Broadcast | None = None
+    mlp: MLPBroadcast | None = Field(default=None, description="Off unless given.")
+
+
+_Kinds = dict[Literal["spatial", "temporal", "cross"], Broadcast]
+
+
+def _kinds(spatial: int, temporal: int, cross: int, window: tuple[float, float]) -> _Kinds:
+    return {
+        "spatial": Broadcast(range=spatial, window=window),
+        "temporal": Broadcast(range=temporal, window=window),
+        "cross": Broadcast(range=cross, window=window),
+    }
+
+
+#: Published defaults by model family (adapter name); any other family gets FALLBACK.
+PAB_DEFAULTS: dict[str, _Kinds] = {
+    "open_sora": _kinds(2, 4, 6, (450, 930)),
+    "open_sora_plan": _kinds(2, 4, 6, (100, 850)),
+    "latte": _kinds(2, 3, 6, (100, 800)),
+    "cogvideox": {"spatial": Broadcast(range=2, window=(100, 850))},
+}
+PAB_FALLBACK: _Kinds = _kinds(2, 3, 6, (100, 800))

@@ -1,0 +1,91 @@
+"""TeaCache's config and its published presets (the presets are data: teacache_presets.toml)."""
+
+from __future__ import annotations
+
+import functools
+import tomllib
+from collections.abc import Mapping
+from importlib import resources
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cachekit.schemas.configs import PolicyConfig
+
+Probe = Literal["modulated_input", "timestep_embedding"]
+
+#: A rescale polynomial, highest power first (as numpy.poly1d takes it): order 1 to 9.
+Coefficients = Annotated[tuple[float, ...], Field(min_length=2, max_length=10)]
+
+
+class TeaCachePreset(BaseModel):
+    """Rescale coefficients for one model, with how they were fitted and where they apply."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    name: str
+    adapter: str = Field(description="The model family (adapter name) the coefficients were fitted on.")
+    match: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Transformer config values that identify the model ("none" matches a null value).',
+    )
+    auto: bool = Field(default=True, description="Whether the preset may be picked from the model alone.")
+    coefficients: Coefficients
+    probe: Probe = "modulated_input"
+    warmup_steps: int = Field(default=1, ge=1)
+    thresholds: tuple[float, ...] = Field(default=(), description="Suggested rel_l1_thresh, slowest first.")
+    steps: int | None = Field(default=None, ge=1, description="The step count the thresholds were published for.")
+    notes: str = ""
+
+    def fits(self, adapter: str, config: Mapping[str, Any]) -> bool:
+        """Whether a transformer of family `adapter` with `config` is the model this was fitted on."""
+        return self.adapter == adapter and all(
+            config.get(key) == (None if value == "none" else value) for key, value in self.match.items()
+        )
+
+
+@functools.cache
+def teacache_presets() -> dict[str, TeaCachePreset]:
+    """Every shipped preset by name."""
+    data = tomllib.loads(resources.files(__package__).joinpath("teacache_presets.toml").read_text())
+    return {name: TeaCachePreset(name=name, **fields) for name, fields in data.items()}
+
+
+def presets_for(adapter: str, config: Mapping[str, Any]) -> list[TeaCachePreset]:
+    """The presets that may be picked automatically for a model."""
+    return [preset for preset in teacache_presets().values() if preset.auto and preset.fits(adapter, config)]
+
+
+class TeaCacheConfig(PolicyConfig):
+    """Skip the block stack while the accumulated, rescaled change of the probe stays below
+    `rel_l1_thresh`; re-apply the last computed residual instead (TeaCache, arXiv 2411.19108).
+
+    Fields left unset come from the preset: the named one, else the one that fits the model.
+    """
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    strategy: Literal["teacache"] = "teacache"
+    rel_l1_thresh: float | None = Field(
+        default=None, gt=0, description="Compute once the accumulator reaches this. Unset: the preset's first."
+    )
+    coefficients: Coefficients | None = Field(default=None, description="Rescale polynomial, highest power first.")
+    preset: str | None = Field(default=None, description="A preset name; see cachekit.schemas.teacache_presets().")
+    probe: Probe | None = Field(default=None, description="Unset: the preset's, else modulated_input.")
+    warmup_steps: int | None = Field(default=None, ge=1, description="Steps always computed first. Unset: 1.")
+    compute_last_step: bool = True
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, preset: str | None) -> str | None:
+        if preset is not None and preset not in teacache_presets():
+            raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(teacache_presets())}")
+        return preset
+
+    @model_validator(mode="after")
+    def _coefficients_or_preset(self) -> TeaCacheConfig:
+        if self.coefficients is not None and self.preset is not None:
+            raise ValueError("give either coefficients or preset, not both")
+        if self.coefficients is not None and self.rel_l1_thresh is None:
+            raise ValueError("rel_l1_thresh is required with explicit coefficients")
+        return self

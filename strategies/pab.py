@@ -1,0 +1,69 @@
+"""Pyramid Attention Broadcast (arXiv 2408.12588): attention outputs change little in the middle
+of denoising, spatial attention the most and cross attention the least, so each kind is
+recomputed every N-th call of its module and its output reused in between, inside a timestep
+window. Reuse is per module and per CFG branch: one branch never receives another's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cachekit.adapter import Adapter, ModuleSite, Point, SiteKind
+from cachekit.hookspecs import hookimpl
+from cachekit.policy import CachePolicy, Step
+from cachekit.schemas import PAB_DEFAULTS, PAB_FALLBACK, Broadcast, PABConfig
+
+
+class PABPolicy(CachePolicy[PABConfig]):
+    config_class = PABConfig
+
+    def __init__(self, config: PABConfig) -> None:
+        super().__init__(config)
+        self.settings: dict[SiteKind, Broadcast] = {}
+        self.mlp_blocks = frozenset(config.mlp.blocks) if config.mlp else frozenset()
+
+    def required_points(self) -> frozenset[Point]:
+        points = {Point.STEP, Point.ATTENTION}
+        if self.config.mlp is not None:
+            points.add(Point.MLP)
+        return frozenset(points)
+
+    def attach(self, adapter: Adapter) -> dict[str, Any]:
+        defaults = PAB_DEFAULTS.get(adapter.name, {})
+        for kind in ("spatial", "temporal", "cross"):
+            chosen = getattr(self.config, kind) or defaults.get(kind) or PAB_FALLBACK[kind]  # type: ignore[call-overload]
+            self.settings[SiteKind(kind)] = chosen
+        if self.config.mlp is not None:
+            self.settings[SiteKind.MLP] = self.config.mlp
+            blocks = len(adapter.blocks())
+            if max(self.mlp_blocks) >= blocks:
+                raise ValueError(f"mlp.blocks {sorted(self.mlp_blocks)} out of range: the model has {blocks} blocks")
+        defaults_from = adapter.name if adapter.name in PAB_DEFAULTS else "fallback"
+        return {
+            "defaults": defaults_from,
+            **{kind.value: setting.model_dump() for kind, setting in self.settings.items()},
+        }
+
+    def may_reuse(self, site: ModuleSite) -> bool:
+        if site.kind is SiteKind.MLP and site.block not in self.mlp_blocks:
+            return False
+        return self.settings[site.kind].range > 1
+
+    def new_state(self) -> dict[str, int]:
+        """Calls so far of each module in this branch."""
+        return {}
+
+    def decide_module(self, step: Step, site: ModuleSite, state: dict[str, int]) -> bool:
+        calls = state.get(site.name, 0)
+        state[site.name] = calls + 1
+        if site.kind is SiteKind.MLP and site.block not in self.mlp_blocks:
+            return True
+        setting = self.settings[site.kind]
+        low, high = setting.window
+        return calls % setting.range == 0 or not low < step.timestep < high
+
+
+@hookimpl
+def cachekit_register_strategies(register: Callable[[type[CachePolicy[Any]]], None]) -> None:
+    register(PABPolicy)

@@ -1,0 +1,116 @@
+"""TeaCache (arXiv 2411.19108): skip the block stack while the timestep-modulated input has
+changed little since the last computed step.
+
+Per call and per CFG branch: d = mean|probe - previous| / mean|previous|; the accumulator grows
+by poly(d) (the rescale polynomial); the span is computed when the accumulator reaches the
+threshold, which resets it. The first `warmup_steps` and the last step always compute and reset
+it; the previous probe is updated at every call, computed or not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cachekit.adapter import Adapter, Point
+from cachekit.hookspecs import hookimpl
+from cachekit.policy import CachePolicy, Signals, Step
+from cachekit.schemas import TeaCacheConfig, TeaCachePreset, presets_for, teacache_presets
+
+
+@dataclass
+class _BranchState:
+    previous: torch.Tensor | None = None
+    accumulated: float = 0.0
+
+
+class TeaCachePolicy(CachePolicy[TeaCacheConfig]):
+    config_class = TeaCacheConfig
+
+    def __init__(self, config: TeaCacheConfig) -> None:
+        super().__init__(config)
+        self.needs_num_steps = config.compute_last_step
+        preset = teacache_presets()[config.preset] if config.preset is not None else None
+        self._settle(preset)
+
+    def _settle(self, preset: TeaCachePreset | None) -> None:
+        """Fill what the config left unset from `preset` (or the built-in defaults)."""
+        config = self.config
+        self.preset = preset
+        self.coefficients = config.coefficients or (preset.coefficients if preset else None)
+        self.probe = config.probe or (preset.probe if preset else "modulated_input")
+        self.warmup_steps = config.warmup_steps or (preset.warmup_steps if preset else 1)
+        self.threshold = config.rel_l1_thresh
+        if self.threshold is None and preset is not None and preset.thresholds:
+            self.threshold = preset.thresholds[0]
+
+    def required_points(self) -> frozenset[Point]:
+        signal = Point.PROBE if self.probe == "modulated_input" else Point.TIMESTEP_EMBEDDING
+        return frozenset({Point.STEP, Point.SPAN, signal})
+
+    def attach(self, adapter: Adapter) -> dict[str, Any]:
+        if self.coefficients is None:
+            self._settle(self._pick_preset(adapter))
+        if self.threshold is None:
+            raise ValueError(
+                f"TeaCache preset {self.preset.name if self.preset else None!r} suggests no threshold: "
+                "set rel_l1_thresh"
+            )
+        return {
+            "preset": self.preset.name if self.preset else None,
+            "coefficients": list(self.coefficients or ()),
+            "rel_l1_thresh": self.threshold,
+            "probe": self.probe,
+            "warmup_steps": self.warmup_steps,
+        }
+
+    def _pick_preset(self, adapter: Adapter) -> TeaCachePreset:
+        config = dict(getattr(adapter.model, "config", {}))
+        fitting = presets_for(adapter.name, config)
+        if len(fitting) == 1:
+            return fitting[0]
+        model = type(adapter.model).__name__
+        if fitting:
+            raise ValueError(
+                f"several TeaCache presets fit {model}: {', '.join(p.name for p in fitting)}; "
+                "choose one with TeaCacheConfig(preset=...)"
+            )
+        raise ValueError(
+            f"no TeaCache preset fits {model} (adapter {adapter.name!r}); known presets: "
+            f"{', '.join(teacache_presets())}. Give coefficients= or preset=, or calibrate coefficients "
+            "for this model (fit the output's relative L1 change against the probe's over uncached runs)"
+        )
+
+    def new_state(self) -> _BranchState:
+        return _BranchState()
+
+    def decide_span(self, step: Step, signals: Signals, state: _BranchState) -> bool:
+        probe = signals.probe if self.probe == "modulated_input" else signals.timestep_embedding
+        assert probe is not None and self.coefficients is not None and self.threshold is not None
+        previous, state.previous = state.previous, probe
+        forced = step.index < self.warmup_steps or (self.config.compute_last_step and step.is_last)
+        if forced or previous is None:
+            state.accumulated = 0.0
+            return True
+        change = ((probe - previous).abs().mean() / previous.abs().mean()).item()
+        state.accumulated += _horner(self.coefficients, change)
+        if state.accumulated < self.threshold:
+            return False
+        state.accumulated = 0.0
+        return True
+
+
+def _horner(coefficients: tuple[float, ...], x: float) -> float:
+    """The polynomial at x, highest power first, without building a polynomial object."""
+    value = 0.0
+    for coefficient in coefficients:
+        value = value * x + coefficient
+    return value
+
+
+@hookimpl
+def cachekit_register_strategies(register: Callable[[type[CachePolicy[Any]]], None]) -> None:
+    register(TeaCachePolicy)
