@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from cachekit.schemas.configs import PolicyConfig
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Broadcast(BaseModel):
