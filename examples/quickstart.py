@@ -7,9 +7,9 @@ Runs offline on a tiny Flux pipeline with random weights: the numbers show the p
 import time
 
 import torch
-from cachekit.schemas import UniformConfig
 
 import cachekit
+from cachekit.schemas import UniformConfig
 from cachekit.testing import run_flux, tiny_flux_pipeline
 
 pipe = tiny_flux_pipeline()

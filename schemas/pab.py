@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from cachekit.schemas.configs import PolicyConfig
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cachekit.schemas.configs import PolicyConfig
 
 
 class Broadcast(BaseModel):

@@ -8,8 +8,9 @@ from collections.abc import Mapping
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-from cachekit.schemas.configs import PolicyConfig
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cachekit.schemas.configs import PolicyConfig
 
 Probe = Literal["modulated_input", "timestep_embedding"]
 

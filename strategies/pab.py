@@ -9,11 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cachekit.schemas import PAB_DEFAULTS, PAB_FALLBACK, Broadcast, PABConfig
-
 from cachekit.adapter import Adapter, ModuleSite, Point, SiteKind
 from cachekit.hookspecs import hookimpl
 from cachekit.policy import CachePolicy, Step
+from cachekit.schemas import PAB_DEFAULTS, PAB_FALLBACK, Broadcast, PABConfig
 
 
 class PABPolicy(CachePolicy[PABConfig]):

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from cachekit.schemas import TeaCacheConfig, TeaCachePreset, presets_for, teacache_presets
 
 from cachekit.adapter import Adapter, Point
 from cachekit.hookspecs import hookimpl
 from cachekit.policy import CachePolicy, Signals, Step
+from cachekit.schemas import TeaCacheConfig, TeaCachePreset, presets_for, teacache_presets
 
 
 @dataclass

@@ -8,11 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cachekit.schemas import UniformConfig
-
 from cachekit.adapter import Point
 from cachekit.hookspecs import hookimpl
 from cachekit.policy import CachePolicy, Signals, Step
+from cachekit.schemas import UniformConfig
 
 
 class UniformPolicy(CachePolicy[UniformConfig]):

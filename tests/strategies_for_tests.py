@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from cachekit.schemas import PolicyConfig
-
 from cachekit import CachePolicy, Point
+from cachekit.schemas import PolicyConfig
 
 
 class EveryThirdConfig(PolicyConfig):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from cachekit.adapters.flux import FluxAdapter
-from cachekit.adapters.wan import WanAdapter
 from diffusers import FluxTransformer2DModel
 from strategies_for_tests import EveryThird, RecordSignals
 
 import cachekit
 from cachekit import SiteKind
+from cachekit.adapters.flux import FluxAdapter
+from cachekit.adapters.wan import WanAdapter
 from cachekit.testing import run_flux, tiny_flux_transformer
 
 

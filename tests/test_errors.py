@@ -6,14 +6,13 @@ from typing import Literal
 
 import pydantic
 import pytest
-from cachekit.adapters.flux import FluxAdapter
-from cachekit.schemas import PolicyConfig, UniformConfig
 from helpers import flux_inputs
 from strategies_for_tests import NeverComputes
 from torch import nn
 
 import cachekit
 from cachekit import Point
+from cachekit.adapters.flux import FluxAdapter
 from cachekit.errors import (
     AlreadyAttachedError,
     HandleRemovedError,
@@ -22,6 +21,7 @@ from cachekit.errors import (
     UnknownStrategyError,
     UnsupportedModelError,
 )
+from cachekit.schemas import PolicyConfig, UniformConfig
 from cachekit.testing import run_flux, tiny_flux_transformer
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from cachekit.schemas import UniformConfig
 from helpers import module_state
 
 import cachekit
+from cachekit.schemas import UniformConfig
 
 
 def test_never_reusing_policy_is_bitwise_exact_and_remove_restores(family):

@@ -10,12 +10,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from cachekit.schemas import UniformConfig
 
 import cachekit
 from cachekit.errors import UnknownStrategyError
 from cachekit.hookspecs import hookimpl
 from cachekit.registry import PluginWarning
+from cachekit.schemas import UniformConfig
 from cachekit.testing import run_flux
 
 PLUGINS = Path(__file__).parent / "plugins"

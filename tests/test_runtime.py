@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cachekit.schemas import UniformConfig
 from helpers import ExecutionCounter, flux_inputs
 
 import cachekit
+from cachekit.schemas import UniformConfig
 from cachekit.testing import run_flux, run_wan, tiny_flux_transformer
 
 

@@ -8,9 +8,9 @@ import sys
 
 import pydantic
 import pytest
-from cachekit.schemas import PolicyConfig, UniformConfig
 
 import cachekit
+from cachekit.schemas import PolicyConfig, UniformConfig
 
 
 def test_json_round_trip_and_schema():

@@ -1,19 +1,13 @@
-"""Uniform interval reuse against an independent straight-line implementation.
-
-The reference replaces the model's block list with one module that, per call, either runs every
-block in order and stores output - input for its CFG branch, or returns input + that residual.
-Steps and branches come from the pipeline's call order (cond then uncond), not from cachekit.
-"""
+"""Uniform interval reuse against the independent straight-line reference (helpers.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from cachekit.schemas import UniformConfig
-from helpers import ExecutionCounter
-from torch import nn
+from helpers import ExecutionCounter, install_straight_line
 
 import cachekit
+from cachekit.schemas import UniformConfig
 
 STEPS = 10
 
@@ -22,65 +16,8 @@ def uniform_computes(step: int, interval: int, warmup: int = 1, steps: int = STE
     return step < warmup or step == steps - 1 or step % interval == 0
 
 
-class StraightLineSpan(nn.Module):
-    """All blocks as one, with the residual cache written out by hand."""
-
-    def __init__(self, blocks: list[nn.Module], interval: int, branches: int, shared_residual: bool = False):
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.interval = interval
-        self.branches = branches
-        self.shared_residual = shared_residual  # the known bug, to show the comparison can fail
-        self.calls = 0
-        self.residuals: dict[int, tuple[torch.Tensor, ...]] = {}
-
-    def run(self, streams, block_call):
-        step, branch = divmod(self.calls, self.branches)
-        self.calls += 1
-        key = 0 if self.shared_residual else branch
-        if uniform_computes(step, self.interval):
-            outputs = streams
-            for block in self.blocks:
-                outputs = block_call(block, outputs)
-            self.residuals[key] = tuple(out - inp for out, inp in zip(outputs, streams, strict=True))
-            return outputs
-        return tuple(inp + res for inp, res in zip(streams, self.residuals[key], strict=True))
-
-
-class FluxStraightLine(StraightLineSpan):
-    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs=None):
-        def call(block, streams):
-            enc, hid = block(
-                hidden_states=streams[0],
-                encoder_hidden_states=streams[1],
-                temb=temb,
-                image_rotary_emb=image_rotary_emb,
-                joint_attention_kwargs=joint_attention_kwargs,
-            )
-            return hid, enc
-
-        hidden, encoder = self.run((hidden_states, encoder_hidden_states), call)
-        return encoder, hidden
-
-
-class WanStraightLine(StraightLineSpan):
-    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
-        def call(block, streams):
-            return (block(streams[0], encoder_hidden_states, temb, rotary_emb),)
-
-        return self.run((hidden_states,), call)[0]
-
-
-def install_straight_line(transformer, interval, shared_residual=False) -> StraightLineSpan:
-    if hasattr(transformer, "single_transformer_blocks"):
-        blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-        span = FluxStraightLine(blocks, interval, branches=2, shared_residual=shared_residual)
-        transformer.transformer_blocks = nn.ModuleList([span])
-        transformer.single_transformer_blocks = nn.ModuleList()
-    else:
-        span = WanStraightLine(list(transformer.blocks), interval, branches=2, shared_residual=shared_residual)
-        transformer.blocks = nn.ModuleList([span])
-    return span
+def uniform(interval):
+    return lambda step, branch, probe, embedding: uniform_computes(step, interval)
 
 
 @pytest.mark.parametrize("interval", [2, 3])
@@ -103,7 +40,7 @@ def test_uniform_matches_straight_line_reference_and_runs_only_its_steps(family,
         assert stats.branches[branch].sites["span"].reused == STEPS - computed
 
     uncached = run(pipe, steps=STEPS)
-    install_straight_line(pipe.transformer, interval)
+    install_straight_line(pipe.transformer, uniform(interval))
     reference = run(pipe, steps=STEPS)
     assert torch.equal(cached, reference)
     assert not torch.equal(cached, uncached)  # reuse really changed the result
@@ -115,7 +52,7 @@ def test_each_cfg_branch_reuses_its_own_residual(family):
     pipe, run, _ = family
     with cachekit.apply(pipe, UniformConfig(interval=2)):
         cached = run(pipe, steps=STEPS)
-    span = install_straight_line(pipe.transformer, interval=2, shared_residual=True)
+    span = install_straight_line(pipe.transformer, uniform(2), shared_residual=True)
     shared = run(pipe, steps=STEPS)
     span.shared_residual, span.calls = False, 0
     per_branch = run(pipe, steps=STEPS)

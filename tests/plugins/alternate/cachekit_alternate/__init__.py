@@ -2,10 +2,10 @@
 
 from typing import Literal
 
-from cachekit.schemas import PolicyConfig
 from pydantic import Field
 
 from cachekit import CachePolicy, Point, hookimpl
+from cachekit.schemas import PolicyConfig
 
 
 class AlternateConfig(PolicyConfig):
