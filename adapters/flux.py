@@ -60,7 +60,7 @@ class FluxAdapter(Adapter):
                 sites.append(ModuleSite(f"{name}.proj_mlp", block.proj_mlp, SiteKind.MLP, index))
         return sites
 
-    def _named_blocks(self) -> list[tuple[int, str, torch.nn.Module]]:
+    def _named_blocks(self) -> list[tuple[int, str, Any]]:
         names = [f"transformer_blocks.{i}" for i in range(len(self.model.transformer_blocks))]
         names += [f"single_transformer_blocks.{i}" for i in range(len(self.model.single_transformer_blocks))]
         return [(index, name, block) for index, (name, block) in enumerate(zip(names, self.blocks(), strict=True))]

@@ -32,7 +32,7 @@ class PABPolicy(CachePolicy[PABConfig]):
     def attach(self, adapter: Adapter) -> dict[str, Any]:
         defaults = PAB_DEFAULTS.get(adapter.name, {})
         for kind in ("spatial", "temporal", "cross"):
-            chosen = getattr(self.config, kind) or defaults.get(kind) or PAB_FALLBACK[kind]  # type: ignore[call-overload]
+            chosen = getattr(self.config, kind) or defaults.get(kind) or PAB_FALLBACK[kind]
             self.settings[SiteKind(kind)] = chosen
         if self.config.mlp is not None:
             self.settings[SiteKind.MLP] = self.config.mlp

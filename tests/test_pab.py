@@ -1,0 +1,152 @@
+"""Pyramid Attention Broadcast: per-module, per-branch reuse inside a timestep window."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+import torch
+from helpers import ExecutionCounter
+
+import cachekit
+from cachekit.adapters.flux import FluxAdapter
+from cachekit.schemas import Broadcast, MLPBroadcast, PABConfig
+from cachekit.testing import run_flux
+
+STEPS = 10
+WINDOW = (300.0, 900.0)  # no sampled timestep lies on a bound
+
+
+def attention_modules(transformer) -> list[tuple[torch.nn.Module, str]]:
+    """Every attention module with its kind, read off the model here (not from the adapter)."""
+    if hasattr(transformer, "single_transformer_blocks"):
+        blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+        return [(block.attn, "spatial") for block in blocks]
+    return [(m, kind) for block in transformer.blocks for m, kind in ((block.attn1, "spatial"), (block.attn2, "cross"))]
+
+
+def first_tensor(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def expected_computes(timesteps, every, window):
+    low, high = window
+    return [call % every == 0 or not low < t < high for call, t in enumerate(timesteps)]
+
+
+def test_attention_executions_follow_range_and_window(family):
+    pipe, run, _ = family
+    ranges = {"spatial": 2, "cross": 3}
+    modules = attention_modules(pipe.transformer)
+    counters = [(ExecutionCounter([module.to_q]), kind) for module, kind in modules]
+    config = PABConfig(spatial=Broadcast(range=2, window=WINDOW), cross=Broadcast(range=3, window=WINDOW))
+    with cachekit.apply(pipe, config) as handle:
+        run(pipe, steps=STEPS)
+    timesteps = pipe.scheduler.timesteps.tolist()
+
+    expected = {kind: sum(expected_computes(timesteps, every, WINDOW)) for kind, every in ranges.items()}
+    assert 0 < expected["spatial"] < STEPS and 0 < expected["cross"] < STEPS
+    for counter, kind in counters:
+        counter.close()
+        assert counter.count == 2 * expected[kind]  # two CFG branches
+    for branch in (0, 1):
+        sites = handle.stats.last.branches[branch].sites
+        for kind in {kind for _, kind in modules}:
+            per_kind = sum(1 for _, k in modules if k == kind)
+            assert sites[kind].computed == per_kind * expected[kind]
+            assert sites[kind].reused == per_kind * (STEPS - expected[kind])
+
+
+def test_uncond_reuses_its_own_attention_output_never_the_cond_one(family):
+    pipe, run, _ = family
+    # The last block's: the branches' inputs differ there (in Wan's first block they do not).
+    module = [module for module, kind in attention_modules(pipe.transformer) if kind == "spatial"][-1]
+    outputs = []  # in call order: step 0 cond, step 0 uncond, step 1 cond, ...
+    hook = module.register_forward_hook(lambda _, args, output: outputs.append(output))
+    with cachekit.apply(pipe, PABConfig(spatial=Broadcast(range=3, window=(0.0, 1001.0)))):
+        run(pipe, steps=STEPS)
+    hook.remove()
+
+    reused_steps = [step for step in range(STEPS) if step % 3]
+    for step in reused_steps:
+        computed = step - step % 3
+        cond, uncond = outputs[2 * step], outputs[2 * step + 1]
+        assert uncond is outputs[2 * computed + 1]
+        assert cond is outputs[2 * computed]
+        assert not torch.equal(first_tensor(uncond), first_tensor(outputs[2 * computed]))
+
+
+def test_outside_the_window_everything_computes(family):
+    pipe, run, _ = family
+    uncached = run(pipe, steps=STEPS)
+    counters = [ExecutionCounter([module.to_q]) for module, _ in attention_modules(pipe.transformer)]
+    everything = Broadcast(range=2, window=(0.0, 1.0))  # no timestep of the run lies inside
+    config = PABConfig(spatial=everything, temporal=everything, cross=everything)
+    with cachekit.apply(pipe, config):
+        cached = run(pipe, steps=STEPS)
+    assert torch.equal(cached, uncached)
+    assert all(counter.count == 2 * STEPS for counter in counters)
+
+
+def test_mlp_broadcast_only_in_the_chosen_blocks(family):
+    pipe, run, _ = family
+    transformer = pipe.transformer
+    if hasattr(transformer, "single_transformer_blocks"):
+        chosen = [transformer.transformer_blocks[0].ff, transformer.transformer_blocks[0].ff_context]
+        others = [block.proj_mlp for block in transformer.single_transformer_blocks]
+    else:
+        chosen, others = [transformer.blocks[0].ffn], [transformer.blocks[1].ffn]
+    inner = lambda module: module.net[0] if hasattr(module, "net") else module  # noqa: E731
+    chosen_count, other_count = ExecutionCounter([inner(m) for m in chosen]), ExecutionCounter(others)
+    config = PABConfig(mlp=MLPBroadcast(range=2, blocks=(0,), window=WINDOW))
+    with cachekit.apply(pipe, config) as handle:
+        run(pipe, steps=STEPS)
+    computes = sum(expected_computes(pipe.scheduler.timesteps.tolist(), 2, WINDOW))
+    assert computes < STEPS
+    assert chosen_count.count == 2 * len(chosen) * computes
+    assert other_count.count == 2 * len(others) * STEPS
+    assert handle.stats.last.branches[1].sites["mlp"].reused == len(chosen) * (STEPS - computes)
+
+
+def test_family_defaults_and_explicit_overrides(monkeypatch, flux_pipe):
+    with cachekit.apply(flux_pipe, PABConfig(cross=Broadcast(range=4, window=(200, 700)))) as handle:
+        pass
+    info = handle.stats.info
+    assert info["defaults"] == "fallback"
+    assert info["spatial"] == {"range": 2, "window": (100.0, 800.0)}
+    assert info["temporal"] == {"range": 3, "window": (100.0, 800.0)}
+    assert info["cross"] == {"range": 4, "window": (200.0, 700.0)}
+
+    monkeypatch.setattr(FluxAdapter, "name", "open_sora")
+    with cachekit.apply(flux_pipe, PABConfig()) as handle:
+        pass
+    assert handle.stats.info["defaults"] == "open_sora"
+    assert handle.stats.info["temporal"] == {"range": 4, "window": (450.0, 930.0)}
+
+
+def test_pab_with_ranges_of_one_is_exact(flux_pipe):
+    uncached = run_flux(flux_pipe, steps=6)
+    once = Broadcast(range=1)
+    with cachekit.apply(flux_pipe, PABConfig(spatial=once, temporal=once, cross=once)) as handle:
+        cached = run_flux(flux_pipe, steps=6)
+    assert torch.equal(cached, uncached)
+    assert handle.stats.last.branches[0].sites["spatial"].reused == 0
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"spatial": {"range": 0}}, r"spatial\.range\n.*greater than or equal to 1"),
+        ({"cross": {"range": 2, "window": (800, 100)}}, r"cross\n.*0 <= low < high"),
+        ({"mlp": {"range": 2, "blocks": ()}}, r"mlp\.blocks\n.*at least 1 item"),
+        ({"mlp": {"range": 2, "blocks": (-1,)}}, r"mlp\n.*block indices >= 0"),
+        ({"temporal": {"range": 2, "every": 3}}, r"temporal\.every\n.*Extra inputs"),
+    ],
+)
+def test_bad_pab_configs_name_the_field(fields, message):
+    with pytest.raises(pydantic.ValidationError, match=rf"(?s){message}"):
+        PABConfig(**fields)
+
+
+def test_mlp_blocks_beyond_the_model_are_rejected_at_attach(flux_pipe):
+    with pytest.raises(ValueError, match=r"mlp.blocks \[7\] out of range: the model has 3 blocks"):
+        cachekit.apply(flux_pipe, PABConfig(mlp=MLPBroadcast(range=2, blocks=(7,))))
