@@ -142,10 +142,7 @@ class Runtime:
             )
             call.compute = self.policy.decide_span(call.step, signals, call.state)
             if not call.compute and branch not in self._residuals:
-                raise PolicyError(
-                    f"strategy {self.policy.name()!r} chose to reuse the span at step {call.step.index} "
-                    f"(branch {branch}) before computing it once in this generation"
-                )
+                raise self._reuse_before_compute("the span", call.step)
             call.stats.count("span", call.compute)
             call.stats.span_schedule.append(call.compute)
         if call.compute:
@@ -173,10 +170,7 @@ class Runtime:
         outputs = self._outputs.setdefault(call.step.branch, {})
         compute = self.policy.decide_module(call.step, site, call.state)
         if not compute and site.name not in outputs:
-            raise PolicyError(
-                f"strategy {self.policy.name()!r} chose to reuse {site.name} at step {call.step.index} "
-                f"(branch {call.step.branch}) before computing it once in this generation"
-            )
+            raise self._reuse_before_compute(site.name, call.step)
         call.stats.count(site.kind.value, compute)
         if not compute:
             return outputs[site.name]
@@ -184,6 +178,12 @@ class Runtime:
         if keep:
             outputs[site.name] = output
         return output
+
+    def _reuse_before_compute(self, what: str, step: Step) -> PolicyError:
+        return PolicyError(
+            f"strategy {self.policy.name()!r} chose to reuse {what} at step {step.index} "
+            f"(branch {step.branch}) before computing it once in this generation"
+        )
 
 
 class _CallHook(ModelHook):

@@ -27,12 +27,26 @@ class NeverComputesConfig(PolicyConfig):
 
 
 class NeverComputes(CachePolicy[NeverComputesConfig]):
-    """A broken policy: asks to reuse before anything was computed."""
+    """A broken policy: asks to reuse the span before anything was computed."""
 
     config_class = NeverComputesConfig
     requires = frozenset({Point.SPAN})
 
     def decide_span(self, step, signals, state):
+        return False
+
+
+class NeverComputesAttentionConfig(PolicyConfig):
+    strategy: Literal["never_computes_attention"] = "never_computes_attention"
+
+
+class NeverComputesAttention(CachePolicy[NeverComputesAttentionConfig]):
+    """A broken policy: asks to reuse attention before anything was computed."""
+
+    config_class = NeverComputesAttentionConfig
+    requires = frozenset({Point.ATTENTION})
+
+    def decide_module(self, step, site, state):
         return False
 
 

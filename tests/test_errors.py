@@ -7,7 +7,7 @@ from typing import Literal
 import pydantic
 import pytest
 from helpers import flux_inputs
-from strategies_for_tests import NeverComputes
+from strategies_for_tests import NeverComputes, NeverComputesAttention
 from torch import nn
 
 import cachekit
@@ -110,5 +110,15 @@ def test_policy_that_reuses_before_computing_is_stopped(register_policy):
         pytest.raises(
             PolicyError, match=r"'never_computes' chose to reuse the span at step 0 \(branch 0\) before computing"
         ),
+    ):
+        model(**flux_inputs())
+
+
+def test_policy_that_reuses_attention_before_computing_is_stopped(register_policy):
+    register_policy(NeverComputesAttention)
+    model = tiny_flux_transformer()
+    with (
+        cachekit.apply(model, {"strategy": "never_computes_attention"}),
+        pytest.raises(PolicyError, match=r"reuse transformer_blocks.0.attn at step 0 \(branch 0\) before computing"),
     ):
         model(**flux_inputs())
