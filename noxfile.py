@@ -24,7 +24,7 @@ def install(session: nox.Session, *extras: str) -> None:
 def tests(session: nox.Session) -> None:
     """The fast suite, against the installed package."""
     install(session, "test")
-    session.run("pytest", "-m", "not slow", *session.posargs)
+    session.run("pytest", "-m", "not slow", *session.posargs, env={"CACHEKIT_INSTALLED_TESTS": "1"})
 
 
 @nox.session
@@ -56,3 +56,13 @@ def demo(session: nox.Session) -> None:
     """Uniform caching on a tiny Flux pipeline: what was computed, reused, and the time it took."""
     install(session, "test")
     session.run("python", str(ROOT / "examples" / "quickstart.py"))
+
+
+@nox.session
+def testbed(session: nox.Session) -> None:
+    """Retrain the testbed's models and classifier into the source tree (fixed seeds; about 40
+    minutes on 2 CPU cores), then record the image model's dynamics into docs/."""
+    session.install(TORCH)
+    session.install("-e", ".[train]")  # editable: the weights land in cachekit/testbed/weights
+    session.run("python", "-m", "cachekit.testbed.train", *session.posargs)
+    session.run("python", "-m", "cachekit.testbed.dynamics", "--out", str(ROOT / "docs" / "testbed-dynamics.png"))
