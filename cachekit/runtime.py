@@ -110,6 +110,8 @@ class Runtime:
             self.stats.generations.append(GenerationStats(self.tracker.num_steps))
         branch_stats = self.stats.last.branch(step.branch)
         branch_stats.calls += 1
+        if self._sites:
+            branch_stats.module_schedule.append(0)
         if step.branch not in self._states:
             self._states[step.branch] = self.policy.new_state()
         self._call = _Call(step, branch_stats, self._states[step.branch])
@@ -172,6 +174,7 @@ class Runtime:
         if not compute and site.name not in outputs:
             raise self._reuse_before_compute(site.name, call.step)
         call.stats.count(site.kind.value, compute)
+        call.stats.module_schedule[-1] += compute
         if not compute:
             return outputs[site.name]
         output = forward(*args, **kwargs)

@@ -28,6 +28,8 @@ class BranchStats:
     sites: dict[str, SiteCounts] = field(default_factory=dict)
     #: The span decision of each call in order: True computed, False reused.
     span_schedule: list[bool] = field(default_factory=list)
+    #: Per call, how many attention/MLP module sites computed (for module-level policies).
+    module_schedule: list[int] = field(default_factory=list)
 
     def count(self, site: str, computed: bool) -> None:
         self.sites.setdefault(site, SiteCounts()).count(computed)

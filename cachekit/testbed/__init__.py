@@ -1,8 +1,8 @@
 """Tiny DiTs trained on digits, shipped with cachekit: real denoising dynamics that run anywhere.
 
-    pipe = cachekit.testbed.load("flux-digits")
-    images = pipe(labels=[3, 7], seed=0)          # CFG as two calls per step, 50 steps
-    print(cachekit.testbed.score(images, torch.tensor([3, 7])))
+pipe = cachekit.testbed.load("flux-digits")
+images = pipe(labels=[3, 7], seed=0)          # CFG as two calls per step, 50 steps
+print(cachekit.testbed.score(images, torch.tensor([3, 7])))
 """
 
 from __future__ import annotations

@@ -73,7 +73,9 @@ def score(samples: torch.Tensor, labels: torch.Tensor) -> Score:
         samples = samples.transpose(1, 2).flatten(0, 1)
         labels = labels.repeat_interleave(frames)
     if samples.shape[0] != labels.shape[0] or samples.shape[0] < 2:
-        raise ValueError(f"score needs at least 2 samples with one label each, got {samples.shape[0]} and {labels.shape[0]}")
+        raise ValueError(
+            f"score needs at least 2 samples with one label each, got {samples.shape[0]} and {labels.shape[0]}"
+        )
     classifier, real = _yardstick()
     features = classifier.features(samples.float().cpu())
     accuracy = (classifier.head(features).argmax(1) == labels.cpu()).float().mean().item()

@@ -40,7 +40,9 @@ def moving(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     frames = []
     for frame in range(FRAMES):
         shift = direction * (start + frame)
-        frames.append(torch.stack([img.roll(tuple(s.tolist()), dims=(-2, -1)) for img, s in zip(images, shift, strict=True)]))
+        frames.append(
+            torch.stack([img.roll(tuple(s.tolist()), dims=(-2, -1)) for img, s in zip(images, shift, strict=True)])
+        )
     return torch.stack(frames, dim=2)
 
 

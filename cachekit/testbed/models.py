@@ -84,7 +84,9 @@ def _flux_ids() -> tuple[torch.Tensor, torch.Tensor]:
     return image_ids, torch.zeros(TEXT_TOKENS, 3)
 
 
-def flux_velocity(model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+def flux_velocity(
+    model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor, pooled: torch.Tensor | None
+) -> torch.Tensor:
     image_ids, text_ids = _flux_ids()
     out = model(
         hidden_states=_pack(x),
@@ -98,7 +100,9 @@ def flux_velocity(model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, tokens
     return _unpack(out)
 
 
-def wan_velocity(model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
+def wan_velocity(
+    model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, tokens: torch.Tensor, pooled: torch.Tensor | None
+) -> torch.Tensor:
     return model(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=tokens, return_dict=False)[0]
 
 

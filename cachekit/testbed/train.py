@@ -33,7 +33,9 @@ EMA_DECAY = 0.999
 WARMUP = 200
 
 
-def train_model(spec: Spec, steps: int | None = None, log_every: int = 500) -> tuple[nn.Module, ClassConditioning, dict[str, str]]:
+def train_model(
+    spec: Spec, steps: int | None = None, log_every: int = 500
+) -> tuple[nn.Module, ClassConditioning, dict[str, str]]:
     """Rectified flow: x_t = (1 - t) x0 + t noise, the model predicts noise - x0."""
     torch.manual_seed(SEED)
     steps = steps or spec.train_steps
@@ -68,8 +70,16 @@ def train_model(spec: Spec, steps: int | None = None, log_every: int = 500) -> t
                 averaged.lerp_(current, 1 - EMA_DECAY)
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if (step + 1) % log_every == 0:
-            print(f"{spec.name} step {step + 1}/{steps} loss {running:.4f} {time.perf_counter() - start:.0f} s", flush=True)
-    facts = {"steps": str(steps), "batch_size": str(spec.batch_size), "loss": f"{running:.4f}", "seconds": f"{time.perf_counter() - start:.0f}"}
+            print(
+                f"{spec.name} step {step + 1}/{steps} loss {running:.4f} {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
+    facts = {
+        "steps": str(steps),
+        "batch_size": str(spec.batch_size),
+        "loss": f"{running:.4f}",
+        "seconds": f"{time.perf_counter() - start:.0f}",
+    }
     return ema["transformer"], ema["conditioning"], facts
 
 

@@ -1,0 +1,3 @@
+from cachekit.cli import main
+
+main()

@@ -1,0 +1,175 @@
+"""A study's report: the table (one row per model x policy setting), the speedup-vs-PSNR Pareto
+frontier per model, and a timeline of which steps each policy computed."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cachekit.study.store import ResultStore
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One model x policy setting, over its seeds and conditions."""
+
+    model: str
+    label: str
+    cells: int
+    latency_s: float  # median of the cells' median latencies
+    speedup: float  # median of the cells' speedups
+    computed: float  # share of transformer calls that ran the residual span
+    attention_computed: float | None  # share of attention calls computed (module-level policies)
+    flops_saved: float  # share of the uncached FLOPs not spent
+    psnr: float | None  # mean over cells; inf for the reference itself
+    ssim: float | None
+    ms_ssim: float | None
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[Summary]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["setting"]), []).append(row)
+    summaries = []
+    for (model, _), group in groups.items():
+        label = group[0]["label"]
+        attention = sum(r["attention_computed"] + r["attention_reused"] for r in group)
+        summaries.append(
+            Summary(
+                model=model,
+                label=label,
+                cells=len(group),
+                latency_s=statistics.median(r["latency_s"] for r in group),
+                speedup=statistics.median(r["speedup"] for r in group),
+                computed=sum(r["computed_calls"] for r in group) / sum(r["calls"] for r in group),
+                attention_computed=sum(r["attention_computed"] for r in group) / attention if attention else None,
+                flops_saved=sum(r["flops_saved"] for r in group) / sum(r["flops"] + r["flops_saved"] for r in group),
+                psnr=_mean([r["psnr"] for r in group]),
+                ssim=_mean([r["ssim"] for r in group]),
+                ms_ssim=_mean([r["ms_ssim"] for r in group]),
+            )
+        )
+    return summaries
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return statistics.fmean(present) if present else None
+
+
+def write_report(db: str | Path, out: str | Path | None = None, study: str | None = None) -> Path:
+    """Write report.md, pareto.png and timeline.png into `out` (default: beside the db)."""
+    store = ResultStore(db)
+    try:
+        study = study or store.studies()[-1]
+        rows = store.rows(study)
+    finally:
+        store.close()
+    out = Path(out) if out is not None else Path(db).with_name(f"{Path(db).stem}-report")
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = summarize(rows)
+    _pareto(summaries, out / "pareto.png")
+    _timeline(rows, out / "timeline.png")
+    notes = sorted({note for row in rows for note in json.loads(row["notes"] or "[]")})
+    lines = [
+        f"# Study `{study}`",
+        "",
+        f"{len(rows)} cells from `{Path(db).name}`. Each row: one model and policy setting over its seeds and "
+        "conditions; latency is the median of the cells' median latencies, speedup the median of the cells' "
+        "speedups against the uncached cell of the same seed and condition (same initial latents), quality "
+        "the mean over cells against that uncached output.",
+        "",
+        "| model | policy | cells | latency (s) | speedup | calls computed | attention computed "
+        "| FLOPs saved | PSNR (dB) | SSIM | MS-SSIM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *(_table_row(summary) for summary in summaries),
+        "",
+        "![speedup vs PSNR](pareto.png)",
+        "",
+        "![which steps each policy computed](timeline.png)",
+        "",
+        *(f"- {note}" for note in notes),
+    ]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def _table_row(s: Summary) -> str:
+    cells = [
+        s.model,
+        s.label,
+        str(s.cells),
+        f"{s.latency_s:.4f}",
+        f"{s.speedup:.2f}",
+        f"{s.computed:.1%}",
+        "-" if s.attention_computed is None else f"{s.attention_computed:.1%}",
+        f"{s.flops_saved:.1%}",
+        "exact" if s.psnr == math.inf else "-" if s.psnr is None else f"{s.psnr:.2f}",
+        "-" if s.ssim is None else f"{s.ssim:.4f}",
+        "-" if s.ms_ssim is None else f"{s.ms_ssim:.4f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _pareto(summaries: list[Summary], path: Path) -> None:
+    """Speedup vs PSNR per model; the frontier joins the settings no other beats on both."""
+    plt = _pyplot()
+    models = list(dict.fromkeys(s.model for s in summaries))
+    figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for axis, model in zip(axes[0], models, strict=True):
+        points = [s for s in summaries if s.model == model and s.psnr is not None and s.psnr != math.inf]
+        for s in points:
+            axis.scatter(s.speedup, s.psnr, s=30)
+            axis.annotate(s.label, (s.speedup, s.psnr), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        frontier = sorted(
+            (s for s in points if not any(o.speedup >= s.speedup and o.psnr > s.psnr for o in points)),
+            key=lambda s: s.speedup,
+        )
+        axis.plot([s.speedup for s in frontier], [s.psnr for s in frontier], "k--", linewidth=1, label="frontier")
+        axis.axvline(1.0, color="grey", linewidth=0.8)
+        axis.set(title=model, xlabel="speedup vs uncached (median)", ylabel="PSNR vs uncached (dB)")
+        axis.legend(loc="upper right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _timeline(rows: list[dict[str, Any]], path: Path) -> None:
+    """Per model and setting, the share of work computed at each step (first cell, cond branch)."""
+    plt = _pyplot()
+    first: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        decisions = json.loads(row["decisions"] or "{}").get("0")
+        if (row["model"], row["label"]) in first or decisions is None:
+            continue
+        if decisions["span"]:
+            first[(row["model"], row["label"])] = [float(computed) for computed in decisions["span"]]
+        else:
+            most = max(decisions["modules"]) or 1
+            first[(row["model"], row["label"])] = [count / most for count in decisions["modules"]]
+    models = list(dict.fromkeys(model for model, _ in first))
+    figure, axes = plt.subplots(len(models) or 1, 1, figsize=(10, 1 + 0.4 * max(len(first), 1)), squeeze=False)
+    for axis, model in zip(axes[:, 0], models, strict=False):
+        labels = [label for m, label in first if m == model]
+        image = [first[(model, label)] for label in labels]
+        axis.imshow(image, aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
+        axis.set_yticks(range(len(labels)), labels, fontsize=7)
+        axis.set(title=f"{model}: computed (dark) and reused (light) per step", xlabel="step")
+        axis.xaxis.get_major_locator().set_params(integer=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

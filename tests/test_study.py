@@ -1,0 +1,177 @@
+"""Studies: same latents for every policy, resumable after a kill, validated up front, reported."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cachekit import testbed
+from cachekit.study import StudySpecError, load_spec, plan, run_study, write_report
+from cachekit.study.store import ResultStore
+
+SPEC = """
+name = "tiny"
+models = ["flux-digits"]
+labels = [3, 7]
+seeds = [0, 1]
+steps = 6
+repeats = 1
+warmup = 0
+
+[[policies]]
+strategy = "uniform"
+sweep.interval = [2, 3]
+
+[[policies]]
+strategy = "teacache"
+coefficients = [1.0, 0.0]
+rel_l1_thresh = 0.1
+"""
+
+
+def write_spec(folder: Path, text: str = SPEC) -> Path:
+    path = folder / "spec.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The tiny study, run once, with its report."""
+    folder = tmp_path_factory.mktemp("study")
+    db = run_study(load_spec(write_spec(folder)), folder / "results.sqlite", progress=False)
+    return db, write_report(db, folder / "report")
+
+
+def test_every_policy_starts_from_the_same_latents(finished):
+    db, _ = finished
+    rows = ResultStore(db).rows("tiny")
+    assert len(rows) == 2 * 2 * 4  # seeds x labels x (uncached + 3 settings)
+    fingerprints: dict[tuple, set[str]] = {}
+    for row in rows:
+        fingerprints.setdefault((row["seed"], row["condition"]), set()).add(row["latents_sha"])
+    assert all(len(shas) == 1 for shas in fingerprints.values())
+    assert len({next(iter(shas)) for shas in fingerprints.values()}) == 2  # one per seed
+
+
+def test_uncached_cell_is_exact_and_policies_are_measured(finished):
+    db, _ = finished
+    rows = ResultStore(db).rows("tiny")
+    for row in rows:
+        if row["strategy"] == "uncached":
+            assert row["psnr"] == math.inf and row["ssim"] == 1.0 and row["speedup"] == 1.0
+            assert row["computed_calls"] == row["calls"] == 12 and row["flops_saved"] == 0
+        else:
+            assert math.isfinite(row["psnr"]) and row["reused_calls"] > 0
+            assert row["computed_calls"] + row["reused_calls"] == row["calls"] == 12
+            assert row["flops_saved"] > 0
+            decisions = json.loads(row["decisions"])
+            assert sum(decisions["0"]["span"]) + sum(decisions["1"]["span"]) == row["computed_calls"]
+    uniform2 = next(r for r in rows if r["label"] == "uniform interval=2")
+    assert json.loads(uniform2["decisions"])["0"]["span"] == [True, False, True, False, True, True]
+    assert uniform2["block_executions"] == 8 * 6  # 8 computed calls x 6 blocks
+
+
+def test_report_table_equals_the_database_rows(finished):
+    db, report = finished
+    assert (report.parent / "pareto.png").stat().st_size > 0
+    assert (report.parent / "timeline.png").stat().st_size > 0
+    table = [line.split(" | ") for line in report.read_text().splitlines() if line.startswith("| flux-digits")]
+    rows = ResultStore(db).rows("tiny")
+    assert len(table) == 4
+    for cells in table:
+        label = cells[1]
+        group = [r for r in rows if r["label"] == label]
+        assert cells[2] == str(len(group))
+        assert cells[3] == f"{statistics.median(r['latency_s'] for r in group):.4f}"
+        assert cells[4] == f"{statistics.median(r['speedup'] for r in group):.2f}"
+        computed = sum(r["computed_calls"] for r in group) / sum(r["calls"] for r in group)
+        assert cells[5] == f"{computed:.1%}"
+        psnr = statistics.fmean(r["psnr"] for r in group)
+        assert cells[8] == ("exact" if psnr == math.inf else f"{psnr:.2f}")
+
+
+def test_killed_study_resumes_without_recomputing(tmp_path):
+    spec = write_spec(tmp_path, SPEC.replace("steps = 6", "steps = 12"))
+    db = tmp_path / "results.sqlite"
+    command = [sys.executable, "-m", "cachekit", "study", "run", str(spec), "--db", str(db), "--quiet"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while _count(db) < 3 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    before = {(r["setting"], r["seed"], r["condition"]): r for r in ResultStore(db).rows("tiny")}
+    assert 3 <= len(before) < 16, "the kill must land mid-study"
+
+    subprocess.run(command, cwd=tmp_path, check=True, capture_output=True)
+    after = ResultStore(db).rows("tiny")
+    keys = [(r["setting"], r["seed"], r["condition"]) for r in after]
+    assert len(keys) == len(set(keys)) == 16
+    for key, row in before.items():  # finished cells kept as they were: same timings, same time stamp
+        again = next(r for r in after if (r["setting"], r["seed"], r["condition"]) == key)
+        assert (again["latencies_s"], again["finished_at"]) == (row["latencies_s"], row["finished_at"])
+
+    subprocess.run([*command, "--fresh"], cwd=tmp_path, check=True, capture_output=True)
+    assert len(ResultStore(db).rows("tiny")) == 16
+
+
+def _count(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db) as connection:
+            return connection.execute("SELECT COUNT(*) FROM cells").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('strategy = "uniform"', 'strategy = "fora"'), r"policies\[0\].*unknown strategy 'fora'; known strategies"),
+        (("seeds = [0, 1]", "seeds = []"), r"seeds\n.*at least 1 item"),
+        (("sweep.interval = [2, 3]", "sweep.interval = []"), r"policies\.0\.sweep\n.*sweep.interval is empty"),
+        (
+            ("sweep.interval = [2, 3]", "sweep.interval = [2, 0]"),
+            r"policies\[0\].*interval\n.*greater than or equal to 1",
+        ),
+        (('models = ["flux-digits"]', 'models = ["flux-digitz"]'), r"models\[0\]: unknown model 'flux-digitz'"),
+        (("labels = [3, 7]", "labels = []"), r"give labels \(testbed models\) or prompts"),
+        (("rel_l1_thresh = 0.1", "rel_l1_thresh = 0.1\nsweep.rel_l1_thresh = [0.2]"), r"both swept and set"),
+    ],
+)
+def test_malformed_spec_fails_before_any_model_loads(tmp_path, monkeypatch, change, message):
+    monkeypatch.setattr(testbed, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    spec = write_spec(tmp_path, SPEC.replace(*change))
+    with pytest.raises(StudySpecError, match=rf"(?s){message}"):
+        run_study(load_spec(spec), tmp_path / "results.sqlite", progress=False)
+    assert not (tmp_path / "results.sqlite").exists()
+
+
+def test_default_spec_is_shipped_and_valid():
+    spec = load_spec("default")
+    cells = plan(spec).cells
+    assert spec.models == ["flux-digits", "wan-moving-digits"] and spec.steps == 50
+    strategies = {cell.setting.config.strategy for cell in cells if cell.setting.config}
+    assert strategies == {"uniform", "teacache", "pab"}
+    assert len({cell.setting.key for cell in cells}) == 1 + 2 + 3 + 1
+    assert len(cells) == 2 * 2 * 4 * 7
+
+
+def test_cli_list(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "cachekit", "list"], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert "strategies: pab, teacache, uniform" in result.stdout
+    assert "flux-dev" in result.stdout
