@@ -7,6 +7,8 @@ model's forward.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -137,6 +139,11 @@ class Adapter:
     @classmethod
     def provides(cls, point: Point) -> bool:
         return point not in cls.missing
+
+    def identity(self) -> str:
+        """The adapter and a fingerprint of the model's config: what a calibration was fitted on."""
+        config = json.dumps(dict(getattr(self.model, "config", {})), sort_keys=True, default=str)
+        return f"{self.name}:{hashlib.sha256(config.encode()).hexdigest()[:12]}"
 
     def require(self, point: Point, policy_name: str) -> None:
         """Fail with a message naming the point, the model and the policy if `point` is missing."""

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cachekit.schemas import CalibrationSpec
 
 DEFAULT_RESULTS = Path("cachekit-results")
 
@@ -25,9 +31,24 @@ def main(argv: list[str] | None = None) -> None:
     report.add_argument("--out", type=Path, help="folder (default: beside the database)")
     report.add_argument("--study", help="which study in the database (default: the latest)")
 
+    calibrate = commands.add_parser("calibrate", help="fit TeaCache's rescale polynomial to a model")
+    calibrate.add_argument("spec", type=Path, help="a .toml/.json calibration spec")
+    calibrate.add_argument("--out", type=Path, help="the preset file (default: <model>-calibrated.json)")
+    calibrate.add_argument("--plot", type=Path, help="the fit's PNG (default: beside the preset)")
+    tune = commands.add_parser("tune", help="search a policy's main knob on the spec's held-out seeds")
+    tune.add_argument("spec", type=Path, help="a .toml/.json calibration spec")
+    tune.add_argument("--policy", required=True, help='a policy config as JSON, e.g. \'{"strategy": "uniform"}\'')
+    target = tune.add_mutually_exclusive_group(required=True)
+    target.add_argument("--ratio", type=float, help="the share of transformer calls to compute")
+    target.add_argument("--min-psnr", type=float, help="the PSNR floor against the uncached output (dB)")
+
     args = parser.parse_args(argv)
     if args.command == "list":
         _list()
+    elif args.command == "calibrate":
+        _calibrate(args)
+    elif args.command == "tune":
+        _tune(args)
     elif args.action == "run":
         _run(args)
     else:
@@ -57,6 +78,43 @@ def _run(args: argparse.Namespace) -> None:
     run_study(spec, db, fresh=args.fresh, progress=not args.quiet)
     if args.report:
         print(f"report: {write_report(db, study=spec.name)}")
+
+
+def _calibration_spec(path: Path) -> CalibrationSpec:
+    from cachekit.schemas import CalibrationSpec
+
+    text = path.read_text()
+    return CalibrationSpec.model_validate(tomllib.loads(text) if path.suffix == ".toml" else json.loads(text))
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from cachekit.calibrate import calibrate, plot, write_preset
+
+    spec = _calibration_spec(args.spec)
+    result = calibrate(spec)
+    preset = write_preset(result, args.out or Path(f"{spec.name or spec.model + '-calibrated'}.json"))
+    figure = plot(result, args.plot or preset.with_suffix(".png"))
+    print(f"coefficients {list(result.fit.coefficients)}")
+    print(f"fit: RMSE {result.fit.rmse:.5f}, R2 {result.fit.r2:.3f}, {result.fit.samples} calls")
+    print(f"preset: {preset} (use TeaCacheConfig(preset={str(preset)!r}))\nplot: {figure}")
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from cachekit.study.models import load_model
+    from cachekit.tune import Tuner
+
+    spec = _calibration_spec(args.spec)
+    base = json.loads(args.policy)
+    conditions = [str(label) for label in spec.labels] or list(spec.prompts)
+    tuner = Tuner(load_model(spec.model, spec), base, spec.held_out_seeds, conditions)
+    result = tuner.to_ratio(args.ratio) if args.ratio is not None else tuner.to_psnr(args.min_psnr)
+    for trial in result.trials:
+        print(f"  {result.knob}={trial.value:.5g}: computed {trial.computed:.1%}, PSNR {trial.psnr:.2f} dB")
+    chosen = result.chosen
+    print(
+        f"chosen {json.dumps(result.config(base))}: computed {chosen.computed:.1%} "
+        f"({chosen.computed_steps:.1f} of {spec.steps} steps), PSNR {chosen.psnr:.2f} dB on held-out seeds"
+    )
 
 
 if __name__ == "__main__":

@@ -60,14 +60,11 @@ class PolicyEntry(BaseModel):
         ]
 
 
-class StudySpec(BaseModel):
-    """What to compare and how: every model x policy setting x seed x prompt (or label)."""
+class Generation(BaseModel):
+    """How a model generates in a study or a calibration: seeds, conditions, steps, device."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(default="study", min_length=1)
-    models: list[str] = Field(min_length=1, description="Testbed names, or diffusers pipeline ids / local paths.")
-    policies: list[PolicyEntry] = Field(min_length=1)
     seeds: list[int] = Field(default=[0], min_length=1)
     labels: list[int] = Field(default_factory=list, description="Class labels, for testbed models.")
     prompts: list[str] = Field(default_factory=list, description="Prompts, for diffusers pipelines.")
@@ -78,15 +75,23 @@ class StudySpec(BaseModel):
     frames: int | None = Field(default=None, ge=1, description="Diffusers video pipelines only.")
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    repeats: int = Field(default=3, ge=1, le=100, description="Timed generations per cell (median reported).")
-    warmup: int = Field(default=1, ge=0, le=10, description="Untimed generations before timing.")
 
     @model_validator(mode="after")
-    def _something_to_generate(self) -> StudySpec:
+    def _something_to_generate(self) -> Generation:
         if not self.labels and not self.prompts:
             raise ValueError("give labels (testbed models) or prompts (diffusers pipelines)")
         for field in ("models", "seeds", "labels", "prompts"):
-            values = getattr(self, field)
+            values = getattr(self, field, [])
             if len(set(values)) != len(values):
                 raise ValueError(f"{field} repeats a value: {values}")
         return self
+
+
+class StudySpec(Generation):
+    """What to compare and how: every model x policy setting x seed x prompt (or label)."""
+
+    name: str = Field(default="study", min_length=1)
+    models: list[str] = Field(min_length=1, description="Testbed names, or diffusers pipeline ids / local paths.")
+    policies: list[PolicyEntry] = Field(min_length=1)
+    repeats: int = Field(default=3, ge=1, le=100, description="Timed generations per cell (median reported).")
+    warmup: int = Field(default=1, ge=0, le=10, description="Untimed generations before timing.")

@@ -6,6 +6,7 @@ import functools
 import tomllib
 from collections.abc import Mapping
 from importlib import resources
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -36,6 +37,13 @@ class TeaCachePreset(BaseModel):
     thresholds: tuple[float, ...] = Field(default=(), description="Suggested rel_l1_thresh, slowest first.")
     steps: int | None = Field(default=None, ge=1, description="The step count the thresholds were published for.")
     notes: str = ""
+    identity: str | None = Field(
+        default=None, description="The model a calibrated preset was fitted on (adapter and config fingerprint)."
+    )
+    fit: dict[str, float] = Field(default_factory=dict, description="Calibration: rmse, r2, samples, order.")
+    magnitude_ratios: tuple[float, ...] = Field(
+        default=(), description="Calibration: per step, the median ratio of output magnitudes to the previous step's."
+    )
 
     def fits(self, adapter: str, config: Mapping[str, Any]) -> bool:
         """Whether a transformer of family `adapter` with `config` is the model this was fitted on."""
@@ -49,6 +57,21 @@ def teacache_presets() -> dict[str, TeaCachePreset]:
     """Every shipped preset by name."""
     data = tomllib.loads(resources.files(__package__).joinpath("teacache_presets.toml").read_text())
     return {name: TeaCachePreset(name=name, **fields) for name, fields in data.items()}
+
+
+def load_preset(reference: str) -> TeaCachePreset:
+    """A shipped preset by name, or a preset file (.json/.toml, e.g. written by calibration)."""
+    if reference in teacache_presets():
+        return teacache_presets()[reference]
+    path = Path(reference)
+    if path.suffix not in (".json", ".toml") or not path.is_file():
+        raise ValueError(
+            f"unknown preset {reference!r}: neither a preset file (.json/.toml) nor one of "
+            f"{', '.join(teacache_presets())}"
+        )
+    if path.suffix == ".toml":
+        return TeaCachePreset.model_validate(tomllib.loads(path.read_text()))
+    return TeaCachePreset.model_validate_json(path.read_text())
 
 
 def presets_for(adapter: str, config: Mapping[str, Any]) -> list[TeaCachePreset]:
@@ -70,16 +93,21 @@ class TeaCacheConfig(PolicyConfig):
         default=None, gt=0, description="Compute once the accumulator reaches this. Unset: the preset's first."
     )
     coefficients: Coefficients | None = Field(default=None, description="Rescale polynomial, highest power first.")
-    preset: str | None = Field(default=None, description="A preset name; see cachekit.schemas.teacache_presets().")
+    preset: str | None = Field(
+        default=None, description="A preset name (cachekit.schemas.teacache_presets()) or a calibrated preset file."
+    )
     probe: Probe | None = Field(default=None, description="Unset: the preset's, else modulated_input.")
     warmup_steps: int | None = Field(default=None, ge=1, description="Steps always computed first. Unset: 1.")
     compute_last_step: bool = True
+    allow_other_model: bool = Field(
+        default=False, description="Use a calibrated preset on a model other than the one it was fitted on."
+    )
 
     @field_validator("preset")
     @classmethod
     def _known_preset(cls, preset: str | None) -> str | None:
-        if preset is not None and preset not in teacache_presets():
-            raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(teacache_presets())}")
+        if preset is not None:
+            load_preset(preset)
         return preset
 
     @model_validator(mode="after")

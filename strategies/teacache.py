@@ -18,7 +18,7 @@ import torch
 from cachekit.adapter import Adapter, Point
 from cachekit.hookspecs import hookimpl
 from cachekit.policy import CachePolicy, Signals, Step
-from cachekit.schemas import TeaCacheConfig, TeaCachePreset, presets_for, teacache_presets
+from cachekit.schemas import TeaCacheConfig, TeaCachePreset, load_preset, presets_for, teacache_presets
 
 
 @dataclass
@@ -33,7 +33,7 @@ class TeaCachePolicy(CachePolicy[TeaCacheConfig]):
     def __init__(self, config: TeaCacheConfig) -> None:
         super().__init__(config)
         self.needs_num_steps = config.compute_last_step
-        preset = teacache_presets()[config.preset] if config.preset is not None else None
+        preset = load_preset(config.preset) if config.preset is not None else None
         self._settle(preset)
 
     def _settle(self, preset: TeaCachePreset | None) -> None:
@@ -54,6 +54,13 @@ class TeaCachePolicy(CachePolicy[TeaCacheConfig]):
     def attach(self, adapter: Adapter) -> dict[str, Any]:
         if self.coefficients is None:
             self._settle(self._pick_preset(adapter))
+        identity = self.preset.identity if self.preset is not None else None
+        if identity is not None and identity != adapter.identity() and not self.config.allow_other_model:
+            raise ValueError(
+                f"TeaCache preset {self.preset.name!r} was calibrated on {identity}, not on this "  # type: ignore[union-attr]
+                f"{type(adapter.model).__name__} ({adapter.identity()}); calibrate this model, or set "
+                "allow_other_model=True to use it anyway"
+            )
         if self.threshold is None:
             raise ValueError(
                 f"TeaCache preset {self.preset.name if self.preset else None!r} suggests no threshold: "

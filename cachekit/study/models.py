@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
-from cachekit.schemas.study import StudySpec
+from cachekit.schemas.study import Generation
 
 
 class StudyModel:
     """A model under study: `target` is what `cachekit.apply` takes."""
 
-    def __init__(self, name: str, target: Any, spec: StudySpec) -> None:
+    def __init__(self, name: str, target: Any, spec: Generation) -> None:
         self.name = name
         self.target = target
         self.spec = spec
@@ -31,10 +31,13 @@ class StudyModel:
 
 
 class TestbedModel(StudyModel):
-    def __init__(self, name: str, spec: StudySpec) -> None:
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self, name: str, spec: Generation, trained: bool = True) -> None:
         from cachekit import testbed
 
-        super().__init__(name, testbed.load(name), spec)
+        pipe = testbed.load(name, trained=trained).to(spec.device, getattr(torch, spec.dtype))
+        super().__init__(name, pipe, spec)
         self._latents: dict[int, torch.Tensor] = {}
 
     def generate(self, seed: int, condition: str, steps: int | None = None) -> torch.Tensor:
@@ -49,7 +52,7 @@ class TestbedModel(StudyModel):
 class DiffusersModel(StudyModel):
     """A diffusers pipeline from a hub id or a local folder; outputs scaled to [-1, 1]."""
 
-    def __init__(self, name: str, spec: StudySpec) -> None:
+    def __init__(self, name: str, spec: Generation) -> None:
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=getattr(torch, spec.dtype)).to(spec.device)
@@ -81,7 +84,7 @@ class DiffusersModel(StudyModel):
         return output.float() * 2 - 1
 
 
-def load_model(name: str, spec: StudySpec) -> StudyModel:
+def load_model(name: str, spec: Generation) -> StudyModel:
     from cachekit import testbed
 
     return TestbedModel(name, spec) if name in testbed.names() else DiffusersModel(name, spec)

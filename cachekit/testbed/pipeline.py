@@ -16,6 +16,8 @@ SHIFT = 3.0
 
 
 class TestbedPipeline:
+    __test__ = False  # not a pytest test class, despite the name
+
     def __init__(self, spec: Spec, transformer: nn.Module, conditioning: ClassConditioning) -> None:
         self.spec = spec
         self.transformer = transformer
@@ -26,10 +28,19 @@ class TestbedPipeline:
     def name(self) -> str:
         return self.spec.name
 
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TestbedPipeline:
+        if dtype == next(self.transformer.parameters()).dtype:
+            dtype = None  # diffusers warns about any cast, even to the same dtype
+        self.transformer.to(device=device, dtype=dtype)
+        self.conditioning.to(device=device, dtype=dtype)
+        return self
+
     def prepare_latents(self, seed: int, batch: int = 1) -> torch.Tensor:
-        """The initial noise for `batch` samples from `seed` (what a study shares across policies)."""
+        """The initial noise for `batch` samples from `seed` (what a study shares across policies);
+        drawn on the CPU, so a seed gives the same noise on every device."""
         generator = torch.Generator().manual_seed(seed)
-        return torch.randn((batch, *self.spec.sample_shape), generator=generator)
+        weight = next(self.transformer.parameters())
+        return torch.randn((batch, *self.spec.sample_shape), generator=generator).to(weight.device, weight.dtype)
 
     @torch.no_grad()
     def __call__(
@@ -43,13 +54,13 @@ class TestbedPipeline:
     ) -> torch.Tensor:
         """Samples in [-1, 1] for the digit classes `labels`: (B, 1, 16, 16) images or
         (B, 1, frames, 16, 16) videos."""
-        labels = torch.as_tensor(labels).reshape(-1)
+        labels = torch.as_tensor(labels).reshape(-1).to(next(self.transformer.parameters()).device)
         x = self.prepare_latents(seed, len(labels)) if latents is None else latents.clone()
         cond = self.conditioning(labels)
         uncond = self.conditioning(torch.full_like(labels, NULL_CLASS))
         self.scheduler.set_timesteps(num_inference_steps)
         for t in self.scheduler.timesteps:
-            sigma = (t / 1000).expand(len(labels))
+            sigma = (t / 1000).expand(len(labels)).to(x.device, x.dtype)
             if guidance_scale == 1.0:
                 velocity = self._velocity(x, sigma, cond)
             elif batched_cfg:

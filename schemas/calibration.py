@@ -1,0 +1,23 @@
+"""Calibration specs: which uncached runs to fit TeaCache's rescale polynomial on, and to tune on."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from cachekit.schemas.study import Generation
+from cachekit.schemas.teacache import Probe
+
+
+class CalibrationSpec(Generation):
+    model: str = Field(min_length=1, description="A testbed name, or a diffusers pipeline id / local path.")
+    order: int = Field(default=4, ge=1, le=9, description="Degree of the fitted polynomial.")
+    probe: Probe = "modulated_input"
+    held_out_seeds: list[int] = Field(default=[1000, 1001], min_length=1, description="Seeds the tuner measures on.")
+    name: str | None = Field(default=None, description="The preset's name. Unset: '<model>-calibrated'.")
+
+    @model_validator(mode="after")
+    def _held_out_really_held_out(self) -> CalibrationSpec:
+        shared = sorted(set(self.seeds) & set(self.held_out_seeds))
+        if shared:
+            raise ValueError(f"held_out_seeds {shared} are also calibration seeds")
+        return self

@@ -1,0 +1,124 @@
+"""Calibration fits TeaCache's polynomial to any model; the tuner hits a target."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cachekit
+from cachekit.calibrate import calibrate, fit, record, write_preset
+from cachekit.schemas import CalibrationSpec, TeaCacheConfig, load_preset
+from cachekit.study.models import TestbedModel
+from cachekit.testing import run_flux, tiny_flux_pipeline
+from cachekit.tune import Tuner
+
+TRUTH = [3.0, -2.0, 0.5, 0.1, 0.01]
+
+
+def test_fit_recovers_a_known_polynomial_from_noisy_samples():
+    generator = np.random.default_rng(0)
+    x = generator.uniform(0, 1, 2000)
+    y = np.polyval(TRUTH, x) + generator.normal(0, 1e-3, x.shape)
+    result = fit(list(x), list(y), order=4)
+    np.testing.assert_allclose(result.coefficients, TRUTH, atol=0.03)
+    assert result.rmse == pytest.approx(1e-3, rel=0.1) and result.r2 > 0.999 and result.samples == 2000
+    with pytest.raises(ValueError, match="a degree-4 fit needs more than 4 samples, got 3"):
+        fit([0.1, 0.2, 0.3], [1.0, 2.0, 3.0])
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    spec = CalibrationSpec(model="flux-digits", labels=[1, 6], seeds=[0], steps=12)
+    result = calibrate(spec)
+    path = write_preset(result, tmp_path_factory.mktemp("calibration") / "flux-digits.json")
+    return spec, result, path
+
+
+def test_record_sees_every_call_of_both_branches(calibrated):
+    spec, result, _ = calibrated
+    recording = result.recording
+    assert len(recording.x) == 2 * 2 * (spec.steps - 1)  # conditions x branches x steps after the first
+    assert sorted(set(recording.branches)) == [0, 1]
+    assert recording.steps[:4] == [1, 1, 2, 2]
+    assert all(x > 0 for x in recording.x) and all(y > 0 for y in recording.y)
+
+
+def test_preset_file_round_trip_and_use(calibrated):
+    _, result, path = calibrated
+    preset = load_preset(str(path))
+    assert preset.coefficients == result.fit.coefficients and len(preset.coefficients) == 5
+    assert preset.identity == result.identity and preset.identity.startswith("flux:")
+    assert preset.fit["samples"] == len(result.recording.x) and len(preset.magnitude_ratios) == 11
+    pipe = cachekit.testbed.load("flux-digits")
+    with cachekit.apply(pipe, TeaCacheConfig(preset=str(path), rel_l1_thresh=0.05)) as handle:
+        pipe([4], num_inference_steps=12)
+    assert handle.stats.info["preset"] == "flux-digits-calibrated"
+    assert handle.stats.info["coefficients"] == list(result.fit.coefficients)
+
+
+def test_calibrated_preset_refuses_another_model_unless_allowed(calibrated):
+    _, _, path = calibrated
+    other = tiny_flux_pipeline()
+    with pytest.raises(
+        ValueError, match=r"was calibrated on flux:\w+, not on this FluxTransformer2DModel \(flux:\w+\)"
+    ):
+        cachekit.apply(other, TeaCacheConfig(preset=str(path), rel_l1_thresh=0.1))
+    with cachekit.apply(other, TeaCacheConfig(preset=str(path), rel_l1_thresh=0.1, allow_other_model=True)):
+        run_flux(other, steps=4)
+
+
+def test_timestep_embedding_probe_is_recorded():
+    model = TestbedModel("flux-digits", CalibrationSpec(model="flux-digits", labels=[2], steps=6))
+    embedding = record(model, seed=0, condition="2", probe="timestep_embedding")
+    modulated = record(model, seed=0, condition="2", probe="modulated_input")
+    assert len(embedding.x) == 2 * 5
+    assert embedding.y == modulated.y  # the same uncached outputs
+    assert embedding.x != pytest.approx(modulated.x, rel=1e-3)  # another signal
+
+
+@pytest.mark.parametrize(
+    ("policy", "target"),
+    [({"strategy": "teacache", "coefficients": [1.0, 0.0]}, 0.5), ({"strategy": "uniform"}, 0.35)],
+)
+def test_tuner_meets_a_computed_ratio_within_one_step(policy, target):
+    steps = 20
+    model = TestbedModel("flux-digits", CalibrationSpec(model="flux-digits", labels=[5], steps=steps))
+    result = Tuner(model, policy, seeds=[1000], conditions=["5"]).to_ratio(target)
+    assert abs(result.chosen.computed_steps - target * steps) <= 1
+    assert 0 < result.chosen.psnr < float("inf")
+    with cachekit.apply(model.target, result.config(policy)) as handle:  # the chosen setting reproduces
+        model.generate(1000, "5")
+    assert handle.stats.last.branches[0].sites["span"].computed == result.chosen.computed_steps
+
+
+def test_tuner_psnr_floor():
+    model = TestbedModel("flux-digits", CalibrationSpec(model="flux-digits", labels=[5], steps=20))
+    tuner = Tuner(model, {"strategy": "uniform"}, seeds=[1000], conditions=["5"])
+    result = tuner.to_psnr(40.0)
+    assert result.chosen.psnr >= 40.0
+    more_reuse = [t for t in result.trials if t.computed < result.chosen.computed]
+    assert all(t.psnr < 40.0 for t in more_reuse)
+
+
+def test_unknown_knob():
+    model = TestbedModel("flux-digits", CalibrationSpec(model="flux-digits", labels=[5], steps=4))
+    with pytest.raises(ValueError, match="tune knows the knobs of teacache, uniform; got strategy 'pab'"):
+        Tuner(model, {"strategy": "pab"}, seeds=[7], conditions=["5"])
+
+
+def test_calibrate_cli(tmp_path):
+    spec = tmp_path / "calibration.toml"
+    spec.write_text('model = "flux-digits"\nlabels = [3]\nsteps = 8\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "cachekit", "calibrate", str(spec), "--out", str(tmp_path / "p.json")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "coefficients" in result.stdout and (tmp_path / "p.png").stat().st_size > 0
+    assert json.loads((tmp_path / "p.json").read_text())["identity"].startswith("flux:")
