@@ -68,3 +68,13 @@ def testbed(session: nox.Session) -> None:
     session.install("-e", ".[train]")  # editable: the weights land in cachekit/testbed/weights
     session.run("python", "-m", "cachekit.testbed.train", *session.posargs)
     session.run("python", "-m", "cachekit.testbed.dynamics", "--out", str(ROOT / "docs" / "testbed-dynamics.png"))
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """cachekit's cost side by side with the bare model, a hand-written TeaCache and diffusers' PAB;
+    prints the ratios and writes bench-results.json."""
+    install(session)
+    session.run(
+        "python", str(ROOT / "benchmarks" / "bench.py"), "--out", str(ROOT / "bench-results.json"), *session.posargs
+    )

@@ -122,3 +122,22 @@ def test_calibrate_cli(tmp_path):
     )
     assert "coefficients" in result.stdout and (tmp_path / "p.png").stat().st_size > 0
     assert json.loads((tmp_path / "p.json").read_text())["identity"].startswith("flux:")
+
+
+@pytest.mark.slow
+def test_calibrated_coefficients_beat_the_published_flux_ones_at_equal_compute():
+    """Both tuned to compute 40% of the calls on held-out seeds; PSNR read off each one's
+    measured (computed share, PSNR) curve at exactly that share."""
+    spec = CalibrationSpec(model="flux-digits", labels=list(range(10)), seeds=[0, 1], steps=50)
+    model = TestbedModel("flux-digits", spec)
+    calibrated = calibrate(spec, model).fit.coefficients
+    published = cachekit.schemas.teacache_presets()["flux-dev"].coefficients
+    target, psnr = 0.4, {}
+    for name, coefficients in (("calibrated", calibrated), ("flux-dev", published)):
+        tuner = Tuner(
+            model, {"strategy": "teacache", "coefficients": list(coefficients)}, [1000, 1001], ["0", "4", "7"]
+        )
+        trials = sorted(tuner.to_ratio(target).trials, key=lambda trial: trial.computed)
+        psnr[name] = float(np.interp(target, [t.computed for t in trials], [t.psnr for t in trials]))
+    print(f"PSNR at {target:.0%} of calls computed: {psnr}")
+    assert psnr["calibrated"] >= psnr["flux-dev"]
