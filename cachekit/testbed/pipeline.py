@@ -29,10 +29,10 @@ class TestbedPipeline:
         return self.spec.name
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TestbedPipeline:
-        if dtype == next(self.transformer.parameters()).dtype:
-            dtype = None  # diffusers warns about any cast, even to the same dtype
-        self.transformer.to(device=device, dtype=dtype)
-        self.conditioning.to(device=device, dtype=dtype)
+        for module in (self.transformer, self.conditioning):
+            module.to(device)
+            if dtype is not None and dtype != next(module.parameters()).dtype:  # diffusers warns on any cast
+                module.to(dtype)
         return self
 
     def prepare_latents(self, seed: int, batch: int = 1) -> torch.Tensor:
