@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
@@ -100,6 +101,7 @@ class Runtime:
 
     # -- running --------------------------------------------------------------------------------
 
+    @torch.compiler.disable
     def begin_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         timestep = float(self.adapter.timestep(args, kwargs).max())
         step, new_generation = self.tracker.advance(timestep)
@@ -116,12 +118,17 @@ class Runtime:
             self._states[step.branch] = self.policy.new_state()
         self._call = _Call(step, branch_stats, self._states[step.branch])
 
+    @torch.compiler.disable
     def end_call(self) -> None:
         self._call = None
 
+    @torch.compiler.disable
     def embedding_computed(self, embedding: Any) -> None:
         if self._call is not None:
             self._call.timestep_embedding = embedding
+
+    # The block and module forwards run between the steps below, so that torch.compile can
+    # compile them; the bookkeeping and the policy's decisions stay out of its graphs.
 
     def span_block(
         self,
@@ -135,27 +142,44 @@ class Runtime:
         call = self._call
         if call is None:  # a block run on its own, outside a transformer call
             return forward(*args, **kwargs)
-        branch = call.step.branch
         if first:
-            call.inputs = streams.read_inputs(args, kwargs)
-            signals = Signals(
-                probe=self.adapter.probe(args, kwargs) if self._wants_probe else None,
-                timestep_embedding=call.timestep_embedding,
-            )
-            call.compute = self.policy.decide_span(call.step, signals, call.state)
-            if not call.compute and branch not in self._residuals:
-                raise self._reuse_before_compute("the span", call.step)
-            call.stats.count("span", call.compute)
-            call.stats.span_schedule.append(call.compute)
-        if call.compute:
-            output = forward(*args, **kwargs)
-            if last:
-                outputs = streams.read_outputs(output)
-                self._residuals[branch] = tuple(out - inp for out, inp in zip(outputs, call.inputs, strict=True))
-            return output
+            self._decide_span(call, streams, args, kwargs)
+        if not call.compute:
+            return self._pass_through(call, last, streams, args, kwargs)
+        output = forward(*args, **kwargs)
+        if last:
+            self._keep_residual(call, streams, output)
+        return output
+
+    @torch.compiler.disable
+    def _decide_span(
+        self, call: _Call, streams: BlockStreams, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> None:
+        call.inputs = streams.read_inputs(args, kwargs)
+        signals = Signals(
+            probe=self.adapter.probe(args, kwargs) if self._wants_probe else None,
+            timestep_embedding=call.timestep_embedding,
+        )
+        call.compute = self.policy.decide_span(call.step, signals, call.state)
+        if not call.compute and call.step.branch not in self._residuals:
+            raise self._reuse_before_compute("the span", call.step)
+        call.stats.count("span", call.compute)
+        call.stats.span_schedule.append(call.compute)
+
+    @torch.compiler.disable
+    def _keep_residual(self, call: _Call, streams: BlockStreams, output: Any) -> None:
+        outputs = streams.read_outputs(output)
+        self._residuals[call.step.branch] = tuple(out - inp for out, inp in zip(outputs, call.inputs, strict=True))
+
+    @torch.compiler.disable
+    def _pass_through(
+        self, call: _Call, last: bool, streams: BlockStreams, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Any:
+        """On reuse: the block's inputs unchanged, plus the branch's residual at the last block."""
         passed = streams.read_inputs(args, kwargs)
         if last:
-            passed = tuple(value + residual for value, residual in zip(passed, self._residuals[branch], strict=True))
+            residual = self._residuals[call.step.branch]
+            passed = tuple(value + delta for value, delta in zip(passed, residual, strict=True))
         return streams.pack(passed)
 
     def module_site(
@@ -169,18 +193,25 @@ class Runtime:
         call = self._call
         if call is None:
             return forward(*args, **kwargs)
-        outputs = self._outputs.setdefault(call.step.branch, {})
+        if not self._decide_module(call, site):
+            return self._outputs[call.step.branch][site.name]
+        output = forward(*args, **kwargs)
+        if keep:
+            self._keep_output(call, site, output)
+        return output
+
+    @torch.compiler.disable
+    def _decide_module(self, call: _Call, site: ModuleSite) -> bool:
         compute = self.policy.decide_module(call.step, site, call.state)
-        if not compute and site.name not in outputs:
+        if not compute and site.name not in self._outputs.get(call.step.branch, {}):
             raise self._reuse_before_compute(site.name, call.step)
         call.stats.count(site.kind.value, compute)
         call.stats.module_schedule[-1] += compute
-        if not compute:
-            return outputs[site.name]
-        output = forward(*args, **kwargs)
-        if keep:
-            outputs[site.name] = output
-        return output
+        return compute
+
+    @torch.compiler.disable
+    def _keep_output(self, call: _Call, site: ModuleSite, output: Any) -> None:
+        self._outputs.setdefault(call.step.branch, {})[site.name] = output
 
     def _reuse_before_compute(self, what: str, step: Step) -> PolicyError:
         return PolicyError(
