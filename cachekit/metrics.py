@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from torchmetrics.functional.image import (
@@ -45,7 +46,7 @@ def quality(output: torch.Tensor, reference: torch.Tensor) -> Quality:
         psnr, ssim = float("inf"), 1.0
     else:
         psnr = float(peak_signal_noise_ratio(preds, target, data_range=DATA_RANGE))
-        ssim = float(structural_similarity_index_measure(preds, target, data_range=DATA_RANGE))
+        ssim = float(cast(torch.Tensor, structural_similarity_index_measure(preds, target, data_range=DATA_RANGE)))
     ms_ssim = None
     if min(preds.shape[-2:]) >= MS_SSIM_MIN_SIZE:
         ms_ssim = float(multiscale_structural_similarity_index_measure(preds, target, data_range=DATA_RANGE))

@@ -131,15 +131,17 @@ def _pareto(summaries: list[Summary], path: Path) -> None:
     models = list(dict.fromkeys(s.model for s in summaries))
     figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for axis, model in zip(axes[0], models, strict=True):
-        points = [s for s in summaries if s.model == model and s.psnr is not None and s.psnr != math.inf]
-        for s in points:
-            axis.scatter(s.speedup, s.psnr, s=30)
-            axis.annotate(s.label, (s.speedup, s.psnr), fontsize=7, xytext=(4, 2), textcoords="offset points")
-        frontier = sorted(
-            (s for s in points if not any(o.speedup >= s.speedup and o.psnr > s.psnr for o in points)),
-            key=lambda s: s.speedup,
-        )
-        axis.plot([s.speedup for s in frontier], [s.psnr for s in frontier], "k--", linewidth=1, label="frontier")
+        # (speedup, PSNR, label) of every setting compared against the reference
+        points = [
+            (s.speedup, s.psnr, s.label)
+            for s in summaries
+            if s.model == model and s.psnr is not None and s.psnr != math.inf
+        ]
+        for speedup, psnr, label in points:
+            axis.scatter(speedup, psnr, s=30)
+            axis.annotate(label, (speedup, psnr), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        frontier = sorted(p for p in points if not any(o[0] >= p[0] and o[1] > p[1] for o in points))
+        axis.plot([p[0] for p in frontier], [p[1] for p in frontier], "k--", linewidth=1, label="frontier")
         axis.axvline(1.0, color="grey", linewidth=0.8)
         axis.set(title=model, xlabel="speedup vs uncached (median)", ylabel="PSNR vs uncached (dB)")
         axis.legend(loc="upper right", fontsize=8)

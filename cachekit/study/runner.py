@@ -72,7 +72,7 @@ def run_study(spec: StudySpec, db: str | Path, fresh: bool = False, progress: bo
 
 def _run_and_store(store: ResultStore, spec: StudySpec, model: StudyModel, cell: Cell, costs: Costs) -> None:
     output, row = run_cell(spec, model, cell, costs)
-    key = {"study": spec.name, "model": cell.model, "setting": cell.setting.key}
+    key: dict[str, Any] = {"study": spec.name, "model": cell.model, "setting": cell.setting.key}
     key |= {"seed": cell.seed, "condition": cell.condition}
     uncached = cell.setting.config is None
     if uncached:

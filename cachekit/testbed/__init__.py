@@ -7,6 +7,8 @@ print(cachekit.testbed.score(images, torch.tensor([3, 7])))
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from cachekit.testbed.classifier import Score, score
@@ -31,7 +33,8 @@ def load(name: str, trained: bool = True) -> TestbedPipeline:
     if trained:
         tensors, _ = load_weights(name)
         modules.load_state_dict({key: value.float() for key, value in tensors.items()})
-    return TestbedPipeline(spec, modules["transformer"].eval(), modules["conditioning"].eval())
+    conditioning = cast(ClassConditioning, modules["conditioning"])
+    return TestbedPipeline(spec, modules["transformer"].eval(), conditioning.eval())
 
 
 def evaluate(pipe: TestbedPipeline, per_class: int = 5, seed: int = 0, **generate: object) -> Score:

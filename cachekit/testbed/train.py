@@ -14,6 +14,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +81,7 @@ def train_model(
         "loss": f"{running:.4f}",
         "seconds": f"{time.perf_counter() - start:.0f}",
     }
-    return ema["transformer"], ema["conditioning"], facts
+    return ema["transformer"], cast(ClassConditioning, ema["conditioning"]), facts
 
 
 def train_classifier(epochs: int = 40) -> tuple[DigitClassifier, float]:
