@@ -320,6 +320,69 @@ def against_diffusers_pab(run: Run, repeats: int) -> dict[str, Any]:
     }
 
 
+def compiled(steps: int = 20) -> dict[str, Any]:
+    """Graphs and graph breaks dynamo traces with compiled blocks: in the first generation (the
+    breaks sit where cachekit's bookkeeping meets a block) and in the second (none: nothing is
+    retraced). The trained flux-digits testbed model: compiling at full width takes long on a CPU."""
+    from torch._dynamo.utils import counters
+
+    from cachekit import testbed
+
+    figures = {}
+    configs = {
+        "uniform": UniformConfig(interval=2),
+        "teacache": TeaCacheConfig(coefficients=[1.0, 0.0], rel_l1_thresh=0.05),
+        "pab": PABConfig(),
+    }
+    for name, config in configs.items():
+        pipe = testbed.load("flux-digits")
+        for block in [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]:
+            block.compile()
+        torch._dynamo.reset()
+        counters.clear()
+        with cachekit.apply(pipe, config):
+            pipe([3], num_inference_steps=steps)
+            first = {
+                "graph_breaks": sum(counters["graph_break"].values()),
+                "graphs": counters["stats"]["unique_graphs"],
+            }
+            counters.clear()
+            pipe([3], num_inference_steps=steps)
+        figures[name] = {
+            "first_generation": first,
+            "graph_breaks_per_step_first": first["graph_breaks"] / steps,
+            "graphs_compiled_second": counters["stats"]["unique_graphs"],
+            "graph_breaks_second": sum(counters["graph_break"].values()),
+        }
+    return figures
+
+
+def syncs_per_call(run: Run) -> dict[str, float]:
+    """Host-device synchronisations per transformer call under each strategy (GPU only)."""
+    import warnings
+
+    configs = {
+        "bare": None,
+        "uniform": UniformConfig(interval=2, num_inference_steps=STEPS),
+        "teacache": TeaCacheConfig(coefficients=[1.0, 0.0], rel_l1_thresh=0.05, num_inference_steps=STEPS),
+        "pab": PABConfig(),
+    }
+    figures = {}
+    for name, config in configs.items():
+        handle = cachekit.apply(run.model, config) if config is not None else None
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                run.generate()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            if handle is not None:
+                handle.remove()
+        figures[name] = sum("synchroniz" in str(w.message) for w in caught) / STEPS
+    return figures
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -333,8 +396,12 @@ def main(argv: list[str] | None = None) -> None:
         if name == "flux-width":
             figures["parity"] = parity(run, args.repeats)
         figures["pab_vs_diffusers"] = against_diffusers_pab(run, args.repeats)
+        if GPU:
+            figures["syncs_per_call"] = syncs_per_call(run)
         results[name] = figures
         print(json.dumps({name: figures}, indent=1), flush=True)
+    results["compiled"] = compiled()
+    print(json.dumps({"compiled": results["compiled"]}, indent=1), flush=True)
     args.out.write_text(json.dumps(results, indent=2))
     print_table(results)
 
@@ -342,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
 def print_table(results: dict[str, Any]) -> None:
     print(f"\n{'model':<20} {'figure':<34} {'ratio':>8}  target")
     for name, figures in results.items():
-        if not isinstance(figures, dict):
+        if not isinstance(figures, dict) or name == "compiled":
             continue
         for strategy in ("uniform", "teacache", "pab"):
             ratio = figures["overhead"][strategy]["ratio"]
@@ -357,6 +424,14 @@ def print_table(results: dict[str, Any]) -> None:
             )
         pab = figures["pab_vs_diffusers"]
         print(f"{name:<20} {'PAB vs diffusers PAB':<34} {pab['ratio']:>8.4f}  (attention runs {pab['attention_runs']})")
+        for strategy, syncs in figures.get("syncs_per_call", {}).items():
+            print(f"{name:<20} {'syncs per call: ' + strategy:<34} {syncs:>8.2f}")
+    for strategy, figure in results["compiled"].items():
+        first, second = figure["first_generation"], figure["second_generation"]
+        print(
+            f"{'compiled blocks':<20} {strategy + ': traced in run 1 / run 2':<34} "
+            f"graphs {first['graphs']} / {second['graphs']}, breaks {first['graph_breaks']} / {second['graph_breaks']}"
+        )
 
 
 if __name__ == "__main__":
