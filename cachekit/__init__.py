@@ -44,7 +44,12 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 __all__ = sorted(_MODULE_OF)
 
 
+_SUBMODULES = {"adapters", "calibrate", "metrics", "schemas", "strategies", "study", "testbed", "testing", "tune"}
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"cachekit.{name}")
     if name not in _MODULE_OF:
         raise AttributeError(f"module 'cachekit' has no attribute {name!r}")
     value = getattr(importlib.import_module(_MODULE_OF[name]), name)
