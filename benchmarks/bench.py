@@ -31,7 +31,7 @@ from cachekit.schemas import Broadcast, PABConfig, TeaCacheConfig, UniformConfig
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
 DTYPE = torch.bfloat16 if GPU else torch.float32
-STEPS = 8
+STEPS = 6
 
 
 def wan_model() -> tuple[torch.nn.Module, dict[str, Any], Callable[[torch.Tensor], dict[str, Any]]]:
