@@ -343,17 +343,13 @@ def compiled(steps: int = 20) -> dict[str, Any]:
         with cachekit.apply(pipe, config):
             pipe([3], num_inference_steps=steps)
             first = {
-                "graph_breaks": sum(counters["graph_break"].values()),
                 "graphs": counters["stats"]["unique_graphs"],
+                "graph_breaks": sum(counters["graph_break"].values()),
             }
             counters.clear()
             pipe([3], num_inference_steps=steps)
-        figures[name] = {
-            "first_generation": first,
-            "graph_breaks_per_step_first": first["graph_breaks"] / steps,
-            "graphs_compiled_second": counters["stats"]["unique_graphs"],
-            "graph_breaks_second": sum(counters["graph_break"].values()),
-        }
+        second = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
+        figures[name] = {"steps": steps, "first_generation": first, "second_generation": second}
     return figures
 
 
