@@ -133,20 +133,16 @@ class Calibration:
             identity=self.identity,
             fit={"rmse": self.fit.rmse, "r2": self.fit.r2, "samples": self.fit.samples, "order": self.spec.order},
             magnitude_ratios=tuple(statistics.median(ratios[step]) for step in sorted(ratios)),
-            notes=f"calibrated on {self.spec.model}, seeds {self.spec.seeds}, {len(self._conditions())} conditions",
+            notes=f"calibrated on {self.spec.model}, seeds {self.spec.seeds}, {len(self.spec.conditions())} conditions",
         )
-
-    def _conditions(self) -> list[str]:
-        return [str(label) for label in self.spec.labels] or list(self.spec.prompts)
 
 
 def calibrate(spec: CalibrationSpec, model: StudyModel | None = None) -> Calibration:
     """Record every seed x condition of `spec` uncached and fit the polynomial."""
     model = model or load_model(spec.model, spec)
     recording = Recording()
-    conditions = [str(label) for label in spec.labels] or list(spec.prompts)
     for seed in spec.seeds:
-        for condition in conditions:
+        for condition in spec.conditions():
             recording.extend(record(model, seed, condition, spec.probe))
     identity = resolve_adapter(model.transformer)(model.transformer).identity()
     return Calibration(spec, identity, recording, fit(recording.x, recording.y, spec.order))

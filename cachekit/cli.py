@@ -105,8 +105,7 @@ def _tune(args: argparse.Namespace) -> None:
 
     spec = _calibration_spec(args.spec)
     base = json.loads(args.policy)
-    conditions = [str(label) for label in spec.labels] or list(spec.prompts)
-    tuner = Tuner(load_model(spec.model, spec), base, spec.held_out_seeds, conditions)
+    tuner = Tuner(load_model(spec.model, spec), base, spec.held_out_seeds, spec.conditions())
     result = tuner.to_ratio(args.ratio) if args.ratio is not None else tuner.to_psnr(args.min_psnr)
     for trial in result.trials:
         print(f"  {result.knob}={trial.value:.5g}: computed {trial.computed:.1%}, PSNR {trial.psnr:.2f} dB")

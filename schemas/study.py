@@ -76,6 +76,10 @@ class Generation(BaseModel):
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
+    def conditions(self) -> list[str]:
+        """What one generation is conditioned on: the labels (as text), else the prompts."""
+        return [str(label) for label in self.labels] or list(self.prompts)
+
     @model_validator(mode="after")
     def _something_to_generate(self) -> Generation:
         if not self.labels and not self.prompts:
