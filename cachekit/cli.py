@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,9 +81,9 @@ def _run(args: argparse.Namespace) -> None:
 
 def _calibration_spec(path: Path) -> CalibrationSpec:
     from cachekit.schemas import CalibrationSpec
+    from cachekit.schemas.files import read_table
 
-    text = path.read_text()
-    return CalibrationSpec.model_validate(tomllib.loads(text) if path.suffix == ".toml" else json.loads(text))
+    return CalibrationSpec.model_validate(read_table(path))
 
 
 def _calibrate(args: argparse.Namespace) -> None:

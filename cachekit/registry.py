@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import json
 import os
-import tomllib
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,6 +23,7 @@ from cachekit.adapter import Adapter
 from cachekit.errors import PluginError, UnknownStrategyError, UnsupportedModelError
 from cachekit.policy import CachePolicy
 from cachekit.schemas import PolicyConfig
+from cachekit.schemas.files import SUFFIXES, read_table
 
 ENTRY_POINT_GROUP = "cachekit"
 
@@ -168,11 +167,6 @@ def make_config(config: PolicyConfig | Mapping[str, Any] | str | os.PathLike[str
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
-    if path.suffix == ".toml":
-        return tomllib.loads(path.read_text())
-    if path.suffix == ".json":
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a policy config must be a JSON object")
-        return data
-    raise ValueError(f"{path}: a policy config file must end in .json or .toml")
+    if path.suffix not in SUFFIXES:
+        raise ValueError(f"{path}: a policy config file must end in .json or .toml")
+    return read_table(path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import tomllib
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cachekit.schemas.configs import PolicyConfig
+from cachekit.schemas.files import SUFFIXES, parse_table, read_table
 
 Probe = Literal["modulated_input", "timestep_embedding"]
 
@@ -55,7 +55,7 @@ class TeaCachePreset(BaseModel):
 @functools.cache
 def teacache_presets() -> dict[str, TeaCachePreset]:
     """Every shipped preset by name."""
-    data = tomllib.loads(resources.files(__package__).joinpath("teacache_presets.toml").read_text())
+    data = parse_table(resources.files(__package__).joinpath("teacache_presets.toml").read_text(), ".toml")
     return {name: TeaCachePreset(name=name, **fields) for name, fields in data.items()}
 
 
@@ -64,14 +64,12 @@ def load_preset(reference: str) -> TeaCachePreset:
     if reference in teacache_presets():
         return teacache_presets()[reference]
     path = Path(reference)
-    if path.suffix not in (".json", ".toml") or not path.is_file():
+    if path.suffix not in SUFFIXES or not path.is_file():
         raise ValueError(
             f"unknown preset {reference!r}: neither a preset file (.json/.toml) nor one of "
             f"{', '.join(teacache_presets())}"
         )
-    if path.suffix == ".toml":
-        return TeaCachePreset.model_validate(tomllib.loads(path.read_text()))
-    return TeaCachePreset.model_validate_json(path.read_text())
+    return TeaCachePreset.model_validate(read_table(path))
 
 
 def presets_for(adapter: str, config: Mapping[str, Any]) -> list[TeaCachePreset]:

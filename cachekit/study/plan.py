@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -14,6 +13,7 @@ import pydantic
 from cachekit.errors import CachekitError
 from cachekit.registry import make_config
 from cachekit.schemas import PolicyConfig
+from cachekit.schemas.files import SUFFIXES, parse_table
 from cachekit.schemas.study import StudySpec
 
 UNCACHED = "uncached"
@@ -55,7 +55,7 @@ class Plan:
 def load_spec(source: str | Path) -> StudySpec:
     """A spec from a .toml/.json file, or the name of a spec shipped with cachekit ("default")."""
     path = Path(source)
-    if path.suffix in (".toml", ".json"):
+    if path.suffix in SUFFIXES:
         text, suffix = path.read_text(), path.suffix
     else:
         shipped = resources.files("cachekit.schemas").joinpath(f"{source}_study.toml")
@@ -63,10 +63,8 @@ def load_spec(source: str | Path) -> StudySpec:
             raise StudySpecError(f"{source!r} is neither a .toml/.json study spec nor a shipped spec (default)")
         text, suffix = shipped.read_text(), ".toml"
     try:
-        return (
-            StudySpec.model_validate(tomllib.loads(text)) if suffix == ".toml" else StudySpec.model_validate_json(text)
-        )
-    except (pydantic.ValidationError, tomllib.TOMLDecodeError) as error:
+        return StudySpec.model_validate(parse_table(text, suffix))
+    except ValueError as error:  # invalid TOML, JSON or spec
         raise StudySpecError(f"invalid study spec {source}: {error}") from None
 
 
