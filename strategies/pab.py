@@ -45,10 +45,15 @@ class PABPolicy(CachePolicy[PABConfig]):
             **{kind.value: setting.model_dump() for kind, setting in self.settings.items()},
         }
 
-    def may_reuse(self, site: ModuleSite) -> bool:
+    def _broadcast(self, site: ModuleSite) -> Broadcast | None:
+        """The setting that applies at `site`; None for the MLPs of blocks not chosen."""
         if site.kind is SiteKind.MLP and site.block not in self.mlp_blocks:
-            return False
-        return self.settings[site.kind].range > 1
+            return None
+        return self.settings[site.kind]
+
+    def may_reuse(self, site: ModuleSite) -> bool:
+        setting = self._broadcast(site)
+        return setting is not None and setting.range > 1
 
     def new_state(self) -> dict[str, int]:
         """Calls so far of each module in this branch."""
@@ -57,9 +62,9 @@ class PABPolicy(CachePolicy[PABConfig]):
     def decide_module(self, step: Step, site: ModuleSite, state: dict[str, int]) -> bool:
         calls = state.get(site.name, 0)
         state[site.name] = calls + 1
-        if site.kind is SiteKind.MLP and site.block not in self.mlp_blocks:
+        setting = self._broadcast(site)
+        if setting is None:
             return True
-        setting = self.settings[site.kind]
         low, high = setting.window
         return calls % setting.range == 0 or not low < step.timestep < high
 
