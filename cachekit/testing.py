@@ -23,7 +23,10 @@ from diffusers import (
 _LETTERS = [chr(code) for code in range(ord("a"), ord("z") + 1)]
 
 
-def tiny_flux_transformer(seed: int = 0, num_layers: int = 1, num_single_layers: int = 2) -> FluxTransformer2DModel:
+def tiny_flux_transformer(
+    seed: int = 0, num_layers: int = 1, num_single_layers: int = 2, **config: Any
+) -> FluxTransformer2DModel:
+    """`config` overrides or extends the tiny config (e.g. guidance_embeds=True)."""
     torch.manual_seed(seed)
     return FluxTransformer2DModel(
         patch_size=1,
@@ -35,6 +38,7 @@ def tiny_flux_transformer(seed: int = 0, num_layers: int = 1, num_single_layers:
         joint_attention_dim=32,
         pooled_projection_dim=32,
         axes_dims_rope=[4, 4, 8],
+        **config,
     ).eval()
 
 

@@ -11,7 +11,7 @@ from helpers import ExecutionCounter, install_straight_line
 
 import cachekit
 from cachekit.schemas import TeaCacheConfig, teacache_presets
-from cachekit.testing import run_flux
+from cachekit.testing import run_flux, tiny_flux_transformer
 
 STEPS = 10
 FLUX_DEV = teacache_presets()["flux-dev"].coefficients
@@ -139,19 +139,7 @@ def test_bad_configs_are_rejected_with_the_field_named(fields, message):
 
 def flux_dev_shaped() -> FluxTransformer2DModel:
     """FLUX.1-dev's block counts and guidance embedding at a tiny width."""
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=19,
-        num_single_layers=38,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=[4, 4, 8],
-        guidance_embeds=True,
-    )
+    return tiny_flux_transformer(num_layers=19, num_single_layers=38, guidance_embeds=True)
 
 
 def test_preset_is_picked_from_the_model_config_and_reported():
