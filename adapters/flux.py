@@ -1,69 +1,83 @@
 """Flux (`FluxTransformer2DModel`): double-stream blocks, then single-stream blocks.
 
-In diffusers both block kinds take and return the image and text streams separately, so the span
-runs over all of them and caches a residual for each stream.
+In diffusers both block kinds take and return the image and text streams separately, so one
+residual per stream covers all of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import torch
 from diffusers import FluxTransformer2DModel
 
-from cachekit.adapter import Adapter, BlockStreams, ModuleSite, OutputSite, ResidualSpan, SiteKind, call_arg
+from cachekit.adapter import Adapter
+from cachekit.declarative import DeclarativeAdapter
+from cachekit.example import ModelExample, branches, seeded, timestep_tensor
 from cachekit.hookspecs import hookimpl
+from cachekit.schemas.adapter import AdapterSpec, Argument, BlockListSpec, NormProbe, OutputSpec, TimestepSpec
+
+HIDDEN, ENCODER, TEMB = (
+    Argument(name="hidden_states", position=0),
+    Argument(name="encoder_hidden_states", position=1),
+    Argument(name="temb", position=2),
+)
 
 # Both block kinds: (hidden_states, encoder_hidden_states, temb, ...) -> (encoder_hidden_states, hidden_states)
-_STREAMS = BlockStreams(inputs=((0, "hidden_states"), (1, "encoder_hidden_states")), outputs=(1, 0))
+FLUX_SPEC = AdapterSpec(
+    name="flux",
+    # Flux pipelines pass t / 1000; the model multiplies it back.
+    timestep=TimestepSpec(argument=Argument(name="timestep", position=3), scale=1000),
+    timestep_embedding=OutputSpec(module="time_text_embed"),
+    blocks=[
+        BlockListSpec(
+            path="transformer_blocks",
+            streams=[HIDDEN, ENCODER],
+            returns=[1, 0],
+            attention={"attn": "spatial"},
+            mlp=["ff", "ff_context"],
+        ),
+        # single-stream: the MLP's input projection runs beside attention
+        BlockListSpec(
+            path="single_transformer_blocks",
+            streams=[HIDDEN, ENCODER],
+            returns=[1, 0],
+            attention={"attn": "spatial"},
+            mlp=["proj_mlp"],
+        ),
+    ],
+    probe=NormProbe(arguments={"emb": TEMB}),
+    missing_attention={
+        "temporal": "an image model has no temporal attention",
+        "cross": "joint attention over image and text tokens: there is no separate cross attention",
+    },
+)
 
 
-class FluxAdapter(Adapter):
-    name = "flux"
+class FluxAdapter(DeclarativeAdapter):
+    spec = FLUX_SPEC
     model_class = FluxTransformer2DModel
-    model: FluxTransformer2DModel
 
-    def timestep(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
-        # Flux pipelines pass t / 1000; the model multiplies it back.
-        return call_arg(args, kwargs, 3, "timestep") * 1000
+    @classmethod
+    def example(cls) -> ModelExample:
+        from cachekit.testing import tiny_flux_transformer
 
-    def timestep_embedding(self) -> OutputSite:
-        return OutputSite(self.model.time_text_embed)
+        generator = seeded()
+        model = tiny_flux_transformer()
+        text = branches(generator, encoder_hidden_states=(1, 8, 32), pooled_projections=(1, 32))
+        img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"))
+        img_ids = img_ids.reshape(3, -1).T
 
-    def span(self) -> ResidualSpan:
-        return ResidualSpan(tuple((block, _STREAMS) for block in self.blocks()))
+        def inputs(latents: torch.Tensor, t: float, branch: int) -> dict[str, object]:
+            return {
+                "hidden_states": latents,
+                "timestep": timestep_tensor(t / 1000),
+                "img_ids": img_ids,
+                "txt_ids": torch.zeros(8, 3),
+                **text[branch],
+            }
 
-    def blocks(self) -> list[torch.nn.Module]:
-        return [*self.model.transformer_blocks, *self.model.single_transformer_blocks]
-
-    def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
-        first = self.model.transformer_blocks[0]
-        hidden_states = call_arg(args, kwargs, 0, "hidden_states")
-        temb = call_arg(args, kwargs, 2, "temb")
-        return first.norm1(hidden_states, emb=temb)[0]
-
-    def attention_sites(self) -> list[ModuleSite]:
-        # Joint attention over image and text tokens: self-attention, there is no cross attention.
-        return [
-            ModuleSite(f"{name}.attn", block.attn, SiteKind.SPATIAL, index)
-            for index, name, block in self._named_blocks()
-        ]
-
-    def mlp_sites(self) -> list[ModuleSite]:
-        sites = []
-        for index, name, block in self._named_blocks():
-            if hasattr(block, "ff"):  # double-stream: one MLP per stream
-                sites.append(ModuleSite(f"{name}.ff", block.ff, SiteKind.MLP, index))
-                sites.append(ModuleSite(f"{name}.ff_context", block.ff_context, SiteKind.MLP, index))
-            else:  # single-stream: the MLP's input projection runs beside attention
-                sites.append(ModuleSite(f"{name}.proj_mlp", block.proj_mlp, SiteKind.MLP, index))
-        return sites
-
-    def _named_blocks(self) -> list[tuple[int, str, Any]]:
-        names = [f"transformer_blocks.{i}" for i in range(len(self.model.transformer_blocks))]
-        names += [f"single_transformer_blocks.{i}" for i in range(len(self.model.single_transformer_blocks))]
-        return [(index, name, block) for index, (name, block) in enumerate(zip(names, self.blocks(), strict=True))]
+        return ModelExample(model, torch.randn(1, 16, 4, generator=generator), inputs)
 
 
 @hookimpl

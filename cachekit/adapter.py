@@ -12,12 +12,15 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from cachekit.errors import MissingPointError
+
+if TYPE_CHECKING:
+    from cachekit.example import ModelExample
 
 Streams = tuple[torch.Tensor, ...]
 
@@ -64,11 +67,11 @@ class OutputSite:
         return output if self.index is None else output[self.index]
 
 
-def call_arg(args: tuple[Any, ...], kwargs: Mapping[str, Any], position: int, name: str) -> Any:
+def call_arg(args: tuple[Any, ...], kwargs: Mapping[str, Any], position: int | None, name: str) -> Any:
     """An argument of a call, whether it was passed by keyword or by position."""
     if name in kwargs:
         return kwargs[name]
-    if position < len(args):
+    if position is not None and position < len(args):
         return args[position]
     raise TypeError(f"the call has no argument {name!r} (position {position})")
 
@@ -82,7 +85,7 @@ class BlockStreams:
     returns its single stream as a bare tensor.
     """
 
-    inputs: tuple[tuple[int, str], ...]
+    inputs: tuple[tuple[int | None, str], ...]
     outputs: tuple[int, ...] | None = None
 
     def read_inputs(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Streams:
@@ -103,30 +106,41 @@ class BlockStreams:
         return tuple(packed)
 
 
+Segment = tuple[tuple[nn.Module, BlockStreams], ...]
+
+
 @dataclass(frozen=True)
 class ResidualSpan:
-    """Consecutive blocks, in the order the model runs them, and how each carries the streams.
+    """The blocks whose total effect (output minus input, per stream) span-level policies cache.
 
-    Their total effect (output minus input, per stream) is what span-level policies cache.
+    The blocks run in order, grouped in segments: runs of blocks between which the model does not
+    touch the streams. Each segment caches its own residual, so a model that reshapes the tokens
+    between blocks (Latte's spatial/temporal alternation) is still one span, decided once.
     """
 
-    blocks: tuple[tuple[nn.Module, BlockStreams], ...]
+    segments: tuple[Segment, ...]
 
     def __post_init__(self) -> None:
-        if not self.blocks:
-            raise ValueError("a residual span needs at least one block")
+        if not self.segments or not all(self.segments):
+            raise ValueError("a residual span needs at least one block, and no segment may be empty")
+
+    @property
+    def blocks(self) -> Segment:
+        return tuple(block for segment in self.segments for block in segment)
 
 
 class Adapter:
     """Base class of model-family adapters.
 
     Subclasses set `name` and `model_class`, implement the points their model has, and list in
-    `missing` the points it lacks with the reason, so a policy needing one fails at attach time.
+    `missing` the points it lacks with the reason, so a policy needing one fails at attach time;
+    likewise `missing_attention` for kinds of attention the model does not have.
     """
 
     name: ClassVar[str]
     model_class: ClassVar[type[nn.Module]]
     missing: ClassVar[Mapping[Point, str]] = {}
+    missing_attention: ClassVar[Mapping[SiteKind, str]] = {}
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -153,6 +167,20 @@ class Adapter:
                 f"{self.name!r} adapter does not provide for {type(self.model).__name__}: "
                 f"{self.missing[point]}"
             )
+
+    def require_attention(self, kind: SiteKind, policy_name: str) -> None:
+        """Fail if a policy was configured for a kind of attention the model does not have."""
+        if kind in self.missing_attention:
+            raise MissingPointError(
+                f"strategy {policy_name!r} was configured for {kind.value!r} attention, which the "
+                f"{self.name!r} adapter does not provide for {type(self.model).__name__}: "
+                f"{self.missing_attention[kind]}"
+            )
+
+    @classmethod
+    def example(cls) -> ModelExample | None:
+        """A tiny random instance of the model, so the conformance tests cover this adapter."""
+        return None
 
     # -- points ---------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ running. Nothing else changes: what computes runs its own forward on the exact s
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +24,8 @@ from cachekit.policy import CachePolicy, Signals, Step
 from cachekit.stats import BranchStats, CacheStats, GenerationStats
 from cachekit.steps import StepTracker
 
+Residual = tuple[torch.Tensor | None, ...]
+
 HOOK_NAME = "cachekit"
 
 
@@ -34,7 +36,7 @@ class _Call:
     step: Step
     stats: BranchStats
     state: Any
-    inputs: Streams = ()
+    inputs: dict[int, Streams] = field(default_factory=dict)  # segment -> its streams on entry
     compute: bool = True
     timestep_embedding: Any = None
 
@@ -55,7 +57,7 @@ class Runtime:
             *(adapter.mlp_sites() if Point.MLP in points else []),
         ]
         self._states: dict[int, Any] = {}
-        self._residuals: dict[int, Streams] = {}
+        self._residuals: dict[int, dict[int, Residual]] = {}  # branch -> segment -> residual
         self._outputs: dict[int, dict[str, Any]] = {}  # branch -> site name -> last output
         self._call: _Call | None = None
         self._installed: list[tuple[nn.Module, bool, bool]] = []
@@ -67,9 +69,10 @@ class Runtime:
         if self._embedding is not None:
             self._hook(self._embedding.module, _EmbeddingHook(self, self._embedding))
         if self._span is not None:
-            last = len(self._span.blocks) - 1
-            for position, (block, streams) in enumerate(self._span.blocks):
-                self._hook(block, _SpanBlockHook(self, position == 0, position == last, streams))
+            for number, segment in enumerate(self._span.segments):
+                for position, (block, streams) in enumerate(segment):
+                    place = _SpanPlace(number, position == 0, position == len(segment) - 1, streams)
+                    self._hook(block, _SpanBlockHook(self, place))
         for site in self._sites:
             self._hook(site.module, _ModuleSiteHook(self, site, self.policy.may_reuse(site)))
         self._forget_cached_children()
@@ -131,31 +134,24 @@ class Runtime:
     # compile them; the bookkeeping and the policy's decisions stay out of its graphs.
 
     def span_block(
-        self,
-        first: bool,
-        last: bool,
-        streams: BlockStreams,
-        forward: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
+        self, place: _SpanPlace, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
     ) -> Any:
         call = self._call
         if call is None:  # a block run on its own, outside a transformer call
             return forward(*args, **kwargs)
-        if first:
-            self._decide_span(call, streams, args, kwargs)
+        if place.opens and place.segment == 0:
+            self._decide_span(call, args, kwargs)
         if not call.compute:
-            return self._pass_through(call, last, streams, args, kwargs)
+            return self._pass_through(call, place, args, kwargs)
+        if place.opens:
+            self._keep_inputs(call, place, args, kwargs)
         output = forward(*args, **kwargs)
-        if last:
-            self._keep_residual(call, streams, output)
+        if place.closes:
+            self._keep_residual(call, place, output)
         return output
 
     @torch.compiler.disable
-    def _decide_span(
-        self, call: _Call, streams: BlockStreams, args: tuple[Any, ...], kwargs: Mapping[str, Any]
-    ) -> None:
-        call.inputs = streams.read_inputs(args, kwargs)
+    def _decide_span(self, call: _Call, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         signals = Signals(
             probe=self.adapter.probe(args, kwargs) if self._wants_probe else None,
             timestep_embedding=call.timestep_embedding,
@@ -167,20 +163,37 @@ class Runtime:
         call.stats.span_schedule.append(call.compute)
 
     @torch.compiler.disable
-    def _keep_residual(self, call: _Call, streams: BlockStreams, output: Any) -> None:
-        outputs = streams.read_outputs(output)
-        self._residuals[call.step.branch] = tuple(out - inp for out, inp in zip(outputs, call.inputs, strict=True))
+    def _keep_inputs(self, call: _Call, place: _SpanPlace, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        if place.segment == 0:  # a new computed span: forget the residuals of the last one
+            self._residuals[call.step.branch] = {}
+        call.inputs[place.segment] = place.streams.read_inputs(args, kwargs)
 
     @torch.compiler.disable
-    def _pass_through(
-        self, call: _Call, last: bool, streams: BlockStreams, args: tuple[Any, ...], kwargs: Mapping[str, Any]
-    ) -> Any:
-        """On reuse: the block's inputs unchanged, plus the branch's residual at the last block."""
-        passed = streams.read_inputs(args, kwargs)
-        if last:
-            residual = self._residuals[call.step.branch]
-            passed = tuple(value + delta for value, delta in zip(passed, residual, strict=True))
-        return streams.pack(passed)
+    def _keep_residual(self, call: _Call, place: _SpanPlace, output: Any) -> None:
+        outputs = place.streams.read_outputs(output)
+        inputs = call.inputs[place.segment]
+        self._residuals[call.step.branch][place.segment] = tuple(
+            None if out is None else out - inp for out, inp in zip(outputs, inputs, strict=True)
+        )
+
+    @torch.compiler.disable
+    def _pass_through(self, call: _Call, place: _SpanPlace, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        """On reuse: the block's inputs unchanged, plus the segment's residual at its last block.
+
+        A stream the block returned as None when computed (a last block that drops the text
+        tokens) is returned as None again."""
+        passed = place.streams.read_inputs(args, kwargs)
+        if place.closes:
+            residual = self._residuals[call.step.branch].get(place.segment)
+            if residual is None:
+                raise PolicyError(
+                    f"segment {place.segment} of the residual span ran while reusing, but not when the span was "
+                    "last computed: the model took a different path through its blocks"
+                )
+            passed = tuple(
+                None if delta is None else value + delta for value, delta in zip(passed, residual, strict=True)
+            )
+        return place.streams.pack(passed)
 
     def module_site(
         self,
@@ -235,18 +248,26 @@ class _CallHook(ModelHook):
             self.runtime.end_call()
 
 
+@dataclass(frozen=True)
+class _SpanPlace:
+    """Where a block sits in the residual span."""
+
+    segment: int
+    opens: bool  # first block of its segment
+    closes: bool  # last block of its segment
+    streams: BlockStreams
+
+
 class _SpanBlockHook(ModelHook):
     """On each block of the residual span: runs it, or passes through and re-applies."""
 
-    def __init__(self, runtime: Runtime, first: bool, last: bool, streams: BlockStreams) -> None:
+    def __init__(self, runtime: Runtime, place: _SpanPlace) -> None:
         super().__init__()
         self.runtime = runtime
-        self.first = first
-        self.last = last
-        self.streams = streams
+        self.place = place
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return self.runtime.span_block(self.first, self.last, self.streams, self.fn_ref.original_forward, args, kwargs)
+        return self.runtime.span_block(self.place, self.fn_ref.original_forward, args, kwargs)
 
 
 class _ModuleSiteHook(ModelHook):

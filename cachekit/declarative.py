@@ -1,0 +1,197 @@
+"""Adapters built from an `AdapterSpec`: module paths and call conventions instead of code.
+
+Most DiTs differ only in where things are, so most built-in adapters are a spec plus a tiny
+example model; a family whose probe needs a formula of its own overrides `probe` and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from cachekit.adapter import (
+    Adapter,
+    BlockStreams,
+    ModuleSite,
+    OutputSite,
+    Point,
+    ResidualSpan,
+    Segment,
+    SiteKind,
+    call_arg,
+)
+from cachekit.schemas.adapter import AdapterSpec, Argument, BlockListSpec, NormProbe, TableProbe
+from cachekit.schemas.files import read_table
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One block in execution order: its list, its qualified name and its module."""
+
+    spec: BlockListSpec
+    name: str
+    module: nn.Module
+
+
+class DeclarativeAdapter(Adapter):
+    """An adapter whose points come from `spec`. Subclasses set `spec` and `model_class`."""
+
+    spec: ClassVar[AdapterSpec]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        spec = cls.__dict__.get("spec")
+        if spec is None:
+            return
+        cls.name = spec.name
+        cls.missing = {Point(point): reason for point, reason in spec.missing.items()}
+        cls.missing_attention = {SiteKind(kind): reason for kind, reason in spec.missing_attention.items()}
+        own_probe = cls.probe is not DeclarativeAdapter.probe
+        if spec.probe is None and not own_probe and Point.PROBE not in cls.missing:
+            raise TypeError(f"adapter {spec.name!r}: give a probe (spec or method) or a reason in missing['probe']")
+        if spec.timestep_embedding is None and Point.TIMESTEP_EMBEDDING not in cls.missing:
+            raise TypeError(f"adapter {spec.name!r}: give timestep_embedding or a reason in missing")
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self._blocks = self._ordered_blocks()
+        self._check_paths()
+
+    # -- structure ------------------------------------------------------------------------------
+
+    def _ordered_blocks(self) -> list[_Block]:
+        lists = []
+        for block_list in self.spec.blocks:
+            modules = self.model.get_submodule(block_list.path)
+            lists.append([_Block(block_list, f"{block_list.path}.{i}", module) for i, module in enumerate(modules)])
+        if not self.spec.interleave:
+            return [block for blocks in lists for block in blocks]
+        if len({len(blocks) for blocks in lists}) != 1:
+            raise ValueError(f"{self.name}: interleaved block lists differ in length: {[len(b) for b in lists]}")
+        return [block for group in zip(*lists, strict=True) for block in group]
+
+    def _check_paths(self) -> None:
+        """A path that no block of its list has is a mistake in the spec, not an absent module."""
+        for block_list in self.spec.blocks:
+            blocks = [block.module for block in self._blocks if block.spec is block_list]
+            for path in [*block_list.attention, *block_list.mlp]:
+                if all(_find(block, path) is None for block in blocks):
+                    raise ValueError(f"{self.name}: no block of {block_list.path!r} has a module {path!r}")
+
+    def blocks(self) -> list[nn.Module]:
+        return [block.module for block in self._blocks]
+
+    def span(self) -> ResidualSpan:
+        """A new segment starts wherever the model may re-lay the tokens between two blocks, as
+        the lists declare it: at every block, at the list's start, or never."""
+        segments: list[Segment] = []
+        for index, block in enumerate(self._blocks):
+            entry = (block.module, _streams(block.spec))
+            before = self._blocks[index - 1].spec if index else None
+            joins = before is not None and (
+                (block.spec.residual == "list" and block.spec is before)
+                or (block.spec.residual == "span" and before.residual == "span")
+            )
+            if joins:
+                segments[-1] = (*segments[-1], entry)
+            else:
+                segments.append((entry,))
+        return ResidualSpan(tuple(segments))
+
+    def attention_sites(self) -> list[ModuleSite]:
+        return self._sites(lambda spec: {path: SiteKind(kind) for path, kind in spec.attention.items()})
+
+    def mlp_sites(self) -> list[ModuleSite]:
+        return self._sites(lambda spec: dict.fromkeys(spec.mlp, SiteKind.MLP))
+
+    def _sites(self, kinds_of: Any) -> list[ModuleSite]:
+        sites = []
+        for index, block in enumerate(self._blocks):
+            for path, kind in kinds_of(block.spec).items():
+                module = _find(block.module, path)
+                if module is not None:
+                    sites.append(ModuleSite(f"{block.name}.{path}", module, kind, index))
+        return sites
+
+    # -- signals --------------------------------------------------------------------------------
+
+    def timestep(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
+        spec = self.spec.timestep
+        return spec.offset + spec.scale * _argument(args, kwargs, spec.argument)
+
+    def timestep_embedding(self) -> OutputSite:
+        spec = self.spec.timestep_embedding
+        assert spec is not None  # declared missing otherwise
+        return OutputSite(self.model.get_submodule(spec.module), spec.index)
+
+    def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
+        first = self._blocks[0]
+        hidden_states = _argument(args, kwargs, first.spec.streams[0])
+        probe = self.spec.probe
+        if isinstance(probe, NormProbe):
+            norm = first.module.get_submodule(probe.module)
+            output = norm(hidden_states, **{key: _argument(args, kwargs, arg) for key, arg in probe.arguments.items()})
+            return output if probe.index is None else output[probe.index]
+        assert isinstance(probe, TableProbe)  # declared missing otherwise
+        return _table_modulation(first.module, probe, hidden_states, _argument(args, kwargs, probe.embedding))
+
+
+def _table_modulation(
+    block: nn.Module, probe: TableProbe, hidden_states: torch.Tensor, embedding: torch.Tensor
+) -> torch.Tensor:
+    """norm(h) * (1 + scale) + shift, the way table-modulated blocks compute it.
+
+    The projected timestep comes per sample (batch, rows * dim) or (batch, rows, dim), or per token
+    (batch, tokens, rows * dim) or (batch, tokens, rows, dim); the table is (rows, dim), maybe
+    with leading ones.
+    """
+    table = getattr(block, probe.table)
+    rows, dim = table.shape[-2:]
+    if embedding.ndim < 2 or embedding.shape[-2:] != (rows, dim):
+        embedding = embedding.unflatten(-1, (rows, dim))
+    if probe.float32:
+        hidden_states, embedding = hidden_states.float(), embedding.float()
+    modulation = table.reshape(rows, dim) + embedding
+    shift, scale = modulation[..., probe.shift, :], modulation[..., probe.scale, :]
+    if shift.ndim == 2:  # per sample: broadcast over the tokens
+        shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
+    normed = block.get_submodule(probe.norm)(hidden_states)
+    return normed * (1 + scale) + shift
+
+
+def _streams(spec: BlockListSpec) -> BlockStreams:
+    inputs = tuple((arg.position, arg.name) for arg in spec.streams)
+    return BlockStreams(inputs, None if spec.returns is None else tuple(spec.returns))
+
+
+def _argument(args: tuple[Any, ...], kwargs: Mapping[str, Any], argument: Argument) -> Any:
+    return call_arg(args, kwargs, argument.position, argument.name)
+
+
+def _find(block: nn.Module, path: str) -> nn.Module | None:
+    """The submodule at `path`, or None where this block has none (e.g. a last block without one)."""
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def declare_adapter(
+    spec: AdapterSpec | Mapping[str, Any] | str | os.PathLike[str], model_class: type[nn.Module]
+) -> type[DeclarativeAdapter]:
+    """An adapter class for `model_class` from a spec (object, dict, or TOML/JSON file).
+
+    Register it like any adapter: ``register(declare_adapter(spec, MyDiT))`` in a plugin's
+    ``cachekit_register_adapters`` hook, or ``cachekit.register_plugin``.
+    """
+    if isinstance(spec, str | os.PathLike):
+        spec = read_table(Path(spec))
+    spec = AdapterSpec.model_validate(spec)
+    class_name = "".join(part.title() for part in spec.name.split("_")) + "Adapter"
+    return type(class_name, (DeclarativeAdapter,), {"spec": spec, "model_class": model_class})

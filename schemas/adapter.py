@@ -1,0 +1,135 @@
+"""A model adapter written as data: where a DiT keeps its blocks, timestep and attention.
+
+`AdapterSpec` names module paths and call conventions; `cachekit.declare_adapter(spec, Model)`
+turns it into an adapter, with no code for DiTs whose structure fits (users' own, Open-Sora's,
+and most diffusers families, whose built-in adapters are specs too).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PointName = Literal["step", "probe", "timestep_embedding", "span", "attention", "mlp", "blocks"]
+AttentionKind = Literal["spatial", "temporal", "cross"]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Argument(_Spec):
+    """One argument of a call, found by keyword or else by position."""
+
+    name: str
+    position: int | None = Field(default=None, ge=0, description="None: the argument is passed by keyword only.")
+
+
+class TimestepSpec(_Spec):
+    """The model's timestep argument, mapped to the 0-1000 training scale (1000 = pure noise)."""
+
+    argument: Argument = Argument(name="timestep", position=1)
+    scale: float = Field(default=1.0, description="0-1000 timestep = offset + scale * argument.")
+    offset: float = 0.0
+
+    @model_validator(mode="after")
+    def _not_constant(self) -> TimestepSpec:
+        if self.scale == 0:
+            raise ValueError("timestep.scale must not be 0: every call would look like the same step")
+        return self
+
+
+class OutputSpec(_Spec):
+    """A module whose output, or one item of its output tuple, is a signal."""
+
+    module: str = Field(description="Path of the module inside the model, e.g. 'time_text_embed'.")
+    index: int | None = Field(default=None, ge=0, description="Item of the returned tuple; None: the whole output.")
+
+
+class BlockListSpec(_Spec):
+    """A list of blocks the model runs in order, and how each block carries the token streams."""
+
+    path: str = Field(description="Path of the block list (a ModuleList), e.g. 'transformer_blocks'.")
+    streams: list[Argument] = Field(
+        min_length=1, description="The block arguments the span carries (image tokens first, then e.g. text tokens)."
+    )
+    returns: list[int] | None = Field(
+        default=None,
+        description="Index of each stream in the returned tuple; None: the block returns its one stream bare.",
+    )
+    residual: Literal["span", "list", "block"] = Field(
+        default="span",
+        description="Where the model may re-lay the tokens, so a cached residual must end: 'span': nowhere (the "
+        "list continues the previous 'span' list's residual); 'list': before the list; 'block': between its blocks.",
+    )
+    attention: dict[str, AttentionKind] = Field(
+        default_factory=dict, description="Attention modules of each block (path inside the block) and their kind."
+    )
+    mlp: list[str] = Field(default_factory=list, description="Feed-forward modules of each block (path inside it).")
+
+    @model_validator(mode="after")
+    def _returns_every_stream(self) -> BlockListSpec:
+        if self.returns is None and len(self.streams) != 1:
+            raise ValueError(
+                f"{self.path}: a block carrying {len(self.streams)} streams must say where it returns each"
+            )
+        if self.returns is not None and len(self.returns) != len(self.streams):
+            raise ValueError(f"{self.path}: 'returns' has {len(self.returns)} entries for {len(self.streams)} streams")
+        return self
+
+
+class NormProbe(_Spec):
+    """Probe = the first block's adaptive norm, called on the hidden states and block arguments."""
+
+    kind: Literal["norm"] = "norm"
+    module: str = Field(default="norm1", description="Path of the norm inside the first block.")
+    arguments: dict[str, Argument] = Field(
+        default_factory=dict, description="The norm's keyword -> the first block's argument passed as it."
+    )
+    index: int | None = Field(default=0, ge=0, description="Item of the norm's output tuple; None: the whole output.")
+
+
+class TableProbe(_Spec):
+    """Probe = norm(hidden) * (1 + scale) + shift, with shift and scale taken from the first block's
+    modulation table plus the projected timestep (PixArt, Latte, Sana, Wan, LTX, ...)."""
+
+    kind: Literal["table"] = "table"
+    norm: str = "norm1"
+    table: str = "scale_shift_table"
+    embedding: Argument = Field(description="The first block's argument carrying the projected timestep.")
+    shift: int = Field(default=0, ge=0, description="Row of the table holding the attention's shift.")
+    scale: int = Field(default=1, ge=0, description="Row of the table holding the attention's scale.")
+    float32: bool = Field(default=False, description="The block normalises in float32.")
+
+
+class AdapterSpec(_Spec):
+    """Everything an adapter needs to know about one DiT's structure."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="Adapter name, as in presets and studies.")
+    timestep: TimestepSpec = TimestepSpec()
+    timestep_embedding: OutputSpec | None = None
+    blocks: list[BlockListSpec] = Field(min_length=1, description="Block lists in the order the model runs them.")
+    interleave: bool = Field(
+        default=False, description="The lists' blocks run alternately (list 0 block 0, list 1 block 0, ...)."
+    )
+    probe: Annotated[NormProbe | TableProbe, Field(discriminator="kind")] | None = None
+    missing: dict[PointName, str] = Field(
+        default_factory=dict, description="Points the model does not have, each with the reason."
+    )
+    missing_attention: dict[AttentionKind, str] = Field(
+        default_factory=dict, description="Attention kinds the model does not have, each with the reason."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AdapterSpec:
+        given = {"probe": self.probe, "timestep_embedding": self.timestep_embedding}
+        for point in given.keys() & self.missing.keys():
+            if given[point] is not None:
+                raise ValueError(f"{point!r} is both given and listed as missing")
+        kinds = {kind for block_list in self.blocks for kind in block_list.attention.values()}
+        for kind in kinds & self.missing_attention.keys():
+            raise ValueError(f"attention kind {kind!r} is both declared on a block list and listed as missing")
+        if self.interleave and len({len(block_list.streams) for block_list in self.blocks}) != 1:
+            raise ValueError("interleaved block lists must carry the same streams")
+        return self
