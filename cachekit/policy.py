@@ -8,7 +8,7 @@ policy never sees another branch's state, so cross-branch leaks cannot happen by
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import torch
 
@@ -40,6 +40,13 @@ class Signals:
     timestep_embedding: torch.Tensor | None = None
 
 
+class ExampleConfigs(NamedTuple):
+    """What the conformance tests run a strategy with, on every registered adapter."""
+
+    never_reuses: PolicyConfig  # output must equal the bare model's, bitwise
+    reuses: PolicyConfig  # reuses within a few steps on any model, random weights included
+
+
 class CachePolicy(Generic[ConfigT]):
     """Base class of every strategy.
 
@@ -60,6 +67,11 @@ class CachePolicy(Generic[ConfigT]):
     @classmethod
     def name(cls) -> str:
         return cls.config_class.strategy_name()
+
+    @classmethod
+    def example_configs(cls) -> ExampleConfigs | None:
+        """Configs for the conformance tests; None leaves the strategy out of them."""
+        return None
 
     def required_points(self) -> frozenset[Point]:
         """The points this policy needs from the model's adapter (and the signals it is handed)."""

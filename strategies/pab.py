@@ -11,8 +11,8 @@ from typing import Any
 
 from cachekit.adapter import Adapter, ModuleSite, Point, SiteKind
 from cachekit.hookspecs import hookimpl
-from cachekit.policy import CachePolicy, Step
-from cachekit.schemas import PAB_DEFAULTS, PAB_FALLBACK, Broadcast, PABConfig
+from cachekit.policy import CachePolicy, ExampleConfigs, Step
+from cachekit.schemas import PAB_DEFAULTS, PAB_FALLBACK, Broadcast, MLPBroadcast, PABConfig
 
 
 class PABPolicy(CachePolicy[PABConfig]):
@@ -23,6 +23,15 @@ class PABPolicy(CachePolicy[PABConfig]):
         self.settings: dict[SiteKind, Broadcast] = {}
         self.mlp_blocks = frozenset(config.mlp.blocks) if config.mlp else frozenset()
 
+    @classmethod
+    def example_configs(cls) -> ExampleConfigs:
+        everywhere = (0.0, 1000.0)
+        once = Broadcast(range=1)
+        return ExampleConfigs(
+            never_reuses=PABConfig(spatial=once, temporal=once, cross=once),
+            reuses=PABConfig(mlp=MLPBroadcast(range=2, blocks=(0,), window=everywhere)),
+        )
+
     def required_points(self) -> frozenset[Point]:
         points = {Point.STEP, Point.ATTENTION}
         if self.config.mlp is not None:
@@ -32,8 +41,10 @@ class PABPolicy(CachePolicy[PABConfig]):
     def attach(self, adapter: Adapter) -> dict[str, Any]:
         defaults = PAB_DEFAULTS.get(adapter.name, {})
         for kind in ("spatial", "temporal", "cross"):
-            chosen = getattr(self.config, kind) or defaults.get(kind) or PAB_FALLBACK[kind]
-            self.settings[SiteKind(kind)] = chosen
+            asked = getattr(self.config, kind)
+            if asked is not None and asked.range > 1:  # broadcasting a kind the model lacks is a mistake
+                adapter.require_attention(SiteKind(kind), self.name())
+            self.settings[SiteKind(kind)] = asked or defaults.get(kind) or PAB_FALLBACK[kind]
         if self.config.mlp is not None:
             self.settings[SiteKind.MLP] = self.config.mlp
             blocks = len(adapter.blocks())
@@ -42,6 +53,7 @@ class PABPolicy(CachePolicy[PABConfig]):
         defaults_from = adapter.name if adapter.name in PAB_DEFAULTS else "fallback"
         return {
             "defaults": defaults_from,
+            "absent": {kind.value: reason for kind, reason in adapter.missing_attention.items()},
             **{kind.value: setting.model_dump() for kind, setting in self.settings.items()},
         }
 

@@ -17,7 +17,7 @@ import torch
 
 from cachekit.adapter import Adapter, Point
 from cachekit.hookspecs import hookimpl
-from cachekit.policy import CachePolicy, Signals, Step
+from cachekit.policy import CachePolicy, ExampleConfigs, Signals, Step
 from cachekit.schemas import TeaCacheConfig, TeaCachePreset, load_preset, presets_for, teacache_presets
 
 
@@ -46,6 +46,14 @@ class TeaCachePolicy(CachePolicy[TeaCacheConfig]):
         self.threshold = config.rel_l1_thresh
         if self.threshold is None and preset is not None and preset.thresholds:
             self.threshold = preset.thresholds[0]
+
+    @classmethod
+    def example_configs(cls) -> ExampleConfigs:
+        # Unit coefficients fit any model; a warm-up over every step never reuses.
+        return ExampleConfigs(
+            never_reuses=TeaCacheConfig(rel_l1_thresh=0.1, coefficients=(1.0, 0.0), warmup_steps=1000),
+            reuses=TeaCacheConfig(rel_l1_thresh=1000.0, coefficients=(1.0, 0.0)),
+        )
 
     def required_points(self) -> frozenset[Point]:
         signal = Point.PROBE if self.probe == "modulated_input" else Point.TIMESTEP_EMBEDDING

@@ -10,7 +10,7 @@ from typing import Any
 
 from cachekit.adapter import Point
 from cachekit.hookspecs import hookimpl
-from cachekit.policy import CachePolicy, Signals, Step
+from cachekit.policy import CachePolicy, ExampleConfigs, Signals, Step
 from cachekit.schemas import UniformConfig
 
 
@@ -18,6 +18,10 @@ class UniformPolicy(CachePolicy[UniformConfig]):
     config_class = UniformConfig
     requires = frozenset({Point.STEP, Point.SPAN})
     needs_num_steps = True
+
+    @classmethod
+    def example_configs(cls) -> ExampleConfigs:
+        return ExampleConfigs(never_reuses=UniformConfig(interval=1), reuses=UniformConfig(interval=2))
 
     def decide_span(self, step: Step, signals: Signals, state: Any) -> bool:
         return step.index < self.config.warmup or step.is_last or step.index % self.config.interval == 0

@@ -69,3 +69,23 @@ def register_policy(fresh_registry):
         assert not fresh_registry.errors
 
     return register
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many cells of the conformance matrix were skipped, and the declared reasons."""
+    cells = [
+        report
+        for outcome in ("passed", "failed", "skipped")
+        for report in terminalreporter.stats.get(outcome, [])
+        if "test_conformance.py" in report.nodeid and report.when in ("call", "setup")
+    ]
+    skipped = [report for report in cells if report.skipped]
+    if not cells:
+        return
+    terminalreporter.write_line(f"conformance matrix: {len(cells)} cells, {len(skipped)} skipped")
+    reasons: dict[str, int] = {}
+    for report in skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reasons[reason.removeprefix("Skipped: ")] = reasons.get(reason.removeprefix("Skipped: "), 0) + 1
+    for reason, count in sorted(reasons.items()):
+        terminalreporter.write_line(f"  {count} x {reason}")

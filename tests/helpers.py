@@ -128,3 +128,62 @@ def install_straight_line(transformer, decide: Decide, branches=2, shared_residu
 
     embedder.register_forward_hook(keep_embedding)
     return span
+
+
+class RunCounter:
+    """Counts, per module, the calls in which its own computation ran.
+
+    A call counts when at least one of the leaf submodules watched for it ran inside it (all its
+    leaves, or those of `inner[module]`); a leaf module counts when it returned a tensor never seen
+    before (a reused output is an old tensor).
+    """
+
+    def __init__(self, modules: list[nn.Module], inner: dict[nn.Module, list[nn.Module]] | None = None) -> None:
+        self.counts = [0] * len(modules)
+        self._ran = [False] * len(modules)
+        self._seen: list[torch.Tensor] = []  # kept alive, so ids are never recycled
+        self._handles = []
+        for index, module in enumerate(modules):
+            watched = (inner or {}).get(module, [module])
+            leaves = [
+                sub
+                for part in watched
+                for sub in part.modules()
+                if sub is not module and next(sub.children(), None) is None
+            ]
+            if not leaves:
+                self._handles.append(module.register_forward_hook(self._leaf_module(index)))
+                continue
+            self._handles.append(module.register_forward_pre_hook(self._enter(index)))
+            self._handles += [leaf.register_forward_hook(self._leaf(index)) for leaf in leaves]
+            self._handles.append(module.register_forward_hook(self._exit(index)))
+
+    def _enter(self, index: int):
+        def hook(*_: object) -> None:
+            self._ran[index] = False
+
+        return hook
+
+    def _leaf(self, index: int):
+        def hook(*_: object) -> None:
+            self._ran[index] = True
+
+        return hook
+
+    def _exit(self, index: int):
+        def hook(*_: object) -> None:
+            self.counts[index] += self._ran[index]
+
+        return hook
+
+    def _leaf_module(self, index: int):
+        def hook(_module: nn.Module, _args: object, output: torch.Tensor) -> None:
+            if all(output is not old for old in self._seen):
+                self._seen.append(output)
+                self.counts[index] += 1
+
+        return hook
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
