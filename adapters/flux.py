@@ -15,12 +15,16 @@ from cachekit.adapter import Adapter
 from cachekit.declarative import DeclarativeAdapter
 from cachekit.example import ModelExample, branches, seeded, timestep_tensor
 from cachekit.hookspecs import hookimpl
-from cachekit.schemas.adapter import AdapterSpec, Argument, BlockListSpec, NormProbe, OutputSpec, TimestepSpec
-
-HIDDEN, ENCODER, TEMB = (
-    Argument(name="hidden_states", position=0),
-    Argument(name="encoder_hidden_states", position=1),
-    Argument(name="temb", position=2),
+from cachekit.schemas.adapter import (
+    ENCODER,
+    HIDDEN,
+    TEMB,
+    AdapterSpec,
+    Argument,
+    BlockListSpec,
+    NormProbe,
+    OutputSpec,
+    TimestepSpec,
 )
 
 # Both block kinds: (hidden_states, encoder_hidden_states, temb, ...) -> (encoder_hidden_states, hidden_states)

@@ -136,7 +136,10 @@ class DeclarativeAdapter(Adapter):
         probe = self.spec.probe
         if isinstance(probe, NormProbe):
             norm = first.module.get_submodule(probe.module)
-            output = norm(hidden_states, **{key: _argument(args, kwargs, arg) for key, arg in probe.arguments.items()})
+            extra = {key: _argument(args, kwargs, arg) for key, arg in probe.arguments.items()}
+            if probe.dtype_argument is not None:
+                extra[probe.dtype_argument] = hidden_states.dtype
+            output = norm(hidden_states, **extra)
             return output if probe.index is None else output[probe.index]
         assert isinstance(probe, TableProbe)  # declared missing otherwise
         return _table_modulation(first.module, probe, hidden_states, _argument(args, kwargs, probe.embedding))

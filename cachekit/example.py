@@ -45,3 +45,29 @@ def branches(generator: torch.Generator, **shapes: tuple[int, ...]) -> list[dict
 
 def timestep_tensor(value: float, batch: int = 1) -> torch.Tensor:
     return torch.full((batch,), value)
+
+
+def example_of(
+    adapter: Any,
+    build: Callable[[], nn.Module],
+    latents: tuple[int, ...],
+    conditions: dict[str, tuple[int, ...]],
+    branch_values: dict[str, tuple[Any, Any]] | None = None,
+    **constants: Any,
+) -> ModelExample:
+    """The usual example: `build()` seeded, random latents, random `conditions` per CFG branch
+    (and `branch_values`: given values per branch), constant extra arguments; the timestep goes
+    in the way the adapter's spec reads it back."""
+    generator = seeded()
+    model = build().eval()
+    spec = adapter.spec.timestep
+    per_branch = branches(generator, **conditions)
+    for name, values in (branch_values or {}).items():
+        for branch, value in zip(per_branch, values, strict=True):
+            branch[name] = value
+
+    def inputs(latents: torch.Tensor, t: float, branch: int) -> dict[str, Any]:
+        timestep = timestep_tensor((t - spec.offset) / spec.scale, latents.shape[0])
+        return {"hidden_states": latents, spec.argument.name: timestep, **constants, **per_branch[branch]}
+
+    return ModelExample(model, torch.randn(latents, generator=generator), inputs)

@@ -38,6 +38,8 @@ class _Call:
     state: Any
     inputs: dict[int, Streams] = field(default_factory=dict)  # segment -> its streams on entry
     compute: bool = True
+    module_runs: dict[str, int] = field(default_factory=dict)  # site -> runs so far in this call
+    module_decisions: dict[str, bool] = field(default_factory=dict)  # site -> decision of this call
     timestep_embedding: Any = None
 
 
@@ -58,7 +60,7 @@ class Runtime:
         ]
         self._states: dict[int, Any] = {}
         self._residuals: dict[int, dict[int, Residual]] = {}  # branch -> segment -> residual
-        self._outputs: dict[int, dict[str, Any]] = {}  # branch -> site name -> last output
+        self._outputs: dict[int, dict[tuple[str, int], Any]] = {}  # branch -> (site, occurrence) -> output
         self._call: _Call | None = None
         self._installed: list[tuple[nn.Module, bool, bool]] = []
 
@@ -206,25 +208,34 @@ class Runtime:
         call = self._call
         if call is None:
             return forward(*args, **kwargs)
-        if not self._decide_module(call, site):
-            return self._outputs[call.step.branch][site.name]
+        compute, key = self._decide_module(call, site)
+        if not compute:
+            return self._outputs[call.step.branch][key]
         output = forward(*args, **kwargs)
         if keep:
-            self._keep_output(call, site, output)
+            self._keep_output(call, key, output)
         return output
 
     @torch.compiler.disable
-    def _decide_module(self, call: _Call, site: ModuleSite) -> bool:
-        compute = self.policy.decide_module(call.step, site, call.state)
-        if not compute and site.name not in self._outputs.get(call.step.branch, {}):
+    def _decide_module(self, call: _Call, site: ModuleSite) -> tuple[bool, tuple[str, int]]:
+        """The policy decides at a module's first run in a transformer call; a module that runs
+        again in the same call (once per token stream, say) follows that decision, and each of its
+        runs keeps an output of its own."""
+        occurrence = call.module_runs.get(site.name, 0)
+        call.module_runs[site.name] = occurrence + 1
+        if occurrence == 0:
+            call.module_decisions[site.name] = self.policy.decide_module(call.step, site, call.state)
+        compute = call.module_decisions[site.name]
+        key = (site.name, occurrence)
+        if not compute and key not in self._outputs.get(call.step.branch, {}):
             raise self._reuse_before_compute(site.name, call.step)
         call.stats.count(site.kind.value, compute)
         call.stats.module_schedule[-1] += compute
-        return compute
+        return compute, key
 
     @torch.compiler.disable
-    def _keep_output(self, call: _Call, site: ModuleSite, output: Any) -> None:
-        self._outputs.setdefault(call.step.branch, {})[site.name] = output
+    def _keep_output(self, call: _Call, key: tuple[str, int], output: Any) -> None:
+        self._outputs.setdefault(call.step.branch, {})[key] = output
 
     def _reuse_before_compute(self, what: str, step: Step) -> PolicyError:
         return PolicyError(

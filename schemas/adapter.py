@@ -88,6 +88,9 @@ class NormProbe(_Spec):
         default_factory=dict, description="The norm's keyword -> the first block's argument passed as it."
     )
     index: int | None = Field(default=0, ge=0, description="Item of the norm's output tuple; None: the whole output.")
+    dtype_argument: str | None = Field(
+        default=None, description="The norm's keyword that takes the hidden states' dtype."
+    )
 
 
 class TableProbe(_Spec):
@@ -133,3 +136,9 @@ class AdapterSpec(_Spec):
         if self.interleave and len({len(block_list.streams) for block_list in self.blocks}) != 1:
             raise ValueError("interleaved block lists must carry the same streams")
         return self
+
+
+#: The block arguments most diffusers DiTs share: (hidden_states, encoder_hidden_states, temb, ...).
+HIDDEN = Argument(name="hidden_states", position=0)
+ENCODER = Argument(name="encoder_hidden_states", position=1)
+TEMB = Argument(name="temb", position=2)

@@ -157,7 +157,7 @@ def test_adapter_provides_every_point_it_does_not_declare_missing(adapter_name):
 
     seen = _signals(adapter, model)
     if adapter.provides(Point.PROBE):
-        assert seen["probe"].shape[0] == model.latents.shape[0] and torch.isfinite(seen["probe"]).all()
+        assert seen["probe"].ndim == 3 and torch.isfinite(seen["probe"]).all()  # batch, tokens, channels
     if adapter.provides(Point.TIMESTEP_EMBEDDING):
         assert isinstance(seen["embedding"], torch.Tensor)
     torch.testing.assert_close(seen["timestep"], torch.tensor(500.0))

@@ -1,0 +1,96 @@
+"""Chroma (`ChromaTransformer2DModel`): Flux's structure with the modulation of every block
+coming from one distilled approximator, and single-stream blocks that take the text and image
+tokens joined (so they cache a residual of their own)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from diffusers import ChromaTransformer2DModel
+
+from cachekit.adapter import Adapter, call_arg
+from cachekit.declarative import DeclarativeAdapter
+from cachekit.example import ModelExample, example_of
+from cachekit.hookspecs import hookimpl
+from cachekit.schemas.adapter import (
+    ENCODER,
+    HIDDEN,
+    TEMB,
+    AdapterSpec,
+    Argument,
+    BlockListSpec,
+    OutputSpec,
+    TimestepSpec,
+)
+
+CHROMA_SPEC = AdapterSpec(
+    name="chroma",
+    # Chroma pipelines pass t / 1000.
+    timestep=TimestepSpec(argument=Argument(name="timestep", position=2), scale=1000),
+    timestep_embedding=OutputSpec(module="distilled_guidance_layer"),
+    blocks=[
+        BlockListSpec(
+            path="transformer_blocks",
+            streams=[HIDDEN, ENCODER],
+            returns=[1, 0],
+            attention={"attn": "spatial"},
+            mlp=["ff", "ff_context"],
+        ),
+        BlockListSpec(
+            path="single_transformer_blocks",
+            streams=[HIDDEN],
+            residual="list",
+            attention={"attn": "spatial"},
+            mlp=["proj_mlp"],
+        ),
+    ],
+    missing_attention={
+        "temporal": "an image model has no temporal attention",
+        "cross": "joint attention over image and text tokens: there is no separate cross attention",
+    },
+)
+
+
+class ChromaAdapter(DeclarativeAdapter):
+    spec = CHROMA_SPEC
+    model_class = ChromaTransformer2DModel
+
+    def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
+        first = self.model.transformer_blocks[0]
+        hidden_states = call_arg(args, kwargs, HIDDEN.position, HIDDEN.name)
+        temb = call_arg(args, kwargs, TEMB.position, TEMB.name)
+        return first.norm1(hidden_states, emb=temb[:, :6])[0]  # rows 0-5 modulate the image tokens
+
+    @classmethod
+    def example(cls) -> ModelExample:
+        def build() -> ChromaTransformer2DModel:
+            return ChromaTransformer2DModel(
+                patch_size=1,
+                in_channels=4,
+                num_layers=1,
+                num_single_layers=2,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=32,
+                axes_dims_rope=[4, 4, 8],
+                approximator_hidden_dim=32,
+                approximator_layers=1,
+                approximator_num_channels=16,
+            )
+
+        img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"))
+        return example_of(
+            cls,
+            build,
+            (1, 16, 4),
+            {"encoder_hidden_states": (1, 6, 32)},
+            img_ids=img_ids.reshape(3, -1).T,
+            txt_ids=torch.zeros(6, 3),
+        )
+
+
+@hookimpl
+def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
+    register(ChromaAdapter)

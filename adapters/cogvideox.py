@@ -1,0 +1,75 @@
+"""CogVideoX 1.0 / 1.5 (`CogVideoXTransformer3DModel`): expert blocks with one 3D attention over
+video and text tokens, which the blocks take and return separately."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from diffusers import CogVideoXTransformer3DModel
+
+from cachekit.adapter import Adapter
+from cachekit.declarative import DeclarativeAdapter
+from cachekit.example import ModelExample, example_of
+from cachekit.hookspecs import hookimpl
+from cachekit.schemas.adapter import (
+    ENCODER,
+    HIDDEN,
+    TEMB,
+    AdapterSpec,
+    Argument,
+    BlockListSpec,
+    NormProbe,
+    OutputSpec,
+    TimestepSpec,
+)
+
+COGVIDEOX_SPEC = AdapterSpec(
+    name="cogvideox",
+    timestep=TimestepSpec(argument=Argument(name="timestep", position=2)),
+    timestep_embedding=OutputSpec(module="time_embedding"),
+    blocks=[
+        BlockListSpec(
+            path="transformer_blocks",
+            streams=[HIDDEN, ENCODER],
+            returns=[0, 1],
+            attention={"attn1": "spatial"},
+            mlp=["ff"],
+        )
+    ],
+    probe=NormProbe(arguments={"encoder_hidden_states": ENCODER, "temb": TEMB}),
+    missing_attention={
+        "temporal": "3D attention over all video tokens at once: there is no separate temporal attention",
+        "cross": "joint attention over video and text tokens: there is no separate cross attention",
+    },
+)
+
+
+class CogVideoXAdapter(DeclarativeAdapter):
+    spec = COGVIDEOX_SPEC
+    model_class = CogVideoXTransformer3DModel
+
+    @classmethod
+    def example(cls) -> ModelExample:
+        def build() -> CogVideoXTransformer3DModel:
+            return CogVideoXTransformer3DModel(
+                num_attention_heads=2,
+                attention_head_dim=8,
+                in_channels=4,
+                out_channels=4,
+                time_embed_dim=2,
+                text_embed_dim=8,
+                num_layers=2,
+                sample_width=8,
+                sample_height=8,
+                sample_frames=9,
+                patch_size=2,
+                temporal_compression_ratio=4,
+                max_text_seq_length=8,
+            )
+
+        return example_of(cls, build, (1, 2, 4, 8, 8), {"encoder_hidden_states": (1, 8, 8)})
+
+
+@hookimpl
+def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
+    register(CogVideoXAdapter)

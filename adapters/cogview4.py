@@ -1,0 +1,81 @@
+"""CogView4 (`CogView4Transformer2DModel`): joint blocks that take and return image and text
+tokens separately; the adaptive norm modulates both at once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers import CogView4Transformer2DModel
+
+from cachekit.adapter import Adapter
+from cachekit.declarative import DeclarativeAdapter
+from cachekit.example import ModelExample, example_of
+from cachekit.hookspecs import hookimpl
+from cachekit.schemas.adapter import (
+    ENCODER,
+    HIDDEN,
+    TEMB,
+    AdapterSpec,
+    Argument,
+    BlockListSpec,
+    NormProbe,
+    OutputSpec,
+    TimestepSpec,
+)
+
+COGVIEW4_SPEC = AdapterSpec(
+    name="cogview4",
+    timestep=TimestepSpec(argument=Argument(name="timestep", position=2)),
+    timestep_embedding=OutputSpec(module="time_condition_embed"),
+    blocks=[
+        BlockListSpec(
+            path="transformer_blocks",
+            streams=[HIDDEN, ENCODER],
+            returns=[0, 1],
+            attention={"attn1": "spatial"},
+            mlp=["ff"],
+        )
+    ],
+    probe=NormProbe(arguments={"encoder_hidden_states": ENCODER, "temb": TEMB}),
+    missing_attention={
+        "temporal": "an image model has no temporal attention",
+        "cross": "joint attention over image and text tokens: there is no separate cross attention",
+    },
+)
+
+
+class CogView4Adapter(DeclarativeAdapter):
+    spec = COGVIEW4_SPEC
+    model_class = CogView4Transformer2DModel
+
+    @classmethod
+    def example(cls) -> ModelExample:
+        def build() -> CogView4Transformer2DModel:
+            return CogView4Transformer2DModel(
+                patch_size=2,
+                in_channels=4,
+                num_layers=2,
+                attention_head_dim=4,
+                num_attention_heads=4,
+                out_channels=4,
+                text_embed_dim=8,
+                time_embed_dim=8,
+                condition_dim=4,
+            )
+
+        size = torch.tensor([[32, 32]])
+        return example_of(
+            cls,
+            build,
+            (1, 4, 8, 8),
+            {"encoder_hidden_states": (1, 6, 8)},
+            original_size=size,
+            target_size=size,
+            crop_coords=torch.tensor([[0, 0]]),
+        )
+
+
+@hookimpl
+def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
+    register(CogView4Adapter)

@@ -1,0 +1,62 @@
+"""DiT (`DiTTransformer2DModel`): class-conditional blocks, each embedding the timestep and the
+class label in its own adaptive norm; block 0's embedder is the one the probe and signals use."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers import DiTTransformer2DModel
+
+from cachekit.adapter import Adapter
+from cachekit.declarative import DeclarativeAdapter
+from cachekit.example import ModelExample, example_of
+from cachekit.hookspecs import hookimpl
+from cachekit.schemas.adapter import HIDDEN, AdapterSpec, Argument, BlockListSpec, NormProbe, OutputSpec
+
+DIT_SPEC = AdapterSpec(
+    name="dit",
+    timestep_embedding=OutputSpec(module="transformer_blocks.0.norm1.emb"),
+    blocks=[BlockListSpec(path="transformer_blocks", streams=[HIDDEN], attention={"attn1": "spatial"}, mlp=["ff"])],
+    probe=NormProbe(
+        arguments={
+            "timestep": Argument(name="timestep", position=4),
+            "class_labels": Argument(name="class_labels", position=6),
+        },
+        dtype_argument="hidden_dtype",
+    ),
+    missing_attention={
+        "temporal": "an image model has no temporal attention",
+        "cross": "class-conditional: the label enters through the adaptive norms, there is no cross attention",
+    },
+)
+
+
+class DiTAdapter(DeclarativeAdapter):
+    spec = DIT_SPEC
+    model_class = DiTTransformer2DModel
+
+    @classmethod
+    def example(cls) -> ModelExample:
+        def build() -> DiTTransformer2DModel:
+            return DiTTransformer2DModel(
+                sample_size=8,
+                num_layers=2,
+                patch_size=2,
+                attention_head_dim=8,
+                num_attention_heads=2,
+                in_channels=4,
+                out_channels=8,
+                activation_fn="gelu-approximate",
+                num_embeds_ada_norm=1000,
+                norm_type="ada_norm_zero",
+                norm_elementwise_affine=False,
+            )
+
+        labels = (torch.tensor([3]), torch.tensor([1000]))  # a class, and the null class of CFG
+        return example_of(cls, build, (1, 4, 8, 8), {}, branch_values={"class_labels": labels})
+
+
+@hookimpl
+def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
+    register(DiTAdapter)

@@ -1,0 +1,86 @@
+"""HunyuanVideo (`HunyuanVideoTransformer3DModel`): dual-stream blocks, then single-stream blocks;
+both take and return the video and text tokens separately, so one residual per stream covers
+all of them. Attention runs over all video and text tokens at once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers import HunyuanVideoTransformer3DModel
+
+from cachekit.adapter import Adapter
+from cachekit.declarative import DeclarativeAdapter
+from cachekit.example import ModelExample, example_of
+from cachekit.hookspecs import hookimpl
+from cachekit.schemas.adapter import ENCODER, HIDDEN, TEMB, AdapterSpec, BlockListSpec, NormProbe, OutputSpec
+
+HUNYUAN_VIDEO_SPEC = AdapterSpec(
+    name="hunyuan_video",
+    # time_text_embed returns (conditioning, token-replace embedding).
+    timestep_embedding=OutputSpec(module="time_text_embed", index=0),
+    blocks=[
+        BlockListSpec(
+            path="transformer_blocks",
+            streams=[HIDDEN, ENCODER],
+            returns=[0, 1],
+            attention={"attn": "spatial"},
+            mlp=["ff", "ff_context"],
+        ),
+        BlockListSpec(
+            path="single_transformer_blocks",
+            streams=[HIDDEN, ENCODER],
+            returns=[0, 1],
+            attention={"attn": "spatial"},
+            mlp=["proj_mlp"],
+        ),
+    ],
+    probe=NormProbe(arguments={"emb": TEMB}),
+    missing_attention={
+        "temporal": "attention runs over all video tokens at once: there is no separate temporal attention",
+        "cross": "joint attention over video and text tokens: there is no separate cross attention",
+    },
+)
+
+
+class HunyuanVideoAdapter(DeclarativeAdapter):
+    spec = HUNYUAN_VIDEO_SPEC
+    model_class = HunyuanVideoTransformer3DModel
+
+    @classmethod
+    def matches(cls, model: torch.nn.Module) -> bool:
+        # The image-to-video "token replace" variant modulates the first frame apart.
+        return super().matches(model) and model.config.image_condition_type != "token_replace"
+
+    @classmethod
+    def example(cls) -> ModelExample:
+        def build() -> HunyuanVideoTransformer3DModel:
+            return HunyuanVideoTransformer3DModel(
+                in_channels=4,
+                out_channels=4,
+                num_attention_heads=2,
+                attention_head_dim=10,
+                num_layers=1,
+                num_single_layers=2,
+                num_refiner_layers=1,
+                patch_size=1,
+                patch_size_t=1,
+                guidance_embeds=True,
+                text_embed_dim=16,
+                pooled_projection_dim=8,
+                rope_axes_dim=(2, 4, 4),
+            )
+
+        return example_of(
+            cls,
+            build,
+            (1, 4, 2, 4, 4),
+            {"encoder_hidden_states": (1, 6, 16), "pooled_projections": (1, 8)},
+            encoder_attention_mask=torch.ones(1, 6),
+            guidance=torch.tensor([3000.0]),
+        )
+
+
+@hookimpl
+def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
+    register(HunyuanVideoAdapter)

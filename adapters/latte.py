@@ -1,0 +1,74 @@
+"""Latte (`LatteTransformer3DModel`): spatial blocks (over each frame's tokens, with cross
+attention) and temporal blocks (over each token's frames) alternate, the model re-laying the
+tokens between every two; so each block caches a residual of its own (memory: one residual per
+block and branch), decided once per call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from diffusers import LatteTransformer3DModel
+
+from cachekit.adapter import Adapter
+from cachekit.declarative import DeclarativeAdapter
+from cachekit.example import ModelExample, example_of
+from cachekit.hookspecs import hookimpl
+from cachekit.schemas.adapter import HIDDEN, AdapterSpec, Argument, BlockListSpec, OutputSpec, TableProbe
+
+LATTE_SPEC = AdapterSpec(
+    name="latte",
+    # adaln_single returns (projected timestep, embedded timestep); the blocks get the projection.
+    timestep_embedding=OutputSpec(module="adaln_single", index=1),
+    blocks=[
+        BlockListSpec(
+            path="transformer_blocks",
+            streams=[HIDDEN],
+            residual="block",
+            attention={"attn1": "spatial", "attn2": "cross"},
+            mlp=["ff"],
+        ),
+        BlockListSpec(
+            path="temporal_transformer_blocks",
+            streams=[HIDDEN],
+            residual="block",
+            attention={"attn1": "temporal"},
+            mlp=["ff"],
+        ),
+    ],
+    interleave=True,
+    probe=TableProbe(embedding=Argument(name="timestep", position=4)),
+)
+
+
+class LatteAdapter(DeclarativeAdapter):
+    spec = LATTE_SPEC
+    model_class = LatteTransformer3DModel
+
+    @classmethod
+    def example(cls) -> ModelExample:
+        def build() -> LatteTransformer3DModel:
+            return LatteTransformer3DModel(
+                sample_size=8,
+                num_layers=2,
+                patch_size=2,
+                attention_head_dim=8,
+                num_attention_heads=2,
+                caption_channels=8,
+                in_channels=4,
+                cross_attention_dim=16,
+                out_channels=8,
+                attention_bias=True,
+                activation_fn="gelu-approximate",
+                num_embeds_ada_norm=1000,
+                norm_type="ada_norm_single",
+                norm_elementwise_affine=False,
+                norm_eps=1e-6,
+                video_length=2,
+            )
+
+        return example_of(cls, build, (1, 4, 2, 8, 8), {"encoder_hidden_states": (1, 6, 8)})
+
+
+@hookimpl
+def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
+    register(LatteAdapter)

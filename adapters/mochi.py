@@ -1,0 +1,84 @@
+"""Mochi 1 (`MochiTransformer3DModel`): asymmetric dual-stream blocks with joint attention over
+video and text tokens.
+
+Mochi pipelines pass 1000 - t (the model runs from 0 at pure noise to 1000), mapped back here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers import MochiTransformer3DModel
+
+from cachekit.adapter import Adapter
+from cachekit.declarative import DeclarativeAdapter
+from cachekit.example import ModelExample, example_of
+from cachekit.hookspecs import hookimpl
+from cachekit.schemas.adapter import (
+    ENCODER,
+    HIDDEN,
+    TEMB,
+    AdapterSpec,
+    Argument,
+    BlockListSpec,
+    NormProbe,
+    OutputSpec,
+    TimestepSpec,
+)
+
+MOCHI_SPEC = AdapterSpec(
+    name="mochi",
+    timestep=TimestepSpec(argument=Argument(name="timestep", position=2), scale=-1, offset=1000),
+    # time_embed returns (conditioning, caption projection).
+    timestep_embedding=OutputSpec(module="time_embed", index=0),
+    blocks=[
+        BlockListSpec(
+            path="transformer_blocks",
+            streams=[HIDDEN, ENCODER],
+            returns=[0, 1],
+            attention={"attn1": "spatial"},
+            mlp=["ff", "ff_context"],
+        )
+    ],
+    probe=NormProbe(arguments={"emb": TEMB}),
+    missing_attention={
+        "temporal": "attention runs over all video tokens at once: there is no separate temporal attention",
+        "cross": "joint attention over video and text tokens: there is no separate cross attention",
+    },
+)
+
+
+class MochiAdapter(DeclarativeAdapter):
+    spec = MOCHI_SPEC
+    model_class = MochiTransformer3DModel
+
+    @classmethod
+    def example(cls) -> ModelExample:
+        def build() -> MochiTransformer3DModel:
+            return MochiTransformer3DModel(
+                patch_size=2,
+                num_attention_heads=2,
+                attention_head_dim=8,
+                num_layers=2,
+                pooled_projection_dim=16,
+                in_channels=4,
+                qk_norm="rms_norm",
+                text_embed_dim=16,
+                time_embed_dim=4,
+                activation_fn="swiglu",
+                max_sequence_length=16,
+            )
+
+        return example_of(
+            cls,
+            build,
+            (1, 4, 2, 8, 8),
+            {"encoder_hidden_states": (1, 6, 16)},
+            encoder_attention_mask=torch.ones(1, 6),
+        )
+
+
+@hookimpl
+def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
+    register(MochiAdapter)

@@ -1,0 +1,77 @@
+"""Qwen-Image (`QwenImageTransformer2DModel`): dual-stream blocks; each stream has its own
+modulation MLP (`img_mod`, `txt_mod`), which the block applies with its own `_modulate`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from diffusers import QwenImageTransformer2DModel
+
+from cachekit.adapter import Adapter, call_arg
+from cachekit.declarative import DeclarativeAdapter
+from cachekit.example import ModelExample, example_of
+from cachekit.hookspecs import hookimpl
+from cachekit.schemas.adapter import ENCODER, HIDDEN, AdapterSpec, Argument, BlockListSpec, OutputSpec, TimestepSpec
+
+QWENIMAGE_SPEC = AdapterSpec(
+    name="qwenimage",
+    # Qwen-Image pipelines pass t / 1000.
+    timestep=TimestepSpec(argument=Argument(name="timestep", position=3), scale=1000),
+    timestep_embedding=OutputSpec(module="time_text_embed"),
+    blocks=[
+        BlockListSpec(
+            path="transformer_blocks",
+            streams=[HIDDEN, ENCODER],
+            returns=[1, 0],
+            attention={"attn": "spatial"},
+            mlp=["img_mlp", "txt_mlp"],
+        )
+    ],
+    missing_attention={
+        "temporal": "an image model has no temporal attention",
+        "cross": "joint attention over image and text tokens: there is no separate cross attention",
+    },
+)
+
+
+class QwenImageAdapter(DeclarativeAdapter):
+    spec = QWENIMAGE_SPEC
+    model_class = QwenImageTransformer2DModel
+
+    def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
+        first = self.model.transformer_blocks[0]
+        hidden_states = call_arg(args, kwargs, 0, "hidden_states")
+        temb = call_arg(args, kwargs, 3, "temb")
+        shift_scale_gate = first.img_mod(temb).chunk(2, dim=-1)[0]  # the attention's; the MLP's follow
+        index = kwargs.get("modulate_index", args[6] if len(args) > 6 else None)
+        return first._modulate(first.img_norm1(hidden_states), shift_scale_gate, index)[0]
+
+    @classmethod
+    def example(cls) -> ModelExample:
+        def build() -> QwenImageTransformer2DModel:
+            return QwenImageTransformer2DModel(
+                patch_size=2,
+                in_channels=16,
+                out_channels=4,
+                num_layers=2,
+                attention_head_dim=16,
+                num_attention_heads=3,
+                joint_attention_dim=16,
+                axes_dims_rope=(8, 4, 4),
+            )
+
+        return example_of(
+            cls,
+            build,
+            (1, 16, 16),
+            {"encoder_hidden_states": (1, 6, 16)},
+            encoder_hidden_states_mask=torch.ones(1, 6),
+            img_shapes=[(1, 4, 4)],
+        )
+
+
+@hookimpl
+def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
+    register(QwenImageAdapter)

@@ -1,0 +1,78 @@
+"""Stable Diffusion 3 / 3.5 (`SD3Transformer2DModel`): joint blocks over image and text tokens.
+
+The last block drops the text tokens (it returns None for them), which the span carries as is.
+SD3.5's dual-attention blocks have a second, image-only self-attention (`attn2`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from diffusers import SD3Transformer2DModel
+
+from cachekit.adapter import Adapter
+from cachekit.declarative import DeclarativeAdapter
+from cachekit.example import ModelExample, example_of
+from cachekit.hookspecs import hookimpl
+from cachekit.schemas.adapter import (
+    ENCODER,
+    HIDDEN,
+    TEMB,
+    AdapterSpec,
+    Argument,
+    BlockListSpec,
+    NormProbe,
+    OutputSpec,
+    TimestepSpec,
+)
+
+SD3_SPEC = AdapterSpec(
+    name="sd3",
+    timestep=TimestepSpec(argument=Argument(name="timestep", position=3)),
+    timestep_embedding=OutputSpec(module="time_text_embed"),
+    blocks=[
+        BlockListSpec(
+            path="transformer_blocks",
+            streams=[HIDDEN, ENCODER],
+            returns=[1, 0],
+            attention={"attn": "spatial", "attn2": "spatial"},
+            mlp=["ff", "ff_context"],
+        )
+    ],
+    probe=NormProbe(arguments={"emb": TEMB}),
+    missing_attention={
+        "temporal": "an image model has no temporal attention",
+        "cross": "joint attention over image and text tokens: there is no separate cross attention",
+    },
+)
+
+
+class SD3Adapter(DeclarativeAdapter):
+    spec = SD3_SPEC
+    model_class = SD3Transformer2DModel
+
+    @classmethod
+    def example(cls) -> ModelExample:
+        def build() -> SD3Transformer2DModel:
+            return SD3Transformer2DModel(
+                sample_size=8,
+                patch_size=1,
+                in_channels=4,
+                num_layers=2,
+                attention_head_dim=8,
+                num_attention_heads=2,
+                caption_projection_dim=16,
+                joint_attention_dim=16,
+                pooled_projection_dim=16,
+                out_channels=4,
+                dual_attention_layers=(0,),
+            )
+
+        return example_of(
+            cls, build, (1, 4, 8, 8), {"encoder_hidden_states": (1, 6, 16), "pooled_projections": (1, 16)}
+        )
+
+
+@hookimpl
+def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
+    register(SD3Adapter)

@@ -1,0 +1,53 @@
+"""SkyReels-V2 (`SkyReelsV2Transformer3DModel`): Wan's block structure; with diffusion forcing
+each frame has its own timestep, so the modulation (and the probe) is per token."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from diffusers import SkyReelsV2Transformer3DModel
+
+from cachekit.adapter import Adapter
+from cachekit.adapters.wan import WAN_BLOCKS
+from cachekit.declarative import DeclarativeAdapter
+from cachekit.example import ModelExample, example_of
+from cachekit.hookspecs import hookimpl
+from cachekit.schemas.adapter import TEMB, AdapterSpec, OutputSpec, TableProbe
+
+SKYREELS_V2_SPEC = AdapterSpec(
+    name="skyreels_v2",
+    timestep_embedding=OutputSpec(module="condition_embedder", index=0),
+    blocks=[WAN_BLOCKS],
+    probe=TableProbe(embedding=TEMB, float32=True),
+    missing_attention={"temporal": "self-attention runs over all video tokens at once: no separate temporal attention"},
+)
+
+
+class SkyReelsV2Adapter(DeclarativeAdapter):
+    spec = SKYREELS_V2_SPEC
+    model_class = SkyReelsV2Transformer3DModel
+
+    @classmethod
+    def example(cls) -> ModelExample:
+        def build() -> SkyReelsV2Transformer3DModel:
+            return SkyReelsV2Transformer3DModel(
+                patch_size=(1, 2, 2),
+                num_attention_heads=2,
+                attention_head_dim=12,
+                in_channels=4,
+                out_channels=4,
+                text_dim=16,
+                freq_dim=256,
+                ffn_dim=32,
+                num_layers=2,
+                cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads",
+                rope_max_seq_len=32,
+            )
+
+        return example_of(cls, build, (1, 4, 2, 8, 8), {"encoder_hidden_states": (1, 8, 16)})
+
+
+@hookimpl
+def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
+    register(SkyReelsV2Adapter)
