@@ -41,10 +41,8 @@ class PABPolicy(CachePolicy[PABConfig]):
     def attach(self, adapter: Adapter) -> dict[str, Any]:
         defaults = PAB_DEFAULTS.get(adapter.name, {})
         for kind in ("spatial", "temporal", "cross"):
-            asked = getattr(self.config, kind)
-            if asked is not None and asked.range > 1:  # broadcasting a kind the model lacks is a mistake
-                adapter.require_attention(SiteKind(kind), self.name())
-            self.settings[SiteKind(kind)] = asked or defaults.get(kind) or PAB_FALLBACK[kind]
+            chosen = getattr(self.config, kind) or defaults.get(kind) or PAB_FALLBACK[kind]
+            self.settings[SiteKind(kind)] = chosen
         if self.config.mlp is not None:
             self.settings[SiteKind.MLP] = self.config.mlp
             blocks = len(adapter.blocks())
@@ -53,6 +51,7 @@ class PABPolicy(CachePolicy[PABConfig]):
         defaults_from = adapter.name if adapter.name in PAB_DEFAULTS else "fallback"
         return {
             "defaults": defaults_from,
+            # A setting for a kind the model lacks applies to nothing; say so.
             "absent": {kind.value: reason for kind, reason in adapter.missing_attention.items()},
             **{kind.value: setting.model_dump() for kind, setting in self.settings.items()},
         }
