@@ -17,18 +17,24 @@ from cachekit.registry import get_strategy, make_config, resolve_adapter
 from cachekit.runtime import Runtime
 from cachekit.schemas import PolicyConfig
 from cachekit.stats import CacheStats
+from cachekit.steps import StepTracker
 
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, CacheHandle] = weakref.WeakKeyDictionary()
 
 
 class CacheHandle:
-    """A policy attached to a model. Use as a context manager, or call `.remove()`.
+    """A policy attached to a model, or to each transformer of a pipeline. Use as a context
+    manager, or call `.remove()`.
 
-    `.stats` stays readable after removal; everything else then raises.
+    A pipeline with two experts (Wan 2.2: `transformer` for the noisy steps, `transformer_2` for
+    the rest) gets one policy instance per expert, each with its own state and stats, on one step
+    count: `stats` is the first expert's, `stats_by_component` has both. Stats stay readable after
+    removal; everything else then raises.
     """
 
-    def __init__(self, runtime: Runtime, scheduler: Any | None) -> None:
-        self._runtime = runtime
+    def __init__(self, runtimes: dict[str, Runtime], scheduler: Any | None) -> None:
+        self._runtimes = runtimes
+        self._runtime = next(iter(runtimes.values()))
         self._removed = False
         self._unwatch = self._watch(scheduler) if scheduler is not None else None
 
@@ -44,6 +50,11 @@ class CacheHandle:
     def stats(self) -> CacheStats:
         return self._runtime.stats
 
+    @property
+    def stats_by_component(self) -> dict[str, CacheStats]:
+        """Stats per hooked transformer, by pipeline component name ("transformer" for a bare one)."""
+        return {name: runtime.stats for name, runtime in self._runtimes.items()}
+
     def reset(self) -> None:
         """Start a new generation at the next call (drops every branch's state and residual)."""
         self._check()
@@ -52,10 +63,11 @@ class CacheHandle:
     def remove(self) -> None:
         """Detach the policy; the model behaves exactly as before `apply`."""
         self._check()
-        self._runtime.uninstall()
+        for runtime in self._runtimes.values():
+            runtime.uninstall()
+            del _ATTACHED[runtime.model]
         if self._unwatch is not None:
             self._unwatch()
-        del _ATTACHED[self._runtime.model]
         self._removed = True
 
     def __enter__(self) -> CacheHandle:
@@ -105,41 +117,43 @@ def apply(target: Any, config: PolicyConfig | Mapping[str, Any] | str | os.PathL
     """
     config = make_config(config)
     policy_class = get_strategy(config.strategy)
-    model, scheduler = _split_target(target)
-    if model in _ATTACHED:
-        raise AlreadyAttachedError(
-            f"{type(model).__name__} already has a cache policy attached ({_ATTACHED[model]!r}); "
-            "remove that handle first"
-        )
-    adapter = resolve_adapter(model)(model)
-    policy = policy_class(config)
-    for point in sorted(policy.required_points()):
-        adapter.require(point, policy.name())
-    if policy.needs_num_steps and scheduler is None and config.num_inference_steps is None:
+    models, scheduler = _split_target(target)
+    for model in models.values():
+        if model in _ATTACHED:
+            raise AlreadyAttachedError(
+                f"{type(model).__name__} already has a cache policy attached ({_ATTACHED[model]!r}); "
+                "remove that handle first"
+            )
+    if policy_class.needs_num_steps and scheduler is None and config.num_inference_steps is None:
         raise ValueError(
             f"strategy {config.strategy!r} must know the generation's last step: apply it to the "
             "pipeline, or set num_inference_steps in its config when applying it to a bare transformer"
         )
-    runtime = Runtime(model, adapter, policy, config.num_inference_steps)
-    runtime.install()
-    handle = CacheHandle(runtime, scheduler)
-    _ATTACHED[model] = handle
+    tracker = StepTracker(config.num_inference_steps)  # experts share the steps of one generation
+    runtimes = {}
+    for name, model in models.items():
+        adapter = resolve_adapter(model)(model)
+        policy = policy_class(config)
+        for point in sorted(policy.required_points()):
+            adapter.require(point, policy.name())
+        runtimes[name] = Runtime(model, adapter, policy, tracker)
+    for runtime in runtimes.values():
+        runtime.install()
+    handle = CacheHandle(runtimes, scheduler)
+    for model in models.values():
+        _ATTACHED[model] = handle
     return handle
 
 
-def _split_target(target: Any) -> tuple[nn.Module, Any | None]:
-    """The transformer to hook and, for a pipeline, its scheduler."""
+def _split_target(target: Any) -> tuple[dict[str, nn.Module], Any | None]:
+    """The transformers to hook, by component name, and for a pipeline its scheduler."""
     if isinstance(target, nn.Module):
-        return target, None
-    transformer = getattr(target, "transformer", None)
-    if not isinstance(transformer, nn.Module):
+        return {"transformer": target}, None
+    models = {name: getattr(target, name, None) for name in ("transformer", "transformer_2")}
+    models = {name: model for name, model in models.items() if isinstance(model, nn.Module)}
+    if not models:
         raise TypeError(
             "cachekit.apply takes a diffusers pipeline with a `transformer` or a transformer module, "
             f"got {type(target).__name__}"
         )
-    if getattr(target, "transformer_2", None) is not None:
-        raise NotImplementedError(
-            f"{type(target).__name__} runs two transformers (transformer and transformer_2); "
-            "apply a policy to each transformer instead"
-        )
-    return transformer, getattr(target, "scheduler", None)
+    return models, getattr(target, "scheduler", None)

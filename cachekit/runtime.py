@@ -44,11 +44,13 @@ class _Call:
 
 
 class Runtime:
-    def __init__(self, model: nn.Module, adapter: Adapter, policy: CachePolicy[Any], num_steps: int | None):
+    def __init__(self, model: nn.Module, adapter: Adapter, policy: CachePolicy[Any], tracker: StepTracker):
         self.model = model
         self.adapter = adapter
         self.policy = policy
-        self.tracker = StepTracker(num_steps)
+        self.tracker = tracker  # shared by the experts of one pipeline
+        self._generation = -1  # the tracker's generation this runtime's state belongs to
+        self._joined_late = False  # this transformer's first call of the generation came after step 0
         self.stats = CacheStats(strategy=policy.name(), adapter=adapter.name, info=policy.attach(adapter))
         points = policy.required_points()
         self._wants_probe = Point.PROBE in points
@@ -109,8 +111,10 @@ class Runtime:
     @torch.compiler.disable
     def begin_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         timestep = float(self.adapter.timestep(args, kwargs).max())
-        step, new_generation = self.tracker.advance(timestep)
-        if new_generation:
+        step = self.tracker.advance(timestep)
+        if self.tracker.generation != self._generation:
+            self._generation = self.tracker.generation
+            self._joined_late = step.index > 0
             self._states.clear()
             self._residuals.clear()
             self._outputs.clear()
@@ -160,7 +164,7 @@ class Runtime:
         )
         call.compute = self.policy.decide_span(call.step, signals, call.state)
         if not call.compute and call.step.branch not in self._residuals:
-            raise self._reuse_before_compute("the span", call.step)
+            call.compute = self._compute_first("the span", call.step)
         call.stats.count("span", call.compute)
         call.stats.span_schedule.append(call.compute)
 
@@ -228,7 +232,7 @@ class Runtime:
         compute = call.module_decisions[site.name]
         key = (site.name, occurrence)
         if not compute and key not in self._outputs.get(call.step.branch, {}):
-            raise self._reuse_before_compute(site.name, call.step)
+            compute = call.module_decisions[site.name] = self._compute_first(site.name, call.step)
         call.stats.count(site.kind.value, compute)
         call.stats.module_schedule[-1] += compute
         return compute, key
@@ -237,8 +241,12 @@ class Runtime:
     def _keep_output(self, call: _Call, key: tuple[str, int], output: Any) -> None:
         self._outputs.setdefault(call.step.branch, {})[key] = output
 
-    def _reuse_before_compute(self, what: str, step: Step) -> PolicyError:
-        return PolicyError(
+    def _compute_first(self, what: str, step: Step) -> bool:
+        """A reuse with nothing stored: the second expert of a pipeline starts mid-generation with
+        nothing of its own, so it computes; anywhere else the policy is at fault."""
+        if self._joined_late:
+            return True
+        raise PolicyError(
             f"strategy {self.policy.name()!r} chose to reuse {what} at step {step.index} "
             f"(branch {step.branch}) before computing it once in this generation"
         )

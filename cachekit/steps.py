@@ -3,7 +3,8 @@
 A new timestep value starts a new step; further calls at the same timestep are further CFG
 branches. A generation starts at the first call, after `start()` (the pipeline's scheduler set
 new timesteps, or the user reset), when the timestep goes back up (denoising never does), or
-when a known number of steps has been run.
+when a known number of steps has been run. The experts of a two-transformer pipeline share one
+tracker, so their steps count through one generation.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ class StepTracker:
         self._timestep: float | None = None
         self._index = -1
         self._branch = -1
+        self.generation = -1  # how many generations started, minus one
 
     def start(self, num_steps: int | None = None) -> None:
         """The next call opens a new generation (of `num_steps` steps, when given)."""
@@ -24,8 +26,8 @@ class StepTracker:
             self.num_steps = num_steps
         self._timestep = None
 
-    def advance(self, timestep: float) -> tuple[Step, bool]:
-        """The step of a call at `timestep`, and whether it opens a new generation."""
+    def advance(self, timestep: float) -> Step:
+        """The step of a call at `timestep`; `generation` counts up when it opens a new one."""
         new_generation = (
             self._timestep is None
             or timestep > self._timestep
@@ -33,9 +35,10 @@ class StepTracker:
         )
         if new_generation:
             self._index, self._branch = 0, 0
+            self.generation += 1
         elif timestep == self._timestep:
             self._branch += 1
         else:
             self._index, self._branch = self._index + 1, 0
         self._timestep = timestep
-        return Step(self._index, self.num_steps, timestep, self._branch), new_generation
+        return Step(self._index, self.num_steps, timestep, self._branch)

@@ -119,11 +119,15 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
     return pipe
 
 
-def tiny_wan_pipeline(seed: int = 0) -> WanPipeline:
-    """A WanPipeline for 5 frames of 16x16 (2 latent frames, 32 video tokens) with CFG."""
+def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False) -> WanPipeline:
+    """A WanPipeline for 5 frames of 16x16 (2 latent frames, 32 video tokens) with CFG.
+
+    `two_experts`: Wan 2.2's layout, `transformer` for timesteps >= 800 and `transformer_2` below.
+    """
     from transformers import UMT5Config, UMT5EncoderModel
 
     transformer = tiny_wan_transformer(seed)
+    transformer_2 = tiny_wan_transformer(seed + 1) if two_experts else None
     torch.manual_seed(seed)
     text_encoder = UMT5EncoderModel(
         UMT5Config(vocab_size=1000, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4)
@@ -143,6 +147,8 @@ def tiny_wan_pipeline(seed: int = 0) -> WanPipeline:
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=0.8 if two_experts else None,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

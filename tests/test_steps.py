@@ -8,8 +8,9 @@ from cachekit.steps import StepTracker
 def trace(tracker, timesteps):
     out = []
     for timestep in timesteps:
-        step, new_generation = tracker.advance(timestep)
-        out.append((step.index, step.branch, new_generation))
+        generation = tracker.generation
+        step = tracker.advance(timestep)
+        out.append((step.index, step.branch, tracker.generation != generation))
     return out
 
 
@@ -53,8 +54,8 @@ def test_start_opens_a_generation_even_at_the_same_timestep():
     tracker = StepTracker(None)
     trace(tracker, [1.0, 0.5])
     tracker.start(num_steps=3)
-    step, new_generation = tracker.advance(0.5)
-    assert (step.index, step.branch, step.num_steps, new_generation) == (0, 0, 3, True)
+    step = tracker.advance(0.5)
+    assert (step.index, step.branch, step.num_steps, tracker.generation) == (0, 0, 3, 1)
     assert step.is_last is False
-    assert tracker.advance(0.3)[0].index == 1
-    assert tracker.advance(0.1)[0].is_last
+    assert tracker.advance(0.3).index == 1
+    assert tracker.advance(0.1).is_last
