@@ -56,6 +56,7 @@ CHROMA_SPEC = AdapterSpec(
 class ChromaAdapter(DeclarativeAdapter):
     spec = CHROMA_SPEC
     model_class = ChromaTransformer2DModel
+    model: ChromaTransformer2DModel
 
     def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
         first = self.model.transformer_blocks[0]

@@ -52,6 +52,7 @@ HIDREAM_SPEC = AdapterSpec(
 class HiDreamAdapter(DeclarativeAdapter):
     spec = HIDREAM_SPEC
     model_class = HiDreamImageTransformer2DModel
+    model: HiDreamImageTransformer2DModel
 
     def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
         first = self.model.double_stream_blocks[0].block

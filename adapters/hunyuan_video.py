@@ -46,11 +46,13 @@ HUNYUAN_VIDEO_SPEC = AdapterSpec(
 class HunyuanVideoAdapter(DeclarativeAdapter):
     spec = HUNYUAN_VIDEO_SPEC
     model_class = HunyuanVideoTransformer3DModel
+    model: HunyuanVideoTransformer3DModel
 
     @classmethod
     def matches(cls, model: torch.nn.Module) -> bool:
         # The image-to-video "token replace" variant modulates the first frame apart.
-        return super().matches(model) and model.config.image_condition_type != "token_replace"
+        condition = getattr(getattr(model, "config", None), "image_condition_type", None)
+        return super().matches(model) and condition != "token_replace"
 
     @classmethod
     def example(cls) -> ModelExample:

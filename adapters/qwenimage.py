@@ -39,6 +39,7 @@ QWENIMAGE_SPEC = AdapterSpec(
 class QwenImageAdapter(DeclarativeAdapter):
     spec = QWENIMAGE_SPEC
     model_class = QwenImageTransformer2DModel
+    model: QwenImageTransformer2DModel
 
     def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
         first = self.model.transformer_blocks[0]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "cachekit.adapter": ["Adapter", "BlockStreams", "ModuleSite", "OutputSite", "Point", "ResidualSpan", "SiteKind"],
+    "cachekit.declarative": ["DeclarativeAdapter", "declare_adapter"],
     "cachekit.errors": [
         "AlreadyAttachedError",
         "CachekitError",
@@ -27,7 +28,8 @@ _EXPORTS = {
     ],
     "cachekit.handle": ["CacheHandle", "apply"],
     "cachekit.hookspecs": ["hookimpl"],
-    "cachekit.policy": ["CachePolicy", "Signals", "Step"],
+    "cachekit.example": ["ModelExample"],
+    "cachekit.policy": ["CachePolicy", "ExampleConfigs", "Signals", "Step"],
     "cachekit.registry": [
         "get_strategy",
         "list_adapters",
@@ -63,6 +65,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from cachekit.adapter import Adapter, BlockStreams, ModuleSite, OutputSite, Point, ResidualSpan, SiteKind
+    from cachekit.declarative import DeclarativeAdapter, declare_adapter
     from cachekit.errors import (
         AlreadyAttachedError,
         CachekitError,
@@ -73,9 +76,10 @@ if TYPE_CHECKING:
         UnknownStrategyError,
         UnsupportedModelError,
     )
+    from cachekit.example import ModelExample
     from cachekit.handle import CacheHandle, apply
     from cachekit.hookspecs import hookimpl
-    from cachekit.policy import CachePolicy, Signals, Step
+    from cachekit.policy import CachePolicy, ExampleConfigs, Signals, Step
     from cachekit.registry import (
         get_strategy,
         list_adapters,

@@ -96,7 +96,7 @@ class BlockStreams:
             return (output,)
         return tuple(output[index] for index in self.outputs)
 
-    def pack(self, streams: Streams) -> Any:
+    def pack(self, streams: tuple[torch.Tensor | None, ...]) -> Any:
         """Shape `streams` the way the block returns them."""
         if self.outputs is None:
             return streams[0]

@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -68,7 +68,7 @@ class DeclarativeAdapter(Adapter):
     def _ordered_blocks(self) -> list[_Block]:
         lists = []
         for block_list in self.spec.blocks:
-            modules = self.model.get_submodule(block_list.path)
+            modules = cast(nn.ModuleList, self.model.get_submodule(block_list.path))
             lists.append([_Block(block_list, f"{block_list.path}.{i}", module) for i, module in enumerate(modules)])
         if not self.spec.interleave:
             return [block for blocks in lists for block in blocks]

@@ -149,8 +149,8 @@ def _split_target(target: Any) -> tuple[dict[str, nn.Module], Any | None]:
     """The transformers to hook, by component name, and for a pipeline its scheduler."""
     if isinstance(target, nn.Module):
         return {"transformer": target}, None
-    models = {name: getattr(target, name, None) for name in ("transformer", "transformer_2")}
-    models = {name: model for name, model in models.items() if isinstance(model, nn.Module)}
+    found = {name: getattr(target, name, None) for name in ("transformer", "transformer_2")}
+    models = {name: model for name, model in found.items() if isinstance(model, nn.Module)}
     if not models:
         raise TypeError(
             "cachekit.apply takes a diffusers pipeline with a `transformer` or a transformer module, "

@@ -188,7 +188,8 @@ class Runtime:
 
         A stream the block returned as None when computed (a last block that drops the text
         tokens) is returned as None again."""
-        passed = place.streams.read_inputs(args, kwargs)
+        inputs = place.streams.read_inputs(args, kwargs)
+        passed: Residual = inputs
         if place.closes:
             residual = self._residuals[call.step.branch].get(place.segment)
             if residual is None:
@@ -197,7 +198,7 @@ class Runtime:
                     "last computed: the model took a different path through its blocks"
                 )
             passed = tuple(
-                None if delta is None else value + delta for value, delta in zip(passed, residual, strict=True)
+                None if delta is None else value + delta for value, delta in zip(inputs, residual, strict=True)
             )
         return place.streams.pack(passed)
 

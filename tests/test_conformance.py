@@ -218,3 +218,22 @@ def test_reuse_at_a_nearly_identical_call_reproduces_the_computed_output(adapter
             reused = model(model.latents, 499.999)
         assert sum(counts.reused for counts in handle.stats.last.branches[0].sites.values()) > 0
         torch.testing.assert_close(reused, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("strategy_name", STRATEGIES)
+@pytest.mark.parametrize("modality", ["image", "video"])
+def test_full_pipeline_runs_under_each_strategy(modality, strategy_name):
+    """A whole diffusers pipeline (text encoder, scheduler, VAE) per modality, end to end."""
+    from cachekit.testing import run_flux, run_wan, tiny_flux_pipeline, tiny_wan_pipeline
+
+    pair = registry.registry().strategies[strategy_name].example_configs()
+    if pair is None:
+        pytest.skip(f"strategy {strategy_name!r} ships no example configs")
+    pipe, run = (tiny_flux_pipeline(), run_flux) if modality == "image" else (tiny_wan_pipeline(), run_wan)
+    reference = run(pipe, steps=STEPS)
+    with cachekit.apply(pipe, pair.never_reuses):
+        assert torch.equal(run(pipe, steps=STEPS), reference)
+    with cachekit.apply(pipe, pair.reuses) as handle:
+        output = run(pipe, steps=STEPS)
+    assert output.shape == reference.shape and torch.isfinite(output).all()
+    assert sum(counts.reused for b in handle.stats.last.branches.values() for counts in b.sites.values()) > 0

@@ -1,0 +1,127 @@
+"""Adapters written as data: a spec file for a DiT defined outside diffusers passes the same
+conformance checks as the built-in adapters, and mistakes in a spec are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import test_conformance as conformance
+import torch
+from custom_dit import TinyVideoDiT
+from pydantic import ValidationError
+
+import cachekit
+from cachekit.declarative import declare_adapter
+from cachekit.errors import MissingPointError
+from cachekit.example import ModelExample, branches, seeded, timestep_tensor
+from cachekit.hookspecs import hookimpl
+from cachekit.schemas import TeaCacheConfig
+from cachekit.schemas.adapter import AdapterSpec
+from cachekit.schemas.files import read_table
+
+SPEC_FILE = Path(__file__).parent / "data" / "tiny_video_dit.toml"
+
+
+class TinyVideoDiTAdapter(declare_adapter(SPEC_FILE, TinyVideoDiT)):
+    @classmethod
+    def example(cls) -> ModelExample:
+        generator = seeded()
+        model = TinyVideoDiT().eval()
+        text = branches(generator, encoder_hidden_states=(1, 5, 8))
+
+        def inputs(latents, t, branch):
+            return {"hidden_states": latents, "timestep": timestep_tensor(t), **text[branch]}
+
+        return ModelExample(model, torch.randn(1, 3, 6, 4, generator=generator), inputs)
+
+
+@pytest.fixture
+def declared(fresh_registry):
+    class Plugin:
+        @hookimpl
+        def cachekit_register_adapters(self, register):
+            register(TinyVideoDiTAdapter)
+
+    cachekit.register_plugin(Plugin(), "tiny-video-dit")
+    assert not fresh_registry.errors
+    return "tiny_video_dit"
+
+
+@pytest.mark.parametrize("strategy_name", ["uniform", "teacache", "pab"])
+def test_a_spec_file_adapter_passes_the_conformance_checks(declared, strategy_name):
+    conformance.test_never_reusing_is_bitwise_exact_and_remove_restores(declared, strategy_name)
+    conformance.test_reusing_with_cfg_runs_and_counts_match_executions(declared, strategy_name)
+
+
+def test_a_spec_file_adapter_provides_every_point(declared):
+    conformance.test_adapter_provides_every_point_it_does_not_declare_missing(declared)
+    conformance.test_reuse_at_a_nearly_identical_call_reproduces_the_computed_output(declared)
+
+
+def test_spatial_and_temporal_sites_and_per_block_residuals(declared):
+    model = TinyVideoDiT()
+    adapter = cachekit.resolve_adapter(model)(model)
+    assert [(site.name, site.kind.value, site.block) for site in adapter.attention_sites()] == [
+        ("spatial_blocks.0.attn", "spatial", 0),
+        ("spatial_blocks.0.cross", "cross", 0),
+        ("temporal_blocks.0.attn", "temporal", 1),
+        ("spatial_blocks.1.attn", "spatial", 2),
+        ("spatial_blocks.1.cross", "cross", 2),
+        ("temporal_blocks.1.attn", "temporal", 3),
+    ]
+    assert [len(segment) for segment in adapter.span().segments] == [1, 1, 1, 1]
+
+
+def test_probe_is_the_modulated_input_block_0_attends_to(declared):
+    model = TinyVideoDiT()
+    adapter = cachekit.resolve_adapter(model)(model)
+    seen = {}
+    first = model.spatial_blocks[0]
+
+    def on_block(_, args):
+        seen.setdefault("probe", adapter.probe(args, {}))
+
+    def on_attention(_, args):
+        seen.setdefault("oracle", args[0])
+
+    hooks = [first.register_forward_pre_hook(on_block), first.attn.register_forward_pre_hook(on_attention)]
+    with torch.no_grad():
+        model(torch.randn(2, 3, 6, 4), torch.tensor([700.0, 300.0]), torch.randn(2, 5, 8))
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(seen["probe"], seen["oracle"], rtol=0, atol=0)
+
+
+def test_a_point_the_spec_declares_missing_fails_at_attach_naming_it(fresh_registry):
+    table = read_table(SPEC_FILE)
+    del table["probe"]
+    table["missing"] = {"probe": "the modulation is fused into the attention kernel"}
+    adapter = declare_adapter(table, TinyVideoDiT)
+    assert not adapter.provides(cachekit.Point.PROBE)
+    cachekit.register_plugin(
+        type("Plugin", (), {"cachekit_register_adapters": hookimpl(lambda register: register(adapter))})
+    )
+    with pytest.raises(MissingPointError, match=r"'teacache' needs the 'probe' point.*TinyVideoDiT.*fused"):
+        cachekit.apply(
+            TinyVideoDiT(), TeaCacheConfig(rel_l1_thresh=0.1, coefficients=(1.0, 0.0), num_inference_steps=4)
+        )
+    uniform = cachekit.apply(TinyVideoDiT(), {"strategy": "uniform", "num_inference_steps": 4})
+    uniform.remove()
+
+
+def test_spec_mistakes_are_named():
+    table = read_table(SPEC_FILE)
+    with pytest.raises(TypeError, match="give a probe"):
+        declare_adapter({key: value for key, value in table.items() if key != "probe"}, TinyVideoDiT)
+    wrong_path = {**table, "blocks": [{**table["blocks"][0], "attention": {"atn": "spatial"}}, table["blocks"][1]]}
+    with pytest.raises(ValueError, match="no block of 'spatial_blocks' has a module 'atn'"):
+        declare_adapter(wrong_path, TinyVideoDiT)(TinyVideoDiT())
+    with pytest.raises(ValidationError, match="must say where it returns each"):
+        AdapterSpec.model_validate(
+            {**table, "blocks": [{"path": "spatial_blocks", "streams": [{"name": "a"}, {"name": "b"}]}]}
+        )
+    with pytest.raises(ValidationError, match="'temporal' is both declared"):
+        AdapterSpec.model_validate({**table, "missing_attention": {"temporal": "none"}})
+    with pytest.raises(ValidationError, match="attention"):
+        AdapterSpec.model_validate({**table, "blocks": [{**table["blocks"][0], "attention": {"attn": "diagonal"}}]})
