@@ -237,3 +237,34 @@ def test_full_pipeline_runs_under_each_strategy(modality, strategy_name):
         output = run(pipe, steps=STEPS)
     assert output.shape == reference.shape and torch.isfinite(output).all()
     assert sum(counts.reused for b in handle.stats.last.branches.values() for counts in b.sites.values()) > 0
+
+
+@pytest.mark.parametrize("adapter_name", ADAPTERS)
+def test_probe_is_the_modulated_input_block_0_attends_to(adapter_name):
+    """The oracle: block 0's first attention module is called on exactly the timestep-modulated
+    input, so the probe, computed before the block runs, must equal what that module receives."""
+    adapter_class = registry.registry().adapters[adapter_name]
+    if not adapter_class.provides(Point.PROBE):
+        pytest.skip(f"{adapter_name} has no 'probe': {adapter_class.missing[Point.PROBE]}")
+    model = example(adapter_name)
+    adapter = adapter_class(model.model)
+    attention = next(site.module for site in adapter.attention_sites() if site.block == 0)
+    seen: dict[str, torch.Tensor] = {}
+
+    def on_block(_, args, kwargs):
+        seen.setdefault("probe", adapter.probe(args, kwargs))
+
+    def on_attention(_, args, kwargs):
+        seen.setdefault("attended", kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+
+    hooks = [
+        adapter.blocks()[0].register_forward_pre_hook(on_block, with_kwargs=True),
+        attention.register_forward_pre_hook(on_attention, with_kwargs=True),
+    ]
+    try:
+        with torch.no_grad():
+            model(model.latents, 500.0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(seen["probe"], seen["attended"])
