@@ -12,6 +12,7 @@ from cachekit.declarative import DeclarativeAdapter
 from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
 from cachekit.schemas.adapter import (
+    FULL_3D,
     HIDDEN,
     TEMB,
     AdapterSpec,
@@ -36,7 +37,7 @@ ALLEGRO_SPEC = AdapterSpec(
         )
     ],
     probe=TableProbe(embedding=TEMB),
-    missing_attention={"temporal": "3D attention over all video tokens at once: no separate temporal attention"},
+    missing_attention={"temporal": FULL_3D},
 )
 
 

@@ -17,6 +17,8 @@ from cachekit.hookspecs import hookimpl
 from cachekit.schemas.adapter import (
     ENCODER,
     HIDDEN,
+    IMAGE_ONLY,
+    JOINT_TEXT,
     TEMB,
     AdapterSpec,
     Argument,
@@ -47,8 +49,8 @@ CHROMA_SPEC = AdapterSpec(
         ),
     ],
     missing_attention={
-        "temporal": "an image model has no temporal attention",
-        "cross": "joint attention over image and text tokens: there is no separate cross attention",
+        "temporal": IMAGE_ONLY,
+        "cross": JOINT_TEXT,
     },
 )
 

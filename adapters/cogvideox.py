@@ -13,7 +13,9 @@ from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
 from cachekit.schemas.adapter import (
     ENCODER,
+    FULL_3D,
     HIDDEN,
+    JOINT_TEXT,
     TEMB,
     AdapterSpec,
     Argument,
@@ -38,8 +40,8 @@ COGVIDEOX_SPEC = AdapterSpec(
     ],
     probe=NormProbe(arguments={"encoder_hidden_states": ENCODER, "temb": TEMB}),
     missing_attention={
-        "temporal": "3D attention over all video tokens at once: there is no separate temporal attention",
-        "cross": "joint attention over video and text tokens: there is no separate cross attention",
+        "temporal": FULL_3D,
+        "cross": JOINT_TEXT,
     },
 )
 

@@ -15,6 +15,8 @@ from cachekit.hookspecs import hookimpl
 from cachekit.schemas.adapter import (
     ENCODER,
     HIDDEN,
+    IMAGE_ONLY,
+    JOINT_TEXT,
     TEMB,
     AdapterSpec,
     Argument,
@@ -39,8 +41,8 @@ COGVIEW4_SPEC = AdapterSpec(
     ],
     probe=NormProbe(arguments={"encoder_hidden_states": ENCODER, "temb": TEMB}),
     missing_attention={
-        "temporal": "an image model has no temporal attention",
-        "cross": "joint attention over image and text tokens: there is no separate cross attention",
+        "temporal": IMAGE_ONLY,
+        "cross": JOINT_TEXT,
     },
 )
 

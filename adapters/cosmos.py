@@ -15,7 +15,7 @@ from cachekit.adapter import Adapter
 from cachekit.declarative import DeclarativeAdapter
 from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
-from cachekit.schemas.adapter import HIDDEN, AdapterSpec, Argument, BlockListSpec, NormProbe, OutputSpec
+from cachekit.schemas.adapter import FULL_3D, HIDDEN, AdapterSpec, Argument, BlockListSpec, NormProbe, OutputSpec
 
 COSMOS_SPEC = AdapterSpec(
     name="cosmos",
@@ -35,7 +35,7 @@ COSMOS_SPEC = AdapterSpec(
             "temb": Argument(name="temb", position=3),
         }
     ),
-    missing_attention={"temporal": "3D attention over all video tokens at once: no separate temporal attention"},
+    missing_attention={"temporal": FULL_3D},
 )
 
 

@@ -12,7 +12,7 @@ from cachekit.adapter import Adapter
 from cachekit.declarative import DeclarativeAdapter
 from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
-from cachekit.schemas.adapter import HIDDEN, AdapterSpec, Argument, BlockListSpec, NormProbe, OutputSpec
+from cachekit.schemas.adapter import HIDDEN, IMAGE_ONLY, AdapterSpec, Argument, BlockListSpec, NormProbe, OutputSpec
 
 DIT_SPEC = AdapterSpec(
     name="dit",
@@ -26,7 +26,7 @@ DIT_SPEC = AdapterSpec(
         dtype_argument="hidden_dtype",
     ),
     missing_attention={
-        "temporal": "an image model has no temporal attention",
+        "temporal": IMAGE_ONLY,
         "cross": "class-conditional: the label enters through the adaptive norms, there is no cross attention",
     },
 )

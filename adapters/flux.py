@@ -18,6 +18,8 @@ from cachekit.hookspecs import hookimpl
 from cachekit.schemas.adapter import (
     ENCODER,
     HIDDEN,
+    IMAGE_ONLY,
+    JOINT_TEXT,
     TEMB,
     AdapterSpec,
     Argument,
@@ -52,8 +54,8 @@ FLUX_SPEC = AdapterSpec(
     ],
     probe=NormProbe(arguments={"emb": TEMB}),
     missing_attention={
-        "temporal": "an image model has no temporal attention",
-        "cross": "joint attention over image and text tokens: there is no separate cross attention",
+        "temporal": IMAGE_ONLY,
+        "cross": JOINT_TEXT,
     },
 )
 

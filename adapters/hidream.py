@@ -17,7 +17,16 @@ from cachekit.adapter import Adapter, call_arg
 from cachekit.declarative import DeclarativeAdapter
 from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
-from cachekit.schemas.adapter import HIDDEN, AdapterSpec, Argument, BlockListSpec, OutputSpec, TimestepSpec
+from cachekit.schemas.adapter import (
+    HIDDEN,
+    IMAGE_ONLY,
+    JOINT_TEXT,
+    AdapterSpec,
+    Argument,
+    BlockListSpec,
+    OutputSpec,
+    TimestepSpec,
+)
 
 _TEMB = Argument(name="temb", position=3)
 
@@ -43,8 +52,8 @@ HIDREAM_SPEC = AdapterSpec(
         ),
     ],
     missing_attention={
-        "temporal": "an image model has no temporal attention",
-        "cross": "joint attention over image and text tokens: there is no separate cross attention",
+        "temporal": IMAGE_ONLY,
+        "cross": JOINT_TEXT,
     },
 )
 

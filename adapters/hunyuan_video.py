@@ -13,7 +13,17 @@ from cachekit.adapter import Adapter
 from cachekit.declarative import DeclarativeAdapter
 from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
-from cachekit.schemas.adapter import ENCODER, HIDDEN, TEMB, AdapterSpec, BlockListSpec, NormProbe, OutputSpec
+from cachekit.schemas.adapter import (
+    ENCODER,
+    FULL_3D,
+    HIDDEN,
+    JOINT_TEXT,
+    TEMB,
+    AdapterSpec,
+    BlockListSpec,
+    NormProbe,
+    OutputSpec,
+)
 
 HUNYUAN_VIDEO_SPEC = AdapterSpec(
     name="hunyuan_video",
@@ -37,8 +47,8 @@ HUNYUAN_VIDEO_SPEC = AdapterSpec(
     ],
     probe=NormProbe(arguments={"emb": TEMB}),
     missing_attention={
-        "temporal": "attention runs over all video tokens at once: there is no separate temporal attention",
-        "cross": "joint attention over video and text tokens: there is no separate cross attention",
+        "temporal": FULL_3D,
+        "cross": JOINT_TEXT,
     },
 )
 

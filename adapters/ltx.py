@@ -13,6 +13,7 @@ from cachekit.declarative import DeclarativeAdapter
 from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
 from cachekit.schemas.adapter import (
+    FULL_3D,
     HIDDEN,
     TEMB,
     AdapterSpec,
@@ -37,7 +38,7 @@ LTX_SPEC = AdapterSpec(
         )
     ],
     probe=TableProbe(embedding=TEMB),
-    missing_attention={"temporal": "self-attention runs over all video tokens at once: no separate temporal attention"},
+    missing_attention={"temporal": FULL_3D},
 )
 
 

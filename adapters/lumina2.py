@@ -16,7 +16,17 @@ from cachekit.adapter import Adapter
 from cachekit.declarative import DeclarativeAdapter
 from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
-from cachekit.schemas.adapter import HIDDEN, AdapterSpec, Argument, BlockListSpec, NormProbe, OutputSpec, TimestepSpec
+from cachekit.schemas.adapter import (
+    HIDDEN,
+    IMAGE_ONLY,
+    JOINT_TEXT,
+    AdapterSpec,
+    Argument,
+    BlockListSpec,
+    NormProbe,
+    OutputSpec,
+    TimestepSpec,
+)
 
 LUMINA2_SPEC = AdapterSpec(
     name="lumina2",
@@ -28,8 +38,8 @@ LUMINA2_SPEC = AdapterSpec(
     ],
     probe=NormProbe(arguments={"emb": Argument(name="temb", position=3)}),
     missing_attention={
-        "temporal": "an image model has no temporal attention",
-        "cross": "joint attention over image and caption tokens: there is no separate cross attention",
+        "temporal": IMAGE_ONLY,
+        "cross": JOINT_TEXT,
     },
 )
 

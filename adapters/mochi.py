@@ -17,7 +17,9 @@ from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
 from cachekit.schemas.adapter import (
     ENCODER,
+    FULL_3D,
     HIDDEN,
+    JOINT_TEXT,
     TEMB,
     AdapterSpec,
     Argument,
@@ -43,8 +45,8 @@ MOCHI_SPEC = AdapterSpec(
     ],
     probe=NormProbe(arguments={"emb": TEMB}),
     missing_attention={
-        "temporal": "attention runs over all video tokens at once: there is no separate temporal attention",
-        "cross": "joint attention over video and text tokens: there is no separate cross attention",
+        "temporal": FULL_3D,
+        "cross": JOINT_TEXT,
     },
 )
 

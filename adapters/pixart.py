@@ -11,7 +11,16 @@ from cachekit.adapter import Adapter
 from cachekit.declarative import DeclarativeAdapter
 from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
-from cachekit.schemas.adapter import HIDDEN, AdapterSpec, Argument, BlockListSpec, OutputSpec, TableProbe, TimestepSpec
+from cachekit.schemas.adapter import (
+    HIDDEN,
+    IMAGE_ONLY,
+    AdapterSpec,
+    Argument,
+    BlockListSpec,
+    OutputSpec,
+    TableProbe,
+    TimestepSpec,
+)
 
 PIXART_SPEC = AdapterSpec(
     name="pixart",
@@ -27,7 +36,7 @@ PIXART_SPEC = AdapterSpec(
         )
     ],
     probe=TableProbe(embedding=Argument(name="timestep", position=4)),
-    missing_attention={"temporal": "an image model has no temporal attention"},
+    missing_attention={"temporal": IMAGE_ONLY},
 )
 
 

@@ -13,7 +13,17 @@ from cachekit.adapter import Adapter, call_arg
 from cachekit.declarative import DeclarativeAdapter
 from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
-from cachekit.schemas.adapter import ENCODER, HIDDEN, AdapterSpec, Argument, BlockListSpec, OutputSpec, TimestepSpec
+from cachekit.schemas.adapter import (
+    ENCODER,
+    HIDDEN,
+    IMAGE_ONLY,
+    JOINT_TEXT,
+    AdapterSpec,
+    Argument,
+    BlockListSpec,
+    OutputSpec,
+    TimestepSpec,
+)
 
 QWENIMAGE_SPEC = AdapterSpec(
     name="qwenimage",
@@ -30,8 +40,8 @@ QWENIMAGE_SPEC = AdapterSpec(
         )
     ],
     missing_attention={
-        "temporal": "an image model has no temporal attention",
-        "cross": "joint attention over image and text tokens: there is no separate cross attention",
+        "temporal": IMAGE_ONLY,
+        "cross": JOINT_TEXT,
     },
 )
 

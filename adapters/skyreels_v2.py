@@ -12,14 +12,14 @@ from cachekit.adapters.wan import WAN_BLOCKS
 from cachekit.declarative import DeclarativeAdapter
 from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
-from cachekit.schemas.adapter import TEMB, AdapterSpec, OutputSpec, TableProbe
+from cachekit.schemas.adapter import FULL_3D, TEMB, AdapterSpec, OutputSpec, TableProbe
 
 SKYREELS_V2_SPEC = AdapterSpec(
     name="skyreels_v2",
     timestep_embedding=OutputSpec(module="condition_embedder", index=0),
     blocks=[WAN_BLOCKS],
     probe=TableProbe(embedding=TEMB, float32=True),
-    missing_attention={"temporal": "self-attention runs over all video tokens at once: no separate temporal attention"},
+    missing_attention={"temporal": FULL_3D},
 )
 
 

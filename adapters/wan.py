@@ -15,7 +15,7 @@ from cachekit.adapter import Adapter
 from cachekit.declarative import DeclarativeAdapter
 from cachekit.example import ModelExample, branches, seeded, timestep_tensor
 from cachekit.hookspecs import hookimpl
-from cachekit.schemas.adapter import AdapterSpec, Argument, BlockListSpec, OutputSpec, TableProbe
+from cachekit.schemas.adapter import FULL_3D, AdapterSpec, Argument, BlockListSpec, OutputSpec, TableProbe
 
 # (hidden_states, encoder_hidden_states, temb, rotary_emb) -> hidden_states
 WAN_BLOCKS = BlockListSpec(
@@ -30,7 +30,7 @@ WAN_SPEC = AdapterSpec(
     timestep_embedding=OutputSpec(module="condition_embedder", index=0),
     blocks=[WAN_BLOCKS],
     probe=TableProbe(embedding=Argument(name="temb", position=2), float32=True),
-    missing_attention={"temporal": "self-attention runs over all video tokens at once: no separate temporal attention"},
+    missing_attention={"temporal": FULL_3D},
 )
 
 

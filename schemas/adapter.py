@@ -142,3 +142,8 @@ class AdapterSpec(_Spec):
 HIDDEN = Argument(name="hidden_states", position=0)
 ENCODER = Argument(name="encoder_hidden_states", position=1)
 TEMB = Argument(name="temb", position=2)
+
+#: Why a family lacks an attention kind, in the words most families share.
+IMAGE_ONLY = "an image model has no temporal attention"
+FULL_3D = "attention runs over all video tokens at once: there is no separate temporal attention"
+JOINT_TEXT = "joint attention over the image or video tokens and the text tokens: there is no separate cross attention"
