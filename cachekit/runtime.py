@@ -3,9 +3,9 @@
 Hooks (diffusers' `ModelHook`s, so they stack with diffusers' own offloading and casting hooks)
 sit on the transformer, on the blocks of the residual span and on attention/MLP modules, only
 where the policy asked. The transformer hook turns each call into a step and branch; the first
-span block asks the policy; on reuse the span blocks pass their inputs through and the last one
-adds the branch's stored residual; a module site returns the branch's stored output instead of
-running. Nothing else changes: what computes runs its own forward on the exact same arguments.
+span block asks the policy; on reuse the span blocks pass their inputs through and the last block
+of each segment adds the branch's stored residual for it; a module site returns the branch's
+stored output instead of running. Nothing else changes: what computes runs its own forward on the exact same arguments.
 """
 
 from __future__ import annotations
