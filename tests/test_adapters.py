@@ -10,7 +10,7 @@ import cachekit
 from cachekit import SiteKind
 from cachekit.adapters.flux import FluxAdapter
 from cachekit.adapters.wan import WanAdapter
-from cachekit.testing import run_flux, tiny_flux_transformer
+from cachekit.testing import run_flux, tiny_flux_transformer, tiny_wan_transformer
 
 
 def attention_inputs(module):
@@ -75,3 +75,22 @@ def test_resolution_picks_the_adapter_of_the_most_derived_class(wan_pipe):
 
     assert cachekit.resolve_adapter(MyFlux.from_config(tiny_flux_transformer().config)) is FluxAdapter
     assert cachekit.resolve_adapter(wan_pipe.transformer) is WanAdapter
+
+
+def test_wan_probe_with_a_timestep_per_token_matches_the_attention_input():
+    """Wan 2.2 TI2V gives every video token its own timestep: the modulation is per token."""
+    model = tiny_wan_transformer()
+    adapter = WanAdapter(model)
+    seen = {}
+
+    def on_block(_, args, kwargs):
+        seen.setdefault("probe", adapter.probe(args, kwargs))
+
+    oracle, hook = attention_inputs(model.blocks[0].attn1)
+    block_hook = model.blocks[0].register_forward_pre_hook(on_block, with_kwargs=True)
+    timestep = torch.linspace(900, 100, 32)[None]  # 2 frames of 4x4 tokens
+    with torch.no_grad():
+        model(hidden_states=torch.randn(1, 4, 2, 8, 8), timestep=timestep, encoder_hidden_states=torch.randn(1, 8, 16))
+    hook.remove()
+    block_hook.remove()
+    torch.testing.assert_close(seen["probe"], oracle[0], rtol=0, atol=0)
