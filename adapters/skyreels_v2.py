@@ -29,21 +29,10 @@ class SkyReelsV2Adapter(DeclarativeAdapter):
 
     @classmethod
     def example(cls) -> ModelExample:
+        from cachekit.testing import TINY_WAN_CONFIG
+
         def build() -> SkyReelsV2Transformer3DModel:
-            return SkyReelsV2Transformer3DModel(
-                patch_size=(1, 2, 2),
-                num_attention_heads=2,
-                attention_head_dim=12,
-                in_channels=4,
-                out_channels=4,
-                text_dim=16,
-                freq_dim=256,
-                ffn_dim=32,
-                num_layers=2,
-                cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads",
-                rope_max_seq_len=32,
-            )
+            return SkyReelsV2Transformer3DModel(**TINY_WAN_CONFIG, num_layers=2)
 
         return example_of(cls, build, (1, 4, 2, 8, 8), {"encoder_hidden_states": (1, 8, 16)})
 

@@ -42,22 +42,25 @@ def tiny_flux_transformer(
     ).eval()
 
 
+#: Wan's block structure at toy size (SkyReels-V2 shares it).
+TINY_WAN_CONFIG: dict[str, Any] = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "in_channels": 4,
+    "out_channels": 4,
+    "text_dim": 16,
+    "freq_dim": 256,
+    "ffn_dim": 32,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 32,
+}
+
+
 def tiny_wan_transformer(seed: int = 0, num_layers: int = 2) -> WanTransformer3DModel:
     torch.manual_seed(seed)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=256,
-        ffn_dim=32,
-        num_layers=num_layers,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
+    return WanTransformer3DModel(**TINY_WAN_CONFIG, num_layers=num_layers).eval()
 
 
 def _t5_tokenizer() -> Any:
