@@ -133,8 +133,8 @@ class Adapter:
     """Base class of model-family adapters.
 
     Subclasses set `name` and `model_class`, implement the points their model has, and list in
-    `missing` the points it lacks with the reason, so a policy needing one fails at attach time;
-    likewise `missing_attention` for kinds of attention the model does not have.
+    `missing` the points it lacks with the reason, so a policy needing one fails at attach time,
+    and in `missing_attention` the kinds of attention it lacks, with the reason.
     """
 
     name: ClassVar[str]
@@ -166,15 +166,6 @@ class Adapter:
                 f"strategy {policy_name!r} needs the {point.value!r} point, which the "
                 f"{self.name!r} adapter does not provide for {type(self.model).__name__}: "
                 f"{self.missing[point]}"
-            )
-
-    def require_attention(self, kind: SiteKind, policy_name: str) -> None:
-        """Fail if a policy was configured for a kind of attention the model does not have."""
-        if kind in self.missing_attention:
-            raise MissingPointError(
-                f"strategy {policy_name!r} was configured for {kind.value!r} attention, which the "
-                f"{self.name!r} adapter does not provide for {type(self.model).__name__}: "
-                f"{self.missing_attention[kind]}"
             )
 
     @classmethod
