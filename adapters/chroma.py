@@ -12,7 +12,7 @@ from diffusers import ChromaTransformer2DModel
 
 from cachekit.adapter import Adapter, call_arg
 from cachekit.declarative import DeclarativeAdapter
-from cachekit.example import ModelExample, example_of
+from cachekit.example import ModelExample, example_of, image_ids
 from cachekit.hookspecs import hookimpl
 from cachekit.schemas.adapter import (
     ENCODER,
@@ -83,13 +83,12 @@ class ChromaAdapter(DeclarativeAdapter):
                 approximator_num_channels=16,
             )
 
-        img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"))
         return example_of(
             cls,
             build,
             (1, 16, 4),
             {"encoder_hidden_states": (1, 6, 32)},
-            img_ids=img_ids.reshape(3, -1).T,
+            img_ids=image_ids(4, 4),
             txt_ids=torch.zeros(6, 3),
         )
 

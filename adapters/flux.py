@@ -13,7 +13,7 @@ from diffusers import FluxTransformer2DModel
 
 from cachekit.adapter import Adapter
 from cachekit.declarative import DeclarativeAdapter
-from cachekit.example import ModelExample, branches, seeded, timestep_tensor
+from cachekit.example import ModelExample, example_of, image_ids
 from cachekit.hookspecs import hookimpl
 from cachekit.schemas.adapter import (
     ENCODER,
@@ -68,22 +68,14 @@ class FluxAdapter(DeclarativeAdapter):
     def example(cls) -> ModelExample:
         from cachekit.testing import tiny_flux_transformer
 
-        generator = seeded()
-        model = tiny_flux_transformer()
-        text = branches(generator, encoder_hidden_states=(1, 8, 32), pooled_projections=(1, 32))
-        img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(4.0), torch.arange(4.0), indexing="ij"))
-        img_ids = img_ids.reshape(3, -1).T
-
-        def inputs(latents: torch.Tensor, t: float, branch: int) -> dict[str, object]:
-            return {
-                "hidden_states": latents,
-                "timestep": timestep_tensor(t / 1000),
-                "img_ids": img_ids,
-                "txt_ids": torch.zeros(8, 3),
-                **text[branch],
-            }
-
-        return ModelExample(model, torch.randn(1, 16, 4, generator=generator), inputs)
+        return example_of(
+            cls,
+            tiny_flux_transformer,
+            (1, 16, 4),  # 4x4 packed tokens
+            {"encoder_hidden_states": (1, 8, 32), "pooled_projections": (1, 32)},
+            img_ids=image_ids(4, 4),
+            txt_ids=torch.zeros(8, 3),
+        )
 
 
 @hookimpl

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from diffusers import WanTransformer3DModel
 
 from cachekit.adapter import Adapter
 from cachekit.declarative import DeclarativeAdapter
-from cachekit.example import ModelExample, branches, seeded, timestep_tensor
+from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
 from cachekit.schemas.adapter import FULL_3D, AdapterSpec, Argument, BlockListSpec, OutputSpec, TableProbe
 
@@ -42,14 +41,7 @@ class WanAdapter(DeclarativeAdapter):
     def example(cls) -> ModelExample:
         from cachekit.testing import tiny_wan_transformer
 
-        generator = seeded()
-        model = tiny_wan_transformer()
-        text = branches(generator, encoder_hidden_states=(1, 8, 16))
-
-        def inputs(latents: torch.Tensor, t: float, branch: int) -> dict[str, object]:
-            return {"hidden_states": latents, "timestep": timestep_tensor(t), **text[branch]}
-
-        return ModelExample(model, torch.randn(1, 4, 2, 8, 8, generator=generator), inputs)
+        return example_of(cls, tiny_wan_transformer, (1, 4, 2, 8, 8), {"encoder_hidden_states": (1, 8, 16)})
 
 
 @hookimpl

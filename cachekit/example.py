@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from cachekit.declarative import DeclarativeAdapter
 
 
 @dataclass
@@ -32,23 +35,14 @@ class ModelExample:
         return output if output.shape == latents.shape else output[:, : latents.shape[1]]
 
 
-def seeded(seed: int = 0) -> torch.Generator:
-    """Seed the global RNG (module init) and return a generator for the inputs."""
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-def branches(generator: torch.Generator, **shapes: tuple[int, ...]) -> list[dict[str, torch.Tensor]]:
-    """Random conditioning tensors of the given shapes for the two CFG branches."""
-    return [{name: torch.randn(shape, generator=generator) for name, shape in shapes.items()} for _ in range(2)]
-
-
-def timestep_tensor(value: float, batch: int = 1) -> torch.Tensor:
-    return torch.full((batch,), value)
+def image_ids(height: int, width: int) -> torch.Tensor:
+    """Flux-style position ids (0, row, column) of a height x width grid of image tokens."""
+    grid = torch.meshgrid(torch.zeros(1), torch.arange(float(height)), torch.arange(float(width)), indexing="ij")
+    return torch.stack(grid).reshape(3, -1).T
 
 
 def example_of(
-    adapter: Any,
+    adapter: type[DeclarativeAdapter],
     build: Callable[[], nn.Module],
     latents: tuple[int, ...],
     conditions: dict[str, tuple[int, ...]],
@@ -58,16 +52,19 @@ def example_of(
     """The usual example: `build()` seeded, random latents, random `conditions` per CFG branch
     (and `branch_values`: given values per branch), constant extra arguments; the timestep goes
     in the way the adapter's spec reads it back."""
-    generator = seeded()
+    torch.manual_seed(0)  # the weights
     model = build().eval()
+    generator = torch.Generator().manual_seed(0)  # the inputs
     spec = adapter.spec.timestep
-    per_branch = branches(generator, **conditions)
+    per_branch = [
+        {name: torch.randn(shape, generator=generator) for name, shape in conditions.items()} for _ in range(2)
+    ]
     for name, values in (branch_values or {}).items():
         for branch, value in zip(per_branch, values, strict=True):
             branch[name] = value
 
     def inputs(latents: torch.Tensor, t: float, branch: int) -> dict[str, Any]:
-        timestep = timestep_tensor((t - spec.offset) / spec.scale, latents.shape[0])
+        timestep = torch.full((latents.shape[0],), (t - spec.offset) / spec.scale)
         return {"hidden_states": latents, spec.argument.name: timestep, **constants, **per_branch[branch]}
 
     return ModelExample(model, torch.randn(latents, generator=generator), inputs)

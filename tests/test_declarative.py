@@ -14,7 +14,7 @@ from pydantic import ValidationError
 import cachekit
 from cachekit.declarative import declare_adapter
 from cachekit.errors import MissingPointError
-from cachekit.example import ModelExample, branches, seeded, timestep_tensor
+from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
 from cachekit.schemas import TeaCacheConfig
 from cachekit.schemas.adapter import AdapterSpec
@@ -26,14 +26,7 @@ SPEC_FILE = Path(__file__).parent / "data" / "tiny_video_dit.toml"
 class TinyVideoDiTAdapter(declare_adapter(SPEC_FILE, TinyVideoDiT)):
     @classmethod
     def example(cls) -> ModelExample:
-        generator = seeded()
-        model = TinyVideoDiT().eval()
-        text = branches(generator, encoder_hidden_states=(1, 5, 8))
-
-        def inputs(latents, t, branch):
-            return {"hidden_states": latents, "timestep": timestep_tensor(t), **text[branch]}
-
-        return ModelExample(model, torch.randn(1, 3, 6, 4, generator=generator), inputs)
+        return example_of(cls, TinyVideoDiT, (1, 3, 6, 4), {"encoder_hidden_states": (1, 5, 8)})
 
 
 @pytest.fixture
