@@ -34,9 +34,13 @@ class CacheHandle:
 
     def __init__(self, runtimes: dict[str, Runtime], scheduler: Any | None) -> None:
         self._runtimes = runtimes
-        self._runtime = next(iter(runtimes.values()))
         self._removed = False
         self._unwatch = self._watch(scheduler) if scheduler is not None else None
+
+    @property
+    def _runtime(self) -> Runtime:
+        """The first transformer's: the one `policy`, `adapter` and `stats` speak for."""
+        return next(iter(self._runtimes.values()))
 
     @property
     def policy(self) -> CachePolicy[Any]:
