@@ -23,6 +23,7 @@ from cachekit.schemas.adapter import (
     AdapterSpec,
     Argument,
     BlockListSpec,
+    LatentSpec,
     OutputSpec,
     TimestepSpec,
 )
@@ -32,6 +33,7 @@ CHROMA_SPEC = AdapterSpec(
     # Chroma pipelines pass t / 1000.
     timestep=TimestepSpec(argument=Argument(name="timestep", position=2), scale=1000),
     timestep_embedding=OutputSpec(module="distilled_guidance_layer"),
+    latent=LatentSpec(layout="BNC", ids=Argument(name="img_ids", position=3)),
     blocks=[
         BlockListSpec(
             path="transformer_blocks",

@@ -20,6 +20,7 @@ from cachekit.schemas.adapter import (
     AdapterSpec,
     Argument,
     BlockListSpec,
+    LatentSpec,
     NormProbe,
     OutputSpec,
     TimestepSpec,
@@ -29,6 +30,7 @@ COGVIDEOX_SPEC = AdapterSpec(
     name="cogvideox",
     timestep=TimestepSpec(argument=Argument(name="timestep", position=2)),
     timestep_embedding=OutputSpec(module="time_embedding"),
+    latent=LatentSpec(layout="BTCHW"),  # CogVideoX latents put the frames before the channels
     blocks=[
         BlockListSpec(
             path="transformer_blocks",

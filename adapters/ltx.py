@@ -19,6 +19,7 @@ from cachekit.schemas.adapter import (
     AdapterSpec,
     Argument,
     BlockListSpec,
+    LatentSpec,
     OutputSpec,
     TableProbe,
     TimestepSpec,
@@ -29,6 +30,11 @@ LTX_SPEC = AdapterSpec(
     timestep=TimestepSpec(argument=Argument(name="timestep", position=2)),
     # time_embed returns (projected timestep, embedded timestep); the blocks get the projection.
     timestep_embedding=OutputSpec(module="time_embed", index=1),
+    # packed tokens in (frame, row, column) raster order
+    latent=LatentSpec(
+        layout="BNC",
+        grid=[Argument(name="num_frames", position=4), Argument(name="height", position=5), Argument(name="width", position=6)],
+    ),
     blocks=[
         BlockListSpec(
             path="transformer_blocks",

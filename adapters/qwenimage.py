@@ -59,6 +59,14 @@ class QwenImageAdapter(DeclarativeAdapter):
         index = kwargs.get("modulate_index", args[6] if len(args) > 6 else None)
         return first._modulate(first.img_norm1(hidden_states), shift_scale_gate, index)[0]
 
+    def latent(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """The generated image's packed tokens (those of edit images follow them) on their grid."""
+        tokens = call_arg(args, kwargs, 0, "hidden_states")
+        shapes = call_arg(args, kwargs, 4, "img_shapes")[0]  # per sample: (frames, h, w), or a list of them
+        frames, height, width = shapes[0] if isinstance(shapes, list) else shapes
+        generated = tokens[:, : frames * height * width].transpose(1, 2)
+        return generated.unflatten(-1, (frames, height, width))
+
     @classmethod
     def example(cls) -> ModelExample:
         def build() -> QwenImageTransformer2DModel:

@@ -23,16 +23,20 @@ _EXPORTS = {
         "MissingPointError",
         "PluginError",
         "PolicyError",
+        "UnknownEstimatorError",
         "UnknownStrategyError",
         "UnsupportedModelError",
     ],
+    "cachekit.estimator": ["Estimator"],
     "cachekit.handle": ["CacheHandle", "apply"],
     "cachekit.hookspecs": ["hookimpl"],
     "cachekit.example": ["ModelExample"],
     "cachekit.policy": ["CachePolicy", "ExampleConfigs", "Signals", "Step"],
     "cachekit.registry": [
+        "get_estimator",
         "get_strategy",
         "list_adapters",
+        "list_estimators",
         "list_strategies",
         "make_config",
         "plugin_errors",
@@ -46,7 +50,19 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 __all__ = sorted(_MODULE_OF)
 
 
-_SUBMODULES = {"adapters", "calibrate", "metrics", "schemas", "strategies", "study", "testbed", "testing", "tune"}
+_SUBMODULES = {
+    "adapters",
+    "calibrate",
+    "estimators",
+    "metrics",
+    "registry",
+    "schemas",
+    "strategies",
+    "study",
+    "testbed",
+    "testing",
+    "tune",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -73,16 +89,20 @@ if TYPE_CHECKING:
         MissingPointError,
         PluginError,
         PolicyError,
+        UnknownEstimatorError,
         UnknownStrategyError,
         UnsupportedModelError,
     )
+    from cachekit.estimator import Estimator
     from cachekit.example import ModelExample
     from cachekit.handle import CacheHandle, apply
     from cachekit.hookspecs import hookimpl
     from cachekit.policy import CachePolicy, ExampleConfigs, Signals, Step
     from cachekit.registry import (
+        get_estimator,
         get_strategy,
         list_adapters,
+        list_estimators,
         list_strategies,
         make_config,
         plugin_errors,

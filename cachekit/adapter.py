@@ -29,6 +29,8 @@ class Point(StrEnum):
     """A place in the model a policy can ask for."""
 
     STEP = "step"  # the timestep of each transformer call
+    LATENT = "latent"  # the noisy latent each transformer call is made on
+    OUTPUT = "output"  # the prediction each transformer call returns
     PROBE = "probe"  # the first block's timestep-modulated input
     TIMESTEP_EMBEDDING = "timestep_embedding"  # the timestep embedding the blocks are conditioned on
     SPAN = "span"  # the run of blocks whose residual can be cached
@@ -178,6 +180,14 @@ class Adapter:
     def timestep(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
         """The timestep of a transformer call on the 0-1000 training scale, from its arguments."""
         raise NotImplementedError
+
+    def latent(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """The noisy latent of a transformer call, laid out (batch, channels, frames, height, width)."""
+        raise NotImplementedError
+
+    def prediction(self, output: Any) -> torch.Tensor:
+        """The prediction a transformer call returned (diffusers: a tuple, or an output object)."""
+        return output[0] if isinstance(output, tuple) else output.sample
 
     def timestep_embedding(self) -> OutputSite:
         """Where the timestep embedding the blocks are conditioned on comes out."""

@@ -26,7 +26,7 @@ from cachekit.adapter import (
     SiteKind,
     call_arg,
 )
-from cachekit.schemas.adapter import AdapterSpec, Argument, BlockListSpec, NormProbe, TableProbe
+from cachekit.schemas.adapter import AdapterSpec, Argument, BlockListSpec, LatentSpec, NormProbe, TableProbe
 from cachekit.schemas.files import read_table
 
 
@@ -125,6 +125,10 @@ class DeclarativeAdapter(Adapter):
         spec = self.spec.timestep
         return spec.offset + spec.scale * _argument(args, kwargs, spec.argument)
 
+    def latent(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
+        spec = self.spec.latent
+        return _laid_out(spec, _argument(args, kwargs, spec.argument), args, kwargs, self.name)
+
     def timestep_embedding(self) -> OutputSite:
         spec = self.spec.timestep_embedding
         assert spec is not None  # declared missing otherwise
@@ -166,6 +170,44 @@ def _table_modulation(
         shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
     normed = block.get_submodule(probe.norm)(hidden_states)
     return normed * (1 + scale) + shift
+
+
+def _laid_out(
+    spec: LatentSpec, latent: torch.Tensor, args: tuple[Any, ...], kwargs: Mapping[str, Any], adapter: str
+) -> torch.Tensor:
+    """`latent` as (batch, channels, frames, height, width)."""
+    layout = spec.layout or {5: "BCTHW", 4: "BCHW"}.get(latent.ndim)
+    if layout is None or len(layout) != latent.ndim:
+        raise ValueError(
+            f"adapter {adapter!r}: its latent has shape {tuple(latent.shape)}, which does not fit the layout "
+            f"{layout or 'BCTHW or BCHW'}; declare the layout in its spec"
+        )
+    if layout == "BCTHW":
+        return latent
+    if layout == "BCHW":
+        return latent.unsqueeze(2)
+    if layout == "BTCHW":
+        return latent.transpose(1, 2)
+    if layout == "BTNC":  # frames of packed tokens
+        latent = latent.permute(0, 3, 1, 2)  # B, C, T, N
+    else:  # BNC
+        latent = latent.transpose(1, 2).unsqueeze(2)  # B, C, 1, N
+    if spec.grid is not None:
+        sizes = [int(_argument(args, kwargs, argument)) for argument in spec.grid]
+        return latent.reshape(*latent.shape[:2], -1, *sizes[-2:])
+    if spec.ids is not None:
+        return _placed(latent.squeeze(2), _argument(args, kwargs, spec.ids))
+    return latent.unsqueeze(-1)  # the tokens as one axis
+
+
+def _placed(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Tokens (batch, channels, tokens) put on the grid their (frame, row, column) ids name."""
+    ids = (ids[0] if ids.ndim == 3 else ids).round().long()
+    ids = ids - ids.min(dim=0).values
+    frames, height, width = (int(size) + 1 for size in ids.max(dim=0).values)
+    grid = tokens.new_zeros(*tokens.shape[:2], frames * height * width)
+    grid[..., (ids[:, 0] * height + ids[:, 1]) * width + ids[:, 2]] = tokens
+    return grid.unflatten(-1, (frames, height, width))
 
 
 def _streams(spec: BlockListSpec) -> BlockStreams:

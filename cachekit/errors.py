@@ -9,6 +9,10 @@ class UnknownStrategyError(CachekitError, LookupError):
     """A strategy name that no loaded plugin registers."""
 
 
+class UnknownEstimatorError(CachekitError, LookupError):
+    """An estimator kind that no loaded plugin registers."""
+
+
 class UnsupportedModelError(CachekitError, TypeError):
     """A model no registered adapter knows."""
 

@@ -13,7 +13,7 @@ from torch import nn
 from cachekit.adapter import Adapter
 from cachekit.errors import AlreadyAttachedError, HandleRemovedError
 from cachekit.policy import CachePolicy
-from cachekit.registry import get_strategy, make_config, resolve_adapter
+from cachekit.registry import get_estimator, get_strategy, make_config, resolve_adapter
 from cachekit.runtime import Runtime
 from cachekit.schemas import PolicyConfig
 from cachekit.stats import CacheStats
@@ -128,19 +128,22 @@ def apply(target: Any, config: PolicyConfig | Mapping[str, Any] | str | os.PathL
                 f"{type(model).__name__} already has a cache policy attached ({_ATTACHED[model]!r}); "
                 "remove that handle first"
             )
-    if policy_class.needs_num_steps and scheduler is None and config.num_inference_steps is None:
+    policies = {name: policy_class(config) for name in models}
+    needs_num_steps = any(policy.needs_num_steps for policy in policies.values())  # the instance's, set by config
+    if needs_num_steps and scheduler is None and config.num_inference_steps is None:
         raise ValueError(
             f"strategy {config.strategy!r} must know the generation's last step: apply it to the "
             "pipeline, or set num_inference_steps in its config when applying it to a bare transformer"
         )
+    estimator_class = get_estimator(config.estimator.kind)
     tracker = StepTracker(config.num_inference_steps)  # experts share the steps of one generation
     runtimes = {}
     for name, model in models.items():
         adapter = resolve_adapter(model)(model)
-        policy = policy_class(config)
+        policy = policies[name]
         for point in sorted(policy.required_points()):
             adapter.require(point, policy.name())
-        runtimes[name] = Runtime(model, adapter, policy, tracker)
+        runtimes[name] = Runtime(model, adapter, policy, estimator_class(config.estimator), tracker)
     for runtime in runtimes.values():
         runtime.install()
     handle = CacheHandle(runtimes, scheduler)

@@ -1,6 +1,6 @@
 """The whole plugin contract. A plugin is a module (or object) listed under the entry-point group
-``cachekit`` that implements one or both hooks; the built-in strategies and adapters are plugins
-of exactly this kind.
+``cachekit`` that implements any of these hooks; the built-in strategies, estimators and adapters
+are plugins of exactly this kind.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from cachekit.adapter import Adapter
+    from cachekit.estimator import Estimator
     from cachekit.policy import CachePolicy
 
 hookspec = pluggy.HookspecMarker("cachekit")
@@ -26,3 +27,8 @@ def cachekit_register_strategies(register: Callable[[type[CachePolicy]], None]) 
 @hookspec
 def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
     """Call ``register(AdapterClass)`` for each model family this plugin supports."""
+
+
+@hookspec
+def cachekit_register_estimators(register: Callable[[type[Estimator]], None]) -> None:
+    """Call ``register(EstimatorClass)`` for each estimator (how skipped values are produced)."""

@@ -38,6 +38,11 @@ class Signals:
 
     probe: torch.Tensor | None = None
     timestep_embedding: torch.Tensor | None = None
+    #: The transformer's noisy input, (batch, channels, frames, height, width) (Point.LATENT).
+    latent: torch.Tensor | None = None
+    #: With blocks always computed at the head of the span: their residual (output - input) on the
+    #: first stream, one tensor per run of blocks between which the model leaves the tokens alone.
+    head_residual: tuple[torch.Tensor, ...] | None = None
 
 
 class ExampleConfigs(NamedTuple):
@@ -83,7 +88,7 @@ class CachePolicy(Generic[ConfigT]):
         return {}
 
     def may_reuse(self, site: ModuleSite) -> bool:
-        """Whether `site`'s output may ever be reused; outputs that never are are not kept."""
+        """Whether `site`'s output may ever be skipped; outputs that never are are not kept."""
         return True
 
     def new_state(self) -> Any:
@@ -91,9 +96,18 @@ class CachePolicy(Generic[ConfigT]):
         return None
 
     def decide_span(self, step: Step, signals: Signals, state: Any) -> bool:
-        """True: run the residual span; False: re-apply this branch's last residual."""
+        """True: run the residual span; False: produce its residual with the estimator."""
         raise NotImplementedError(f"{type(self).__name__} requires the span but does not decide it")
 
     def decide_module(self, step: Step, site: ModuleSite, state: Any) -> bool:
-        """True: run the attention or MLP module at `site`; False: reuse this branch's last output."""
+        """True: run the attention or MLP module at `site`; False: produce its output with the estimator."""
         raise NotImplementedError(f"{type(self).__name__} requires module sites but does not decide them")
+
+    def always_computed(self) -> tuple[int, int]:
+        """(first, last): how many blocks at the start and at the end of the span run on every
+        call; `decide_span` then decides the blocks between, and the first blocks' residual is
+        handed to it as `signals.head_residual` (the DBCache shape)."""
+        return (0, 0)
+
+    def observe(self, step: Step, output: torch.Tensor, state: Any) -> None:
+        """After each transformer call, its prediction; called for policies requiring Point.OUTPUT."""

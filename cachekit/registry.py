@@ -1,4 +1,4 @@
-"""Which strategies and adapters exist.
+"""Which strategies, estimators and adapters exist.
 
 Every plugin listed under the entry-point group ``cachekit`` (the built-ins included) is loaded
 once, on first use, each in isolation: a plugin that fails to import or to register is reported
@@ -20,9 +20,11 @@ from torch import nn
 
 from cachekit import hookspecs
 from cachekit.adapter import Adapter
-from cachekit.errors import PluginError, UnknownStrategyError, UnsupportedModelError
+from cachekit.errors import PluginError, UnknownEstimatorError, UnknownStrategyError, UnsupportedModelError
+from cachekit.estimator import Estimator
 from cachekit.policy import CachePolicy
 from cachekit.schemas import PolicyConfig
+from cachekit.schemas.estimators import EstimatorConfig, PluginEstimatorConfig
 from cachekit.schemas.files import SUFFIXES, read_table
 
 ENTRY_POINT_GROUP = "cachekit"
@@ -38,6 +40,7 @@ class Registry:
         self._plugins.add_hookspecs(hookspecs)
         self.strategies: dict[str, type[CachePolicy[Any]]] = {}
         self.adapters: dict[str, type[Adapter]] = {}
+        self.estimators: dict[str, type[Estimator[Any]]] = {}
         self._origin: dict[tuple[str, str], str] = {}  # (kind, name) -> plugin that registered it
         #: Plugin name -> why it failed to load or register.
         self.errors: dict[str, str] = {}
@@ -61,6 +64,7 @@ class Registry:
         registrations: list[tuple[str, Callable[[Any], None]]] = [
             ("cachekit_register_strategies", functools.partial(self._add_strategy, name)),
             ("cachekit_register_adapters", functools.partial(self._add_adapter, name)),
+            ("cachekit_register_estimators", functools.partial(self._add_estimator, name)),
         ]
         for hook_name, register in registrations:
             for impl in getattr(self._plugins.hook, hook_name).get_hookimpls():
@@ -84,6 +88,14 @@ class Registry:
             raise PluginError(f"registered {adapter!r}, which is not an Adapter subclass")
         self._claim("adapter", adapter.name, plugin)
         self.adapters[adapter.name] = adapter
+
+    def _add_estimator(self, plugin: str, estimator: type[Estimator[Any]]) -> None:
+        if not (isinstance(estimator, type) and issubclass(estimator, Estimator)):
+            raise PluginError(f"registered {estimator!r}, which is not an Estimator subclass")
+        if not issubclass(getattr(estimator, "config_class", object), EstimatorConfig):
+            raise PluginError(f"{estimator.__name__}.config_class must be an EstimatorConfig subclass")
+        self._claim("estimator", estimator.name(), plugin)
+        self.estimators[estimator.name()] = estimator
 
     def _claim(self, kind: str, name: str, plugin: str) -> None:
         owner = self._origin.setdefault((kind, name), plugin)
@@ -116,6 +128,10 @@ def list_adapters() -> list[str]:
     return sorted(registry().adapters)
 
 
+def list_estimators() -> list[str]:
+    return sorted(registry().estimators)
+
+
 def plugin_errors() -> dict[str, str]:
     """Plugins that failed to load, each with the reason."""
     return dict(registry().errors)
@@ -128,6 +144,15 @@ def get_strategy(name: str) -> type[CachePolicy[Any]]:
             f"unknown strategy {name!r}; known strategies: {', '.join(sorted(strategies)) or 'none'}"
         )
     return strategies[name]
+
+
+def get_estimator(name: str) -> type[Estimator[Any]]:
+    estimators = registry().estimators
+    if name not in estimators:
+        raise UnknownEstimatorError(
+            f"unknown estimator kind {name!r}; known kinds: {', '.join(sorted(estimators)) or 'none'}"
+        )
+    return estimators[name]
 
 
 def resolve_adapter(model: nn.Module) -> type[Adapter]:
@@ -144,26 +169,37 @@ def resolve_adapter(model: nn.Module) -> type[Adapter]:
 
 def make_config(config: PolicyConfig | Mapping[str, Any] | str | os.PathLike[str]) -> PolicyConfig:
     """A validated config from a config object, a dict with a ``strategy`` key, a JSON or TOML
-    file, or a bare strategy name (its defaults)."""
+    file, or a bare strategy name (its defaults); its estimator validated against the registry."""
     if isinstance(config, PolicyConfig):
         expected = get_strategy(config.strategy).config_class
         if not isinstance(config, expected):
             raise TypeError(f"strategy {config.strategy!r} takes a {expected.__name__}, got {type(config).__name__}")
-        return config
+        return _with_registered_estimator(config)
     if isinstance(config, os.PathLike) or (isinstance(config, str) and config.endswith((".json", ".toml"))):
         return make_config(_read_config_file(Path(config)))
     if isinstance(config, str):
-        return get_strategy(config).config_class.model_validate({"strategy": config})
+        return make_config(get_strategy(config).config_class.model_validate({"strategy": config}))
     if isinstance(config, Mapping):
         if "strategy" not in config:
             raise ValueError(
                 f"a policy config needs a 'strategy' key; known strategies: {', '.join(list_strategies())}"
             )
-        return get_strategy(config["strategy"]).config_class.model_validate(dict(config))
+        return make_config(get_strategy(config["strategy"]).config_class.model_validate(dict(config)))
     raise TypeError(
         f"a policy config must be a PolicyConfig, a dict with a 'strategy' key, a .json/.toml path "
         f"or a strategy name, got {type(config).__name__}"
     )
+
+
+def _with_registered_estimator(config: PolicyConfig) -> PolicyConfig:
+    """`config` with its estimator validated by the config class its kind registered."""
+    estimator = config.estimator
+    expected = get_estimator(estimator.kind).config_class
+    if isinstance(estimator, expected):
+        return config
+    if not isinstance(estimator, PluginEstimatorConfig):
+        raise TypeError(f"estimator {estimator.kind!r} takes a {expected.__name__}, got {type(estimator).__name__}")
+    return config.model_copy(update={"estimator": expected.model_validate(estimator.fields())})
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:

@@ -1,11 +1,13 @@
-"""The plumbing between one transformer and one policy.
+"""The plumbing between one transformer, one policy and its estimator.
 
 Hooks (diffusers' `ModelHook`s, so they stack with diffusers' own offloading and casting hooks)
 sit on the transformer, on the blocks of the residual span and on attention/MLP modules, only
 where the policy asked. The transformer hook turns each call into a step and branch; the first
 span block asks the policy; on reuse the span blocks pass their inputs through and the last block
-of each segment adds the branch's stored residual for it; a module site returns the branch's
-stored output instead of running. Nothing else changes: what computes runs its own forward on the exact same arguments.
+of each segment adds the residual the estimator gives for it (the last computed one, for a copy);
+a module site returns the estimator's output instead of running. Blocks the policy keeps computed
+at the head and tail of the span always run. Nothing else changes: what computes runs its own
+forward on the exact same arguments.
 """
 
 from __future__ import annotations
@@ -14,17 +16,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from cachekit.adapter import Adapter, BlockStreams, ModuleSite, OutputSite, Point, Streams
+from cachekit.adapter import Adapter, BlockStreams, ModuleSite, OutputSite, Point, Segment, Streams
 from cachekit.errors import PolicyError
+from cachekit.estimator import Estimator, Kept
 from cachekit.policy import CachePolicy, Signals, Step
 from cachekit.stats import BranchStats, CacheStats, GenerationStats
 from cachekit.steps import StepTracker
 
 Residual = tuple[torch.Tensor | None, ...]
+#: What a branch keeps, by site: ("span", segment) for the span's residuals, (module, run) for a module's outputs.
+Key = tuple[str, int]
 
 HOOK_NAME = "cachekit"
 
@@ -36,7 +42,12 @@ class _Call:
     step: Step
     stats: BranchStats
     state: Any
+    kept: dict[Key, Kept]  # this branch's
+    latent: torch.Tensor | None = None
+    probe: torch.Tensor | None = None
     inputs: dict[int, Streams] = field(default_factory=dict)  # segment -> its streams on entry
+    head_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # head segment -> first stream on entry
+    head_residual: list[torch.Tensor] = field(default_factory=list)
     compute: bool = True
     module_runs: dict[str, int] = field(default_factory=dict)  # site -> runs so far in this call
     module_decisions: dict[str, bool] = field(default_factory=dict)  # site -> decision of this call
@@ -44,25 +55,36 @@ class _Call:
 
 
 class Runtime:
-    def __init__(self, model: nn.Module, adapter: Adapter, policy: CachePolicy[Any], tracker: StepTracker):
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        policy: CachePolicy[Any],
+        estimator: Estimator[Any],
+        tracker: StepTracker,
+    ):
         self.model = model
         self.adapter = adapter
         self.policy = policy
+        self.estimator = estimator
         self.tracker = tracker  # shared by the experts of one pipeline
         self._generation = -1  # the tracker's generation this runtime's state belongs to
         self._joined_late = False  # this transformer's first call of the generation came after step 0
-        self.stats = CacheStats(strategy=policy.name(), adapter=adapter.name, info=policy.attach(adapter))
+        info = {**policy.attach(adapter), "estimator": policy.config.estimator.model_dump(mode="json")}
+        self.stats = CacheStats(strategy=policy.name(), adapter=adapter.name, info=info)
         points = policy.required_points()
         self._wants_probe = Point.PROBE in points
+        self._wants_latent = Point.LATENT in points
+        self._wants_output = Point.OUTPUT in points
         self._embedding = adapter.timestep_embedding() if Point.TIMESTEP_EMBEDDING in points else None
-        self._span = adapter.span() if Point.SPAN in points else None
+        self._places = _places(adapter, policy) if Point.SPAN in points else []
         self._sites = [
             *(adapter.attention_sites() if Point.ATTENTION in points else []),
             *(adapter.mlp_sites() if Point.MLP in points else []),
         ]
         self._states: dict[int, Any] = {}
-        self._residuals: dict[int, dict[int, Residual]] = {}  # branch -> segment -> residual
-        self._outputs: dict[int, dict[tuple[str, int], Any]] = {}  # branch -> (site, occurrence) -> output
+        self._kept: dict[int, dict[Key, Kept]] = {}  # branch -> site -> what the estimator keeps
+        self._computed_segments: dict[int, set[int]] = {}  # branch -> segments of its last computed span
         self._call: _Call | None = None
         self._installed: list[tuple[nn.Module, bool, bool]] = []
 
@@ -72,11 +94,8 @@ class Runtime:
         self._hook(self.model, _CallHook(self))
         if self._embedding is not None:
             self._hook(self._embedding.module, _EmbeddingHook(self, self._embedding))
-        if self._span is not None:
-            for number, segment in enumerate(self._span.segments):
-                for position, (block, streams) in enumerate(segment):
-                    place = _SpanPlace(number, position == 0, position == len(segment) - 1, streams)
-                    self._hook(block, _SpanBlockHook(self, place))
+        for block, place in self._places:
+            self._hook(block, _SpanBlockHook(self, place))
         for site in self._sites:
             self._hook(site.module, _ModuleSiteHook(self, site, self.policy.may_reuse(site)))
         self._forget_cached_children()
@@ -116,8 +135,8 @@ class Runtime:
             self._generation = self.tracker.generation
             self._joined_late = step.index > 0
             self._states.clear()
-            self._residuals.clear()
-            self._outputs.clear()
+            self._kept.clear()
+            self._computed_segments.clear()
             self.stats.generations.append(GenerationStats(self.tracker.num_steps))
         branch_stats = self.stats.last.branch(step.branch)
         branch_stats.calls += 1
@@ -125,11 +144,17 @@ class Runtime:
             branch_stats.module_schedule.append(0)
         if step.branch not in self._states:
             self._states[step.branch] = self.policy.new_state()
-        self._call = _Call(step, branch_stats, self._states[step.branch])
+        kept = self._kept.setdefault(step.branch, {})
+        self._call = _Call(step, branch_stats, self._states[step.branch], kept)
+        if self._wants_latent:
+            self._call.latent = self.adapter.latent(args, kwargs)
 
     @torch.compiler.disable
-    def end_call(self) -> None:
-        self._call = None
+    def end_call(self, output: Any) -> None:
+        """The call is over (`output` None: it raised)."""
+        call, self._call = self._call, None
+        if self._wants_output and call is not None and output is not None:
+            self.policy.observe(call.step, self.adapter.prediction(output), call.state)
 
     @torch.compiler.disable
     def embedding_computed(self, embedding: Any) -> None:
@@ -145,8 +170,12 @@ class Runtime:
         call = self._call
         if call is None:  # a block run on its own, outside a transformer call
             return forward(*args, **kwargs)
-        if place.opens and place.segment == 0:
-            self._decide_span(call, args, kwargs)
+        if place.first_block and self._wants_probe:
+            self._keep_probe(call, args, kwargs)
+        if place.head:
+            return self._head_block(call, place, forward, args, kwargs)
+        if place.decides:
+            self._decide_span(call)
         if not call.compute:
             return self._pass_through(call, place, args, kwargs)
         if place.opens:
@@ -156,51 +185,92 @@ class Runtime:
             self._keep_residual(call, place, output)
         return output
 
+    def _head_block(
+        self, call: _Call, place: _SpanPlace, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Any:
+        """A block the policy keeps computed before the span it decides: runs, and its segment's
+        residual on the first stream becomes a signal."""
+        if place.opens:
+            call.head_inputs[place.segment] = place.streams.read_inputs(args, kwargs)[0]
+        output = forward(*args, **kwargs)
+        if place.closes:
+            self._keep_head_residual(call, place, output)
+        return output
+
     @torch.compiler.disable
-    def _decide_span(self, call: _Call, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    def _keep_probe(self, call: _Call, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        call.probe = self.adapter.probe(args, kwargs)
+
+    @torch.compiler.disable
+    def _keep_head_residual(self, call: _Call, place: _SpanPlace, output: Any) -> None:
+        call.head_residual.append(place.streams.read_outputs(output)[0] - call.head_inputs[place.segment])
+
+    @torch.compiler.disable
+    def _decide_span(self, call: _Call) -> None:
         signals = Signals(
-            probe=self.adapter.probe(args, kwargs) if self._wants_probe else None,
+            probe=call.probe,
             timestep_embedding=call.timestep_embedding,
+            latent=call.latent,
+            head_residual=tuple(call.head_residual) if call.head_residual else None,
         )
-        call.compute = self.policy.decide_span(call.step, signals, call.state)
-        if not call.compute and call.step.branch not in self._residuals:
+        call.compute = self._decision(self.policy.decide_span(call.step, signals, call.state), "decide_span")
+        if not call.compute and ("span", 0) not in call.kept:
             call.compute = self._compute_first("the span", call.step)
         call.stats.count("span", call.compute)
         call.stats.span_schedule.append(call.compute)
 
+    def _decision(self, decision: Any, method: str) -> bool:
+        """A policy's answer as a bool; anything else (a forgotten return, a tensor) is its mistake."""
+        if isinstance(decision, bool | np.bool_):
+            return bool(decision)
+        raise PolicyError(
+            f"{type(self.policy).__name__}.{method} returned {decision!r} ({type(decision).__name__}); "
+            "a decision must be True (compute) or False (skip)"
+        )
+
     @torch.compiler.disable
     def _keep_inputs(self, call: _Call, place: _SpanPlace, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        if place.segment == 0:  # a new computed span: forget the residuals of the last one
-            self._residuals[call.step.branch] = {}
+        if place.decides:
+            self._computed_segments[call.step.branch] = set()
         call.inputs[place.segment] = place.streams.read_inputs(args, kwargs)
 
     @torch.compiler.disable
     def _keep_residual(self, call: _Call, place: _SpanPlace, output: Any) -> None:
         outputs = place.streams.read_outputs(output)
         inputs = call.inputs[place.segment]
-        self._residuals[call.step.branch][place.segment] = tuple(
-            None if out is None else out - inp for out, inp in zip(outputs, inputs, strict=True)
-        )
+        residual = tuple(None if out is None else out - inp for out, inp in zip(outputs, inputs, strict=True))
+        self._record(call, ("span", place.segment), residual)
+        self._computed_segments[call.step.branch].add(place.segment)
 
     @torch.compiler.disable
     def _pass_through(self, call: _Call, place: _SpanPlace, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
-        """On reuse: the block's inputs unchanged, plus the segment's residual at its last block.
+        """On reuse: the block's inputs unchanged, plus the segment's estimated residual at its
+        last block.
 
         A stream the block returned as None when computed (a last block that drops the text
         tokens) is returned as None again."""
         inputs = place.streams.read_inputs(args, kwargs)
         passed: Residual = inputs
         if place.closes:
-            residual = self._residuals[call.step.branch].get(place.segment)
-            if residual is None:
+            if place.segment not in self._computed_segments.get(call.step.branch, ()):
                 raise PolicyError(
                     f"segment {place.segment} of the residual span ran while reusing, but not when the span was "
                     "last computed: the model took a different path through its blocks"
                 )
+            residual = call.kept[("span", place.segment)].estimate(call.step)
             passed = tuple(
                 None if delta is None else value + delta for value, delta in zip(inputs, residual, strict=True)
             )
         return place.streams.pack(passed)
+
+    def _record(self, call: _Call, key: Key, value: Any) -> None:
+        """A computed value into the branch's estimator state for `key`; the memory kept is counted."""
+        kept = call.kept.get(key)
+        if kept is None:
+            kept = call.kept[key] = Kept(self.estimator)
+        before = kept.nbytes()
+        kept.record(value, call.step)
+        call.stats.keep(kept.nbytes() - before)
 
     def module_site(
         self,
@@ -215,7 +285,7 @@ class Runtime:
             return forward(*args, **kwargs)
         compute, key = self._decide_module(call, site)
         if not compute:
-            return self._outputs[call.step.branch][key]
+            return self._estimate(call, key)
         output = forward(*args, **kwargs)
         if keep:
             self._keep_output(call, key, output)
@@ -229,18 +299,23 @@ class Runtime:
         occurrence = call.module_runs.get(site.name, 0)
         call.module_runs[site.name] = occurrence + 1
         if occurrence == 0:
-            call.module_decisions[site.name] = self.policy.decide_module(call.step, site, call.state)
+            decision = self.policy.decide_module(call.step, site, call.state)
+            call.module_decisions[site.name] = self._decision(decision, "decide_module")
         compute = call.module_decisions[site.name]
         key = (site.name, occurrence)
-        if not compute and key not in self._outputs.get(call.step.branch, {}):
+        if not compute and key not in call.kept:
             compute = call.module_decisions[site.name] = self._compute_first(site.name, call.step)
         call.stats.count(site.kind.value, compute)
         call.stats.module_schedule[-1] += compute
         return compute, key
 
     @torch.compiler.disable
-    def _keep_output(self, call: _Call, key: tuple[str, int], output: Any) -> None:
-        self._outputs.setdefault(call.step.branch, {})[key] = output
+    def _keep_output(self, call: _Call, key: Key, output: Any) -> None:
+        self._record(call, key, output)
+
+    @torch.compiler.disable
+    def _estimate(self, call: _Call, key: Key) -> Any:
+        return call.kept[key].estimate(call.step)
 
     def _compute_first(self, what: str, step: Step) -> bool:
         """A reuse with nothing stored: the second expert of a pipeline starts mid-generation with
@@ -263,19 +338,64 @@ class _CallHook(ModelHook):
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         self.runtime.begin_call(args, kwargs)
         try:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        finally:
-            self.runtime.end_call()
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        except BaseException:
+            self.runtime.end_call(None)
+            raise
+        self.runtime.end_call(output)
+        return output
 
 
 @dataclass(frozen=True)
 class _SpanPlace:
-    """Where a block sits in the residual span."""
+    """Where a block sits in the residual span. The blocks the policy keeps computed at the head
+    are numbered in segments of their own; the tail's are not hooked."""
 
     segment: int
     opens: bool  # first block of its segment
     closes: bool  # last block of its segment
     streams: BlockStreams
+    head: bool = False  # always computed, before the decided span
+    decides: bool = False  # the first block of the decided span: the policy decides here
+    first_block: bool = False  # block 0 of the model: the probe is read here
+
+
+def _places(adapter: Adapter, policy: CachePolicy[Any]) -> list[tuple[nn.Module, _SpanPlace]]:
+    """Each block of the span the policy runs on, with its place: segments cut where the head
+    (always computed) ends and the tail (always computed, not hooked) begins."""
+    segments = adapter.span().segments
+    blocks = sum(len(segment) for segment in segments)
+    first, last = policy.always_computed()
+    if first < 0 or last < 0 or first + last >= blocks:
+        raise ValueError(
+            f"strategy {policy.name()!r} keeps {first} blocks at the head and {last} at the tail of the span always "
+            f"computed, but {type(adapter.model).__name__} has {blocks} blocks: at least one must remain to skip "
+            f"(need 0 <= first + last < {blocks})"
+        )
+    head: list[Segment] = []
+    decided: list[Segment] = []
+    index = 0
+    for segment in segments:
+        for region, low, high in ((head, 0, first), (decided, first, blocks - last)):
+            part = tuple(entry for position, entry in enumerate(segment, start=index) if low <= position < high)
+            if part:
+                region.append(part)
+        index += len(segment)
+    places = []
+    for region, is_head in ((head, True), (decided, False)):
+        for number, segment in enumerate(region):
+            for position, (block, streams) in enumerate(segment):
+                place = _SpanPlace(
+                    segment=number,
+                    opens=position == 0,
+                    closes=position == len(segment) - 1,
+                    streams=streams,
+                    head=is_head,
+                    decides=not is_head and number == 0 and position == 0,
+                    first_block=not places,
+                )
+                places.append((block, place))
+    return places
 
 
 class _SpanBlockHook(ModelHook):

@@ -30,9 +30,17 @@ class BranchStats:
     span_schedule: list[bool] = field(default_factory=list)
     #: Per call, how many attention/MLP module sites computed (for module-level policies).
     module_schedule: list[int] = field(default_factory=list)
+    #: Bytes of tensors the estimator keeps for this branch (residuals, outputs, their history):
+    #: now, and the most at any point of the generation.
+    kept_bytes: int = 0
+    peak_kept_bytes: int = 0
 
     def count(self, site: str, computed: bool) -> None:
         self.sites.setdefault(site, SiteCounts()).count(computed)
+
+    def keep(self, change: int) -> None:
+        self.kept_bytes += change
+        self.peak_kept_bytes = max(self.peak_kept_bytes, self.kept_bytes)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-PointName = Literal["step", "probe", "timestep_embedding", "span", "attention", "mlp", "blocks"]
+PointName = Literal["step", "latent", "output", "probe", "timestep_embedding", "span", "attention", "mlp", "blocks"]
 AttentionKind = Literal["spatial", "temporal", "cross"]
 
 
@@ -79,6 +79,34 @@ class BlockListSpec(_Spec):
         return self
 
 
+class LatentSpec(_Spec):
+    """The noisy latent a transformer call is made on, and how its axes lie, so that it can be seen
+    as (batch, channels, frames, height, width): B batch, C channels, T frames, H and W the grid,
+    N packed tokens (laid on the grid by `ids` or `grid`; without either, one axis)."""
+
+    argument: Argument = Argument(name="hidden_states", position=0)
+    layout: Literal["BCTHW", "BCHW", "BTCHW", "BNC", "BTNC"] | None = Field(
+        default=None, description="None: BCTHW for a 5-D latent, BCHW for a 4-D one."
+    )
+    ids: Argument | None = Field(
+        default=None, description="Packed tokens: the argument holding each token's (frame, row, column)."
+    )
+    grid: list[Argument] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=3,
+        description="Packed tokens in raster order: the arguments giving ([frames,] height, width).",
+    )
+
+    @model_validator(mode="after")
+    def _tokens_laid_once(self) -> LatentSpec:
+        if (self.ids is not None or self.grid is not None) and self.layout not in ("BNC", "BTNC"):
+            raise ValueError("latent: ids and grid lay out packed tokens; give layout 'BNC' or 'BTNC'")
+        if self.ids is not None and self.grid is not None:
+            raise ValueError("latent: give ids or grid, not both")
+        return self
+
+
 class NormProbe(_Spec):
     """Probe = the first block's adaptive norm, called on the hidden states and block arguments."""
 
@@ -112,6 +140,7 @@ class AdapterSpec(_Spec):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="Adapter name, as in presets and studies.")
     timestep: TimestepSpec = TimestepSpec()
     timestep_embedding: OutputSpec | None = None
+    latent: LatentSpec = LatentSpec()
     blocks: list[BlockListSpec] = Field(min_length=1, description="Block lists in the order the model runs them.")
     interleave: bool = Field(
         default=False, description="The lists' blocks run alternately (list 0 block 0, list 1 block 0, ...)."

@@ -6,9 +6,14 @@ plugin, brings a subclass of `PolicyConfig` whose `strategy` field is a fixed li
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny
+
+from cachekit.schemas.estimators import CopyConfig, EstimatorConfig, parse_estimator
+
+#: An estimator config, or its kind name, or a dict with its ``kind``.
+Estimator = Annotated[SerializeAsAny[EstimatorConfig], BeforeValidator(parse_estimator)]
 
 
 class PolicyConfig(BaseModel):
@@ -24,6 +29,11 @@ class PolicyConfig(BaseModel):
             "Steps in one generation. Needed only on a bare transformer by policies that must "
             "know the last step; on a pipeline it is read from the scheduler."
         ),
+    )
+    estimator: Estimator = Field(
+        default=CopyConfig(),
+        description='How a skipped value is produced: "copy" (the last computed value), "taylor" (a forecast '
+        'from the last computed values, e.g. {"kind": "taylor", "order": 2}), "foca", or a plugin\'s kind.',
     )
 
     @classmethod

@@ -151,6 +151,7 @@ def test_preset_is_picked_from_the_model_config_and_reported():
         "rel_l1_thresh": 0.25,
         "probe": "modulated_input",
         "warmup_steps": 1,
+        "estimator": {"kind": "copy"},
     }
 
 

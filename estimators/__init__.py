@@ -1,0 +1,1 @@
+"""Built-in estimators, one module each, each registered as a ``cachekit`` plugin."""
