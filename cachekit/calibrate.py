@@ -20,12 +20,9 @@ from cachekit.adapter import Adapter
 from cachekit.registry import resolve_adapter
 from cachekit.schemas import CalibrationSpec, TeaCachePreset
 from cachekit.schemas.teacache import Probe
+from cachekit.signals import relative_l1
 from cachekit.steps import StepTracker
 from cachekit.study.models import StudyModel, load_model
-
-
-def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
-    return ((current - previous).abs().mean() / previous.abs().mean()).item()
 
 
 @dataclass

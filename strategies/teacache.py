@@ -19,6 +19,7 @@ from cachekit.adapter import Adapter, Point
 from cachekit.hookspecs import hookimpl
 from cachekit.policy import CachePolicy, ExampleConfigs, Signals, Step
 from cachekit.schemas import TeaCacheConfig, TeaCachePreset, load_preset, presets_for, teacache_presets
+from cachekit.signals import relative_l1
 
 
 @dataclass
@@ -110,7 +111,7 @@ class TeaCachePolicy(CachePolicy[TeaCacheConfig]):
         if forced or previous is None:
             state.accumulated = 0.0
             return True
-        change = ((probe - previous).abs().mean() / previous.abs().mean()).item()
+        change = relative_l1(probe, previous)
         state.accumulated += _horner(self.coefficients, change)
         if state.accumulated < self.threshold:
             return False

@@ -134,15 +134,16 @@ class RunCounter:
     """Counts, per module, the calls in which its own computation ran.
 
     A call counts when at least one of the leaf submodules watched for it ran inside it (all its
-    leaves, or those of `inner[module]`); a leaf module counts when it returned a tensor never seen
-    before (a reused output is an old tensor).
+    leaves, or those of `inner[module]`). A module that is itself a leaf counts each time its own
+    `forward` runs: the counter wraps it before any hook is installed, so a hook that skips the
+    module skips the wrapper too.
     """
 
     def __init__(self, modules: list[nn.Module], inner: dict[nn.Module, list[nn.Module]] | None = None) -> None:
         self.counts = [0] * len(modules)
         self._ran = [False] * len(modules)
-        self._seen: list[torch.Tensor] = []  # kept alive, so ids are never recycled
         self._handles = []
+        self._wrapped: list[nn.Module] = []
         for index, module in enumerate(modules):
             watched = (inner or {}).get(module, [module])
             leaves = [
@@ -152,7 +153,7 @@ class RunCounter:
                 if sub is not module and next(sub.children(), None) is None
             ]
             if not leaves:
-                self._handles.append(module.register_forward_hook(self._leaf_module(index)))
+                self._wrap(module, index)
                 continue
             self._handles.append(module.register_forward_pre_hook(self._enter(index)))
             self._handles += [leaf.register_forward_hook(self._leaf(index)) for leaf in leaves]
@@ -176,14 +177,18 @@ class RunCounter:
 
         return hook
 
-    def _leaf_module(self, index: int):
-        def hook(_module: nn.Module, _args: object, output: torch.Tensor) -> None:
-            if all(output is not old for old in self._seen):
-                self._seen.append(output)
-                self.counts[index] += 1
+    def _wrap(self, module: nn.Module, index: int) -> None:
+        forward = module.forward
 
-        return hook
+        def counted(*args, **kwargs):
+            self.counts[index] += 1
+            return forward(*args, **kwargs)
+
+        module.forward = counted
+        self._wrapped.append(module)
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
+        for module in self._wrapped:
+            del module.forward

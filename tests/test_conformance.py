@@ -21,6 +21,19 @@ from cachekit.example import ModelExample
 
 ADAPTERS = sorted(registry.registry().adapters)
 STRATEGIES = sorted(registry.registry().strategies)
+ESTIMATORS = sorted(registry.registry().estimators)
+#: Every strategy with a copy and with a second-order Taylor forecast; every other estimator (a
+#: plugin's included) with a span-level and a module-level strategy.
+POLICIES = [
+    *((strategy, estimator) for strategy in STRATEGIES for estimator in ("copy", "taylor")),
+    *(
+        (strategy, estimator)
+        for strategy in ("uniform", "pab")
+        for estimator in ESTIMATORS
+        if estimator not in ("copy", "taylor")
+    ),
+]
+ESTIMATOR_CONFIGS = {"taylor": {"kind": "taylor", "order": 2}}
 STEPS = 6
 #: 0-1000 timesteps of the loop, noisy to clean, as a flow-matching pipeline would run them.
 TIMESTEPS = [1000.0 * (1 - i / STEPS) for i in range(STEPS)]
@@ -45,9 +58,9 @@ def denoise(model: ModelExample, steps: int = STEPS, guidance: float = 3.0) -> t
     return latents
 
 
-def configs(adapter_name: str, strategy_name: str):
-    """The strategy's example configs for this adapter; skips with the declared reason if the
-    adapter lacks a point the strategy needs."""
+def configs(adapter_name: str, strategy_name: str, estimator: str | None = None):
+    """The strategy's example configs for this adapter (with `estimator`, else the strategy's
+    own); skips with the declared reason if the adapter lacks a point the strategy needs."""
     adapter = registry.registry().adapters[adapter_name]
     policy_class = registry.registry().strategies[strategy_name]
     pair = policy_class.example_configs()
@@ -57,13 +70,16 @@ def configs(adapter_name: str, strategy_name: str):
         for point in sorted(policy_class(config).required_points()):
             if not adapter.provides(point):
                 pytest.skip(f"{adapter_name} has no {point.value!r}: {adapter.missing[point]}")
-    return [config.model_copy(update={"num_inference_steps": STEPS}) for config in pair]
+    update = {"num_inference_steps": STEPS}
+    if estimator is not None:
+        update["estimator"] = ESTIMATOR_CONFIGS.get(estimator, {"kind": estimator})
+    return [cachekit.make_config({**config.model_dump(), **update}) for config in pair]
 
 
-@pytest.mark.parametrize("strategy_name", STRATEGIES)
+@pytest.mark.parametrize(("strategy_name", "estimator"), POLICIES)
 @pytest.mark.parametrize("adapter_name", ADAPTERS)
-def test_never_reusing_is_bitwise_exact_and_remove_restores(adapter_name, strategy_name):
-    never_reuses, _ = configs(adapter_name, strategy_name)
+def test_never_reusing_is_bitwise_exact_and_remove_restores(adapter_name, strategy_name, estimator):
+    never_reuses, _ = configs(adapter_name, strategy_name, estimator)
     model = example(adapter_name)
     reference = denoise(model)
     before = module_state(model.model)
@@ -81,16 +97,17 @@ def test_never_reusing_is_bitwise_exact_and_remove_restores(adapter_name, strate
         assert all(counts.reused == 0 for counts in branch.sites.values())
 
 
-@pytest.mark.parametrize("strategy_name", STRATEGIES)
+@pytest.mark.parametrize(("strategy_name", "estimator"), POLICIES)
 @pytest.mark.parametrize("adapter_name", ADAPTERS)
-def test_reusing_with_cfg_runs_and_counts_match_executions(adapter_name, strategy_name):
-    _, reuses = configs(adapter_name, strategy_name)
+def test_reusing_with_cfg_runs_and_counts_match_executions(adapter_name, strategy_name, estimator):
+    _, reuses = configs(adapter_name, strategy_name, estimator)
     model = example(adapter_name)
     adapter = cachekit.resolve_adapter(model.model)(model.model)
     blocks = adapter.blocks()
     sites = [*adapter.attention_sites(), *adapter.mlp_sites()] if adapter.provides(Point.ATTENTION) else []
     # Under a span policy a block runs when its attention does (its norm alone may run for the probe).
-    spans = Point.SPAN in registry.registry().strategies[strategy_name](reuses).required_points()
+    policy = registry.registry().strategies[strategy_name](reuses)
+    spans = Point.SPAN in policy.required_points()
     attention = {
         block: [site.module for site in adapter.attention_sites() if site.block == i] for i, block in enumerate(blocks)
     }
@@ -119,7 +136,9 @@ def test_reusing_with_cfg_runs_and_counts_match_executions(adapter_name, strateg
     if "span" in totals:
         computed, reused = totals["span"]
         assert computed + reused == calls
-        assert block_runs == [computed] * len(blocks)  # every block runs exactly when the span computes
+        # the blocks the policy keeps computed run at every call; the others exactly when the span computes
+        first, last = policy.always_computed()
+        assert block_runs == [calls] * first + [computed] * (len(blocks) - first - last) + [calls] * last
     else:
         assert block_runs == [calls] * len(blocks)
     for kind in {site.kind.value for site in sites}:
