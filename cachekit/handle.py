@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
@@ -17,7 +16,7 @@ from cachekit.registry import get_estimator, get_strategy, make_config, resolve_
 from cachekit.runtime import Runtime
 from cachekit.schemas import PolicyConfig
 from cachekit.stats import CacheStats
-from cachekit.steps import StepTracker
+from cachekit.steps import StepTracker, watch_scheduler
 
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, CacheHandle] = weakref.WeakKeyDictionary()
 
@@ -35,7 +34,8 @@ class CacheHandle:
     def __init__(self, runtimes: dict[str, Runtime], scheduler: Any | None) -> None:
         self._runtimes = runtimes
         self._removed = False
-        self._unwatch = self._watch(scheduler) if scheduler is not None else None
+        tracker = self._runtime.tracker
+        self._unwatch = watch_scheduler(scheduler, tracker) if scheduler is not None else None
 
     @property
     def _runtime(self) -> Runtime:
@@ -88,29 +88,6 @@ class CacheHandle:
     def _check(self) -> None:
         if self._removed:
             raise HandleRemovedError("this CacheHandle was removed; call cachekit.apply(...) again for a new one")
-
-    def _watch(self, scheduler: Any) -> Callable[[], None]:
-        """A pipeline sets the scheduler's timesteps once per generation: a new generation of
-        that many steps starts at the next transformer call. Returns the undo."""
-        own = scheduler.__dict__.get("set_timesteps")
-        set_timesteps = scheduler.set_timesteps
-        tracker = self._runtime.tracker
-
-        @functools.wraps(set_timesteps)  # pipelines inspect its signature
-        def watched_set_timesteps(*args: Any, **kwargs: Any) -> Any:
-            result = set_timesteps(*args, **kwargs)
-            tracker.start(len(scheduler.timesteps))
-            return result
-
-        scheduler.set_timesteps = watched_set_timesteps
-
-        def unwatch() -> None:
-            if own is None:
-                del scheduler.set_timesteps
-            else:
-                scheduler.set_timesteps = own
-
-        return unwatch
 
 
 def apply(target: Any, config: PolicyConfig | Mapping[str, Any] | str | os.PathLike[str]) -> CacheHandle:
