@@ -1,9 +1,12 @@
-"""Calibration: fit TeaCache's rescale polynomial to any model an adapter supports.
+"""Calibration: fit TeaCache's rescale polynomial, and measure MagCache's magnitude ratios, on
+any model an adapter supports.
 
 Uncached generations are recorded call by call, per CFG branch: x = relative L1 change of the
 probe since the branch's previous call, y = that of the model output. A polynomial fit of y on x
-(numpy) gives the coefficients; the preset written carries the model's identity, the fit's error
-and the data size, plus per-step output magnitude ratios for magnitude-based policies.
+(numpy) gives the coefficients. The block stack's residual r is recorded too: the mean over its
+tokens of |r_t| / |r_t-1| is the step's magnitude ratio. The preset written carries the model's
+identity, the fit's error and the data size, and the ratios per step (the mean over branches and
+generations; 1.0 at the first step).
 """
 
 from __future__ import annotations
@@ -27,16 +30,17 @@ from cachekit.study.models import StudyModel, load_model
 
 @dataclass
 class Recording:
-    """Per call after the first of each branch: the step, the branch, x and y."""
+    """Per call after the first of each branch: the step, the branch, x, y, and the residual's
+    magnitude ratio."""
 
     steps: list[int] = field(default_factory=list)
     branches: list[int] = field(default_factory=list)
     x: list[float] = field(default_factory=list)
     y: list[float] = field(default_factory=list)
-    magnitude_ratios: list[float] = field(default_factory=list)  # mean |out_t| / mean |out_t-1|
+    mag_ratios: list[float] = field(default_factory=list)  # mean over tokens of |r_t| / |r_t-1|
 
     def extend(self, other: Recording) -> None:
-        for name in ("steps", "branches", "x", "y", "magnitude_ratios"):
+        for name in ("steps", "branches", "x", "y", "mag_ratios"):
             getattr(self, name).extend(getattr(other, name))
 
 
@@ -47,27 +51,28 @@ def record(model: StudyModel, seed: int, condition: str, probe: Probe = "modulat
     tracker = StepTracker(None)
     recording = Recording()
     current: dict[str, Any] = {}
-    previous: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    previous: dict[int, tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = {}
 
     def begin(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         current["step"] = tracker.advance(float(adapter.timestep(args, kwargs).max()))
 
     def end(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         step = current["step"]
-        signal, out = current["signal"], output[0] if isinstance(output, tuple) else output.sample
+        signal, out, residual = current["signal"], adapter.prediction(output), current.pop("residual")
         if step.branch in previous:
-            last_signal, last_out = previous[step.branch]
+            last_signal, last_out, last_residual = previous[step.branch]
             recording.steps.append(step.index)
             recording.branches.append(step.branch)
             recording.x.append(relative_l1(signal, last_signal))
             recording.y.append(relative_l1(out, last_out))
-            recording.magnitude_ratios.append((out.abs().mean() / last_out.abs().mean()).item())
-        previous[step.branch] = (signal, out)
+            recording.mag_ratios.append(_magnitude_ratio(residual, last_residual))
+        previous[step.branch] = (signal, out, residual)
 
     hooks = [
         transformer.register_forward_pre_hook(begin, with_kwargs=True),
         transformer.register_forward_hook(end, with_kwargs=True),
         _signal_hook(adapter, probe, current),
+        *_residual_hooks(adapter, current),
     ]
     try:
         model.generate(seed, condition)
@@ -87,6 +92,34 @@ def _signal_hook(adapter: Adapter, probe: Probe, current: dict[str, Any]) -> Any
         return first_block.register_forward_pre_hook(keep_probe, with_kwargs=True)
     site = adapter.timestep_embedding()
     return site.module.register_forward_hook(lambda _, args, output: current.__setitem__("signal", site.read(output)))
+
+
+def _residual_hooks(adapter: Adapter, current: dict[str, Any]) -> list[Any]:
+    """Hooks that put the block stack's residual on the first stream in `current["residual"]`,
+    one tensor per segment of the span."""
+    hooks = []
+    for segment in adapter.span().segments:
+        (first, first_streams), (last, last_streams) = segment[0], segment[-1]
+
+        def enter(_: torch.nn.Module, args: Any, kwargs: Any, streams: Any = first_streams) -> None:
+            current["entered"] = streams.read_inputs(args, kwargs)[0]
+
+        def leave(_: torch.nn.Module, args: Any, kwargs: Any, output: Any, streams: Any = last_streams) -> None:
+            residual = streams.read_outputs(output)[0] - current.pop("entered")
+            current.setdefault("residual", []).append(residual)
+
+        hooks.append(first.register_forward_pre_hook(enter, with_kwargs=True))
+        hooks.append(last.register_forward_hook(leave, with_kwargs=True))
+    return hooks
+
+
+def _magnitude_ratio(residual: list[torch.Tensor], previous: list[torch.Tensor]) -> float:
+    """The mean over tokens of |r_t| / |r_t-1| (norms over channels, in float32)."""
+    ratios = [
+        (now.float().norm(dim=-1) / (before.float().norm(dim=-1) + 1e-8)).flatten()
+        for now, before in zip(residual, previous, strict=True)
+    ]
+    return torch.cat(ratios).mean().item()
 
 
 @dataclass(frozen=True)
@@ -117,8 +150,8 @@ class Calibration:
     fit: Fit
 
     def preset(self) -> TeaCachePreset:
-        ratios: dict[int, list[float]] = {}
-        for step, ratio in zip(self.recording.steps, self.recording.magnitude_ratios, strict=True):
+        ratios: dict[int, list[float]] = {0: [1.0]}
+        for step, ratio in zip(self.recording.steps, self.recording.mag_ratios, strict=True):
             ratios.setdefault(step, []).append(ratio)
         return TeaCachePreset(
             name=self.spec.name or f"{self.spec.model}-calibrated",
@@ -129,7 +162,7 @@ class Calibration:
             steps=self.spec.steps,
             identity=self.identity,
             fit={"rmse": self.fit.rmse, "r2": self.fit.r2, "samples": self.fit.samples, "order": self.spec.order},
-            magnitude_ratios=tuple(statistics.median(ratios[step]) for step in sorted(ratios)),
+            mag_ratios=tuple(statistics.fmean(ratios[step]) for step in sorted(ratios)),
             notes=f"calibrated on {self.spec.model}, seeds {self.spec.seeds}, {len(self.spec.conditions())} conditions",
         )
 

@@ -41,8 +41,10 @@ class TeaCachePreset(BaseModel):
         default=None, description="The model a calibrated preset was fitted on (adapter and config fingerprint)."
     )
     fit: dict[str, float] = Field(default_factory=dict, description="Calibration: rmse, r2, samples, order.")
-    magnitude_ratios: tuple[float, ...] = Field(
-        default=(), description="Calibration: per step, the median ratio of output magnitudes to the previous step's."
+    mag_ratios: tuple[float, ...] = Field(
+        default=(),
+        description="Calibration: per step, the mean over tokens of the block stack residual's norm over the "
+        "previous step's (MagCache's magnitude ratios; 1.0 at the first step).",
     )
 
     def fits(self, adapter: str, config: Mapping[str, Any]) -> bool:

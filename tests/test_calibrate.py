@@ -52,7 +52,7 @@ def test_preset_file_round_trip_and_use(calibrated):
     preset = load_preset(str(path))
     assert preset.coefficients == result.fit.coefficients and len(preset.coefficients) == 5
     assert preset.identity == result.identity and preset.identity.startswith("flux:")
-    assert preset.fit["samples"] == len(result.recording.x) and len(preset.magnitude_ratios) == 11
+    assert preset.fit["samples"] == len(result.recording.x) and len(preset.mag_ratios) == 12
     pipe = cachekit.testbed.load("flux-digits")
     with cachekit.apply(pipe, TeaCacheConfig(preset=str(path), rel_l1_thresh=0.05)) as handle:
         pipe([4], num_inference_steps=12)
