@@ -33,7 +33,11 @@ LTX_SPEC = AdapterSpec(
     # packed tokens in (frame, row, column) raster order
     latent=LatentSpec(
         layout="BNC",
-        grid=[Argument(name="num_frames", position=4), Argument(name="height", position=5), Argument(name="width", position=6)],
+        grid=[
+            Argument(name="num_frames", position=4),
+            Argument(name="height", position=5),
+            Argument(name="width", position=6),
+        ],
     ),
     blocks=[
         BlockListSpec(

@@ -16,7 +16,7 @@ DEFAULT_RESULTS = Path("cachekit-results")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cachekit", description="Training-free caching for diffusion transformers.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="the installed strategies, adapters and TeaCache presets")
+    commands.add_parser("list", help="the installed strategies, estimators, adapters and presets")
 
     study = commands.add_parser("study", help="compare cache policies").add_subparsers(dest="action", required=True)
     run = study.add_parser("run", help="run a study spec (resumes unless --fresh)")
@@ -58,11 +58,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def _list() -> None:
     import cachekit
-    from cachekit.schemas import teacache_presets
+    from cachekit.schemas import magcache_presets, teacache_presets
+    from cachekit.schemas.peers import PEER_CONFIGS
 
     print("strategies:", ", ".join(cachekit.list_strategies()))
+    print("estimators:", ", ".join(cachekit.list_estimators()))
     print("adapters:  ", ", ".join(cachekit.list_adapters()))
-    print("presets:   ", ", ".join(teacache_presets()))
+    print("presets:   ", "teacache:", ", ".join(teacache_presets()), "| magcache:", ", ".join(magcache_presets()))
+    print("diffusers methods for studies:", ", ".join(sorted(PEER_CONFIGS)))
     for plugin, reason in cachekit.plugin_errors().items():
         print(f"plugin {plugin!r} failed to load: {reason}")
 

@@ -188,10 +188,8 @@ def _laid_out(
         return latent.unsqueeze(2)
     if layout == "BTCHW":
         return latent.transpose(1, 2)
-    if layout == "BTNC":  # frames of packed tokens
-        latent = latent.permute(0, 3, 1, 2)  # B, C, T, N
-    else:  # BNC
-        latent = latent.transpose(1, 2).unsqueeze(2)  # B, C, 1, N
+    # packed tokens as B, C, T, N: frames of them (BTNC), or one frame (BNC)
+    latent = latent.permute(0, 3, 1, 2) if layout == "BTNC" else latent.transpose(1, 2).unsqueeze(2)
     if spec.grid is not None:
         sizes = [int(_argument(args, kwargs, argument)) for argument in spec.grid]
         return latent.reshape(*latent.shape[:2], -1, *sizes[-2:])

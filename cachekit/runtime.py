@@ -186,7 +186,12 @@ class Runtime:
         return output
 
     def _head_block(
-        self, call: _Call, place: _SpanPlace, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+        self,
+        call: _Call,
+        place: _SpanPlace,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
     ) -> Any:
         """A block the policy keeps computed before the span it decides: runs, and its segment's
         residual on the first stream becomes a signal."""

@@ -23,11 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class PolicyEntry(BaseModel):
-    """One policy of a study, with the fields it sweeps."""
+    """One policy of a study (a cachekit strategy, or a diffusers method as ``diffusers.<name>``),
+    with the fields it sweeps; `name` names the method in reports (default: the strategy, and
+    the estimator where it is not the strategy's own)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     strategy: str = Field(min_length=1)
+    name: str | None = Field(default=None, min_length=1)
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
 
     @field_validator("sweep")

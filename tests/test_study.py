@@ -79,7 +79,8 @@ def test_uncached_cell_is_exact_and_policies_are_measured(finished):
             assert sum(decisions["0"]["span"]) + sum(decisions["1"]["span"]) == row["computed_calls"]
     uniform2 = next(r for r in rows if r["label"] == "uniform interval=2")
     assert json.loads(uniform2["decisions"])["0"]["span"] == [True, False, True, False, True, True]
-    assert uniform2["block_executions"] == 8 * 6  # 8 computed calls x 6 blocks
+    assert uniform2["block_executions"] == 8 * 6  # 8 computed calls x 6 blocks, counted from the outside
+    assert uniform2["block_share"] == 8 / 12
 
 
 def test_report_table_equals_the_database_rows(finished):
@@ -97,8 +98,10 @@ def test_report_table_equals_the_database_rows(finished):
         assert cells[4] == f"{statistics.median(r['speedup'] for r in group):.2f}"
         computed = sum(r["computed_calls"] for r in group) / sum(r["calls"] for r in group)
         assert cells[5] == f"{computed:.1%}"
+        blocks = sum(r["block_executions"] for r in group) / sum(r["calls"] * 6 for r in group)
+        assert cells[6] == f"{blocks:.1%}"
         psnr = statistics.fmean(r["psnr"] for r in group)
-        assert cells[8] == ("exact" if psnr == math.inf else f"{psnr:.2f}")
+        assert cells[9] == ("exact" if psnr == math.inf else f"{psnr:.2f}")
 
 
 def test_killed_study_resumes_without_recomputing(tmp_path):
@@ -173,5 +176,6 @@ def test_cli_list(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "cachekit", "list"], cwd=tmp_path, capture_output=True, text=True, check=True
     )
-    assert "strategies: pab, teacache, uniform" in result.stdout
-    assert "flux-dev" in result.stdout
+    assert "strategies: easycache, fbcache, magcache, pab, seacache, taylorseer, teacache, uniform" in result.stdout
+    assert "estimators: copy, foca, taylor" in result.stdout
+    assert "flux-dev" in result.stdout and "diffusers.first_block_cache" in result.stdout

@@ -12,9 +12,10 @@ import pydantic
 
 from cachekit.errors import CachekitError
 from cachekit.registry import make_config
-from cachekit.schemas import PolicyConfig
+from cachekit.schemas import EstimatorConfig, PolicyConfig
 from cachekit.schemas.files import SUFFIXES, parse_table
-from cachekit.schemas.study import StudySpec
+from cachekit.schemas.peers import PEER_CONFIGS, PeerConfig
+from cachekit.schemas.study import PolicyEntry, StudySpec
 
 UNCACHED = "uncached"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -29,8 +30,9 @@ class Setting:
     """One policy setting of a study, or the uncached reference (config None)."""
 
     key: str  # canonical JSON of the config: the identity of the setting in the results
-    label: str  # short, for tables and plots
-    config: PolicyConfig | None
+    label: str  # short, for tables and plots: the method and the swept values
+    config: PolicyConfig | PeerConfig | None  # a cachekit policy, or a diffusers method
+    method: str = UNCACHED  # the policy entry it comes from, for tables per method
 
     @classmethod
     def uncached(cls) -> Setting:
@@ -85,16 +87,20 @@ def plan(spec: StudySpec) -> Plan:
                 "a local pipeline folder, or a hub id like 'org/name'"
             )
     settings = [Setting.uncached()]
+    methods: set[str] = set()
     for index, entry in enumerate(spec.policies):
+        method = None
         for values in entry.settings():
             try:
-                config = make_config(values)
+                config = _config(values, spec)
             except (pydantic.ValidationError, LookupError, TypeError, ValueError) as error:
                 raise StudySpecError(f"policies[{index}] ({json.dumps(values)}): {error}") from None
-            setting = Setting(_key(config), _label(config, sorted(entry.sweep)), config)
+            method = method or _method(entry, config, index, methods)
+            setting = Setting(_key(config), _label(method, config, sorted(entry.sweep)), config, method)
             if setting.key in {s.key for s in settings}:
                 raise StudySpecError(f"policies[{index}]: the setting {setting.label} appears twice")
             settings.append(setting)
+        methods.add(str(method))
     cells = [
         Cell(model, setting, seed, condition)
         for model in spec.models
@@ -111,10 +117,47 @@ def _conditions(spec: StudySpec, model: str) -> list[str]:
     return [str(label) for label in spec.labels] if model in testbed.names() else list(spec.prompts)
 
 
-def _key(config: PolicyConfig) -> str:
+def _config(values: dict[str, object], spec: StudySpec) -> PolicyConfig | PeerConfig:
+    """A cachekit policy config, or a diffusers method's (which gets the study's step count)."""
+    strategy = str(values["strategy"])
+    if not strategy.startswith("diffusers."):
+        return make_config(values)
+    if strategy not in PEER_CONFIGS:
+        raise LookupError(f"unknown diffusers method {strategy!r}; known: {', '.join(sorted(PEER_CONFIGS))}")
+    peer = PEER_CONFIGS[strategy]
+    if "num_inference_steps" in peer.model_fields and values.get("num_inference_steps") is None:
+        values = {**values, "num_inference_steps": spec.steps}
+    return peer.model_validate(values)
+
+
+def _method(entry: PolicyEntry, config: PolicyConfig | PeerConfig, index: int, taken: set[str]) -> str:
+    """The entry's name, else the strategy and the estimator where it is not the strategy's own;
+    made unique with the entry's index where two entries would share it."""
+    if entry.name is not None:
+        if entry.name in taken:
+            raise StudySpecError(f"policies[{index}]: the name {entry.name!r} is already taken")
+        return entry.name
+    method = config.strategy
+    if isinstance(config, PolicyConfig):
+        default = type(config).model_fields["estimator"].default
+        if config.estimator != default:
+            method += "+" + estimator_label(config.estimator)
+    return method if method not in taken else f"{method} #{index}"
+
+
+def estimator_label(estimator: EstimatorConfig) -> str:
+    """copy, taylor2 (a second-order forecast over timesteps), taylor1@step, foca, ..."""
+    fields = estimator.model_dump()
+    if estimator.kind != "taylor":
+        return estimator.kind
+    return f"taylor{fields['order']}" + ("@step" if fields["spacing"] == "step" else "")
+
+
+def _key(config: PolicyConfig | PeerConfig) -> str:
     return json.dumps(config.model_dump(mode="json"), sort_keys=True)
 
 
-def _label(config: PolicyConfig, swept: list[str]) -> str:
+def _label(method: str, config: PolicyConfig | PeerConfig, swept: list[str]) -> str:
     values = config.model_dump(mode="json")
-    return " ".join([config.strategy, *(f"{name}={values[name]}" for name in swept)])
+    shown = [f"{name}={values[name] if name != 'estimator' else estimator_label(config.estimator)}" for name in swept]  # type: ignore[union-attr]
+    return " ".join([method, *shown])

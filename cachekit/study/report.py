@@ -1,5 +1,7 @@
-"""A study's report: the table (one row per model x policy setting), the speedup-vs-PSNR Pareto
-frontier per model, and a timeline of which steps each policy computed."""
+"""A study's report: the table (one row per model x policy setting), per model the best quality
+each method reaches within each budget of block executions (and of attention calls), the
+quality-vs-work and speedup-vs-quality frontiers, and a timeline of which steps each policy
+computed."""
 
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ from typing import Any
 
 from cachekit.study.store import ResultStore
 
+#: Shares of the uncached work at which the report compares methods.
+BUDGETS = (0.2, 0.3, 0.4, 0.5)
+
 
 @dataclass(frozen=True)
 class Summary:
@@ -19,11 +24,13 @@ class Summary:
 
     model: str
     label: str
+    method: str
     cells: int
     latency_s: float  # median of the cells' median latencies
     speedup: float  # median of the cells' speedups
-    computed: float  # share of transformer calls that ran the residual span
-    attention_computed: float | None  # share of attention calls computed (module-level policies)
+    computed: float | None  # share of transformer calls that ran the residual span (None: not known)
+    blocks: float  # share of block executions, counted from the outside
+    attention_computed: float | None  # share of attention calls computed
     flops_saved: float  # share of the uncached FLOPs not spent
     psnr: float | None  # mean over cells; inf for the reference itself
     ssim: float | None
@@ -36,16 +43,19 @@ def summarize(rows: list[dict[str, Any]]) -> list[Summary]:
         groups.setdefault((row["model"], row["setting"]), []).append(row)
     summaries = []
     for (model, _), group in groups.items():
-        label = group[0]["label"]
         attention = sum(r["attention_computed"] + r["attention_reused"] for r in group)
+        known = [r for r in group if r["computed_calls"] is not None]
         summaries.append(
             Summary(
                 model=model,
-                label=label,
+                label=group[0]["label"],
+                method=group[0]["method"] or group[0]["strategy"],
                 cells=len(group),
                 latency_s=statistics.median(r["latency_s"] for r in group),
                 speedup=statistics.median(r["speedup"] for r in group),
-                computed=sum(r["computed_calls"] for r in group) / sum(r["calls"] for r in group),
+                computed=sum(r["computed_calls"] for r in known) / sum(r["calls"] for r in known) if known else None,
+                blocks=sum(r["block_executions"] for r in group)
+                / sum(r["block_executions"] / r["block_share"] for r in group),
                 attention_computed=sum(r["attention_computed"] for r in group) / attention if attention else None,
                 flops_saved=sum(r["flops_saved"] for r in group) / sum(r["flops"] + r["flops_saved"] for r in group),
                 psnr=_mean([r["psnr"] for r in group]),
@@ -54,6 +64,64 @@ def summarize(rows: list[dict[str, Any]]) -> list[Summary]:
             )
         )
     return summaries
+
+
+def best_within(summaries: list[Summary], share: Any, budget: float) -> Summary | None:
+    """The setting of best mean PSNR among `summaries` whose `share(s)` is within `budget`."""
+    fitting = [s for s in summaries if s.psnr is not None and (value := share(s)) is not None and value <= budget]
+    return max(fitting, key=lambda s: s.psnr or 0.0, default=None)
+
+
+def budget_tables(summaries: list[Summary], budgets: tuple[float, ...] = BUDGETS) -> list[str]:
+    """Per model, the best mean PSNR each method reaches within each budget of block executions,
+    the winner of each budget marked; the same for attention calls, for the methods that skip
+    attention without skipping whole blocks."""
+    lines: list[str] = []
+    axes = [
+        ("block executions", lambda s: s.blocks, lambda group: min(s.blocks for s in group) < 1),
+        (
+            "attention calls (methods that run every block)",
+            lambda s: s.attention_computed,
+            lambda group: min(s.blocks for s in group) == 1 and min(s.attention_computed or 1 for s in group) < 1,
+        ),
+    ]
+    for model in dict.fromkeys(s.model for s in summaries):
+        methods: dict[str, list[Summary]] = {}
+        for summary in summaries:
+            if summary.model == model and summary.psnr not in (None, math.inf):
+                methods.setdefault(summary.method, []).append(summary)
+        for axis, share, belongs in axes:
+            chosen = {method: group for method, group in methods.items() if belongs(group)}
+            if not chosen:
+                continue
+            best = {
+                (method, budget): best_within(group, share, budget)
+                for method, group in chosen.items()
+                for budget in budgets
+            }
+            winners = {
+                budget: max(
+                    (method for method in chosen if best[(method, budget)] is not None),
+                    key=lambda method: best[(method, budget)].psnr or 0.0,  # type: ignore[union-attr]
+                    default=None,
+                )
+                for budget in budgets
+            }
+            lines += [
+                f"### {model}: best PSNR (dB) within a share of {axis}",
+                "",
+                "| method | " + " | ".join(f"≤ {budget:.0%}" for budget in budgets) + " |",
+                "|---|" + "---|" * len(budgets),
+            ]
+            for method in chosen:
+                cells = []
+                for budget in budgets:
+                    found = best[(method, budget)]
+                    text = "—" if found is None else f"{found.psnr:.2f}"
+                    cells.append(f"**{text}**" if winners[budget] == method else text)
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines += ["", "Winner: " + "; ".join(f"≤ {b:.0%} {w or '—'}" for b, w in winners.items()) + ".", ""]
+    return lines
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -73,6 +141,7 @@ def write_report(db: str | Path, out: str | Path | None = None, study: str | Non
     out.mkdir(parents=True, exist_ok=True)
     summaries = summarize(rows)
     _pareto(summaries, out / "pareto.png")
+    _quality_vs_work(summaries, out / "quality.png")
     _timeline(rows, out / "timeline.png")
     notes = sorted({note for row in rows for note in json.loads(row["notes"] or "[]")})
     lines = [
@@ -81,12 +150,18 @@ def write_report(db: str | Path, out: str | Path | None = None, study: str | Non
         f"{len(rows)} cells from `{Path(db).name}`. Each row: one model and policy setting over its seeds and "
         "conditions; latency is the median of the cells' median latencies, speedup the median of the cells' "
         "speedups against the uncached cell of the same seed and condition (same initial latents), quality "
-        "the mean over cells against that uncached output.",
+        "the mean over cells against that uncached output. Block executions and attention calls are counted "
+        "with plain torch hooks for every method alike (a block executes when its attention or MLP runs).",
         "",
-        "| model | policy | cells | latency (s) | speedup | calls computed | attention computed "
+        "| model | policy | cells | latency (s) | speedup | calls computed | blocks executed | attention computed "
         "| FLOPs saved | PSNR (dB) | SSIM | MS-SSIM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *(_table_row(summary) for summary in summaries),
+        "",
+        "## Which method wins at each budget",
+        "",
+        *budget_tables(summaries),
+        "![PSNR vs share of block executions](quality.png)",
         "",
         "![speedup vs PSNR](pareto.png)",
         "",
@@ -106,7 +181,8 @@ def _table_row(s: Summary) -> str:
         str(s.cells),
         f"{s.latency_s:.4f}",
         f"{s.speedup:.2f}",
-        f"{s.computed:.1%}",
+        "-" if s.computed is None else f"{s.computed:.1%}",
+        f"{s.blocks:.1%}",
         "-" if s.attention_computed is None else f"{s.attention_computed:.1%}",
         f"{s.flops_saved:.1%}",
         "exact" if s.psnr == math.inf else "-" if s.psnr is None else f"{s.psnr:.2f}",
@@ -145,6 +221,31 @@ def _pareto(summaries: list[Summary], path: Path) -> None:
         axis.axvline(1.0, color="grey", linewidth=0.8)
         axis.set(title=model, xlabel="speedup vs uncached (median)", ylabel="PSNR vs uncached (dB)")
         axis.legend(loc="upper right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _quality_vs_work(summaries: list[Summary], path: Path) -> None:
+    """PSNR against the share of block executions, one line per method through its settings."""
+    plt = _pyplot()
+    models = list(dict.fromkeys(s.model for s in summaries))
+    figure, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), squeeze=False)
+    for axis, model in zip(axes[0], models, strict=True):
+        methods: dict[str, list[Summary]] = {}
+        for s in summaries:
+            if s.model == model and s.psnr is not None and s.psnr != math.inf:
+                methods.setdefault(s.method, []).append(s)
+        for method, group in methods.items():
+            group.sort(key=lambda s: s.blocks)
+            dashed = "--" if method.startswith("diffusers.") else "-"
+            axis.plot(
+                [s.blocks for s in group], [s.psnr for s in group], dashed, marker="o", markersize=3, label=method
+            )
+        for budget in BUDGETS:
+            axis.axvline(budget, color="grey", linewidth=0.5)
+        axis.set(title=model, xlabel="share of block executions", ylabel="PSNR vs uncached (dB)")
+        axis.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -2,7 +2,8 @@
 
 Per (model, seed, condition) the uncached cell runs first and is the reference. Every cell
 generates from the same initial latents (fingerprinted in the results), warms up, then is timed
-over `repeats` generations (device-synchronised; the median is reported).
+over `repeats` generations (device-synchronised; the median is reported). What ran is counted
+from the outside for every method alike (`cachekit.counting`), cachekit's and diffusers' own.
 """
 
 from __future__ import annotations
@@ -22,27 +23,26 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import cachekit
+from cachekit.counting import Work, WorkCounter
 from cachekit.errors import MissingPointError
 from cachekit.metrics import quality
+from cachekit.peers import apply_peer
 from cachekit.registry import resolve_adapter
+from cachekit.schemas import PolicyConfig
 from cachekit.schemas.study import StudySpec
 from cachekit.stats import GenerationStats
 from cachekit.study.models import StudyModel, load_model
 from cachekit.study.plan import Cell, plan
 from cachekit.study.store import ResultStore
 
-ATTENTION_KINDS = ("spatial", "temporal", "cross")
-
 
 @dataclass(frozen=True)
 class Costs:
-    """Estimated FLOPs of one uncached transformer call, of its residual span, and of one module
-    site of each kind, measured once per model with torch's FLOP counter."""
+    """Estimated FLOPs of one uncached transformer call and of each block and attention/MLP
+    module in it, measured once per model with torch's FLOP counter."""
 
     call: float
-    span: float
-    blocks: int
-    site: dict[str, float]
+    modules: dict[torch.nn.Module, float]
 
 
 def run_study(spec: StudySpec, db: str | Path, fresh: bool = False, progress: bool = True) -> Path:
@@ -93,16 +93,21 @@ def _run_and_store(store: ResultStore, spec: StudySpec, model: StudyModel, cell:
 
 def run_cell(spec: StudySpec, model: StudyModel, cell: Cell, costs: Costs) -> tuple[torch.Tensor, dict[str, Any]]:
     """Generate under the cell's policy: warm-up, then timed repeats; returns the output and the row."""
-    handle = cachekit.apply(model.target, cell.setting.config) if cell.setting.config is not None else None
+    transformer = model.transformer
+    counter = WorkCounter(transformer, resolve_adapter(transformer)(transformer), costs.modules)  # before any hook
+    config = cell.setting.config
+    handle: Any = None
+    if isinstance(config, PolicyConfig):
+        handle = cachekit.apply(model.target, config)
+    elif config is not None:
+        handle = apply_peer(model.target, config)
     first_inputs: list[str] = []
-    calls = [0]
 
     def watch(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        calls[0] += 1
         if not first_inputs:
             first_inputs.append(_fingerprint(kwargs.get("hidden_states", args[0] if args else None)))
 
-    hook = model.transformer.register_forward_pre_hook(watch, with_kwargs=True)
+    hook = transformer.register_forward_pre_hook(watch, with_kwargs=True)
     try:
         generate = lambda: model.generate(cell.seed, cell.condition)  # noqa: E731
         for _ in range(spec.warmup):
@@ -110,25 +115,27 @@ def run_cell(spec: StudySpec, model: StudyModel, cell: Cell, costs: Costs) -> tu
         latencies, output = [], None
         for _ in range(spec.repeats):
             first_inputs.clear()
-            calls[0] = 0
+            counter.reset()
             seconds, output = timed(generate, spec.device)
             latencies.append(seconds)
     finally:
         hook.remove()
         if handle is not None:
             handle.remove()
+        counter.close()
     assert output is not None
-    last = handle.stats.last if handle is not None else None
+    last = handle.stats.last if handle is not None and handle.stats is not None else None
     row = {
         "label": cell.setting.label,
-        "strategy": cell.setting.config.strategy if cell.setting.config else "uncached",
+        "method": cell.setting.method,
+        "strategy": config.strategy if config else "uncached",
         "latency_s": statistics.median(latencies),
         "latencies_s": latencies,
         "latents_sha": first_inputs[0],
         "notes": [],
-        **_counts(last, calls[0], costs),
+        **_counts(config is None, last, counter.work, costs),
     }
-    if handle is not None and last is not None:
+    if last is not None:
         row["decisions"] = {
             branch: {"span": stats.span_schedule, "modules": stats.module_schedule}
             for branch, stats in last.branches.items()
@@ -138,26 +145,21 @@ def run_cell(spec: StudySpec, model: StudyModel, cell: Cell, costs: Costs) -> tu
     return output, row
 
 
-def _counts(last: GenerationStats | None, calls: int, costs: Costs) -> dict[str, Any]:
-    """Calls computed and reused, block executions and FLOPs, from the policy's stats."""
-    sites: dict[str, list[int]] = {}
-    if last is not None:
-        for branch in last.branches.values():
-            for kind, counts in branch.sites.items():
-                total = sites.setdefault(kind, [0, 0])
-                total[0] += counts.computed
-                total[1] += counts.reused
-    computed, reused = sites.get("span", [calls, 0])
-    saved = reused * costs.span + sum(sites.get(kind, [0, 0])[1] * cost for kind, cost in costs.site.items())
+def _counts(uncached: bool, last: GenerationStats | None, work: Work, costs: Costs) -> dict[str, Any]:
+    """What ran (counted from the outside) and FLOPs; the calls that computed the span, from the
+    policy's stats (None where there are none: a diffusers method, a policy without a span)."""
+    span = [branch.sites["span"] for branch in last.branches.values() if "span" in branch.sites] if last else []
+    attention = work.calls * work.attention_sites
     return {
-        "calls": calls,
-        "computed_calls": computed,
-        "reused_calls": reused,
-        "block_executions": computed * costs.blocks,
-        "attention_computed": sum(sites.get(kind, [0, 0])[0] for kind in ATTENTION_KINDS),
-        "attention_reused": sum(sites.get(kind, [0, 0])[1] for kind in ATTENTION_KINDS),
-        "flops": calls * costs.call - saved,
-        "flops_saved": saved,
+        "calls": work.calls,
+        "computed_calls": work.calls if uncached else sum(c.computed for c in span) if span else None,
+        "reused_calls": 0 if uncached else sum(c.reused for c in span) if span else None,
+        "block_executions": work.block_runs,
+        "block_share": work.block_share,
+        "attention_computed": work.attention_runs,
+        "attention_reused": attention - work.attention_runs,
+        "flops": work.calls * costs.call - work.flops_skipped,
+        "flops_saved": work.flops_skipped,
     }
 
 
@@ -175,16 +177,11 @@ def measure_costs(model: StudyModel, cell: Cell) -> Costs:
     finally:
         hook.remove()
     counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    per_call = lambda module: counts.get(f"{prefix}.{names[id(module)]}", 0) / calls[0]  # noqa: E731
-    blocks = _point(adapter.blocks)
-    sites: dict[str, list[float]] = {}
-    for site in [*_point(adapter.attention_sites), *_point(adapter.mlp_sites)]:
-        sites.setdefault(site.kind.value, []).append(per_call(site.module))
+    modules = [*_point(adapter.blocks), *(site.module for site in _point(adapter.attention_sites))]
+    modules += [site.module for site in _point(adapter.mlp_sites)]
     return Costs(
         call=counts.get(prefix, 0) / calls[0],
-        span=sum(per_call(block) for block in blocks),
-        blocks=len(blocks),
-        site={kind: statistics.mean(values) for kind, values in sites.items()},
+        modules={module: counts.get(f"{prefix}.{names[id(module)]}", 0) / calls[0] for module in modules},
     )
 
 

@@ -18,15 +18,17 @@ COLUMNS = {
     "seed": "INTEGER NOT NULL",
     "condition": "TEXT NOT NULL",
     "label": "TEXT NOT NULL",
+    "method": "TEXT",  # the policy entry the setting comes from
     "strategy": "TEXT NOT NULL",
     "latency_s": "REAL",  # median of the timed repeats
     "latencies_s": "TEXT",  # JSON list of every timed repeat
     "speedup": "REAL",  # the uncached cell's median latency / this cell's
     "calls": "INTEGER",  # transformer calls
-    "computed_calls": "INTEGER",  # calls that ran the residual span (all, without a span policy)
+    "computed_calls": "INTEGER",  # calls that ran the residual span, per the policy (NULL: it does not say)
     "reused_calls": "INTEGER",
-    "block_executions": "INTEGER",
-    "attention_computed": "INTEGER",
+    "block_executions": "INTEGER",  # blocks whose attention or MLP ran, counted from the outside
+    "block_share": "REAL",  # block_executions / (calls x blocks)
+    "attention_computed": "INTEGER",  # attention modules that ran, counted from the outside
     "attention_reused": "INTEGER",
     "flops": "REAL",  # estimated FLOPs spent
     "flops_saved": "REAL",  # estimated FLOPs not spent thanks to reuse
@@ -52,6 +54,9 @@ class ResultStore:
         columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
         with self._db:
             self._db.execute(f"CREATE TABLE IF NOT EXISTS cells ({columns}, PRIMARY KEY ({', '.join(KEY)}))")
+            present = {row["name"] for row in self._db.execute("PRAGMA table_info(cells)")}
+            for name in COLUMNS.keys() - present:  # a database written by an earlier cachekit
+                self._db.execute(f"ALTER TABLE cells ADD COLUMN {name} {COLUMNS[name].replace(' NOT NULL', '')}")
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS outputs (study TEXT, model TEXT, seed INTEGER, condition TEXT, "
                 "output BLOB, PRIMARY KEY (study, model, seed, condition))"
