@@ -141,7 +141,7 @@ def write_report(db: str | Path, out: str | Path | None = None, study: str | Non
     out.mkdir(parents=True, exist_ok=True)
     summaries = summarize(rows)
     _pareto(summaries, out / "pareto.png")
-    _quality_vs_work(summaries, out / "quality.png")
+    plot_quality(summaries, out / "quality.png")
     _timeline(rows, out / "timeline.png")
     notes = sorted({note for row in rows for note in json.loads(row["notes"] or "[]")})
     lines = [
@@ -226,7 +226,7 @@ def _pareto(summaries: list[Summary], path: Path) -> None:
     plt.close(figure)
 
 
-def _quality_vs_work(summaries: list[Summary], path: Path) -> None:
+def plot_quality(summaries: list[Summary], path: Path) -> None:
     """PSNR against the share of block executions, one line per method through its settings."""
     plt = _pyplot()
     models = list(dict.fromkeys(s.model for s in summaries))
