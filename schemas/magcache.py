@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -23,9 +24,16 @@ class MagCachePreset(BaseModel):
 
     name: str
     adapter: str = Field(description="The model family (adapter name) the ratios were measured on.")
+    match: dict[str, Any] = Field(
+        default_factory=dict, description="Transformer config values that identify the model, for picking it."
+    )
     mag_ratios: Ratios
     identity: str | None = Field(default=None, description="The model a calibrated set was measured on.")
     notes: str = ""
+
+    def fits(self, adapter: str, config: Mapping[str, Any]) -> bool:
+        """Whether a transformer of family `adapter` with `config` is the model this was measured on."""
+        return self.adapter == adapter and bool(self.match) and all(config.get(k) == v for k, v in self.match.items())
 
 
 @functools.cache
@@ -69,7 +77,11 @@ class MagCacheConfig(PolicyConfig):
     max_skip_steps: int = Field(default=3, ge=0, description="K: at most this many steps skipped in a row.")
     retention_ratio: float = Field(default=0.2, ge=0, lt=1, description="The share of first steps always computed.")
     mag_ratios: Ratios | None = Field(default=None, description="Per-step magnitude ratios, one per step.")
-    preset: str | None = Field(default=None, description="A shipped ratio set's name, or a calibrated preset file.")
+    preset: str | None = Field(
+        default=None,
+        description="A shipped ratio set's name, or a calibrated preset file. With neither this nor mag_ratios, "
+        "the shipped set measured on the model is picked.",
+    )
     interpolate: bool = Field(
         default=False,
         description="Resample ratios measured at another step count to this one by nearest index (as the "
@@ -85,9 +97,6 @@ class MagCacheConfig(PolicyConfig):
 
     @model_validator(mode="after")
     def _ratios_from_one_place(self) -> MagCacheConfig:
-        if (self.mag_ratios is None) == (self.preset is None):
-            raise ValueError(
-                "give mag_ratios or preset (one of them): the ratios are measured per model with `cachekit "
-                f"calibrate`; shipped sets: {', '.join(magcache_presets())}"
-            )
+        if self.mag_ratios is not None and self.preset is not None:
+            raise ValueError("give mag_ratios or preset, not both")
         return self

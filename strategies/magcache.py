@@ -17,7 +17,7 @@ from typing import Any
 from cachekit.adapter import Adapter, Point
 from cachekit.hookspecs import hookimpl
 from cachekit.policy import CachePolicy, ExampleConfigs, Signals, Step
-from cachekit.schemas import MagCacheConfig, load_magcache_preset
+from cachekit.schemas import MagCacheConfig, MagCachePreset, load_magcache_preset, magcache_presets
 
 
 @dataclass
@@ -44,10 +44,8 @@ class MagCachePolicy(CachePolicy[MagCacheConfig]):
     def __init__(self, config: MagCacheConfig) -> None:
         super().__init__(config)
         self.preset = load_magcache_preset(config.preset) if config.preset is not None else None
-        self.ratios: tuple[float, ...] = config.mag_ratios or self.preset.mag_ratios  # type: ignore[union-attr]
+        self.ratios: tuple[float, ...] = config.mag_ratios or (self.preset.mag_ratios if self.preset else ())
         self._resampled: dict[int, tuple[float, ...]] = {}
-        if config.num_inference_steps is not None:
-            self.ratios_for(config.num_inference_steps)  # a bare transformer: check the count now
 
     @classmethod
     def example_configs(cls) -> ExampleConfigs:
@@ -57,12 +55,29 @@ class MagCachePolicy(CachePolicy[MagCacheConfig]):
         )
 
     def attach(self, adapter: Adapter) -> dict[str, Any]:
+        if not self.ratios:
+            self.preset = self._pick_preset(adapter)
+            self.ratios = self.preset.mag_ratios
         if self.preset is not None and self.preset.adapter and self.preset.adapter != adapter.name:
             raise ValueError(
                 f"MagCache preset {self.preset.name!r} was measured on a {self.preset.adapter!r} model, not on this "
                 f"{type(adapter.model).__name__} ({adapter.name!r}); calibrate this model's ratios"
             )
+        if self.config.num_inference_steps is not None:
+            self.ratios_for(self.config.num_inference_steps)  # a bare transformer: check the count now
         return {"preset": self.preset.name if self.preset else None, "ratios": len(self.ratios)}
+
+    @staticmethod
+    def _pick_preset(adapter: Adapter) -> MagCachePreset:
+        config = dict(getattr(adapter.model, "config", {}))
+        fitting = [preset for preset in magcache_presets().values() if preset.fits(adapter.name, config)]
+        if len(fitting) != 1:
+            raise ValueError(
+                f"no MagCache ratio set is known for this {type(adapter.model).__name__} ({adapter.name!r}); shipped "
+                f"sets: {', '.join(magcache_presets())}. Measure its ratios with `cachekit calibrate` and give "
+                "preset= (the file) or mag_ratios="
+            )
+        return fitting[0]
 
     def ratios_for(self, steps: int) -> tuple[float, ...]:
         """The ratios for a generation of `steps` steps: as given, or resampled if allowed."""

@@ -43,7 +43,7 @@ def sea_filter(latent: torch.Tensor, sigma: float, power_exp: float) -> torch.Te
     if torch.isfinite(mean) and mean > 0:
         gain = gain / mean
     filtered = torch.fft.ifftn(torch.fft.fftn(values, dim=(0, 1, 2)) * gain, dim=(0, 1, 2)).real
-    return filtered.to(latent.dtype)
+    return filtered.movedim(-1, 0).to(latent.dtype)
 
 
 @dataclass

@@ -227,26 +227,36 @@ def _pareto(summaries: list[Summary], path: Path) -> None:
 
 
 def plot_quality(summaries: list[Summary], path: Path) -> None:
-    """PSNR against the share of block executions, one line per method through its settings."""
+    """PSNR against the share of block executions, one line per method through its settings
+    (diffusers' methods dashed); methods that run every block are left to the budget tables."""
     plt = _pyplot()
     models = list(dict.fromkeys(s.model for s in summaries))
-    figure, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), squeeze=False)
+    figure, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models) + 3, 5), squeeze=False)
+    colours = plt.get_cmap("tab20").colors
     for axis, model in zip(axes[0], models, strict=True):
         methods: dict[str, list[Summary]] = {}
         for s in summaries:
             if s.model == model and s.psnr is not None and s.psnr != math.inf:
                 methods.setdefault(s.method, []).append(s)
-        for method, group in methods.items():
+        shown = {method: group for method, group in methods.items() if min(s.blocks for s in group) < 1}
+        for number, (method, group) in enumerate(shown.items()):
             group.sort(key=lambda s: s.blocks)
-            dashed = "--" if method.startswith("diffusers.") else "-"
+            style = "--" if method.startswith("diffusers.") else "-"
             axis.plot(
-                [s.blocks for s in group], [s.psnr for s in group], dashed, marker="o", markersize=3, label=method
+                [s.blocks for s in group],
+                [s.psnr for s in group],
+                style,
+                color=colours[number % len(colours)],
+                marker="o",
+                markersize=3,
+                label=method,
             )
         for budget in BUDGETS:
             axis.axvline(budget, color="grey", linewidth=0.5)
-        axis.set(title=model, xlabel="share of block executions", ylabel="PSNR vs uncached (dB)")
-        axis.legend(fontsize=7, loc="lower right")
-    figure.tight_layout()
+        axis.set(title=model, xlabel="share of block executions (counted)", ylabel="PSNR vs uncached (dB)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="center right", fontsize=8)
+    figure.tight_layout(rect=(0, 0, 1 - 3 / figure.get_figwidth(), 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
