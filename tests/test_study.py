@@ -17,6 +17,7 @@ import pytest
 
 from cachekit import testbed
 from cachekit.study import StudySpecError, load_spec, plan, run_study, write_report
+from cachekit.study.report import BUDGETS, best_within, summarize
 from cachekit.study.store import ResultStore
 
 SPEC = """
@@ -167,9 +168,13 @@ def test_default_spec_is_shipped_and_valid():
     cells = plan(spec).cells
     assert spec.models == ["flux-digits", "wan-moving-digits"] and spec.steps == 50
     strategies = {cell.setting.config.strategy for cell in cells if cell.setting.config}
-    assert strategies == {"uniform", "teacache", "pab"}
-    assert len({cell.setting.key for cell in cells}) == 1 + 2 + 3 + 1
-    assert len(cells) == 2 * 2 * 4 * 7
+    import cachekit
+
+    assert strategies == {*cachekit.list_strategies(), "diffusers.first_block_cache", "diffusers.taylorseer_cache"}
+    methods = {cell.setting.method for cell in cells}
+    assert "teacache+taylor2" in methods
+    assert len({cell.setting.key for cell in cells}) == 1 + 2 + 3 + 3 + 6 + 2
+    assert len(cells) == 2 * 2 * 4 * 17
 
 
 def test_cli_list(tmp_path):
@@ -177,5 +182,68 @@ def test_cli_list(tmp_path):
         [sys.executable, "-m", "cachekit", "list"], cwd=tmp_path, capture_output=True, text=True, check=True
     )
     assert "strategies: easycache, fbcache, magcache, pab, seacache, taylorseer, teacache, uniform" in result.stdout
-    assert "estimators: copy, foca, taylor" in result.stdout
+    estimators = next(line for line in result.stdout.splitlines() if line.startswith("estimators:"))
+    assert {"copy", "foca", "taylor"} <= set(estimators.removeprefix("estimators: ").split(", "))
     assert "flux-dev" in result.stdout and "diffusers.first_block_cache" in result.stdout
+
+
+PEERS = """
+name = "peers"
+models = ["flux-digits"]
+labels = [3]
+seeds = [0]
+steps = 12
+repeats = 1
+warmup = 0
+
+[[policies]]
+strategy = "fbcache"
+sweep.threshold = [0.2, 0.5]
+
+[[policies]]
+strategy = "diffusers.first_block_cache"
+sweep.threshold = [0.2, 0.5]
+
+[[policies]]
+strategy = "uniform"
+name = "every third"
+interval = 3
+estimator = { kind = "taylor", order = 2 }
+"""
+
+
+def test_diffusers_methods_sit_beside_cachekits_and_are_counted_alike(tmp_path):
+    """diffusers' FirstBlockCache and cachekit's fbcache at the same threshold: the same block
+    executions counted from the outside, the same output; the report ranks methods per budget."""
+    db = run_study(load_spec(write_spec(tmp_path, PEERS)), tmp_path / "results.sqlite", progress=False)
+    rows = {row["label"]: row for row in ResultStore(db).rows("peers")}
+    assert set(rows) == {
+        "uncached",
+        "fbcache threshold=0.2",
+        "fbcache threshold=0.5",
+        "diffusers.first_block_cache threshold=0.2",
+        "diffusers.first_block_cache threshold=0.5",
+        "every third",
+    }
+    for threshold in (0.2, 0.5):
+        ours, theirs = (
+            rows[f"fbcache threshold={threshold}"],
+            rows[f"diffusers.first_block_cache threshold={threshold}"],
+        )
+        assert ours["block_executions"] == theirs["block_executions"] < 24 * 6
+        assert ours["psnr"] == theirs["psnr"] and ours["flops_saved"] == theirs["flops_saved"] > 0
+        assert theirs["computed_calls"] is None and theirs["method"] == "diffusers.first_block_cache"
+    # head block at every call, the rest when computed: block share = (24 + computed x 5) / (24 x 6)
+    fb = rows["fbcache threshold=0.5"]
+    assert fb["block_executions"] == 24 + fb["computed_calls"] * 5
+    assert rows["every third"]["method"] == "every third"
+
+    report = write_report(db, tmp_path / "report").read_text()
+    table = report[report.index("### flux-digits: best PSNR (dB) within a share of block executions") :]
+    summaries = summarize(ResultStore(db).rows("peers"))
+    for method in ("fbcache", "diffusers.first_block_cache", "every third"):
+        group = [s for s in summaries if s.method == method]
+        line = next(line for line in table.splitlines() if line.startswith(f"| {method} |"))
+        for budget, cell in zip(BUDGETS, line.split(" | ")[1:], strict=True):
+            best = best_within(group, lambda s: s.blocks, budget)
+            assert cell.strip(" |*") == ("—" if best is None else f"{best.psnr:.2f}")

@@ -107,6 +107,8 @@ def budget_tables(summaries: list[Summary], budgets: tuple[float, ...] = BUDGETS
                 )
                 for budget in budgets
             }
+            if not any(winners.values()):  # no setting fits any budget: nothing to compare
+                continue
             lines += [
                 f"### {model}: best PSNR (dB) within a share of {axis}",
                 "",
