@@ -80,8 +80,8 @@ class PeerHandle:
 
     stats = None  # diffusers' hooks count nothing a study could read; studies count executions themselves
 
-    def __init__(self, transformer: nn.Module, registry: HookRegistry, unwatch: Any) -> None:
-        self._transformer = transformer
+    def __init__(self, transformer: Any, registry: HookRegistry, unwatch: Any) -> None:
+        self._transformer = transformer  # a diffusers model: has enable_cache and disable_cache
         self._registry = registry
         self._unwatch = unwatch
 
@@ -101,7 +101,7 @@ class PeerHandle:
 def apply_peer(target: Any, config: PeerConfig | dict[str, Any]) -> PeerHandle:
     """Enable the diffusers method `config` names on a pipeline's transformer (or a transformer)."""
     config = make_peer_config(config)
-    transformer = target if isinstance(target, nn.Module) else target.transformer
+    transformer: Any = target if isinstance(target, nn.Module) else target.transformer
     scheduler = None if isinstance(target, nn.Module) else getattr(target, "scheduler", None)
     adapter = resolve_adapter(transformer)(transformer)
     tracker = StepTracker(getattr(config, "num_inference_steps", None))
@@ -120,7 +120,7 @@ class _ContextHook(ModelHook):
         self.adapter = adapter
         self.tracker = tracker
 
-    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def new_forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
         generation = self.tracker.generation
         step = self.tracker.advance(float(self.adapter.timestep(args, kwargs).max()))
         if self.tracker.generation != generation:

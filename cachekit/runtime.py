@@ -386,7 +386,7 @@ def _places(adapter: Adapter, policy: CachePolicy[Any]) -> list[tuple[nn.Module,
             if part:
                 region.append(part)
         index += len(segment)
-    places = []
+    places: list[tuple[nn.Module, _SpanPlace]] = []
     for region, is_head in ((head, True), (decided, False)):
         for number, segment in enumerate(region):
             for position, (block, streams) in enumerate(segment):

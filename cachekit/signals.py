@@ -22,7 +22,7 @@ def mean_abs(value: Tensors) -> float:
     parts = _parts(value)
     if len(parts) == 1:
         return parts[0].abs().mean().item()
-    return (sum(part.abs().sum() for part in parts) / sum(part.numel() for part in parts)).item()
+    return (torch.stack([part.abs().sum() for part in parts]).sum() / sum(part.numel() for part in parts)).item()
 
 
 def relative_l1(current: Tensors, previous: Tensors, eps: float = 0.0) -> float:
@@ -34,6 +34,6 @@ def relative_l1(current: Tensors, previous: Tensors, eps: float = 0.0) -> float:
         change, scale = (now[0] - before[0]).abs().mean(), before[0].abs().mean()
     else:
         count = sum(b.numel() for b in before)
-        change = sum((a - b).abs().sum() for a, b in zip(now, before, strict=True)) / count
-        scale = sum(b.abs().sum() for b in before) / count
+        change = torch.stack([(a - b).abs().sum() for a, b in zip(now, before, strict=True)]).sum() / count
+        scale = torch.stack([b.abs().sum() for b in before]).sum() / count
     return (change / (scale + eps)).item()

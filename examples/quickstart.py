@@ -9,7 +9,7 @@ import time
 import torch
 
 import cachekit
-from cachekit.schemas import PABConfig, TeaCacheConfig, UniformConfig
+from cachekit.schemas import FBCacheConfig, PABConfig, TeaCacheConfig, UniformConfig
 from cachekit.testing import run_flux, tiny_flux_pipeline
 
 STEPS = 20
@@ -18,12 +18,16 @@ run_flux(pipe, steps=2)  # warm-up
 
 start = time.perf_counter()
 reference = run_flux(pipe, steps=STEPS)
-print(f"strategies: {cachekit.list_strategies()}  adapters: {cachekit.list_adapters()}")
+print(f"strategies: {cachekit.list_strategies()}  estimators: {cachekit.list_estimators()}")
+print(f"adapters: {cachekit.list_adapters()}")
 print(f"uncached: {time.perf_counter() - start:.3f} s for {STEPS} steps with true CFG")
 
 policies = [
     UniformConfig(interval=3),
     TeaCacheConfig(preset="flux-dev", rel_l1_thresh=0.4),
+    # when: TeaCache's rule; how: a second-order Taylor forecast of the skipped residual
+    TeaCacheConfig(preset="flux-dev", rel_l1_thresh=0.4, estimator={"kind": "taylor", "order": 2}),
+    FBCacheConfig(threshold=0.2),
     PABConfig(),
 ]
 for config in policies:

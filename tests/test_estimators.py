@@ -8,6 +8,7 @@ import pydantic
 import pytest
 import torch
 from diffusers.hooks.taylorseer_cache import TaylorSeerState
+from helpers import flux_inputs
 
 import cachekit
 from cachekit.errors import UnknownEstimatorError
@@ -18,8 +19,6 @@ from cachekit.registry import PluginWarning, get_estimator
 from cachekit.schemas import CopyConfig, FoCaConfig, TaylorConfig, TeaCacheConfig, UniformConfig
 from cachekit.testbed import load
 from cachekit.testing import tiny_flux_transformer
-
-from helpers import flux_inputs
 
 
 def step(index: int, timestep: float | None = None) -> Step:

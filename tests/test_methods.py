@@ -75,9 +75,9 @@ def test_first_and_last_blocks_must_leave_something_to_skip():
 
 def test_magcache_ratio_count_must_match_the_steps_unless_resampled():
     pipe = load("flux-digits")
-    with pytest.raises(ValueError, match=r"28 magnitude ratios but the generation has 12 steps.*interpolate=True"):
-        with cachekit.apply(pipe, MagCacheConfig(preset="flux-dev")):
-            pipe([1], num_inference_steps=12)
+    message = r"28 magnitude ratios but the generation has 12 steps.*interpolate=True"
+    with pytest.raises(ValueError, match=message), cachekit.apply(pipe, MagCacheConfig(preset="flux-dev")):
+        pipe([1], num_inference_steps=12)
     with pytest.raises(ValueError, match=r"28 magnitude ratios but the generation has 12 steps"):
         cachekit.apply(pipe.transformer, MagCacheConfig(preset="flux-dev", num_inference_steps=12))
     with cachekit.apply(pipe, MagCacheConfig(preset="flux-dev", interpolate=True, threshold=0.5)) as handle:
