@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("frontier-results"))
     parser.add_argument("--fresh", action="store_true", help="recompute finished cells")
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     running = []
@@ -49,14 +50,10 @@ def main(argv: list[str] | None = None) -> None:
         command = [sys.executable, "-m", "cachekit", "study", "run", str(spec), "--db", str(_db(args.out, model))]
         log = (args.out / f"frontier-{model}.log").open("w")
         environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        running.append(
-            (
-                model,
-                subprocess.Popen(
-                    [*command, *(["--fresh"] if args.fresh else [])], stdout=log, stderr=log, env=environment
-                ),
-            )
-        )
+        fresh = ["--fresh"] if args.fresh else []
+        # run from the output folder: from the repository root, `-m cachekit` would import the source folder
+        process = subprocess.Popen([*command, *fresh], stdout=log, stderr=log, env=environment, cwd=args.out)
+        running.append((model, process))
     for model, process in running:
         if process.wait() != 0:
             sys.exit(f"the {model} study failed; see {args.out / f'frontier-{model}.log'}")
