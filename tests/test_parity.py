@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, SeaCacheConfig, TaylorSeerCacheConfig
 from diffusers.hooks.sea_cache import _apply_sea_filter
 
 import cachekit
@@ -97,6 +97,22 @@ def test_equals_diffusers_hooks_in_a_diffusers_pipeline(family, ours, theirs):
     pipe.transformer.enable_cache(theirs)
     try:
         expected = scheduled(pipe.transformer, generate, watched)
+    finally:
+        pipe.transformer.disable_cache()
+    assert_same(mine, expected, reference)
+
+
+def test_seacache_equals_diffusers_in_the_wan_pipeline():
+    """Where diffusers' SeaCache runs generically: a Wan text-to-video pipeline, which passes the
+    step, step count and sigma in its own cache contexts."""
+    pipe = tiny_wan_pipeline()
+    generate = lambda: run_wan(pipe, steps=STEPS)  # noqa: E731
+    reference = generate()
+    with cachekit.apply(pipe, {"strategy": "seacache", "threshold": 0.5}):
+        mine = scheduled(pipe.transformer, generate)
+    pipe.transformer.enable_cache(SeaCacheConfig(threshold=0.5))
+    try:
+        expected = scheduled(pipe.transformer, generate)
     finally:
         pipe.transformer.disable_cache()
     assert_same(mine, expected, reference)
