@@ -8,12 +8,29 @@ from torch._dynamo.utils import counters
 
 import cachekit
 from cachekit import testbed
-from cachekit.schemas import PABConfig, TeaCacheConfig, UniformConfig
+from cachekit.schemas import (
+    EasyCacheConfig,
+    FBCacheConfig,
+    MagCacheConfig,
+    PABConfig,
+    SeaCacheConfig,
+    TaylorSeerConfig,
+    TeaCacheConfig,
+    UniformConfig,
+)
 
+TAYLOR = {"kind": "taylor", "order": 2}
 CONFIGS = {
     "uniform": UniformConfig(interval=2),
     "teacache": TeaCacheConfig(coefficients=[1.0, 0.0], rel_l1_thresh=0.05),
+    "teacache+taylor": TeaCacheConfig(coefficients=[1.0, 0.0], rel_l1_thresh=0.1, estimator=TAYLOR),
     "pab": PABConfig(),
+    "pab+foca": PABConfig(estimator="foca"),
+    "fbcache": FBCacheConfig(threshold=0.1, first_blocks=2, last_blocks=1),
+    "magcache": MagCacheConfig(interpolate=True, threshold=0.2),
+    "taylorseer": TaylorSeerConfig(interval=3, level="modules"),
+    "seacache": SeaCacheConfig(),
+    "easycache": EasyCacheConfig(warmup_steps=4),
 }
 
 
