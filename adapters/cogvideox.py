@@ -22,14 +22,14 @@ from cachekit.schemas.adapter import (
     BlockListSpec,
     LatentSpec,
     NormProbe,
-    OutputSpec,
     TimestepSpec,
 )
 
 COGVIDEOX_SPEC = AdapterSpec(
     name="cogvideox",
     timestep=TimestepSpec(argument=Argument(name="timestep", position=2)),
-    timestep_embedding=OutputSpec(module="time_embedding"),
+    # the blocks' temb: the time embedding plus, on CogVideoX1.5-5B-I2V, the ofs embedding
+    timestep_embedding=TEMB,
     latent=LatentSpec(layout="BTCHW"),  # CogVideoX latents put the frames before the channels
     blocks=[
         BlockListSpec(

@@ -17,6 +17,7 @@ from cachekit.schemas.adapter import FULL_3D, TEMB, AdapterSpec, OutputSpec, Tab
 SKYREELS_V2_SPEC = AdapterSpec(
     name="skyreels_v2",
     timestep_embedding=OutputSpec(module="condition_embedder", index=0),
+    projected_timestep_embedding=OutputSpec(module="condition_embedder", index=1),
     blocks=[WAN_BLOCKS],
     probe=TableProbe(embedding=TEMB, float32=True),
     missing_attention={"temporal": FULL_3D},

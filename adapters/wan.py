@@ -25,8 +25,10 @@ WAN_BLOCKS = BlockListSpec(
 )
 WAN_SPEC = AdapterSpec(
     name="wan",
-    # condition_embedder returns (temb, timestep_proj, text, image); temb is the embedding.
+    # condition_embedder returns (temb, timestep_proj, text, image); temb is the embedding,
+    # timestep_proj its projection into the blocks' modulation (TeaCache's "ret steps" probe).
     timestep_embedding=OutputSpec(module="condition_embedder", index=0),
+    projected_timestep_embedding=OutputSpec(module="condition_embedder", index=1),
     blocks=[WAN_BLOCKS],
     probe=TableProbe(embedding=Argument(name="temb", position=2), float32=True),
     missing_attention={"temporal": FULL_3D},

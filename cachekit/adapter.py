@@ -33,6 +33,7 @@ class Point(StrEnum):
     OUTPUT = "output"  # the prediction each transformer call returns
     PROBE = "probe"  # the first block's timestep-modulated input
     TIMESTEP_EMBEDDING = "timestep_embedding"  # the timestep embedding the blocks are conditioned on
+    PROJECTED_TIMESTEP_EMBEDDING = "projected_timestep_embedding"  # it, projected into modulation parameters
     SPAN = "span"  # the run of blocks whose residual can be cached
     ATTENTION = "attention"  # attention modules with their kind
     MLP = "mlp"  # the blocks' feed-forward modules
@@ -67,6 +68,22 @@ class OutputSite:
 
     def read(self, output: Any) -> torch.Tensor:
         return output if self.index is None else output[self.index]
+
+
+@dataclass(frozen=True)
+class BlockArgument:
+    """An argument of the first block's calls that is a signal: the embedding the blocks get, where
+    the model sums it from several modules and no module outputs it whole."""
+
+    position: int | None
+    name: str
+
+    def read(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
+        return call_arg(args, kwargs, self.position, self.name)
+
+
+#: Where an embedding signal comes from.
+SignalSite = OutputSite | BlockArgument
 
 
 def call_arg(args: tuple[Any, ...], kwargs: Mapping[str, Any], position: int | None, name: str) -> Any:
@@ -189,8 +206,12 @@ class Adapter:
         """The prediction a transformer call returned (diffusers: a tuple, or an output object)."""
         return output[0] if isinstance(output, tuple) else output.sample
 
-    def timestep_embedding(self) -> OutputSite:
+    def timestep_embedding(self) -> SignalSite:
         """Where the timestep embedding the blocks are conditioned on comes out."""
+        raise NotImplementedError
+
+    def projected_timestep_embedding(self) -> SignalSite:
+        """Where that embedding, projected into the blocks' modulation parameters, comes out."""
         raise NotImplementedError
 
     def span(self) -> ResidualSpan:

@@ -17,17 +17,29 @@ from torch import nn
 
 from cachekit.adapter import (
     Adapter,
+    BlockArgument,
     BlockStreams,
     ModuleSite,
     OutputSite,
     Point,
     ResidualSpan,
     Segment,
+    SignalSite,
     SiteKind,
     call_arg,
 )
-from cachekit.schemas.adapter import AdapterSpec, Argument, BlockListSpec, LatentSpec, NormProbe, TableProbe
+from cachekit.schemas.adapter import (
+    AdapterSpec,
+    Argument,
+    BlockListSpec,
+    LatentSpec,
+    NormProbe,
+    OutputSpec,
+    TableProbe,
+)
 from cachekit.schemas.files import read_table
+
+NO_PROJECTION = "the adapter's spec names no projected timestep embedding (only Wan-style presets read one)"
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,8 @@ class DeclarativeAdapter(Adapter):
             raise TypeError(f"adapter {spec.name!r}: give a probe (spec or method) or a reason in missing['probe']")
         if spec.timestep_embedding is None and Point.TIMESTEP_EMBEDDING not in cls.missing:
             raise TypeError(f"adapter {spec.name!r}: give timestep_embedding or a reason in missing")
+        if spec.projected_timestep_embedding is None and Point.PROJECTED_TIMESTEP_EMBEDDING not in cls.missing:
+            cls.missing = {**cls.missing, Point.PROJECTED_TIMESTEP_EMBEDDING: NO_PROJECTION}
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -129,9 +143,16 @@ class DeclarativeAdapter(Adapter):
         spec = self.spec.latent
         return _laid_out(spec, _argument(args, kwargs, spec.argument), args, kwargs, self.name)
 
-    def timestep_embedding(self) -> OutputSite:
-        spec = self.spec.timestep_embedding
+    def timestep_embedding(self) -> SignalSite:
+        return self._signal_site(self.spec.timestep_embedding)
+
+    def projected_timestep_embedding(self) -> SignalSite:
+        return self._signal_site(self.spec.projected_timestep_embedding)
+
+    def _signal_site(self, spec: OutputSpec | Argument | None) -> SignalSite:
         assert spec is not None  # declared missing otherwise
+        if isinstance(spec, Argument):
+            return BlockArgument(spec.position, spec.name)
         return OutputSite(self.model.get_submodule(spec.module), spec.index)
 
     def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:

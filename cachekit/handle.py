@@ -105,24 +105,28 @@ def apply(target: Any, config: PolicyConfig | Mapping[str, Any] | str | os.PathL
                 f"{type(model).__name__} already has a cache policy attached ({_ATTACHED[model]!r}); "
                 "remove that handle first"
             )
-    policies = {name: policy_class(config) for name in models}
-    needs_num_steps = any(policy.needs_num_steps for policy in policies.values())  # the instance's, set by config
-    if needs_num_steps and scheduler is None and config.num_inference_steps is None:
-        raise ValueError(
-            f"strategy {config.strategy!r} must know the generation's last step: apply it to the "
-            "pipeline, or set num_inference_steps in its config when applying it to a bare transformer"
-        )
-    estimator_class = get_estimator(config.estimator.kind)
     tracker = StepTracker(config.num_inference_steps)  # experts share the steps of one generation
+    estimator_class = get_estimator(config.estimator.kind)
     runtimes = {}
     for name, model in models.items():
         adapter = resolve_adapter(model)(model)
-        policy = policies[name]
-        for point in sorted(policy.required_points()):
-            adapter.require(point, policy.name())
-        runtimes[name] = Runtime(model, adapter, policy, estimator_class(config.estimator), tracker)
-    for runtime in runtimes.values():
-        runtime.install()
+        runtimes[name] = Runtime(model, adapter, policy_class(config), estimator_class(config.estimator), tracker)
+    # after attach, which may settle defaults from the model (a preset that forces the last step)
+    needs_num_steps = any(runtime.policy.needs_num_steps for runtime in runtimes.values())
+    if needs_num_steps and scheduler is None and config.num_inference_steps is None:
+        raise ValueError(
+            f"strategy {config.strategy!r} must know the generation's length: apply it to the pipeline, or set "
+            "num_inference_steps in its config when applying it to a bare transformer"
+        )
+    installed: list[Runtime] = []
+    try:
+        for runtime in runtimes.values():
+            installed.append(runtime)
+            runtime.install()
+    except BaseException:  # leave the model as found
+        for runtime in reversed(installed):
+            runtime.uninstall()
+        raise
     handle = CacheHandle(runtimes, scheduler)
     for model in models.values():
         _ATTACHED[model] = handle

@@ -38,6 +38,7 @@ class Signals:
 
     probe: torch.Tensor | None = None
     timestep_embedding: torch.Tensor | None = None
+    projected_timestep_embedding: torch.Tensor | None = None
     #: The transformer's noisy input, (batch, channels, frames, height, width) (Point.LATENT).
     latent: torch.Tensor | None = None
     #: With blocks always computed at the head of the span: their residual (output - input) on the

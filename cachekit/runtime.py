@@ -21,8 +21,8 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from cachekit.adapter import Adapter, BlockStreams, ModuleSite, OutputSite, Point, Segment, Streams
-from cachekit.errors import PolicyError
+from cachekit.adapter import Adapter, BlockArgument, BlockStreams, ModuleSite, OutputSite, Point, Segment, Streams
+from cachekit.errors import PolicyError, UnsupportedModelError
 from cachekit.estimator import Estimator, Kept
 from cachekit.policy import CachePolicy, Signals, Step
 from cachekit.stats import BranchStats, CacheStats, GenerationStats
@@ -51,7 +51,7 @@ class _Call:
     compute: bool = True
     module_runs: dict[str, int] = field(default_factory=dict)  # site -> runs so far in this call
     module_decisions: dict[str, bool] = field(default_factory=dict)  # site -> decision of this call
-    timestep_embedding: Any = None
+    embeddings: dict[Point, Any] = field(default_factory=dict)  # embedding signals seen in this call
 
 
 class Runtime:
@@ -72,16 +72,28 @@ class Runtime:
         self._joined_late = False  # this transformer's first call of the generation came after step 0
         info = {**policy.attach(adapter), "estimator": policy.config.estimator.model_dump(mode="json")}
         self.stats = CacheStats(strategy=policy.name(), adapter=adapter.name, info=info)
-        points = policy.required_points()
+        points = policy.required_points()  # after attach, which may settle what the policy reads
+        for point in sorted(points):
+            adapter.require(point, policy.name())
         self._wants_probe = Point.PROBE in points
         self._wants_latent = Point.LATENT in points
         self._wants_output = Point.OUTPUT in points
-        self._embedding = adapter.timestep_embedding() if Point.TIMESTEP_EMBEDDING in points else None
+        reads = {Point.TIMESTEP_EMBEDDING: adapter.timestep_embedding}
+        reads[Point.PROJECTED_TIMESTEP_EMBEDDING] = adapter.projected_timestep_embedding
+        self._embeddings = {point: read() for point, read in reads.items() if point in points}
         self._places = _places(adapter, policy) if Point.SPAN in points else []
+        self._block_arguments = {p: s for p, s in self._embeddings.items() if isinstance(s, BlockArgument)}
+        if self._block_arguments and not self._places:
+            raise PolicyError(
+                f"strategy {policy.name()!r} reads {', '.join(self._block_arguments)} from the first block's arguments "
+                f"on {type(model).__name__}, which it can only do when it also requires the span"
+            )
         self._sites = [
             *(adapter.attention_sites() if Point.ATTENTION in points else []),
             *(adapter.mlp_sites() if Point.MLP in points else []),
         ]
+        _each_once(model, [block for block, _ in self._places], "block")
+        _each_once(model, [site.module for site in self._sites], "attention/MLP module")
         self._states: dict[int, Any] = {}
         self._kept: dict[int, dict[Key, Kept]] = {}  # branch -> site -> what the estimator keeps
         self._computed_segments: dict[int, set[int]] = {}  # branch -> segments of its last computed span
@@ -92,8 +104,12 @@ class Runtime:
 
     def install(self) -> None:
         self._hook(self.model, _CallHook(self))
-        if self._embedding is not None:
-            self._hook(self._embedding.module, _EmbeddingHook(self, self._embedding))
+        by_module: dict[nn.Module, list[tuple[Point, OutputSite]]] = {}
+        for point, site in self._embeddings.items():
+            if isinstance(site, OutputSite):
+                by_module.setdefault(site.module, []).append((point, site))
+        for module, sites in by_module.items():
+            self._hook(module, _EmbeddingHook(self, sites))
         for block, place in self._places:
             self._hook(block, _SpanBlockHook(self, place))
         for site in self._sites:
@@ -116,7 +132,12 @@ class Runtime:
     def _hook(self, module: nn.Module, hook: ModelHook) -> None:
         had_registry = hasattr(module, "_diffusers_hook")
         had_forward = "forward" in module.__dict__
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+        try:
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+        except BaseException:
+            if not had_registry and hasattr(module, "_diffusers_hook"):
+                del module._diffusers_hook  # the registry made for a hook that did not go in
+            raise
         self._installed.append((module, had_registry, had_forward))
 
     def _forget_cached_children(self) -> None:
@@ -157,9 +178,9 @@ class Runtime:
             self.policy.observe(call.step, self.adapter.prediction(output), call.state)
 
     @torch.compiler.disable
-    def embedding_computed(self, embedding: Any) -> None:
+    def embedding_computed(self, point: Point, embedding: Any) -> None:
         if self._call is not None:
-            self._call.timestep_embedding = embedding
+            self._call.embeddings[point] = embedding
 
     # The block and module forwards run between the steps below, so that torch.compile can
     # compile them; the bookkeeping and the policy's decisions stay out of its graphs.
@@ -170,8 +191,8 @@ class Runtime:
         call = self._call
         if call is None:  # a block run on its own, outside a transformer call
             return forward(*args, **kwargs)
-        if place.first_block and self._wants_probe:
-            self._keep_probe(call, args, kwargs)
+        if place.first_block and (self._wants_probe or self._block_arguments):
+            self._keep_first_block_signals(call, args, kwargs)
         if place.head:
             return self._head_block(call, place, forward, args, kwargs)
         if place.decides:
@@ -203,8 +224,11 @@ class Runtime:
         return output
 
     @torch.compiler.disable
-    def _keep_probe(self, call: _Call, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        call.probe = self.adapter.probe(args, kwargs)
+    def _keep_first_block_signals(self, call: _Call, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        if self._wants_probe:
+            call.probe = self.adapter.probe(args, kwargs)
+        for point, site in self._block_arguments.items():
+            call.embeddings[point] = site.read(args, kwargs)
 
     @torch.compiler.disable
     def _keep_head_residual(self, call: _Call, place: _SpanPlace, output: Any) -> None:
@@ -214,7 +238,8 @@ class Runtime:
     def _decide_span(self, call: _Call) -> None:
         signals = Signals(
             probe=call.probe,
-            timestep_embedding=call.timestep_embedding,
+            timestep_embedding=call.embeddings.get(Point.TIMESTEP_EMBEDDING),
+            projected_timestep_embedding=call.embeddings.get(Point.PROJECTED_TIMESTEP_EMBEDDING),
             latent=call.latent,
             head_residual=tuple(call.head_residual) if call.head_residual else None,
         )
@@ -365,6 +390,21 @@ class _SpanPlace:
     first_block: bool = False  # block 0 of the model: the probe is read here
 
 
+def _each_once(model: nn.Module, modules: list[nn.Module], what: str) -> None:
+    """One module at two places (weight-tied blocks, a block list named twice) cannot be told
+    apart between its calls: refuse it, naming where it appears."""
+    names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    seen: dict[int, int] = {}
+    for index, module in enumerate(modules):
+        if id(module) in seen:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: the same {what} ({names.get(id(module), type(module).__name__)!r}) appears "
+                f"at positions {seen[id(module)]} and {index}: cachekit keeps state per {what} and cannot tell "
+                "the calls of a module used twice apart (weight-tied blocks are not supported)"
+            )
+        seen[id(module)] = index
+
+
 def _places(adapter: Adapter, policy: CachePolicy[Any]) -> list[tuple[nn.Module, _SpanPlace]]:
     """Each block of the span the policy runs on, with its place: segments cut where the head
     (always computed) ends and the tail (always computed, not hooked) begins."""
@@ -429,13 +469,14 @@ class _ModuleSiteHook(ModelHook):
 
 
 class _EmbeddingHook(ModelHook):
-    """On the timestep embedder: hands its output to the call's signals."""
+    """On the timestep embedder: hands its output (or items of it) to the call's signals."""
 
-    def __init__(self, runtime: Runtime, site: OutputSite) -> None:
+    def __init__(self, runtime: Runtime, sites: list[tuple[Point, OutputSite]]) -> None:
         super().__init__()
         self.runtime = runtime
-        self.site = site
+        self.sites = sites
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        self.runtime.embedding_computed(self.site.read(output))
+        for point, site in self.sites:
+            self.runtime.embedding_computed(point, site.read(output))
         return output

@@ -11,7 +11,18 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-PointName = Literal["step", "latent", "output", "probe", "timestep_embedding", "span", "attention", "mlp", "blocks"]
+PointName = Literal[
+    "step",
+    "latent",
+    "output",
+    "probe",
+    "timestep_embedding",
+    "projected_timestep_embedding",
+    "span",
+    "attention",
+    "mlp",
+    "blocks",
+]
 AttentionKind = Literal["spatial", "temporal", "cross"]
 
 
@@ -139,7 +150,16 @@ class AdapterSpec(_Spec):
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="Adapter name, as in presets and studies.")
     timestep: TimestepSpec = TimestepSpec()
-    timestep_embedding: OutputSpec | None = None
+    timestep_embedding: OutputSpec | Argument | None = Field(
+        default=None,
+        description="Where the timestep embedding the blocks are conditioned on comes out: a module's output, or "
+        "an argument of the first block's calls (where the model sums it from several modules).",
+    )
+    projected_timestep_embedding: OutputSpec | Argument | None = Field(
+        default=None,
+        description="The timestep embedding projected into the blocks' modulation parameters (Wan's timestep_proj), "
+        "if the model has one; unset: declared missing.",
+    )
     latent: LatentSpec = LatentSpec()
     blocks: list[BlockListSpec] = Field(min_length=1, description="Block lists in the order the model runs them.")
     interleave: bool = Field(
@@ -155,7 +175,11 @@ class AdapterSpec(_Spec):
 
     @model_validator(mode="after")
     def _consistent(self) -> AdapterSpec:
-        given = {"probe": self.probe, "timestep_embedding": self.timestep_embedding}
+        given = {
+            "probe": self.probe,
+            "timestep_embedding": self.timestep_embedding,
+            "projected_timestep_embedding": self.projected_timestep_embedding,
+        }
         for point in given.keys() & self.missing.keys():
             if given[point] is not None:
                 raise ValueError(f"{point!r} is both given and listed as missing")

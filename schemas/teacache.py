@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from cachekit.schemas.configs import PolicyConfig
 from cachekit.schemas.files import SUFFIXES, parse_table, read_table
 
-Probe = Literal["modulated_input", "timestep_embedding"]
+#: The signal TeaCache measures: block 0's modulated input, the timestep embedding the blocks get,
+#: or its projection into the blocks' modulation parameters (Wan's `timestep_proj`, the "ret steps" variant).
+Probe = Literal["modulated_input", "timestep_embedding", "projected_timestep_embedding"]
 
 #: A rescale polynomial, highest power first (as numpy.poly1d takes it): order 1 to 9.
 Coefficients = Annotated[tuple[float, ...], Field(min_length=2, max_length=10)]
@@ -33,9 +35,18 @@ class TeaCachePreset(BaseModel):
     auto: bool = Field(default=True, description="Whether the preset may be picked from the model alone.")
     coefficients: Coefficients
     probe: Probe = "modulated_input"
-    warmup_steps: int = Field(default=1, ge=1)
+    warmup_steps: int = Field(default=1, ge=1, description="Steps always computed first.")
+    warmup_share: float | None = Field(
+        default=None, gt=0, lt=1, description="Or: the share of the steps always computed first (of 50: 0.1 -> 5)."
+    )
+    compute_last_step: bool = Field(default=True, description="Whether the last step always computes.")
     thresholds: tuple[float, ...] = Field(default=(), description="Suggested rel_l1_thresh, slowest first.")
     steps: int | None = Field(default=None, ge=1, description="The step count the thresholds were published for.")
+    shared_with: str = Field(
+        default="",
+        description="Models whose transformer config equals the one matched but for which no set is published: "
+        "picking this preset for them is reported.",
+    )
     notes: str = ""
     identity: str | None = Field(
         default=None, description="The model a calibrated preset was fitted on (adapter and config fingerprint)."
@@ -46,6 +57,12 @@ class TeaCachePreset(BaseModel):
         description="Calibration: per step, the mean over tokens of the block stack residual's norm over the "
         "previous step's (MagCache's magnitude ratios; 1.0 at the first step).",
     )
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TeaCachePreset:
+        if self.warmup_share is not None and "warmup_steps" in self.model_fields_set:
+            raise ValueError(f"preset {self.name!r}: give warmup_steps or warmup_share, not both")
+        return self
 
     def fits(self, adapter: str, config: Mapping[str, Any]) -> bool:
         """Whether a transformer of family `adapter` with `config` is the model this was fitted on."""
@@ -97,10 +114,17 @@ class TeaCacheConfig(PolicyConfig):
         default=None, description="A preset name (cachekit.schemas.teacache_presets()) or a calibrated preset file."
     )
     probe: Probe | None = Field(default=None, description="Unset: the preset's, else modulated_input.")
-    warmup_steps: int | None = Field(default=None, ge=1, description="Steps always computed first. Unset: 1.")
-    compute_last_step: bool = True
+    warmup_steps: int | None = Field(
+        default=None, ge=1, description="Steps always computed first. Unset: the preset's, else 1."
+    )
+    warmup_share: float | None = Field(
+        default=None, gt=0, lt=1, description="Or the share of the steps always computed first. Unset: the preset's."
+    )
+    compute_last_step: bool | None = Field(default=None, description="Unset: the preset's, else True.")
     allow_other_model: bool = Field(
-        default=False, description="Use a calibrated preset on a model other than the one it was fitted on."
+        default=False,
+        description="Use a preset on a model other than the one it was fitted on (another family, or another "
+        "model than a calibrated preset's).",
     )
 
     @field_validator("preset")
@@ -116,4 +140,6 @@ class TeaCacheConfig(PolicyConfig):
             raise ValueError("give either coefficients or preset, not both")
         if self.coefficients is not None and self.rel_l1_thresh is None:
             raise ValueError("rel_l1_thresh is required with explicit coefficients")
+        if self.warmup_steps is not None and self.warmup_share is not None:
+            raise ValueError("give warmup_steps or warmup_share, not both")
         return self

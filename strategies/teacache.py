@@ -3,8 +3,10 @@ changed little since the last computed step.
 
 Per call and per CFG branch: d = mean|probe - previous| / mean|previous|; the accumulator grows
 by poly(d) (the rescale polynomial); the span is computed when the accumulator reaches the
-threshold, which resets it. The first `warmup_steps` and the last step always compute and reset
-it; the previous probe is updated at every call, computed or not.
+threshold, which resets it. The warm-up (the first `warmup_steps`, or the first `warmup_share` of
+the steps) and, unless the preset or config says otherwise, the last step always compute and
+reset it; the previous probe is updated at every call, computed or not. The probe is what the
+preset was fitted on: the modulated input, the timestep embedding, or its projection.
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ from cachekit.policy import CachePolicy, ExampleConfigs, Signals, Step
 from cachekit.schemas import TeaCacheConfig, TeaCachePreset, load_preset, presets_for, teacache_presets
 from cachekit.signals import relative_l1
 
+#: The point each probe kind is read from, and the field of `Signals` it arrives in.
+_SIGNALS = {
+    "modulated_input": Point.PROBE,
+    "timestep_embedding": Point.TIMESTEP_EMBEDDING,
+    "projected_timestep_embedding": Point.PROJECTED_TIMESTEP_EMBEDDING,
+}
+_SIGNAL_FIELDS = {"modulated_input": "probe", **{kind: kind for kind in _SIGNALS if kind != "modulated_input"}}
+
 
 @dataclass
 class _BranchState:
@@ -33,7 +43,7 @@ class TeaCachePolicy(CachePolicy[TeaCacheConfig]):
 
     def __init__(self, config: TeaCacheConfig) -> None:
         super().__init__(config)
-        self.needs_num_steps = config.compute_last_step
+        self.picked_note: str | None = None
         preset = load_preset(config.preset) if config.preset is not None else None
         self._settle(preset)
 
@@ -43,7 +53,14 @@ class TeaCachePolicy(CachePolicy[TeaCacheConfig]):
         self.preset = preset
         self.coefficients = config.coefficients or (preset.coefficients if preset else None)
         self.probe = config.probe or (preset.probe if preset else "modulated_input")
-        self.warmup_steps = config.warmup_steps or (preset.warmup_steps if preset else 1)
+        if config.warmup_steps is not None or config.warmup_share is not None:
+            self.warmup_steps, self.warmup_share = config.warmup_steps or 0, config.warmup_share
+        else:
+            self.warmup_steps = preset.warmup_steps if preset and preset.warmup_share is None else 1
+            self.warmup_share = preset.warmup_share if preset else None
+        last = config.compute_last_step
+        self.compute_last_step = last if last is not None else (preset.compute_last_step if preset else True)
+        self.needs_num_steps = self.compute_last_step or self.warmup_share is not None
         self.threshold = config.rel_l1_thresh
         if self.threshold is None and preset is not None and preset.thresholds:
             self.threshold = preset.thresholds[0]
@@ -57,12 +74,18 @@ class TeaCachePolicy(CachePolicy[TeaCacheConfig]):
         )
 
     def required_points(self) -> frozenset[Point]:
-        signal = Point.PROBE if self.probe == "modulated_input" else Point.TIMESTEP_EMBEDDING
-        return frozenset({Point.STEP, Point.SPAN, signal})
+        return frozenset({Point.STEP, Point.SPAN, _SIGNALS[self.probe]})
 
     def attach(self, adapter: Adapter) -> dict[str, Any]:
         if self.coefficients is None:
             self._settle(self._pick_preset(adapter))
+        preset = self.preset
+        if preset is not None and preset.adapter != adapter.name and not self.config.allow_other_model:
+            raise ValueError(
+                f"TeaCache preset {preset.name!r} was published for a {preset.adapter!r} model, not this "
+                f"{type(adapter.model).__name__} ({adapter.name!r}): its coefficients do not fit; choose a preset of "
+                f"this family, calibrate this model, or set allow_other_model=True to use it anyway"
+            )
         identity = self.preset.identity if self.preset is not None else None
         if identity is not None and identity != adapter.identity() and not self.config.allow_other_model:
             raise ValueError(
@@ -75,23 +98,34 @@ class TeaCachePolicy(CachePolicy[TeaCacheConfig]):
                 f"TeaCache preset {self.preset.name if self.preset else None!r} suggests no threshold: "
                 "set rel_l1_thresh"
             )
-        return {
+        info = {
             "preset": self.preset.name if self.preset else None,
             "coefficients": list(self.coefficients or ()),
             "rel_l1_thresh": self.threshold,
             "probe": self.probe,
             "warmup_steps": self.warmup_steps,
+            "warmup_share": self.warmup_share,
+            "compute_last_step": self.compute_last_step,
         }
+        if self.picked_note:
+            info["preset_note"] = self.picked_note
+        return info
 
     def _pick_preset(self, adapter: Adapter) -> TeaCachePreset:
         config = dict(getattr(adapter.model, "config", {}))
         fitting = presets_for(adapter.name, config)
         if len(fitting) == 1:
-            return fitting[0]
+            picked = fitting[0]
+            if picked.shared_with:
+                self.picked_note = (
+                    f"picked {picked.name!r} from the model's config, which {picked.shared_with} share; no set is "
+                    "published for those: give preset= to choose deliberately"
+                )
+            return picked
         model = type(adapter.model).__name__
         if fitting:
             raise ValueError(
-                f"several TeaCache presets fit {model}: {', '.join(p.name for p in fitting)}; "
+                f"several TeaCache presets fit {model}, whose configs are alike: {', '.join(p.name for p in fitting)}; "
                 "choose one with TeaCacheConfig(preset=...)"
             )
         raise ValueError(
@@ -103,11 +137,17 @@ class TeaCachePolicy(CachePolicy[TeaCacheConfig]):
     def new_state(self) -> _BranchState:
         return _BranchState()
 
+    def warming_up(self, step: Step) -> bool:
+        if self.warmup_share is not None:
+            assert step.num_steps is not None
+            return step.index < self.warmup_share * step.num_steps
+        return step.index < self.warmup_steps
+
     def decide_span(self, step: Step, signals: Signals, state: _BranchState) -> bool:
-        probe = signals.probe if self.probe == "modulated_input" else signals.timestep_embedding
+        probe = getattr(signals, _SIGNAL_FIELDS[self.probe])
         assert probe is not None and self.coefficients is not None and self.threshold is not None
         previous, state.previous = state.previous, probe
-        forced = step.index < self.warmup_steps or (self.config.compute_last_step and step.is_last)
+        forced = self.warming_up(step) or (self.compute_last_step and step.is_last)
         if forced or previous is None:
             state.accumulated = 0.0
             return True

@@ -16,7 +16,7 @@ from helpers import RunCounter, module_state
 
 import cachekit
 from cachekit import registry
-from cachekit.adapter import Adapter, Point
+from cachekit.adapter import Adapter, BlockArgument, OutputSite, Point
 from cachekit.example import ModelExample
 
 ADAPTERS = sorted(registry.registry().adapters)
@@ -177,15 +177,24 @@ def test_adapter_provides_every_point_it_does_not_declare_missing(adapter_name):
     seen = _signals(adapter, model)
     if adapter.provides(Point.PROBE):
         assert seen["probe"].ndim == 3 and torch.isfinite(seen["probe"]).all()  # batch, tokens, channels
-    if adapter.provides(Point.TIMESTEP_EMBEDDING):
-        assert isinstance(seen["embedding"], torch.Tensor)
+    for point in (Point.TIMESTEP_EMBEDDING, Point.PROJECTED_TIMESTEP_EMBEDDING):
+        if adapter.provides(point):
+            assert isinstance(seen[point.value], torch.Tensor) and torch.isfinite(seen[point.value]).all()
     torch.testing.assert_close(seen["timestep"], torch.tensor(500.0))
 
 
 def _signals(adapter: Adapter, model: ModelExample) -> dict[str, torch.Tensor]:
-    """Read the step, probe and embedding out of one real call, with plain torch hooks."""
+    """Read the step, probe and embeddings out of one real call, with plain torch hooks."""
     seen: dict[str, torch.Tensor] = {}
     first = adapter.blocks()[0]
+    embeddings = {
+        point.value: read()
+        for point, read in [
+            (Point.TIMESTEP_EMBEDDING, adapter.timestep_embedding),
+            (Point.PROJECTED_TIMESTEP_EMBEDDING, adapter.projected_timestep_embedding),
+        ]
+        if adapter.provides(point)
+    }
 
     def on_call(_, args, kwargs):
         seen["timestep"] = adapter.timestep(args, kwargs).float().max()
@@ -193,18 +202,21 @@ def _signals(adapter: Adapter, model: ModelExample) -> dict[str, torch.Tensor]:
     def on_first_block(_, args, kwargs):
         if adapter.provides(Point.PROBE) and "probe" not in seen:
             seen["probe"] = adapter.probe(args, kwargs)
+        for name, site in embeddings.items():
+            if isinstance(site, BlockArgument):
+                seen.setdefault(name, site.read(args, kwargs))
 
     handles = [
         model.model.register_forward_pre_hook(on_call, with_kwargs=True),
         first.register_forward_pre_hook(on_first_block, with_kwargs=True),
     ]
-    if adapter.provides(Point.TIMESTEP_EMBEDDING):
-        site = adapter.timestep_embedding()
+    for name, site in embeddings.items():
+        if isinstance(site, OutputSite):
 
-        def on_embedding(_, __, output):
-            seen.setdefault("embedding", site.read(output))
+            def on_embedding(_, __, output, name=name, site=site):
+                seen.setdefault(name, site.read(output))
 
-        handles.append(site.module.register_forward_hook(on_embedding))
+            handles.append(site.module.register_forward_hook(on_embedding))
     try:
         with torch.no_grad():
             model(model.latents, 500.0)

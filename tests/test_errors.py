@@ -81,7 +81,7 @@ def test_using_a_removed_handle(flux_pipe):
 
 
 def test_bare_transformer_needs_the_generation_length_for_uniform():
-    with pytest.raises(ValueError, match=r"'uniform' must know the generation's last step: .*num_inference_steps"):
+    with pytest.raises(ValueError, match=r"'uniform' must know the generation's length: .*num_inference_steps"):
         cachekit.apply(tiny_flux_transformer(), UniformConfig())
 
 
