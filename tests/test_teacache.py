@@ -9,7 +9,7 @@ import pydantic
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
-from helpers import ExecutionCounter, install_straight_line
+from helpers import ExecutionCounter, flux_inputs, install_straight_line
 
 import cachekit
 from cachekit.schemas import TeaCacheConfig, teacache_presets
@@ -179,3 +179,60 @@ def test_preset_without_a_threshold_asks_for_one(flux_pipe, tmp_path):
     path.write_text(json.dumps({"name": "fitted", "adapter": "flux", "coefficients": [1.0, 0.0]}))
     with pytest.raises(ValueError, match=r"'fitted' suggests no threshold: set rel_l1_thresh"):
         cachekit.apply(flux_pipe, TeaCacheConfig(preset=str(path)))
+
+
+def test_a_bare_transformer_forces_the_last_step_or_asks_for_the_length():
+    """The policy instance decides whether the length is needed (TeaCache sets it from its config
+    and preset): without it a bare transformer is refused; with it the last step computes."""
+    model = tiny_flux_transformer()
+    config = TeaCacheConfig(coefficients=[1.0, 0.0], rel_l1_thresh=1e9)
+    with pytest.raises(ValueError, match=r"'teacache' must know the generation's length: .*num_inference_steps"):
+        cachekit.apply(model, config)
+    with cachekit.apply(model, config.model_copy(update={"num_inference_steps": 6})) as handle:
+        for index in range(6):
+            model(**flux_inputs(timestep=1 - index / 6))
+    assert handle.stats.last.branches[0].span_schedule == [True, False, False, False, False, True]
+    with cachekit.apply(model, config.model_copy(update={"compute_last_step": False})) as handle:  # no length needed
+        for index in range(6):
+            model(**flux_inputs(timestep=1 - index / 6))
+    assert handle.stats.last.branches[0].span_schedule == [True, False, False, False, False, False]
+
+
+def test_warmup_as_a_share_of_the_steps(flux_pipe):
+    config = TeaCacheConfig(coefficients=[1.0, 0.0], rel_l1_thresh=1e9, warmup_share=0.25, compute_last_step=False)
+    with cachekit.apply(flux_pipe, config) as handle:
+        run_flux(flux_pipe, steps=10)
+    assert handle.stats.last.branches[0].span_schedule == [True, True, True, *[False] * 7]  # steps < 2.5
+
+
+def test_ret_steps_preset_reads_the_projected_embedding_and_leaves_the_last_step_to_the_rule(wan_pipe):
+    """Wan2.1's ret-steps sets were fitted on condition_embedder's second output (timestep_proj):
+    the schedule is the published rule replayed on that signal, recorded here with a plain hook:
+    5 steps forced, the last one not."""
+    seen: list[torch.Tensor] = []
+    hook = wan_pipe.transformer.condition_embedder.register_forward_hook(lambda _, a, out: seen.append(out[1]))
+    threshold = 0.3
+    config = TeaCacheConfig(preset="wan2.1-t2v-1.3b-ret", rel_l1_thresh=threshold)
+    try:
+        with cachekit.apply(wan_pipe, config) as handle:
+            from cachekit.testing import run_wan
+
+            run_wan(wan_pipe, steps=STEPS)
+    finally:
+        hook.remove()
+    assert handle.stats.info["probe"] == "projected_timestep_embedding"
+    rescale = np.poly1d(teacache_presets()["wan2.1-t2v-1.3b-ret"].coefficients)
+    for branch in (0, 1):
+        signals = seen[branch::2]
+        expected, accumulated = [], 0.0
+        for index, signal in enumerate(signals):
+            if index < 5:
+                compute, accumulated = True, 0.0
+            else:
+                previous = signals[index - 1]
+                accumulated += rescale(((signal - previous).abs().mean() / previous.abs().mean()).item())
+                compute = accumulated >= threshold
+                accumulated = 0.0 if compute else accumulated
+            expected.append(bool(compute))
+        assert handle.stats.last.branches[branch].span_schedule == expected
+        assert not all(expected[5:]), "the rule must skip somewhere after the warm-up"
