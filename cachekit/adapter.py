@@ -198,6 +198,23 @@ class Adapter:
         """The timestep of a transformer call on the 0-1000 training scale, from its arguments."""
         raise NotImplementedError
 
+    def step_of(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> float:
+        """The call's timestep as one number (the largest, where samples or tokens have their own)."""
+        timestep = self.timestep(args, kwargs)
+        if not isinstance(timestep, torch.Tensor):
+            return float(timestep)
+        if timestep.ndim > 2:
+            raise ValueError(
+                f"adapter {self.name!r}: the timestep argument of this {type(self.model).__name__} call is a tensor "
+                f"of shape {tuple(timestep.shape)}, not a timestep (one value per sample, or per sample and token): "
+                "the adapter reads the wrong argument"
+            )
+        return float(timestep.max())
+
+    def latent_input(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """The noisy latent argument of a call, as passed (`latent` lays it out)."""
+        return call_arg(args, kwargs, 0, "hidden_states")
+
     def latent(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
         """The noisy latent of a transformer call, laid out (batch, channels, frames, height, width)."""
         raise NotImplementedError

@@ -54,7 +54,7 @@ def record(model: StudyModel, seed: int, condition: str, probe: Probe = "modulat
     previous: dict[int, tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = {}
 
     def begin(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        current["step"] = tracker.advance(float(adapter.timestep(args, kwargs).max()))
+        current["step"] = tracker.advance(adapter.step_of(args, kwargs), adapter.latent_input(args, kwargs))
 
     def end(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         step = current["step"]

@@ -139,9 +139,11 @@ class DeclarativeAdapter(Adapter):
         spec = self.spec.timestep
         return spec.offset + spec.scale * _argument(args, kwargs, spec.argument)
 
+    def latent_input(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
+        return _argument(args, kwargs, self.spec.latent.argument)
+
     def latent(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
-        spec = self.spec.latent
-        return _laid_out(spec, _argument(args, kwargs, spec.argument), args, kwargs, self.name)
+        return _laid_out(self.spec.latent, self.latent_input(args, kwargs), args, kwargs, self.name)
 
     def timestep_embedding(self) -> SignalSite:
         return self._signal_site(self.spec.timestep_embedding)

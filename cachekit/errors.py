@@ -35,3 +35,11 @@ class PluginError(CachekitError):
 
 class PolicyError(CachekitError, RuntimeError):
     """A policy decided something the runtime cannot do (e.g. reuse before any compute)."""
+
+
+class StepCountError(CachekitError, RuntimeError):
+    """A transformer call past the number of steps cachekit was told the generation has."""
+
+
+class ConcurrentUseError(CachekitError, RuntimeError):
+    """Two threads driving one transformer with a policy attached at the same time."""

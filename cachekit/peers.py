@@ -122,7 +122,7 @@ class _ContextHook(ModelHook):
 
     def new_forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
         generation = self.tracker.generation
-        step = self.tracker.advance(float(self.adapter.timestep(args, kwargs).max()))
+        step = self.tracker.advance(self.adapter.step_of(args, kwargs), self.adapter.latent_input(args, kwargs))
         if self.tracker.generation != generation:
             module._reset_stateful_cache()
         context = {

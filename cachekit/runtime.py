@@ -12,6 +12,7 @@ forward on the exact same arguments.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from cachekit.adapter import Adapter, BlockArgument, BlockStreams, ModuleSite, OutputSite, Point, Segment, Streams
-from cachekit.errors import PolicyError, UnsupportedModelError
+from cachekit.errors import ConcurrentUseError, PolicyError, UnsupportedModelError
 from cachekit.estimator import Estimator, Kept
 from cachekit.policy import CachePolicy, Signals, Step
 from cachekit.stats import BranchStats, CacheStats, GenerationStats
@@ -98,6 +99,8 @@ class Runtime:
         self._kept: dict[int, dict[Key, Kept]] = {}  # branch -> site -> what the estimator keeps
         self._computed_segments: dict[int, set[int]] = {}  # branch -> segments of its last computed span
         self._call: _Call | None = None
+        self._busy = threading.Lock()  # held during a transformer call
+        self._owner: int | None = None  # the thread running the current generation
         self._installed: list[tuple[nn.Module, bool, bool]] = []
 
     # -- installing -----------------------------------------------------------------------------
@@ -150,9 +153,22 @@ class Runtime:
 
     @torch.compiler.disable
     def begin_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        timestep = float(self.adapter.timestep(args, kwargs).max())
-        step = self.tracker.advance(timestep)
+        if not self._busy.acquire(blocking=False):
+            raise ConcurrentUseError(self._concurrent("while another thread's call of it was running"))
+        try:
+            self._begin(args, kwargs)
+        except BaseException:
+            self._busy.release()
+            raise
+
+    def _begin(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        timestep, sample = self.adapter.step_of(args, kwargs), self.adapter.latent_input(args, kwargs)
+        thread = threading.get_ident()
+        if self._owner not in (None, thread) and not self.tracker.opens_generation(timestep, sample):
+            raise ConcurrentUseError(self._concurrent("in the middle of a generation another thread runs"))
+        step = self.tracker.advance(timestep, sample)
         if self.tracker.generation != self._generation:
+            self._owner = thread
             self._generation = self.tracker.generation
             self._joined_late = step.index > 0
             self._states.clear()
@@ -174,8 +190,17 @@ class Runtime:
     def end_call(self, output: Any) -> None:
         """The call is over (`output` None: it raised)."""
         call, self._call = self._call, None
-        if self._wants_output and call is not None and output is not None:
-            self.policy.observe(call.step, self.adapter.prediction(output), call.state)
+        try:
+            if self._wants_output and call is not None and output is not None:
+                self.policy.observe(call.step, self.adapter.prediction(output), call.state)
+        finally:
+            self._busy.release()
+
+    def _concurrent(self, when: str) -> str:
+        return (
+            f"{type(self.model).__name__} was called from a second thread {when}: a policy follows one generation "
+            "at a time; give each thread its own transformer (or apply the policy per thread)"
+        )
 
     @torch.compiler.disable
     def embedding_computed(self, point: Point, embedding: Any) -> None:
