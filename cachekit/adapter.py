@@ -174,9 +174,15 @@ class Adapter:
         return point not in cls.missing
 
     def identity(self) -> str:
-        """The adapter and a fingerprint of the model's config: what a calibration was fitted on."""
-        config = json.dumps(dict(getattr(self.model, "config", {})), sort_keys=True, default=str)
-        return f"{self.name}:{hashlib.sha256(config.encode()).hexdigest()[:12]}"
+        """The adapter and a fingerprint of the model's config: what a calibration was fitted on.
+
+        Only the config values that shape the model count; diffusers' bookkeeping (`_name_or_path`,
+        `_use_default_values`, whose order even varies between processes) does not."""
+        config = {
+            key: value for key, value in dict(getattr(self.model, "config", {})).items() if not key.startswith("_")
+        }
+        text = json.dumps(config, sort_keys=True, default=str)
+        return f"{self.name}:{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
     def require(self, point: Point, policy_name: str) -> None:
         """Fail with a message naming the point, the model and the policy if `point` is missing."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cachekit.schemas import CalibrationSpec
@@ -13,8 +15,32 @@ if TYPE_CHECKING:
 DEFAULT_RESULTS = Path("cachekit-results")
 
 
+def _json_policy(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f'not valid JSON ({error}): give e.g. \'{{"strategy": "uniform"}}\'') from None
+    if not isinstance(value, dict) or "strategy" not in value:
+        raise argparse.ArgumentTypeError("give a JSON object with a 'strategy' key, e.g. '{\"strategy\": \"uniform\"}'")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run a command; a mistake in what the user asked for is one line on stderr (exit code 2),
+    not a traceback."""
+    from cachekit.errors import CachekitError
+
+    try:
+        _main(argv)
+    except (CachekitError, ValueError, LookupError, TypeError, FileNotFoundError) as error:
+        message = str(error).strip().replace("\n", "; ")
+        print(f"cachekit: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="cachekit", description="Training-free caching for diffusion transformers.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="the installed strategies, estimators, adapters and presets")
 
@@ -36,7 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     calibrate.add_argument("--plot", type=Path, help="the fit's PNG (default: beside the preset)")
     tune = commands.add_parser("tune", help="search a policy's main knob on the spec's held-out seeds")
     tune.add_argument("spec", type=Path, help="a .toml/.json calibration spec")
-    tune.add_argument("--policy", required=True, help='a policy config as JSON, e.g. \'{"strategy": "uniform"}\'')
+    tune.add_argument(
+        "--policy", required=True, type=_json_policy, help='a policy config as JSON, e.g. \'{"strategy": "uniform"}\''
+    )
     target = tune.add_mutually_exclusive_group(required=True)
     target.add_argument("--ratio", type=float, help="the share of transformer calls to compute")
     target.add_argument("--min-psnr", type=float, help="the PSNR floor against the uncached output (dB)")
@@ -85,8 +113,11 @@ def _run(args: argparse.Namespace) -> None:
 def _calibration_spec(path: Path) -> CalibrationSpec:
     from cachekit.schemas import CalibrationSpec
     from cachekit.schemas.files import read_table
+    from cachekit.study.plan import check_model
 
-    return CalibrationSpec.model_validate(read_table(path))
+    spec = CalibrationSpec.model_validate(read_table(path))
+    check_model(spec.model, spec, "model")
+    return spec
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -103,10 +134,11 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 def _tune(args: argparse.Namespace) -> None:
     from cachekit.study.models import load_model
-    from cachekit.tune import Tuner
+    from cachekit.tune import Tuner, check_target
 
     spec = _calibration_spec(args.spec)
-    base = json.loads(args.policy)
+    base = args.policy
+    check_target(base, ratio=args.ratio, min_psnr=args.min_psnr)  # before any model loads
     tuner = Tuner(load_model(spec.model, spec), base, spec.held_out_seeds, spec.conditions())
     result = tuner.to_ratio(args.ratio) if args.ratio is not None else tuner.to_psnr(args.min_psnr)
     for trial in result.trials:
@@ -116,6 +148,15 @@ def _tune(args: argparse.Namespace) -> None:
         f"chosen {json.dumps(result.config(base))}: computed {chosen.computed:.1%} "
         f"({chosen.computed_steps:.1f} of {spec.steps} steps), PSNR {chosen.psnr:.2f} dB on held-out seeds"
     )
+    if not result.met:
+        print(f"warning: the target was not met; the setting above is the closest found ({result.missed})")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("dit-cachekit")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 if __name__ == "__main__":

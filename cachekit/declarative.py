@@ -6,6 +6,7 @@ example model; a family whose probe needs a formula of its own overrides `probe`
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -76,13 +77,14 @@ class DeclarativeAdapter(Adapter):
         super().__init__(model)
         self._blocks = self._ordered_blocks()
         self._check_paths()
+        self._check_signals()
 
     # -- structure ------------------------------------------------------------------------------
 
     def _ordered_blocks(self) -> list[_Block]:
         lists = []
         for block_list in self.spec.blocks:
-            modules = cast(nn.ModuleList, self.model.get_submodule(block_list.path))
+            modules = cast(nn.ModuleList, self._module(self.model, block_list.path, "block list"))
             lists.append([_Block(block_list, f"{block_list.path}.{i}", module) for i, module in enumerate(modules)])
         if not self.spec.interleave:
             return [block for blocks in lists for block in blocks]
@@ -97,6 +99,43 @@ class DeclarativeAdapter(Adapter):
             for path in [*block_list.attention, *block_list.mlp]:
                 if all(_find(block, path) is None for block in blocks):
                     raise ValueError(f"{self.name}: no block of {block_list.path!r} has a module {path!r}")
+
+    def _check_signals(self) -> None:
+        """Every argument and module the spec names for a signal exists, so a mistake is named when
+        the adapter is made, not in the middle of a generation."""
+        spec, model, first = self.spec, self.model, self._blocks[0]
+        _has_argument(model, spec.timestep.argument, f"{self.name}: timestep")
+        _has_argument(model, spec.latent.argument, f"{self.name}: latent")
+        for signal in (spec.timestep_embedding, spec.projected_timestep_embedding):
+            if isinstance(signal, OutputSpec):
+                self._module(model, signal.module, "timestep embedding module")
+            elif isinstance(signal, Argument):
+                _has_argument(first.module, signal, f"{self.name}: first block's")
+        for block in {id(b.spec): b for b in self._blocks}.values():
+            for stream in block.spec.streams:
+                _has_argument(block.module, stream, f"{self.name}: block list {block.spec.path!r} stream")
+        probe = spec.probe
+        if isinstance(probe, NormProbe):
+            self._module(first.module, probe.module, "probe norm of the first block")
+            for argument in probe.arguments.values():
+                _has_argument(first.module, argument, f"{self.name}: probe")
+        elif isinstance(probe, TableProbe):
+            self._module(first.module, probe.norm, "probe norm of the first block")
+            if not isinstance(getattr(first.module, probe.table, None), torch.Tensor):
+                raise ValueError(
+                    f"{self.name}: the probe's table {probe.table!r} is not a tensor of the first block "
+                    f"({type(first.module).__name__}); name its modulation table"
+                )
+            _has_argument(first.module, probe.embedding, f"{self.name}: probe embedding")
+
+    def _module(self, root: nn.Module, path: str, what: str) -> nn.Module:
+        try:
+            return root.get_submodule(path)
+        except AttributeError:
+            raise ValueError(
+                f"{self.name}: {type(root).__name__} has no {what} {path!r}; "
+                f"its children are {', '.join(name for name, _ in root.named_children())}"
+            ) from None
 
     def blocks(self) -> list[nn.Module]:
         return [block.module for block in self._blocks]
@@ -238,6 +277,26 @@ def _streams(spec: BlockListSpec) -> BlockStreams:
 
 def _argument(args: tuple[Any, ...], kwargs: Mapping[str, Any], argument: Argument) -> Any:
     return call_arg(args, kwargs, argument.position, argument.name)
+
+
+def _has_argument(module: nn.Module, argument: Argument, what: str) -> None:
+    """`module`'s forward takes `argument` (by name, or at its position; any, with **kwargs)."""
+    parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]  # without self
+    names = [parameter.name for parameter in parameters]
+    takes_any = any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters)
+    at_position = argument.position is not None and argument.position < len(names) and names[argument.position]
+    if argument.name in names or takes_any:
+        if at_position and at_position != argument.name and argument.name in names:
+            raise ValueError(
+                f"{what} argument {argument.name!r} is parameter {names.index(argument.name)} of "
+                f"{type(module).__name__}.forward, not {argument.position} (position {argument.position} is "
+                f"{at_position!r})"
+            )
+        return
+    raise ValueError(
+        f"{what} argument {argument.name!r} is not a parameter of {type(module).__name__}.forward; "
+        f"its parameters: {', '.join(names)}"
+    )
 
 
 def _find(block: nn.Module, path: str) -> nn.Module | None:

@@ -134,14 +134,25 @@ def apply(target: Any, config: PolicyConfig | Mapping[str, Any] | str | os.PathL
 
 
 def _split_target(target: Any) -> tuple[dict[str, nn.Module], Any | None]:
-    """The transformers to hook, by component name, and for a pipeline its scheduler."""
+    """The transformers to hook, by component name (a torch.compile wrapper unwrapped: the hooks go
+    on the model it compiles), and for a pipeline its scheduler."""
     if isinstance(target, nn.Module):
-        return {"transformer": target}, None
-    found = {name: getattr(target, name, None) for name in ("transformer", "transformer_2")}
-    models = {name: model for name, model in found.items() if isinstance(model, nn.Module)}
+        found: dict[str, Any] = {"transformer": target}
+        scheduler = None
+    else:
+        found = {name: getattr(target, name, None) for name in ("transformer", "transformer_2")}
+        scheduler = getattr(target, "scheduler", None)
+    models = {name: getattr(model, "_orig_mod", model) for name, model in found.items() if isinstance(model, nn.Module)}
     if not models:
         raise TypeError(
             "cachekit.apply takes a diffusers pipeline with a `transformer` or a transformer module, "
             f"got {type(target).__name__}"
         )
-    return models, getattr(target, "scheduler", None)
+    for model in models.values():
+        enabled = getattr(model, "_cache_config", None)
+        if enabled is not None:
+            raise AlreadyAttachedError(
+                f"{type(model).__name__} has diffusers' {type(enabled).__name__} enabled (enable_cache): two caches "
+                "would skip on top of each other; call its disable_cache() first"
+            )
+    return models, scheduler

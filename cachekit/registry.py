@@ -46,7 +46,10 @@ class Registry:
         self.errors: dict[str, str] = {}
 
     def load_entry_points(self) -> None:
-        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        """Every installed plugin; cachekit's own first, so a plugin that claims a built-in name is
+        the one refused."""
+        found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+        for entry_point in sorted(found, key=lambda entry_point: not entry_point.value.startswith("cachekit.")):
             try:
                 plugin = entry_point.load()
             except Exception as exc:  # a broken plugin must not break the others
@@ -80,6 +83,10 @@ class Registry:
             raise PluginError(f"registered {policy!r}, which is not a CachePolicy subclass")
         if not issubclass(getattr(policy, "config_class", object), PolicyConfig):
             raise PluginError(f"{policy.__name__}.config_class must be a PolicyConfig subclass")
+        if not isinstance(policy.config_class.model_fields["strategy"].default, str):
+            raise PluginError(
+                f"{policy.config_class.__name__} must fix its strategy name: strategy: Literal['my_name'] = 'my_name'"
+            )
         self._claim("strategy", policy.name(), plugin)
         self.strategies[policy.name()] = policy
 
@@ -94,13 +101,19 @@ class Registry:
             raise PluginError(f"registered {estimator!r}, which is not an Estimator subclass")
         if not issubclass(getattr(estimator, "config_class", object), EstimatorConfig):
             raise PluginError(f"{estimator.__name__}.config_class must be an EstimatorConfig subclass")
+        if not isinstance(estimator.config_class.model_fields["kind"].default, str):
+            raise PluginError(
+                f"{estimator.config_class.__name__} must fix its kind: kind: Literal['my_kind'] = 'my_kind'"
+            )
         self._claim("estimator", estimator.name(), plugin)
         self.estimators[estimator.name()] = estimator
 
     def _claim(self, kind: str, name: str, plugin: str) -> None:
         owner = self._origin.setdefault((kind, name), plugin)
         if owner != plugin:
-            raise PluginError(f"{kind} {name!r} is already registered by plugin {owner!r}")
+            raise PluginError(
+                f"plugin {plugin!r} registers {kind} {name!r}, which plugin {owner!r} already registered; rename it"
+            )
 
     def _fail(self, plugin: str, reason: str) -> None:
         self.errors[plugin] = reason
@@ -157,6 +170,11 @@ def get_estimator(name: str) -> type[Estimator[Any]]:
 
 def resolve_adapter(model: nn.Module) -> type[Adapter]:
     """The adapter for `model`: among those that match, the one for the most derived class."""
+    if hasattr(model, "_orig_mod"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a torch.compile wrapper: pass the model it wraps (its `_orig_mod`), or "
+            "compile the blocks instead (`block.compile()`), which cachekit supports"
+        )
     mro = type(model).__mro__
     candidates = [adapter for adapter in registry().adapters.values() if adapter.matches(model)]
     if not candidates:

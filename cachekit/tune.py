@@ -28,11 +28,23 @@ class Trial:
     psnr: float  # mean over the held-out generations
 
 
+def check_target(base: dict[str, Any], ratio: float | None = None, min_psnr: float | None = None) -> None:
+    """Refuse a strategy without a knob or a target outside its range, before anything runs."""
+    if base.get("strategy") not in KNOBS:
+        raise ValueError(f"tune knows the knobs of {', '.join(KNOBS)}; got strategy {base.get('strategy')!r}")
+    if ratio is not None and not 0 < ratio <= 1:
+        raise ValueError(f"the computed-call ratio must be in (0, 1], got {ratio}")
+    if min_psnr is not None and not min_psnr > 0:
+        raise ValueError(f"the PSNR floor must be a positive number of dB, got {min_psnr}")
+
+
 @dataclass
 class TuneResult:
     knob: str
     chosen: Trial
     trials: list[Trial] = field(default_factory=list)
+    met: bool = True  # whether the chosen setting meets the target
+    missed: str = ""  # by how much, where it does not
 
     def config(self, base: dict[str, Any]) -> dict[str, Any]:
         value = int(self.chosen.value) if self.knob == "interval" else self.chosen.value
@@ -43,8 +55,7 @@ class Tuner:
     """Measures settings of one policy on fixed held-out (seed, condition) pairs."""
 
     def __init__(self, model: StudyModel, base: dict[str, Any], seeds: list[int], conditions: list[str]) -> None:
-        if base.get("strategy") not in KNOBS:
-            raise ValueError(f"tune knows the knobs of {', '.join(KNOBS)}; got strategy {base.get('strategy')!r}")
+        check_target(base)
         self.model = model
         self.base = base
         self.knob = KNOBS[base["strategy"]]
@@ -64,23 +75,33 @@ class Tuner:
         references = torch.cat([self.references[pair] for pair in self.pairs])
         return Trial(value, computed / calls, statistics.fmean(steps), quality(torch.cat(outputs), references).psnr)
 
-    def to_ratio(self, target: float) -> TuneResult:
-        """The setting whose computed-call share is closest to `target` (0-1]."""
-        if not 0 < target <= 1:
-            raise ValueError(f"the computed-call ratio must be in (0, 1], got {target}")
-        return self._search(
+    def to_ratio(self, target: float, tolerance: float = 0.05) -> TuneResult:
+        """The setting whose computed-call share is closest to `target` (0-1]; not met when even
+        that one is further than `tolerance` from it."""
+        check_target(self.base, ratio=target)
+        result = self._search(
             reuse_more=lambda trial: trial.computed > target,
             best=lambda trials: min(trials, key=lambda trial: abs(trial.computed - target)),
         )
+        if abs(result.chosen.computed - target) > tolerance:
+            result.met = False
+            result.missed = f"it computes {result.chosen.computed:.1%} of calls, the target {target:.1%}"
+        return result
 
     def to_psnr(self, floor: float) -> TuneResult:
         """The most reusing setting whose PSNR stays at or above `floor` dB (else the best PSNR)."""
+
+        check_target(self.base, min_psnr=floor)
 
         def best(trials: list[Trial]) -> Trial:
             meeting = [trial for trial in trials if trial.psnr >= floor]
             return min(meeting, key=lambda t: t.computed) if meeting else max(trials, key=lambda t: t.psnr)
 
-        return self._search(reuse_more=lambda trial: trial.psnr >= floor, best=best)
+        result = self._search(reuse_more=lambda trial: trial.psnr >= floor, best=best)
+        if result.chosen.psnr < floor:
+            result.met = False
+            result.missed = f"its PSNR is {result.chosen.psnr:.2f} dB, the floor {floor:.2f} dB"
+        return result
 
     def _search(self, reuse_more: Callable[[Trial], bool], best: Callable[[list[Trial]], Trial]) -> TuneResult:
         trials: list[Trial] = []

@@ -21,3 +21,14 @@ class CalibrationSpec(Generation):
         if shared:
             raise ValueError(f"held_out_seeds {shared} are also calibration seeds")
         return self
+
+    @model_validator(mode="after")
+    def _enough_samples_for_the_fit(self) -> CalibrationSpec:
+        # one sample per call after a branch's first: at least seeds x conditions x (steps - 1)
+        samples = len(self.seeds) * len(self.conditions()) * (self.steps - 1)
+        if samples <= self.order:
+            raise ValueError(
+                f"order {self.order} needs more than {self.order} samples; seeds x conditions x (steps - 1) gives "
+                f"{samples}: lower order, or add seeds, conditions or steps"
+            )
+        return self

@@ -19,5 +19,13 @@ def parse_table(text: str, suffix: str) -> dict[str, Any]:
 
 
 def read_table(path: Path) -> dict[str, Any]:
-    """The top-level table of a .toml or .json file."""
-    return parse_table(path.read_text(), path.suffix)
+    """The top-level table of a .toml or .json file; a file that does not parse is named."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read it: {error.strerror or error}") from None
+    try:
+        return parse_table(text, path.suffix)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as error:
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise ValueError(f"{path}: not a valid {kind} table: {error}") from None

@@ -21,8 +21,10 @@ class Broadcast(BaseModel):
     @model_validator(mode="after")
     def _ordered_window(self) -> Broadcast:
         low, high = self.window
-        if not 0 <= low < high:
-            raise ValueError(f"window must satisfy 0 <= low < high, got {self.window}")
+        if not 0 <= low < high <= 1000:
+            raise ValueError(
+                f"window must satisfy 0 <= low < high <= 1000 (the training timestep scale), got {self.window}"
+            )
         return self
 
 

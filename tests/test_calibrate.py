@@ -105,7 +105,7 @@ def test_tuner_psnr_floor():
 
 
 def test_unknown_knob():
-    model = TestbedModel("flux-digits", CalibrationSpec(model="flux-digits", labels=[5], steps=4))
+    model = TestbedModel("flux-digits", CalibrationSpec(model="flux-digits", labels=[5], steps=4, order=2))
     with pytest.raises(ValueError, match="tune knows the knobs of teacache, uniform; got strategy 'pab'"):
         Tuner(model, {"strategy": "pab"}, seeds=[7], conditions=["5"])
 

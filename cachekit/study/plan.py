@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from cachekit.registry import make_config
 from cachekit.schemas import EstimatorConfig, PolicyConfig
 from cachekit.schemas.files import SUFFIXES, parse_table
 from cachekit.schemas.peers import PEER_CONFIGS, PeerConfig
-from cachekit.schemas.study import PolicyEntry, StudySpec
+from cachekit.schemas.study import Generation, PolicyEntry, StudySpec
 
 UNCACHED = "uncached"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -72,20 +73,8 @@ def load_spec(source: str | Path) -> StudySpec:
 
 def plan(spec: StudySpec) -> Plan:
     """Every cell of `spec`, after checking each model and policy setting (no model is loaded)."""
-    from cachekit import testbed
-
     for index, model in enumerate(spec.models):
-        if model in testbed.names():
-            if not spec.labels:
-                raise StudySpecError(f"labels: testbed model {model!r} (models[{index}]) generates from class labels")
-        elif Path(model).is_dir() or _HUB_ID.match(model):
-            if not spec.prompts:
-                raise StudySpecError(f"prompts: diffusers pipeline {model!r} (models[{index}]) generates from prompts")
-        else:
-            raise StudySpecError(
-                f"models[{index}]: unknown model {model!r}: not a testbed model ({', '.join(testbed.names())}), "
-                "a local pipeline folder, or a hub id like 'org/name'"
-            )
+        check_model(model, spec, f"models[{index}]")
     settings = [Setting.uncached()]
     methods: set[str] = set()
     for index, entry in enumerate(spec.policies):
@@ -109,6 +98,28 @@ def plan(spec: StudySpec) -> Plan:
         for setting in settings
     ]
     return Plan(spec, settings, cells)
+
+
+def check_model(model: str, spec: Generation, where: str) -> None:
+    """A testbed name (with labels), a local pipeline folder or a hub id (with prompts); a name
+    close to a testbed model's is taken for a typo, not sent to the hub."""
+    from cachekit import testbed
+
+    if model in testbed.names():
+        if not spec.labels:
+            raise StudySpecError(f"labels: testbed model {model!r} ({where}) generates from class labels")
+        return
+    close = difflib.get_close_matches(model, testbed.names(), n=1, cutoff=0.75)
+    if close:
+        raise StudySpecError(f"{where}: unknown model {model!r}; did you mean the testbed model {close[0]!r}?")
+    if Path(model).is_dir() or _HUB_ID.match(model):
+        if not spec.prompts:
+            raise StudySpecError(f"prompts: diffusers pipeline {model!r} ({where}) generates from prompts")
+        return
+    raise StudySpecError(
+        f"{where}: unknown model {model!r}: not a testbed model ({', '.join(testbed.names())}), "
+        "a local pipeline folder, or a hub id like 'org/name'"
+    )
 
 
 def _conditions(spec: StudySpec, model: str) -> list[str]:

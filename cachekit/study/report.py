@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cachekit.study.store import ResultStore
+from cachekit.study.store import ResultStore, StoreError
 
 #: Shares of the uncached work at which the report compares methods.
 BUDGETS = (0.2, 0.3, 0.4, 0.5)
@@ -133,9 +133,12 @@ def _mean(values: list[float | None]) -> float | None:
 
 def write_report(db: str | Path, out: str | Path | None = None, study: str | None = None) -> Path:
     """Write report.md, pareto.png and timeline.png into `out` (default: beside the db)."""
-    store = ResultStore(db)
+    store = ResultStore(db, create=False)
     try:
-        study = study or store.studies()[-1]
+        studies = store.studies()
+        if not studies or (study is not None and study not in studies):
+            raise StoreError(f"{db} holds no study {study!r}; it holds: {', '.join(studies) or 'none'}")
+        study = study or studies[-1]
         rows = store.rows(study)
     finally:
         store.close()

@@ -24,15 +24,16 @@ from tqdm import tqdm
 
 import cachekit
 from cachekit.counting import Work, WorkCounter
-from cachekit.errors import MissingPointError
+from cachekit.errors import CachekitError, MissingPointError
 from cachekit.metrics import quality
 from cachekit.peers import apply_peer
 from cachekit.registry import resolve_adapter
 from cachekit.schemas import PolicyConfig
+from cachekit.schemas.peers import PeerConfig
 from cachekit.schemas.study import StudySpec
 from cachekit.stats import GenerationStats
 from cachekit.study.models import StudyModel, load_model
-from cachekit.study.plan import Cell, plan
+from cachekit.study.plan import Cell, Setting, StudySpecError, plan
 from cachekit.study.store import ResultStore
 
 
@@ -52,6 +53,7 @@ def run_study(spec: StudySpec, db: str | Path, fresh: bool = False, progress: bo
     try:
         if fresh:
             store.clear(spec.name)
+        store.check_protocol(spec.name, protocol(spec))
         done = store.finished(spec.name)
         todo = [cell for cell in cells if (cell.model, cell.setting.key, cell.seed, cell.condition) not in done]
         with tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", disable=not progress) as bar:
@@ -60,6 +62,7 @@ def run_study(spec: StudySpec, db: str | Path, fresh: bool = False, progress: bo
                 if not model_cells:
                     continue
                 model = load_model(name, spec)
+                check_settings(model, {cell.setting for cell in model_cells})
                 costs = measure_costs(model, model_cells[0])
                 for cell in model_cells:
                     bar.set_description(f"{name} seed={cell.seed} {cell.condition!r} {cell.setting.label}")
@@ -68,6 +71,31 @@ def run_study(spec: StudySpec, db: str | Path, fresh: bool = False, progress: bo
     finally:
         store.close()
     return Path(db)
+
+
+def protocol(spec: StudySpec) -> dict[str, Any]:
+    """What a cell's figures depend on besides its model, setting, seed and condition."""
+    fields = ("steps", "guidance_scale", "height", "width", "frames", "device", "dtype", "repeats", "warmup")
+    return spec.model_dump(mode="json", include=set(fields))
+
+
+def check_settings(model: StudyModel, settings: set[Setting]) -> None:
+    """Apply and remove every setting on the loaded model, so one that cannot run on it (no preset
+    fits, a point it lacks) is named before the first cell, not hours in."""
+    for setting in sorted(settings, key=lambda s: s.key):
+        if setting.config is None:
+            continue
+        try:
+            apply_setting(model, setting.config).remove()
+        except (CachekitError, ValueError, TypeError) as error:
+            raise StudySpecError(f"{setting.label} cannot run on {model.name}: {error}") from None
+
+
+def apply_setting(model: StudyModel, config: PolicyConfig | PeerConfig) -> Any:
+    """A cachekit policy through `cachekit.apply`, a diffusers method through its own hooks."""
+    if isinstance(config, PolicyConfig):
+        return cachekit.apply(model.target, config)
+    return apply_peer(model.target, config)
 
 
 def _run_and_store(store: ResultStore, spec: StudySpec, model: StudyModel, cell: Cell, costs: Costs) -> None:
@@ -96,11 +124,7 @@ def run_cell(spec: StudySpec, model: StudyModel, cell: Cell, costs: Costs) -> tu
     transformer = model.transformer
     counter = WorkCounter(transformer, resolve_adapter(transformer)(transformer), costs.modules)  # before any hook
     config = cell.setting.config
-    handle: Any = None
-    if isinstance(config, PolicyConfig):
-        handle = cachekit.apply(model.target, config)
-    elif config is not None:
-        handle = apply_peer(model.target, config)
+    handle = apply_setting(model, config) if config is not None else None
     first_inputs: list[str] = []
 
     def watch(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
