@@ -418,7 +418,9 @@ class _SpanPlace:
 def _each_once(model: nn.Module, modules: list[nn.Module], what: str) -> None:
     """One module at two places (weight-tied blocks, a block list named twice) cannot be told
     apart between its calls: refuse it, naming where it appears."""
-    names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    names: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), name)
     seen: dict[int, int] = {}
     for index, module in enumerate(modules):
         if id(module) in seen:

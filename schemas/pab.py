@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -24,6 +25,13 @@ class Broadcast(BaseModel):
         if not 0 <= low < high <= 1000:
             raise ValueError(
                 f"window must satisfy 0 <= low < high <= 1000 (the training timestep scale), got {self.window}"
+            )
+        if high <= 1:
+            warnings.warn(
+                f"window {self.window} lies below timestep 1 and will hardly ever apply: windows are on the 0-1000 "
+                f"scale, not the 0-1 sigma scale (did you mean ({low * 1000:g}, {high * 1000:g})?)",
+                UserWarning,
+                stacklevel=2,
             )
         return self
 

@@ -62,7 +62,7 @@ def test_uncond_reuses_its_own_attention_output_never_the_cond_one(family):
     module = [module for module, kind in attention_modules(pipe.transformer) if kind == "spatial"][-1]
     outputs = []  # in call order: step 0 cond, step 0 uncond, step 1 cond, ...
     hook = module.register_forward_hook(lambda _, args, output: outputs.append(output))
-    with cachekit.apply(pipe, PABConfig(spatial=Broadcast(range=3, window=(0.0, 1001.0)))):
+    with cachekit.apply(pipe, PABConfig(spatial=Broadcast(range=3, window=(0.0, 1000.0)))):
         run(pipe, steps=STEPS)
     hook.remove()
 
@@ -79,7 +79,8 @@ def test_outside_the_window_everything_computes(family):
     pipe, run, _ = family
     uncached = run(pipe, steps=STEPS)
     counters = [ExecutionCounter([module.to_q]) for module, _ in attention_modules(pipe.transformer)]
-    everything = Broadcast(range=2, window=(0.0, 1.0))  # no timestep of the run lies inside
+    with pytest.warns(UserWarning, match=r"window \(0\.0, 1\.0\) lies below timestep 1 .*0-1000 scale"):
+        everything = Broadcast(range=2, window=(0.0, 1.0))  # no timestep of the run lies inside
     config = PABConfig(spatial=everything, temporal=everything, cross=everything)
     with cachekit.apply(pipe, config):
         cached = run(pipe, steps=STEPS)

@@ -14,7 +14,7 @@ import pydantic
 from cachekit.errors import CachekitError
 from cachekit.registry import make_config
 from cachekit.schemas import EstimatorConfig, PolicyConfig
-from cachekit.schemas.files import SUFFIXES, parse_table
+from cachekit.schemas.files import SUFFIXES, parse_table, read_table
 from cachekit.schemas.peers import PEER_CONFIGS, PeerConfig
 from cachekit.schemas.study import Generation, PolicyEntry, StudySpec
 
@@ -58,16 +58,18 @@ class Plan:
 def load_spec(source: str | Path) -> StudySpec:
     """A spec from a .toml/.json file, or the name of a spec shipped with cachekit ("default")."""
     path = Path(source)
-    if path.suffix in SUFFIXES:
-        text, suffix = path.read_text(), path.suffix
-    else:
-        shipped = resources.files("cachekit.schemas").joinpath(f"{source}_study.toml")
-        if not shipped.is_file():
-            raise StudySpecError(f"{source!r} is neither a .toml/.json study spec nor a shipped spec (default)")
-        text, suffix = shipped.read_text(), ".toml"
     try:
-        return StudySpec.model_validate(parse_table(text, suffix))
-    except ValueError as error:  # invalid TOML, JSON or spec
+        if path.suffix in SUFFIXES:
+            data = read_table(path)
+        else:
+            shipped = resources.files("cachekit.schemas").joinpath(f"{source}_study.toml")
+            if not shipped.is_file():
+                raise StudySpecError(f"{source!r} is neither a .toml/.json study spec nor a shipped spec (default)")
+            data = parse_table(shipped.read_text(), ".toml")
+        return StudySpec.model_validate(data)
+    except StudySpecError:
+        raise
+    except ValueError as error:  # unreadable, invalid TOML or JSON, or an invalid spec
         raise StudySpecError(f"invalid study spec {source}: {error}") from None
 
 

@@ -1,0 +1,197 @@
+"""Regression tests for defects found by probing cachekit as a careless user would: each once gave
+a silently wrong result or left a model broken."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pytest
+import torch
+from helpers import flux_inputs, module_state
+
+import cachekit
+from cachekit import registry as registry_module
+from cachekit.errors import ConcurrentUseError, StepCountError, UnsupportedModelError
+from cachekit.registry import PluginWarning, Registry
+from cachekit.schemas import PolicyConfig, UniformConfig
+from cachekit.study import load_spec, run_study
+from cachekit.study.store import ResultStore, StoreError
+from cachekit.testing import run_flux, tiny_flux_pipeline, tiny_flux_transformer
+
+
+def test_the_model_identity_ignores_process_and_copy(tmp_path):
+    """A calibrated preset names its model by a config fingerprint: it must not change with the
+    process's hash seed (diffusers keeps an unordered list in the config) nor with the folder the
+    weights were loaded from."""
+    model = tiny_flux_transformer()
+    for folder in ("a", "b"):
+        model.save_pretrained(tmp_path / folder)
+    script = textwrap.dedent(
+        """
+        import sys
+        from diffusers import FluxTransformer2DModel
+        import cachekit
+        model = FluxTransformer2DModel.from_pretrained(sys.argv[1])
+        print(cachekit.resolve_adapter(model)(model).identity())
+        """
+    )
+    identities = {
+        subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / folder)],
+            env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for folder, seed in [("a", "1"), ("a", "2"), ("b", "3"), ("b", "4")]
+    }
+    assert len(identities) == 1 and identities.pop().startswith("flux:")
+
+
+def test_a_failed_apply_leaves_the_model_as_found_and_weight_tied_blocks_are_refused():
+    model = tiny_flux_transformer()
+    model.single_transformer_blocks[1] = model.single_transformer_blocks[0]  # weight-tied
+    before = module_state(model)
+    with pytest.raises(
+        UnsupportedModelError, match=r"the same block \('single_transformer_blocks\.0'\) appears at positions 1 and 2"
+    ):
+        cachekit.apply(model, UniformConfig(num_inference_steps=4))
+    assert module_state(model) == before
+    with pytest.raises(UnsupportedModelError):  # and again: nothing was left behind to collide with
+        cachekit.apply(model, UniformConfig(num_inference_steps=4))
+    assert module_state(model) == before
+
+
+def test_a_loop_restarted_at_the_same_timestep_is_a_new_generation():
+    """Interrupted after step 0, then started again on new noise at the same timestep, without
+    reset(): the new loop must not reuse the old loop's residual."""
+    model = tiny_flux_transformer()
+    timesteps = [1.0, 0.7, 0.4]
+
+    def loop(seed):
+        return [model(**flux_inputs(timestep=t, seed=seed))[0] for t in timesteps]
+
+    with cachekit.apply(model, UniformConfig(interval=2, num_inference_steps=3)):
+        model(**flux_inputs(timestep=1.0, seed=5))  # the interrupted generation's step 0
+        restarted = loop(seed=6)
+    with cachekit.apply(model, UniformConfig(interval=2, num_inference_steps=3)):
+        fresh = loop(seed=6)
+    for a, b in zip(restarted, fresh, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_transformer_driven_by_a_pipeline_cachekit_does_not_watch_is_named():
+    """Applied through one pipeline, run through another with more steps: refused at the first
+    call past the watched step count, never cut into generations of the wrong length."""
+    first, second = tiny_flux_pipeline(), tiny_flux_pipeline()
+    second.transformer = first.transformer
+    with cachekit.apply(first, UniformConfig(interval=2)):
+        run_flux(first, steps=4)
+        with pytest.raises(StepCountError, match=r"step 5 .* of a generation of 4 steps: a pipeline whose scheduler"):
+            run_flux(second, steps=8)
+
+
+def test_two_threads_on_one_transformer_are_refused():
+    model = tiny_flux_transformer()
+    errors: list[BaseException] = []
+    results: list[torch.Tensor] = []
+    barrier = threading.Barrier(2)
+
+    def generate(seed):
+        try:
+            barrier.wait()
+            for index in range(6):
+                results.append(model(**flux_inputs(timestep=1 - index / 6, seed=seed))[0])
+        except BaseException as error:
+            errors.append(error)
+
+    with cachekit.apply(model, UniformConfig(interval=2, num_inference_steps=6)):
+        threads = [threading.Thread(target=generate, args=(seed,)) for seed in (1, 2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors, "interleaved generations must not pass silently"
+    assert all(isinstance(error, ConcurrentUseError) for error in errors)
+    assert "second thread" in str(errors[0]) and "own transformer" in str(errors[0])
+
+
+def test_built_in_names_win_and_the_plugin_claiming_one_is_named(monkeypatch):
+    """A third-party plugin registering 'uniform', found before the built-ins, is the one refused."""
+    impostor = importlib.metadata.EntryPoint("aaa-impostor", "impostor_plugin", "cachekit")
+    found = [impostor, *importlib.metadata.entry_points(group="cachekit")]
+    monkeypatch.setattr(registry_module.importlib.metadata, "entry_points", lambda group: found)
+    fresh = Registry()
+    with pytest.warns(
+        PluginWarning, match=r"plugin 'aaa-impostor' registers strategy 'uniform', which plugin 'uniform'"
+    ):
+        fresh.load_entry_points()
+    assert fresh.strategies["uniform"].__module__ == "cachekit.strategies.uniform"
+    assert list(fresh.errors) == ["aaa-impostor"]
+
+
+STUDY = 'models = ["flux-digits"]\nlabels = [1]\nsteps = 4\nrepeats = 1\nwarmup = 0\n'
+
+
+class NumpyDecisionConfig(PolicyConfig):
+    strategy: Literal["numpy_decision"] = "numpy_decision"
+
+
+def test_a_numpy_bool_decision_runs_through_a_study(tmp_path, register_policy):
+    class NumpyDecision(cachekit.CachePolicy):
+        config_class = NumpyDecisionConfig
+        requires = frozenset({cachekit.Point.SPAN})
+
+        def decide_span(self, step, signals, state):
+            return np.bool_(step.index % 2 == 0)
+
+    register_policy(NumpyDecision)
+    spec = tmp_path / "spec.toml"
+    spec.write_text(STUDY + '[[policies]]\nstrategy = "numpy_decision"\n')
+    db = run_study(load_spec(spec), tmp_path / "r.sqlite", progress=False)
+    row = next(r for r in ResultStore(db).rows() if r["strategy"] == "numpy_decision")
+    assert json.loads(row["decisions"])["0"]["span"] == [True, False, True, False]
+
+
+def test_a_changed_protocol_is_refused_not_mixed(tmp_path):
+    text = 'name = "p"\n' + STUDY + '[[policies]]\nstrategy = "uniform"\n'
+    spec = tmp_path / "spec.toml"
+    spec.write_text(text)
+    db = run_study(load_spec(spec), tmp_path / "r.sqlite", progress=False)
+    spec.write_text(text.replace("steps = 4", "steps = 8"))
+    with pytest.raises(StoreError, match=r"holds study 'p' measured under another protocol \(steps 4 -> 8\).*--fresh"):
+        run_study(load_spec(spec), db, progress=False)
+    run_study(load_spec(spec), db, fresh=True, progress=False)
+    assert {row["calls"] for row in ResultStore(db).rows("p")} == {16}  # 8 steps x 2 branches, none stale
+
+
+def test_two_study_processes_on_one_database_finish_every_cell_once(tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        'models = ["flux-digits"]\nlabels = [1, 2]\nsteps = 6\nrepeats = 1\nwarmup = 0\n'
+        '[[policies]]\nstrategy = "uniform"\nsweep.interval = [2, 3]\n'
+    )
+    db = tmp_path / "r.sqlite"
+    command = [sys.executable, "-m", "cachekit", "study", "run", str(spec), "--db", str(db), "--quiet"]
+    processes = [subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for process in processes:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr
+    keys = [(r["setting"], r["seed"], r["condition"]) for r in ResultStore(db).rows()]
+    assert len(keys) == len(set(keys)) == 2 * 3
+
+
+def test_report_refuses_a_missing_database(tmp_path):
+    from cachekit.study import write_report
+
+    with pytest.raises(StoreError, match="no results database at"):
+        write_report(tmp_path / "none.sqlite")
+    assert not Path(tmp_path / "none.sqlite").exists()
