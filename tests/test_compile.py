@@ -51,3 +51,24 @@ def test_second_generation_triggers_no_recompile_and_matches_eager(name):
     assert not counters["stats"] and not counters["graph_break"]  # nothing traced again
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
     assert handle.stats.generations[0] == handle.stats.generations[1]  # the same decisions
+
+
+@pytest.mark.slow
+def test_a_compiled_transformer_is_unwrapped_and_runs_under_a_policy():
+    """torch.compile(model) returns a wrapper: cachekit hooks the model it wraps."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import flux_inputs
+
+    from cachekit.testing import tiny_flux_transformer
+
+    model = tiny_flux_transformer()
+    reference = [model(**flux_inputs(timestep=1 - i / 4))[0] for i in range(4)]
+    compiled = torch.compile(model)
+    with cachekit.apply(compiled, UniformConfig(interval=2, num_inference_steps=4)) as handle:
+        outputs = [compiled(**flux_inputs(timestep=1 - i / 4))[0] for i in range(4)]
+    assert handle.stats.last.branches[0].span_schedule == [True, False, True, True]
+    torch.testing.assert_close(outputs[0], reference[0], atol=1e-5, rtol=0)
+    assert not torch.allclose(outputs[1], reference[1])  # step 1 re-applied step 0's residual

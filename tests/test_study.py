@@ -247,3 +247,65 @@ def test_diffusers_methods_sit_beside_cachekits_and_are_counted_alike(tmp_path):
         for budget, cell in zip(BUDGETS, line.split(" | ")[1:], strict=True):
             best = best_within(group, lambda s: s.blocks, budget)
             assert cell.strip(" |*") == ("—" if best is None else f"{best.psnr:.2f}")
+
+
+KILLED = """
+name = "killed"
+models = ["flux-digits"]
+labels = [1, 2]
+seeds = [0]
+steps = 40
+repeats = 1
+warmup = 0
+
+[[policies]]
+strategy = "uniform"
+sweep.interval = [2, 3]
+
+[[policies]]
+strategy = "teacache"
+coefficients = [1.0, 0.0]
+estimator = { kind = "taylor", order = 2 }
+sweep.rel_l1_thresh = [0.1, 0.3]
+"""
+#: What a cell measured, apart from timing: what a resumed study must reproduce exactly.
+MEASURED = ("label", "calls", "computed_calls", "block_executions", "flops", "psnr", "ssim", "decisions", "latents_sha")
+
+
+@pytest.mark.slow
+def test_a_study_killed_at_random_points_resumes_to_the_uninterrupted_results(tmp_path):
+    import random
+
+    spec = write_spec(tmp_path, KILLED)
+
+    def run(db: Path, kill_at: tuple[int, float] | None = None) -> None:
+        """Run to the end, or kill once `kill_at[0]` cells are done plus `kill_at[1]` seconds into the next."""
+        command = [sys.executable, "-m", "cachekit", "study", "run", str(spec), "--db", str(db), "--quiet"]
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if kill_at is None:
+            assert process.wait() == 0
+            return
+        cells, extra = kill_at
+        deadline = time.monotonic() + 300
+        while _count(db) < cells and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(extra)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def measured(db: Path) -> dict[tuple, tuple]:
+        rows = ResultStore(db).rows("killed")
+        keys = [(r["setting"], r["seed"], r["condition"]) for r in rows]
+        assert len(keys) == len(set(keys)), "a cell was written twice"
+        return {(r["setting"], r["seed"], r["condition"]): tuple(r[name] for name in MEASURED) for r in rows}
+
+    run(tmp_path / "whole.sqlite")
+    whole = measured(tmp_path / "whole.sqlite")
+    assert len(whole) == 2 * 5
+    chance = random.Random(20261125)
+    for trial in range(5):
+        db = tmp_path / f"trial-{trial}.sqlite"
+        run(db, kill_at=(chance.randint(1, len(whole) - 2), chance.uniform(0.0, 0.3)))
+        assert 0 < len(measured(db)) < len(whole), "the kill must land mid-study"
+        run(db)  # resume
+        assert measured(db) == whole
