@@ -13,7 +13,12 @@ from cachekit.adapter import Adapter
 from cachekit.declarative import DeclarativeAdapter
 from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
-from cachekit.schemas.adapter import HIDDEN, AdapterSpec, Argument, BlockListSpec, OutputSpec, TableProbe
+from cachekit.schemas.adapter import HIDDEN, AdapterSpec, Argument, BlockListSpec, Gate, OutputSpec, TableProbe
+
+# The blocks gate their self attention and MLP outputs by rows 2 and 5 of their table plus the
+# projected timestep (VideoSys's PAB reuses those gated outputs).
+TIMESTEP = Argument(name="timestep", position=4)
+GATES = {"attn1": Gate(embedding=TIMESTEP, row=2), "ff": Gate(embedding=TIMESTEP, row=5)}
 
 LATTE_SPEC = AdapterSpec(
     name="latte",
@@ -26,6 +31,7 @@ LATTE_SPEC = AdapterSpec(
             residual="block",
             attention={"attn1": "spatial", "attn2": "cross"},
             mlp=["ff"],
+            gates=GATES,
         ),
         BlockListSpec(
             path="temporal_transformer_blocks",
@@ -33,10 +39,11 @@ LATTE_SPEC = AdapterSpec(
             residual="block",
             attention={"attn1": "temporal"},
             mlp=["ff"],
+            gates=GATES,
         ),
     ],
     interleave=True,
-    probe=TableProbe(embedding=Argument(name="timestep", position=4)),
+    probe=TableProbe(embedding=TIMESTEP),
 )
 
 

@@ -57,7 +57,7 @@ class ModuleSite:
     module: nn.Module
     kind: SiteKind
     block: int  # index of its block in `Adapter.blocks()`
-
+    gated: bool = False  # the block multiplies the output by a gate (`Adapter.gate`) before adding it
 
 @dataclass(frozen=True)
 class OutputSite:
@@ -245,6 +245,10 @@ class Adapter:
         raise NotImplementedError
 
     def attention_sites(self) -> list[ModuleSite]:
+        raise NotImplementedError
+
+    def gate(self, site: ModuleSite, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """The gate the block applies to a gated site's output, from the block's call arguments."""
         raise NotImplementedError
 
     def mlp_sites(self) -> list[ModuleSite]:

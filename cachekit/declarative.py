@@ -169,8 +169,16 @@ class DeclarativeAdapter(Adapter):
             for path, kind in kinds_of(block.spec).items():
                 module = _find(block.module, path)
                 if module is not None:
-                    sites.append(ModuleSite(f"{block.name}.{path}", module, kind, index))
+                    sites.append(ModuleSite(f"{block.name}.{path}", module, kind, index, path in block.spec.gates))
         return sites
+
+    def gate(self, site: ModuleSite, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
+        block = self._blocks[site.block]
+        spec = block.spec.gates[site.name.removeprefix(f"{block.name}.")]
+        embedding = _argument(args, kwargs, spec.embedding)
+        table = getattr(block.module, spec.table)
+        rows = table.reshape(1, spec.rows, -1) + embedding.reshape(embedding.shape[0], spec.rows, -1)
+        return rows[:, spec.row : spec.row + 1]
 
     # -- signals --------------------------------------------------------------------------------
 

@@ -104,6 +104,12 @@ class CachePolicy(Generic[ConfigT]):
         """True: run the attention or MLP module at `site`; False: produce its output with the estimator."""
         raise NotImplementedError(f"{type(self).__name__} requires module sites but does not decide them")
 
+    def reuses_gated(self, site: ModuleSite) -> bool:
+        """Whether a skipped gated site (`site.gated`) gets the value its block added last time
+        (gate x output, as VideoSys's PAB reuses it) instead of last time's output gated anew by
+        the current step's gate."""
+        return False
+
     def always_computed(self) -> tuple[int, int]:
         """(first, last): how many blocks at the start and at the end of the span run on every
         call; `decide_span` then decides the blocks between, and the first blocks' residual is

@@ -34,6 +34,7 @@ Residual = tuple[torch.Tensor | None, ...]
 Key = tuple[str, int]
 
 HOOK_NAME = "cachekit"
+GATE_HOOK_NAME = "cachekit-gate"  # on a block whose gated sites' values are re-gated
 
 
 @dataclass
@@ -95,13 +96,16 @@ class Runtime:
         ]
         _each_once(model, [block for block, _ in self._places], "block")
         _each_once(model, [site.module for site in self._sites], "attention/MLP module")
+        self._regated = {site.name for site in self._sites if site.gated and policy.reuses_gated(site)}
+        self._gates: dict[int, dict[Key, torch.Tensor]] = {}  # branch -> gated site -> its gate when computed
+        self._block_calls: dict[int, tuple[tuple[Any, ...], Mapping[str, Any]]] = {}  # block -> this call's args
         self._states: dict[int, Any] = {}
         self._kept: dict[int, dict[Key, Kept]] = {}  # branch -> site -> what the estimator keeps
         self._computed_segments: dict[int, set[int]] = {}  # branch -> segments of its last computed span
         self._call: _Call | None = None
         self._busy = threading.Lock()  # held during a transformer call
         self._owner: int | None = None  # the thread running the current generation
-        self._installed: list[tuple[nn.Module, bool, bool]] = []
+        self._installed: list[tuple[nn.Module, str, bool, bool]] = []
 
     # -- installing -----------------------------------------------------------------------------
 
@@ -117,13 +121,16 @@ class Runtime:
             self._hook(block, _SpanBlockHook(self, place))
         for site in self._sites:
             self._hook(site.module, _ModuleSiteHook(self, site, self.policy.may_reuse(site)))
+        blocks = self.adapter.blocks()
+        for index in sorted({site.block for site in self._sites if site.name in self._regated}):
+            self._hook(blocks[index], _BlockArgumentsHook(self._block_calls, index), GATE_HOOK_NAME)
         self._forget_cached_children()
 
     def uninstall(self) -> None:
         """Remove every hook and whatever the hook registry added, leaving the modules as found."""
-        for module, had_registry, had_forward in reversed(self._installed):
+        for module, name, had_registry, had_forward in reversed(self._installed):
             registry = HookRegistry.check_if_exists_or_initialize(module)
-            registry.remove_hook(HOOK_NAME, recurse=False)
+            registry.remove_hook(name, recurse=False)
             if not registry.hooks:
                 if not had_forward:
                     del module.forward  # the registry leaves the original bound method behind
@@ -132,16 +139,16 @@ class Runtime:
         self._installed.clear()
         self._forget_cached_children()
 
-    def _hook(self, module: nn.Module, hook: ModelHook) -> None:
+    def _hook(self, module: nn.Module, hook: ModelHook, name: str = HOOK_NAME) -> None:
         had_registry = hasattr(module, "_diffusers_hook")
         had_forward = "forward" in module.__dict__
         try:
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
         except BaseException:
             if not had_registry and hasattr(module, "_diffusers_hook"):
                 del module._diffusers_hook  # the registry made for a hook that did not go in
             raise
-        self._installed.append((module, had_registry, had_forward))
+        self._installed.append((module, name, had_registry, had_forward))
 
     def _forget_cached_children(self) -> None:
         # diffusers caches which submodules carry hooks; ours just changed.
@@ -173,6 +180,7 @@ class Runtime:
             self._joined_late = step.index > 0
             self._states.clear()
             self._kept.clear()
+            self._gates.clear()
             self._computed_segments.clear()
             self.stats.generations.append(GenerationStats(self.tracker.num_steps))
         branch_stats = self.stats.last.branch(step.branch)
@@ -340,10 +348,10 @@ class Runtime:
             return forward(*args, **kwargs)
         compute, key = self._decide_module(call, site)
         if not compute:
-            return self._estimate(call, key)
+            return self._estimate(call, site, key)
         output = forward(*args, **kwargs)
         if keep:
-            self._keep_output(call, key, output)
+            self._keep_output(call, site, key, output)
         return output
 
     @torch.compiler.disable
@@ -365,12 +373,22 @@ class Runtime:
         return compute, key
 
     @torch.compiler.disable
-    def _keep_output(self, call: _Call, key: Key, output: Any) -> None:
+    def _keep_output(self, call: _Call, site: ModuleSite, key: Key, output: Any) -> None:
         self._record(call, key, output)
+        if site.name in self._regated:
+            self._gates.setdefault(call.step.branch, {})[key] = self._gate(site)
 
     @torch.compiler.disable
-    def _estimate(self, call: _Call, key: Key) -> Any:
-        return call.kept[key].estimate(call.step)
+    def _estimate(self, call: _Call, site: ModuleSite, key: Key) -> Any:
+        value = call.kept[key].estimate(call.step)
+        if site.name not in self._regated:
+            return value
+        # the block multiplies by the current gate: what it adds is the kept gate times the value
+        return value * (self._gates[call.step.branch][key] / _nonzero(self._gate(site)))
+
+    def _gate(self, site: ModuleSite) -> torch.Tensor:
+        args, kwargs = self._block_calls[site.block]
+        return self.adapter.gate(site, args, kwargs)
 
     def _compute_first(self, what: str, step: Step) -> bool:
         """A reuse with nothing stored: the second expert of a pipeline starts mid-generation with
@@ -493,6 +511,24 @@ class _ModuleSiteHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return self.runtime.module_site(self.site, self.keep, self.fn_ref.original_forward, args, kwargs)
+
+
+class _BlockArgumentsHook(ModelHook):
+    """On a block with re-gated sites: keeps the arguments of its current call, the gates' source."""
+
+    def __init__(self, calls: dict[int, tuple[tuple[Any, ...], Mapping[str, Any]]], block: int) -> None:
+        super().__init__()
+        self.calls = calls
+        self.block = block
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        self.calls[self.block] = (args, kwargs)
+        return args, kwargs
+
+
+def _nonzero(gate: torch.Tensor) -> torch.Tensor:
+    """`gate` with exact zeros (where the block adds nothing) made tiny, so the ratio stays finite."""
+    return torch.where(gate == 0, torch.finfo(gate.dtype).tiny, gate)
 
 
 class _EmbeddingHook(ModelHook):

@@ -7,7 +7,7 @@ from cachekit.schemas.easycache import EasyCacheConfig
 from cachekit.schemas.estimators import CopyConfig, EstimatorConfig, FoCaConfig, TaylorConfig
 from cachekit.schemas.fbcache import FBCacheConfig
 from cachekit.schemas.magcache import MagCacheConfig, MagCachePreset, load_magcache_preset, magcache_presets
-from cachekit.schemas.pab import PAB_DEFAULTS, PAB_FALLBACK, Broadcast, MLPBroadcast, PABConfig
+from cachekit.schemas.pab import PAB_DEFAULTS, PAB_FALLBACK, PAB_GATED, Broadcast, MLPBroadcast, PABConfig
 from cachekit.schemas.seacache import SeaCacheConfig
 from cachekit.schemas.taylorseer import TaylorSeerConfig
 from cachekit.schemas.teacache import TeaCacheConfig, TeaCachePreset, load_preset, presets_for, teacache_presets
@@ -15,6 +15,7 @@ from cachekit.schemas.teacache import TeaCacheConfig, TeaCachePreset, load_prese
 __all__ = [
     "PAB_DEFAULTS",
     "PAB_FALLBACK",
+    "PAB_GATED",
     "AdapterSpec",
     "Broadcast",
     "CalibrationSpec",

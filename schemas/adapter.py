@@ -58,6 +58,16 @@ class OutputSpec(_Spec):
     index: int | None = Field(default=None, ge=0, description="Item of the returned tuple; None: the whole output.")
 
 
+class Gate(_Spec):
+    """How a block gates a module's output before adding it to its stream: by one row of its
+    modulation table plus the projected timestep (table-modulated blocks: PixArt, Latte, ...)."""
+
+    table: str = "scale_shift_table"
+    embedding: Argument = Field(description="The block's argument carrying the projected timestep.")
+    row: int = Field(ge=0, description="The table's row holding this module's gate.")
+    rows: int = Field(default=6, ge=1, description="Rows of the table.")
+
+
 class BlockListSpec(_Spec):
     """A list of blocks the model runs in order, and how each block carries the token streams."""
 
@@ -78,6 +88,9 @@ class BlockListSpec(_Spec):
         default_factory=dict, description="Attention modules of each block (path inside the block) and their kind."
     )
     mlp: list[str] = Field(default_factory=list, description="Feed-forward modules of each block (path inside it).")
+    gates: dict[str, Gate] = Field(
+        default_factory=dict, description="Attention/MLP modules (path inside the block) whose output the block gates."
+    )
 
     @model_validator(mode="after")
     def _returns_every_stream(self) -> BlockListSpec:

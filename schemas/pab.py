@@ -58,6 +58,13 @@ class PABConfig(PolicyConfig):
     temporal: Broadcast | None = None
     cross: Broadcast | None = None
     mlp: MLPBroadcast | None = Field(default=None, description="Off unless given.")
+    reuse: Literal["output", "gated"] | None = Field(
+        default=None,
+        description="What a skipped module gives its block: its last output, which the block gates with the "
+        "current step's gate ('output', as diffusers and VideoSys's CogVideoX), or the last gated output, what the "
+        "block added then ('gated', as VideoSys's Open-Sora, Latte and Open-Sora-Plan v1.1; where the adapter "
+        "declares the gates). Unset: the family's published choice.",
+    )
 
 
 _Kinds = dict[Literal["spatial", "temporal", "cross"], Broadcast]
@@ -74,8 +81,15 @@ def _kinds(spatial: int, temporal: int, cross: int, window: tuple[float, float])
 #: Published defaults by model family (adapter name); any other family gets FALLBACK.
 PAB_DEFAULTS: dict[str, _Kinds] = {
     "open_sora": _kinds(2, 4, 6, (450, 930)),
-    "open_sora_plan": _kinds(2, 4, 6, (100, 850)),
+    "open_sora_plan": _kinds(2, 4, 6, (100, 850)),  # v1.1
+    "open_sora_plan_v1_2": {
+        "spatial": Broadcast(range=2, window=(100, 850)),
+        "cross": Broadcast(range=6, window=(100, 850)),
+    },
     "latte": _kinds(2, 3, 6, (100, 800)),
     "cogvideox": {"spatial": Broadcast(range=2, window=(100, 850))},
+    "vchitect": _kinds(2, 4, 6, (100, 800)),
 }
 PAB_FALLBACK: _Kinds = _kinds(2, 3, 6, (100, 800))
+#: Families whose published PAB reuses the gated outputs; the others reuse the module output.
+PAB_GATED: frozenset[str] = frozenset({"open_sora", "open_sora_plan", "latte"})

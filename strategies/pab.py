@@ -12,7 +12,7 @@ from typing import Any
 from cachekit.adapter import Adapter, ModuleSite, Point, SiteKind
 from cachekit.hookspecs import hookimpl
 from cachekit.policy import CachePolicy, ExampleConfigs, Step
-from cachekit.schemas import PAB_DEFAULTS, PAB_FALLBACK, Broadcast, MLPBroadcast, PABConfig
+from cachekit.schemas import PAB_DEFAULTS, PAB_FALLBACK, PAB_GATED, Broadcast, MLPBroadcast, PABConfig
 
 
 class PABPolicy(CachePolicy[PABConfig]):
@@ -22,6 +22,7 @@ class PABPolicy(CachePolicy[PABConfig]):
         super().__init__(config)
         self.settings: dict[SiteKind, Broadcast] = {}
         self.mlp_blocks = frozenset(config.mlp.blocks) if config.mlp else frozenset()
+        self.gated = config.reuse == "gated"
 
     @classmethod
     def example_configs(cls) -> ExampleConfigs:
@@ -49,8 +50,13 @@ class PABPolicy(CachePolicy[PABConfig]):
             if max(self.mlp_blocks) >= blocks:
                 raise ValueError(f"mlp.blocks {sorted(self.mlp_blocks)} out of range: the model has {blocks} blocks")
         defaults_from = adapter.name if adapter.name in PAB_DEFAULTS else "fallback"
+        self.gated = (self.config.reuse or ("gated" if adapter.name in PAB_GATED else "output")) == "gated"
+        sites = [*adapter.attention_sites(), *(adapter.mlp_sites() if adapter.provides(Point.MLP) else [])]
+        ungated = self.gated and not any(site.gated for site in sites)
         return {
+            **({"note": f"the {adapter.name!r} adapter declares no gates: every site reuses its output"} if ungated else {}),
             "defaults": defaults_from,
+            "reuse": "gated" if self.gated else "output",
             # A setting for a kind the model lacks applies to nothing; say so.
             "absent": {kind.value: reason for kind, reason in adapter.missing_attention.items()},
             **{kind.value: setting.model_dump() for kind, setting in self.settings.items()},
@@ -61,6 +67,9 @@ class PABPolicy(CachePolicy[PABConfig]):
         if site.kind is SiteKind.MLP and site.block not in self.mlp_blocks:
             return None
         return self.settings[site.kind]
+
+    def reuses_gated(self, site: ModuleSite) -> bool:
+        return self.gated
 
     def may_reuse(self, site: ModuleSite) -> bool:
         setting = self._broadcast(site)

@@ -151,3 +151,40 @@ def test_bad_pab_configs_name_the_field(fields, message):
 def test_mlp_blocks_beyond_the_model_are_rejected_at_attach(flux_pipe):
     with pytest.raises(ValueError, match=r"mlp.blocks \[7\] out of range: the model has 3 blocks"):
         cachekit.apply(flux_pipe, PABConfig(mlp=MLPBroadcast(range=2, blocks=(7,))))
+
+
+@pytest.mark.parametrize("reuse", ["gated", "output"])
+def test_latte_reuses_the_gated_output_as_published_or_the_output(reuse):
+    """VideoSys's PAB (Latte's default) gives the block what it added when computed, gate x output;
+    diffusers' gives the output, gated again with the current gate. The gate is rebuilt here from
+    the block's own table and timestep argument (row 2: self attention)."""
+    from cachekit.registry import registry
+
+    example = registry().adapters["latte"].example()
+    block = example.model.transformer_blocks[0]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # per call: (gate, what attn1 returned)
+    gate: dict[str, torch.Tensor] = {}
+
+    def on_block(_, args, kwargs):
+        timestep = args[4]
+        gate["now"] = (block.scale_shift_table[None] + timestep.reshape(timestep.shape[0], 6, -1))[:, 2:3]
+
+    hooks = [
+        block.register_forward_pre_hook(on_block, with_kwargs=True),
+        block.attn1.register_forward_hook(lambda _, args, output: seen.append((gate["now"], output))),
+    ]
+    config = PABConfig(spatial=Broadcast(range=2, window=(0, 1000)), reuse=None if reuse == "gated" else "output")
+    try:
+        with cachekit.apply(example.model, config) as handle, torch.no_grad():
+            for t in (900.0, 800.0):
+                example(example.latents, t, 0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert handle.stats.info["reuse"] == reuse and handle.stats.last.branches[0].sites["spatial"].reused > 0
+    (gate_then, computed), (gate_now, returned) = seen
+    assert not torch.allclose(gate_then, gate_now)
+    if reuse == "gated":
+        torch.testing.assert_close(gate_now * returned, gate_then * computed)
+    else:
+        assert returned is computed
