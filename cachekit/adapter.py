@@ -59,6 +59,7 @@ class ModuleSite:
     block: int  # index of its block in `Adapter.blocks()`
     gated: bool = False  # the block multiplies the output by a gate (`Adapter.gate`) before adding it
 
+
 @dataclass(frozen=True)
 class OutputSite:
     """A module whose output, or one item of its output tuple, is a signal."""

@@ -54,7 +54,11 @@ class PABPolicy(CachePolicy[PABConfig]):
         sites = [*adapter.attention_sites(), *(adapter.mlp_sites() if adapter.provides(Point.MLP) else [])]
         ungated = self.gated and not any(site.gated for site in sites)
         return {
-            **({"note": f"the {adapter.name!r} adapter declares no gates: every site reuses its output"} if ungated else {}),
+            **(
+                {"note": f"the {adapter.name!r} adapter declares no gates: every site reuses its output"}
+                if ungated
+                else {}
+            ),
             "defaults": defaults_from,
             "reuse": "gated" if self.gated else "output",
             # A setting for a kind the model lacks applies to nothing; say so.
