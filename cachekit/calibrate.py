@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cachekit.adapter import Adapter
+from cachekit.adapter import Adapter, BlockArgument
 from cachekit.registry import resolve_adapter
 from cachekit.schemas import CalibrationSpec, TeaCachePreset
 from cachekit.schemas.teacache import Probe
@@ -83,15 +83,26 @@ def record(model: StudyModel, seed: int, condition: str, probe: Probe = "modulat
 
 
 def _signal_hook(adapter: Adapter, probe: Probe, current: dict[str, Any]) -> Any:
+    """A hook that puts the signal `probe` names in `current["signal"]` at every call."""
+    first_block = adapter.span().blocks[0][0]
     if probe == "modulated_input":
-        first_block = adapter.span().blocks[0][0]
 
         def keep_probe(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             current["signal"] = adapter.probe(args, kwargs)
 
         return first_block.register_forward_pre_hook(keep_probe, with_kwargs=True)
-    site = adapter.timestep_embedding()
-    return site.module.register_forward_hook(lambda _, args, output: current.__setitem__("signal", site.read(output)))
+    site = adapter.timestep_embedding() if probe == "timestep_embedding" else adapter.projected_timestep_embedding()
+    if isinstance(site, BlockArgument):
+        argument = site
+
+        def keep_argument(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            current["signal"] = argument.read(args, kwargs)
+
+        return first_block.register_forward_pre_hook(keep_argument, with_kwargs=True)
+    output_site = site
+    return output_site.module.register_forward_hook(
+        lambda _, args, output: current.__setitem__("signal", output_site.read(output))
+    )
 
 
 def _residual_hooks(adapter: Adapter, current: dict[str, Any]) -> list[Any]:

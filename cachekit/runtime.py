@@ -112,9 +112,9 @@ class Runtime:
     def install(self) -> None:
         self._hook(self.model, _CallHook(self))
         by_module: dict[nn.Module, list[tuple[Point, OutputSite]]] = {}
-        for point, site in self._embeddings.items():
-            if isinstance(site, OutputSite):
-                by_module.setdefault(site.module, []).append((point, site))
+        for point, source in self._embeddings.items():
+            if isinstance(source, OutputSite):
+                by_module.setdefault(source.module, []).append((point, source))
         for module, sites in by_module.items():
             self._hook(module, _EmbeddingHook(self, sites))
         for block, place in self._places:

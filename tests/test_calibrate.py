@@ -8,10 +8,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import cachekit
 from cachekit.calibrate import calibrate, fit, record, write_preset
 from cachekit.schemas import CalibrationSpec, TeaCacheConfig, load_preset
+from cachekit.signals import relative_l1
 from cachekit.study.models import TestbedModel
 from cachekit.testing import run_flux, tiny_flux_pipeline
 from cachekit.tune import Tuner
@@ -141,3 +143,16 @@ def test_calibrated_coefficients_beat_the_published_flux_ones_at_equal_compute()
         psnr[name] = float(np.interp(target, [t.computed for t in trials], [t.psnr for t in trials]))
     print(f"PSNR at {target:.0%} of calls computed: {psnr}")
     assert psnr["calibrated"] >= psnr["flux-dev"]
+
+
+def test_the_projected_embedding_is_recorded_on_wan():
+    """The ret-steps signal: condition_embedder's timestep_proj, recorded with a plain hook here too."""
+    model = TestbedModel("wan-moving-digits", CalibrationSpec(model="wan-moving-digits", labels=[2], steps=6))
+    seen: list[torch.Tensor] = []
+    hook = model.transformer.condition_embedder.register_forward_hook(lambda _, a, out: seen.append(out[1]))
+    try:
+        projected = record(model, seed=0, condition="2", probe="projected_timestep_embedding")
+    finally:
+        hook.remove()
+    expected = [relative_l1(seen[i], seen[i - 2]) for i in range(2, len(seen))]  # per branch: cond, uncond
+    assert projected.x == pytest.approx(expected)

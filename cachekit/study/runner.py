@@ -159,7 +159,7 @@ def run_cell(spec: StudySpec, model: StudyModel, cell: Cell, costs: Costs) -> tu
         "notes": [],
         **_counts(config is None, last, counter.work, costs),
     }
-    if last is not None:
+    if handle is not None and last is not None:
         row["decisions"] = {
             branch: {"span": stats.span_schedule, "modules": stats.module_schedule}
             for branch, stats in last.branches.items()
