@@ -663,7 +663,7 @@ def test_cli_reports_mistakes_in_one_line(tmp_path):
         assert __import__("re").search(message, result.stderr), result.stderr
     assert not (tmp_path / "none.sqlite").exists()  # a report never creates the database it reads
     version = subprocess.run(
-        [sys.executable, "-m", "cachekit", "--version"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "cachekit", "--version"], cwd=tmp_path, capture_output=True, text=True, check=True
     )
     assert version.stdout.startswith("cachekit ")
     json.dumps(version.stdout)

@@ -47,6 +47,7 @@ def test_the_model_identity_ignores_process_and_copy(tmp_path):
         subprocess.run(
             [sys.executable, "-c", script, str(tmp_path / folder)],
             env={"PYTHONHASHSEED": seed, "PATH": "/usr/bin:/bin"},
+            cwd=tmp_path,  # not the repository root, whose source folder `cachekit/` would shadow the package
             capture_output=True,
             text=True,
             check=True,
