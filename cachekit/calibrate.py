@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from cachekit.adapter import Adapter, BlockArgument
+from cachekit.hooks import context_parallel_group
 from cachekit.registry import resolve_adapter
 from cachekit.schemas import CalibrationSpec, TeaCachePreset
 from cachekit.schemas.teacache import Probe
-from cachekit.signals import relative_l1
+from cachekit.signals import mean_abs, reduced_over, relative_l1
 from cachekit.steps import StepTracker
 from cachekit.study.models import StudyModel, load_model
 
@@ -57,6 +58,10 @@ def record(model: StudyModel, seed: int, condition: str, probe: Probe = "modulat
         current["step"] = tracker.advance(adapter.step_of(args, kwargs), adapter.latent_input(args, kwargs))
 
     def end(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        with reduced_over(context_parallel_group(transformer)):  # every rank records what one process would
+            record_call(output)
+
+    def record_call(output: Any) -> None:
         step = current["step"]
         signal, out, residual = current["signal"], adapter.prediction(output), current.pop("residual")
         if step.branch in previous:
@@ -130,7 +135,7 @@ def _magnitude_ratio(residual: list[torch.Tensor], previous: list[torch.Tensor])
         (now.float().norm(dim=-1) / (before.float().norm(dim=-1) + 1e-8)).flatten()
         for now, before in zip(residual, previous, strict=True)
     ]
-    return torch.cat(ratios).mean().item()
+    return mean_abs(torch.cat(ratios))  # ratios are positive; reduced over a context-parallel group
 
 
 @dataclass(frozen=True)

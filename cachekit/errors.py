@@ -43,3 +43,7 @@ class StepCountError(CachekitError, RuntimeError):
 
 class ConcurrentUseError(CachekitError, RuntimeError):
     """Two threads driving one transformer with a policy attached at the same time."""
+
+
+class RankDivergenceError(CachekitError, RuntimeError):
+    """The ranks of a context-parallel group decided differently: one would compute, one skip."""

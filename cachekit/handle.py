@@ -90,11 +90,16 @@ class CacheHandle:
             raise HandleRemovedError("this CacheHandle was removed; call cachekit.apply(...) again for a new one")
 
 
-def apply(target: Any, config: PolicyConfig | Mapping[str, Any] | str | os.PathLike[str]) -> CacheHandle:
+def apply(
+    target: Any, config: PolicyConfig | Mapping[str, Any] | str | os.PathLike[str], process_group: Any = None
+) -> CacheHandle:
     """Attach the policy `config` describes to a diffusers pipeline or its transformer.
 
     `config` is a config object (`UniformConfig(interval=2)`), a dict with a ``strategy`` key, a
-    JSON/TOML file, or a strategy name for its defaults.
+    JSON/TOML file, or a strategy name for its defaults. `process_group`: the ranks that share each
+    generation (context parallelism not set up through diffusers, e.g. xDiT); the policy's
+    signals are reduced over it so every rank decides alike. Unset: diffusers' context-parallel
+    group of the model, if any.
     """
     config = make_config(config)
     policy_class = get_strategy(config.strategy)
@@ -110,7 +115,8 @@ def apply(target: Any, config: PolicyConfig | Mapping[str, Any] | str | os.PathL
     runtimes = {}
     for name, model in models.items():
         adapter = resolve_adapter(model)(model)
-        runtimes[name] = Runtime(model, adapter, policy_class(config), estimator_class(config.estimator), tracker)
+        policy = policy_class(config)
+        runtimes[name] = Runtime(model, adapter, policy, estimator_class(config.estimator), tracker, process_group)
     # after attach, which may settle defaults from the model (a preset that forces the last step)
     needs_num_steps = any(runtime.policy.needs_num_steps for runtime in runtimes.values())
     if needs_num_steps and scheduler is None and config.num_inference_steps is None:

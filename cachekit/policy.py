@@ -64,6 +64,10 @@ class CachePolicy(Generic[ConfigT]):
 
     config_class: ClassVar[type[PolicyConfig]]
     requires: ClassVar[frozenset[Point]] = frozenset()
+    #: True when every decision depends only on the step and on signals computed with
+    #: `cachekit.signals` (which agree on every rank); otherwise, under context parallelism, the
+    #: ranks' decisions are compared at every call and a disagreement is an error.
+    rank_consistent: ClassVar[bool] = False
     #: True when the decision depends on knowing the generation's last step.
     needs_num_steps: bool = False
 

@@ -23,9 +23,11 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from cachekit.adapter import Adapter, BlockArgument, BlockStreams, ModuleSite, OutputSite, Point, Segment, Streams
-from cachekit.errors import ConcurrentUseError, PolicyError, UnsupportedModelError
+from cachekit.errors import ConcurrentUseError, PolicyError, RankDivergenceError, UnsupportedModelError
 from cachekit.estimator import Estimator, Kept
+from cachekit.hooks import context_parallel_group, register_beneath_context_parallel, remove_keeping_the_rest
 from cachekit.policy import CachePolicy, Signals, Step
+from cachekit.signals import reduced_over
 from cachekit.stats import BranchStats, CacheStats, GenerationStats
 from cachekit.steps import StepTracker
 
@@ -45,6 +47,7 @@ class _Call:
     stats: BranchStats
     state: Any
     kept: dict[Key, Kept]  # this branch's
+    group: Any = None  # the process group the ranks' decisions must agree over
     latent: torch.Tensor | None = None
     probe: torch.Tensor | None = None
     inputs: dict[int, Streams] = field(default_factory=dict)  # segment -> its streams on entry
@@ -64,8 +67,10 @@ class Runtime:
         policy: CachePolicy[Any],
         estimator: Estimator[Any],
         tracker: StepTracker,
+        process_group: Any = None,
     ):
         self.model = model
+        self.process_group = process_group  # None: the model's context-parallel group, if any
         self.adapter = adapter
         self.policy = policy
         self.estimator = estimator
@@ -103,6 +108,9 @@ class Runtime:
         self._kept: dict[int, dict[Key, Kept]] = {}  # branch -> site -> what the estimator keeps
         self._computed_segments: dict[int, set[int]] = {}  # branch -> segments of its last computed span
         self._call: _Call | None = None
+        self._latent_hook: Any = None
+        self._latent: torch.Tensor | None = None  # the latent of the call about to run, whole
+        self._reduction: Any = None  # the signal group's context of the running call
         self._busy = threading.Lock()  # held during a transformer call
         self._owner: int | None = None  # the thread running the current generation
         self._installed: list[tuple[nn.Module, str, bool, bool]] = []
@@ -111,6 +119,8 @@ class Runtime:
 
     def install(self) -> None:
         self._hook(self.model, _CallHook(self))
+        if self._wants_latent:  # a torch hook: it sees the call's arguments before any diffusers hook splits them
+            self._latent_hook = self.model.register_forward_pre_hook(self._see_latent, with_kwargs=True)
         by_module: dict[nn.Module, list[tuple[Point, OutputSite]]] = {}
         for point, source in self._embeddings.items():
             if isinstance(source, OutputSite):
@@ -128,9 +138,12 @@ class Runtime:
 
     def uninstall(self) -> None:
         """Remove every hook and whatever the hook registry added, leaving the modules as found."""
+        if self._latent_hook is not None:
+            self._latent_hook.remove()
+            self._latent_hook = None
         for module, name, had_registry, had_forward in reversed(self._installed):
             registry = HookRegistry.check_if_exists_or_initialize(module)
-            registry.remove_hook(name, recurse=False)
+            remove_keeping_the_rest(registry, name)
             if not registry.hooks:
                 if not had_forward:
                     del module.forward  # the registry leaves the original bound method behind
@@ -143,7 +156,7 @@ class Runtime:
         had_registry = hasattr(module, "_diffusers_hook")
         had_forward = "forward" in module.__dict__
         try:
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+            register_beneath_context_parallel(HookRegistry.check_if_exists_or_initialize(module), hook, name)
         except BaseException:
             if not had_registry and hasattr(module, "_diffusers_hook"):
                 del module._diffusers_hook  # the registry made for a hook that did not go in
@@ -168,6 +181,15 @@ class Runtime:
             self._busy.release()
             raise
 
+    @torch.compiler.disable
+    def _see_latent(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._latent = self.adapter.latent(args, kwargs)
+
+    def group(self) -> Any:
+        """The process group decisions must agree over: the one given to `apply`, else the model's
+        context-parallel group under diffusers' context parallelism, else None (no collectives)."""
+        return self.process_group if self.process_group is not None else context_parallel_group(self.model)
+
     def _begin(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         timestep, sample = self.adapter.step_of(args, kwargs), self.adapter.latent_input(args, kwargs)
         thread = threading.get_ident()
@@ -190,9 +212,11 @@ class Runtime:
         if step.branch not in self._states:
             self._states[step.branch] = self.policy.new_state()
         kept = self._kept.setdefault(step.branch, {})
-        self._call = _Call(step, branch_stats, self._states[step.branch], kept)
+        self._call = _Call(step, branch_stats, self._states[step.branch], kept, group=self.group())
+        self._reduction = reduced_over(self._call.group)
+        self._reduction.__enter__()
         if self._wants_latent:
-            self._call.latent = self.adapter.latent(args, kwargs)
+            self._call.latent, self._latent = self._latent, None
 
     @torch.compiler.disable
     def end_call(self, output: Any) -> None:
@@ -202,6 +226,9 @@ class Runtime:
             if self._wants_output and call is not None and output is not None:
                 self.policy.observe(call.step, self.adapter.prediction(output), call.state)
         finally:
+            if self._reduction is not None:
+                self._reduction.__exit__(None, None, None)
+                self._reduction = None
             self._busy.release()
 
     def _concurrent(self, when: str) -> str:
@@ -276,20 +303,31 @@ class Runtime:
             latent=call.latent,
             head_residual=tuple(call.head_residual) if call.head_residual else None,
         )
-        call.compute = self._decision(self.policy.decide_span(call.step, signals, call.state), "decide_span")
+        call.compute = self._decision(call, self.policy.decide_span(call.step, signals, call.state), "decide_span")
         if not call.compute and ("span", 0) not in call.kept:
             call.compute = self._compute_first("the span", call.step)
         call.stats.count("span", call.compute)
         call.stats.span_schedule.append(call.compute)
 
-    def _decision(self, decision: Any, method: str) -> bool:
-        """A policy's answer as a bool; anything else (a forgotten return, a tensor) is its mistake."""
-        if isinstance(decision, bool | np.bool_):
-            return bool(decision)
-        raise PolicyError(
-            f"{type(self.policy).__name__}.{method} returned {decision!r} ({type(decision).__name__}); "
-            "a decision must be True (compute) or False (skip)"
-        )
+    def _decision(self, call: _Call, decision: Any, method: str) -> bool:
+        """A policy's answer as a bool; anything else (a forgotten return, a tensor) is its mistake.
+        Under context parallelism a policy not declared rank-consistent has its answer compared
+        across the ranks: they must all compute or all skip, or each raises instead of hanging."""
+        if not isinstance(decision, bool | np.bool_):
+            raise PolicyError(
+                f"{type(self.policy).__name__}.{method} returned {decision!r} ({type(decision).__name__}); "
+                "a decision must be True (compute) or False (skip)"
+            )
+        if call.group is not None and not self.policy.rank_consistent:
+            votes = torch.tensor([int(decision), -int(decision)], dtype=torch.int32)
+            torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX, group=call.group)
+            if votes[0] != -votes[1]:  # someone computes while someone skips
+                raise RankDivergenceError(
+                    f"{type(self.policy).__name__}.{method}: the ranks of the context-parallel group decided "
+                    f"differently at step {call.step.index} (branch {call.step.branch}); compute its signals with "
+                    "cachekit.signals (reduced over the group) and set rank_consistent = True"
+                )
+        return bool(decision)
 
     @torch.compiler.disable
     def _keep_inputs(self, call: _Call, place: _SpanPlace, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
@@ -363,7 +401,7 @@ class Runtime:
         call.module_runs[site.name] = occurrence + 1
         if occurrence == 0:
             decision = self.policy.decide_module(call.step, site, call.state)
-            call.module_decisions[site.name] = self._decision(decision, "decide_module")
+            call.module_decisions[site.name] = self._decision(call, decision, f"decide_module at {site.name}")
         compute = call.module_decisions[site.name]
         key = (site.name, occurrence)
         if not compute and key not in call.kept:

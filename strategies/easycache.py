@@ -38,6 +38,7 @@ class _BranchState:
 
 class EasyCachePolicy(CachePolicy[EasyCacheConfig]):
     config_class = EasyCacheConfig
+    rank_consistent = True  # decides from the step and cachekit.signals alone
     requires = frozenset({Point.STEP, Point.SPAN, Point.LATENT, Point.OUTPUT})
 
     def __init__(self, config: EasyCacheConfig) -> None:

@@ -33,6 +33,7 @@ class _BranchState:
 
 class FBCachePolicy(CachePolicy[FBCacheConfig]):
     config_class = FBCacheConfig
+    rank_consistent = True  # decides from the step and cachekit.signals alone
     requires = frozenset({Point.STEP, Point.SPAN})
 
     def __init__(self, config: FBCacheConfig) -> None:

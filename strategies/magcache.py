@@ -38,6 +38,7 @@ def resample(ratios: tuple[float, ...], steps: int) -> tuple[float, ...]:
 
 class MagCachePolicy(CachePolicy[MagCacheConfig]):
     config_class = MagCacheConfig
+    rank_consistent = True  # decides from the step and cachekit.signals alone
     requires = frozenset({Point.STEP, Point.SPAN})
     needs_num_steps = True
 

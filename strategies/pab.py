@@ -17,6 +17,7 @@ from cachekit.schemas import PAB_DEFAULTS, PAB_FALLBACK, PAB_GATED, Broadcast, M
 
 class PABPolicy(CachePolicy[PABConfig]):
     config_class = PABConfig
+    rank_consistent = True  # decides from the step and cachekit.signals alone
 
     def __init__(self, config: PABConfig) -> None:
         super().__init__(config)

@@ -56,6 +56,7 @@ class _BranchState:
 
 class SeaCachePolicy(CachePolicy[SeaCacheConfig]):
     config_class = SeaCacheConfig
+    rank_consistent = True  # decides from the step and cachekit.signals alone
     requires = frozenset({Point.STEP, Point.SPAN, Point.LATENT})
     needs_num_steps = True
 

@@ -24,6 +24,7 @@ _LEVELS = {
 
 class TaylorSeerPolicy(CachePolicy[TaylorSeerConfig]):
     config_class = TaylorSeerConfig
+    rank_consistent = True  # decides from the step and cachekit.signals alone
 
     @classmethod
     def example_configs(cls) -> ExampleConfigs:

@@ -40,6 +40,7 @@ class _BranchState:
 
 class TeaCachePolicy(CachePolicy[TeaCacheConfig]):
     config_class = TeaCacheConfig
+    rank_consistent = True  # decides from the step and cachekit.signals alone
 
     def __init__(self, config: TeaCacheConfig) -> None:
         super().__init__(config)

@@ -16,6 +16,7 @@ from cachekit.schemas import UniformConfig
 
 class UniformPolicy(CachePolicy[UniformConfig]):
     config_class = UniformConfig
+    rank_consistent = True  # decides from the step and cachekit.signals alone
     requires = frozenset({Point.STEP, Point.SPAN})
     needs_num_steps = True
 
