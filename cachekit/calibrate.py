@@ -27,6 +27,7 @@ from cachekit.schemas.teacache import Probe
 from cachekit.signals import mean_abs, reduced_over, relative_l1
 from cachekit.steps import StepTracker
 from cachekit.study.models import StudyModel, load_model
+from cachekit.study.workers import join
 
 
 @dataclass
@@ -184,12 +185,24 @@ class Calibration:
 
 
 def calibrate(spec: CalibrationSpec, model: StudyModel | None = None) -> Calibration:
-    """Record every seed x condition of `spec` uncached and fit the polynomial."""
-    model = model or load_model(spec.model, spec)
+    """Record every seed x condition of `spec` uncached and fit the polynomial. Under `torchrun`
+    the generations are shared out (`cachekit.study.workers`) and gathered in the order one
+    process would record them, so the fit is the same."""
+    workers = join(spec)
+    try:
+        if model is None:
+            model = load_model(spec.model, spec)
+            workers.parallelize(model.transformer)
+        pairs = [(seed, condition) for seed in spec.seeds for condition in spec.conditions()]
+        mine = {index: record(model, *pairs[index], spec.probe) for index in workers.share(range(len(pairs)))}
+        recorded: dict[int, Recording] = {}
+        for part in workers.gather(mine):  # the processes of a context group recorded the same
+            recorded.update(part)
+    finally:
+        workers.leave()
     recording = Recording()
-    for seed in spec.seeds:
-        for condition in spec.conditions():
-            recording.extend(record(model, seed, condition, spec.probe))
+    for index in sorted(recorded):
+        recording.extend(recorded[index])
     identity = resolve_adapter(model.transformer)(model.transformer).identity()
     return Calibration(spec, identity, recording, fit(recording.x, recording.y, spec.order))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,15 @@ def _main(argv: list[str] | None) -> None:
     run.add_argument("--fresh", action="store_true", help="recompute every cell")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--report", action="store_true", help="write the report when done")
+    run.add_argument(
+        "--db-per-process",
+        action="store_true",
+        help="under torchrun: each process writes its own database beside --db, merged into it at the end "
+        "(for file systems where SQLite's locking is unreliable)",
+    )
+    merge = study.add_parser("merge", help="gather the cells of several results databases into one")
+    merge.add_argument("db", type=Path, help="the database to merge into (made if missing)")
+    merge.add_argument("sources", type=Path, nargs="+", help="databases to take cells from")
     report = study.add_parser("report", help="write the Markdown report of a results database")
     report.add_argument("db", type=Path)
     report.add_argument("--out", type=Path, help="folder (default: beside the database)")
@@ -78,6 +88,8 @@ def _main(argv: list[str] | None) -> None:
         _tune(args)
     elif args.action == "run":
         _run(args)
+    elif args.action == "merge":
+        _merge(args)
     else:
         from cachekit.study import write_report
 
@@ -104,10 +116,27 @@ def _run(args: argparse.Namespace) -> None:
     spec = load_spec(args.spec)
     cells = len(plan(spec).cells)
     db = args.db or DEFAULT_RESULTS / f"{spec.name}.sqlite"
-    print(f"study {spec.name!r}: {cells} cells -> {db}")
-    run_study(spec, db, fresh=args.fresh, progress=not args.quiet)
-    if args.report:
+    _say(f"study {spec.name!r}: {cells} cells -> {db}")
+    run_study(spec, db, fresh=args.fresh, progress=not args.quiet, db_per_process=args.db_per_process)
+    if args.report and _first_process():
         print(f"report: {write_report(db, study=spec.name)}")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from cachekit.study import merge
+
+    for source, merged in merge(args.db, args.sources).items():
+        print(f"{source}: {merged.added} cells added, {merged.duplicates} already in {args.db}")
+
+
+def _first_process() -> bool:
+    """Under torchrun, only the first process speaks for all."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _say(message: str) -> None:
+    if _first_process():
+        print(message)
 
 
 def _calibration_spec(path: Path) -> CalibrationSpec:
@@ -125,6 +154,8 @@ def _calibrate(args: argparse.Namespace) -> None:
 
     spec = _calibration_spec(args.spec)
     result = calibrate(spec)
+    if not _first_process():
+        return
     preset = write_preset(result, args.out or Path(f"{spec.name or spec.model + '-calibrated'}.json"))
     figure = plot(result, args.plot or preset.with_suffix(".png"))
     print(f"coefficients {list(result.fit.coefficients)}")

@@ -63,6 +63,27 @@ class PolicyEntry(BaseModel):
         ]
 
 
+class ContextParallel(BaseModel):
+    """Split each generation's sequence over `ulysses` x `ring` processes with diffusers' context
+    parallelism (for models too big or too slow for one GPU); the processes of a `torchrun` launch
+    form (data x context) groups: each context group generates its share of the cells together."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ulysses: int = Field(default=1, ge=1, description="Ulysses degree (heads exchanged all-to-all).")
+    ring: int = Field(default=1, ge=1, description="Ring degree (keys and values passed around).")
+
+    @property
+    def degree(self) -> int:
+        return self.ulysses * self.ring
+
+    @model_validator(mode="after")
+    def _splits_something(self) -> ContextParallel:
+        if self.degree < 2:
+            raise ValueError("give ulysses or ring greater than 1 (leave context_parallel unset for none)")
+        return self
+
+
 class Generation(BaseModel):
     """How a model generates in a study or a calibration: seeds, conditions, steps, device."""
 
@@ -78,6 +99,9 @@ class Generation(BaseModel):
     frames: int | None = Field(default=None, ge=1, description="Diffusers video pipelines only.")
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    context_parallel: ContextParallel | None = Field(
+        default=None, description="Split each generation over processes (run under torchrun)."
+    )
 
     def conditions(self) -> list[str]:
         """What one generation is conditioned on: the labels (as text), else the prompts."""

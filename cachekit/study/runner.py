@@ -34,7 +34,8 @@ from cachekit.schemas.study import StudySpec
 from cachekit.stats import GenerationStats
 from cachekit.study.models import StudyModel, load_model
 from cachekit.study.plan import Cell, Setting, StudySpecError, plan
-from cachekit.study.store import ResultStore
+from cachekit.study.store import Merged, ResultStore, StoreError
+from cachekit.study.workers import Workers, join
 
 
 @dataclass(frozen=True)
@@ -46,36 +47,112 @@ class Costs:
     modules: dict[torch.nn.Module, float]
 
 
-def run_study(spec: StudySpec, db: str | Path, fresh: bool = False, progress: bool = True) -> Path:
-    """Run every cell of `spec` not yet in `db` (all of them with `fresh`); returns the db path."""
+def run_study(
+    spec: StudySpec, db: str | Path, fresh: bool = False, progress: bool = True, db_per_process: bool = False
+) -> Path:
+    """Run every cell of `spec` not yet in `db` (all of them with `fresh`); returns the db path.
+
+    Under `torchrun` each process runs its share (`cachekit.study.workers`); with `db_per_process`
+    each writes a database of its own beside `db` (`results.rank1.sqlite`, ...), merged into `db`
+    once all are done."""
     cells = plan(spec).cells  # validates everything before any model loads
-    store = ResultStore(db)
+    workers = join(spec)
     try:
-        if fresh:
-            store.clear(spec.name)
-        store.check_protocol(spec.name, protocol(spec))
-        done = store.finished(spec.name)
-        todo = [cell for cell in cells if (cell.model, cell.setting.key, cell.seed, cell.condition) not in done]
-        with tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", disable=not progress) as bar:
-            for name in spec.models:
-                model_cells = [cell for cell in todo if cell.model == name]
-                if not model_cells:
-                    continue
-                model = load_model(name, spec)
-                check_settings(model, {cell.setting for cell in model_cells})
-                costs = measure_costs(model, model_cells[0])
-                for cell in model_cells:
-                    bar.set_description(f"{name} seed={cell.seed} {cell.condition!r} {cell.setting.label}")
-                    _run_and_store(store, spec, model, cell, costs)
-                    bar.update()
+        own = process_db(db, workers.data_rank) if db_per_process and not workers.alone else Path(db)
+        store = ResultStore(own) if workers.writes else None
+        try:
+            if store is not None and fresh and (db_per_process or workers.rank == 0):
+                store.clear(spec.name)
+            workers.wait_for_all()  # nobody writes before a --fresh database is cleared
+            if store is not None:
+                store.check_protocol(spec.name, protocol(spec))
+            _run_share(spec, store, cells, workers, progress)
+        finally:
+            if store is not None:
+                store.close()
+        workers.wait_for_all()
+        if db_per_process and not workers.alone and workers.rank == 0:
+            merge(
+                db,
+                [process_db(db, rank) for rank in range(workers.data_size)],
+                fresh_study=spec.name if fresh else None,
+            )
     finally:
-        store.close()
+        workers.leave()
     return Path(db)
+
+
+def process_db(db: str | Path, rank: int) -> Path:
+    """Where process `rank` of a study writes when each process has its own database."""
+    db = Path(db)
+    return db.with_name(f"{db.stem}.rank{rank}{db.suffix}")
+
+
+def merge(db: str | Path, sources: list[Path], fresh_study: str | None = None) -> dict[Path, Merged]:
+    """Gather the cells of `sources` into `db` (the first result of a cell stays)."""
+    missing = [str(source) for source in sources if not Path(source).is_file()]
+    if missing:
+        raise StoreError(f"nothing to merge from {', '.join(missing)}: no such database")
+    target = ResultStore(db)
+    try:
+        if fresh_study is not None:
+            target.clear(fresh_study)
+        merged = {}
+        for source in sources:
+            other = ResultStore(source, create=False)
+            try:
+                merged[Path(source)] = target.merge(other)
+            finally:
+                other.close()
+        return merged
+    finally:
+        target.close()
+
+
+def _run_share(spec: StudySpec, store: ResultStore | None, cells: list[Cell], workers: Workers, progress: bool) -> None:
+    """Run this process's share of the cells; skip those done before, or meanwhile by another writer."""
+    groups = list(dict.fromkeys((cell.model, cell.seed, cell.condition) for cell in cells))
+    mine = set(workers.share(groups))
+    done = workers.agree(store.finished(spec.name) if store is not None else set())
+    todo = [
+        cell
+        for cell in cells
+        if (cell.model, cell.seed, cell.condition) in mine
+        and (cell.model, cell.setting.key, cell.seed, cell.condition) not in done
+    ]
+    shown = progress and workers.rank == 0
+    share = sum((cell.model, cell.seed, cell.condition) in mine for cell in cells)
+    with tqdm(total=share, initial=share - len(todo), unit="cell", disable=not shown) as bar:
+        for name in spec.models:
+            model_cells = [cell for cell in todo if cell.model == name]
+            if not model_cells:
+                continue
+            model = load_model(name, spec)
+            workers.parallelize(model.transformer)
+            check_settings(model, {cell.setting for cell in model_cells})
+            costs = measure_costs(model, model_cells[0], workers)
+            for cell in model_cells:
+                bar.set_description(f"{name} seed={cell.seed} {cell.condition!r} {cell.setting.label}")
+                key = (spec.name, cell.model, cell.setting.key, cell.seed, cell.condition)
+                if not workers.agree(store is not None and store.has(*key)):
+                    _run_and_store(store, spec, model, cell, costs, workers.name)
+                bar.update()
 
 
 def protocol(spec: StudySpec) -> dict[str, Any]:
     """What a cell's figures depend on besides its model, setting, seed and condition."""
-    fields = ("steps", "guidance_scale", "height", "width", "frames", "device", "dtype", "repeats", "warmup")
+    fields = (
+        "steps",
+        "guidance_scale",
+        "height",
+        "width",
+        "frames",
+        "device",
+        "dtype",
+        "repeats",
+        "warmup",
+        "context_parallel",
+    )
     return spec.model_dump(mode="json", include=set(fields))
 
 
@@ -98,8 +175,12 @@ def apply_setting(model: StudyModel, config: PolicyConfig | PeerConfig) -> Any:
     return apply_peer(model.target, config)
 
 
-def _run_and_store(store: ResultStore, spec: StudySpec, model: StudyModel, cell: Cell, costs: Costs) -> None:
+def _run_and_store(
+    store: ResultStore | None, spec: StudySpec, model: StudyModel, cell: Cell, costs: Costs, process: str
+) -> None:
     output, row = run_cell(spec, model, cell, costs)
+    if store is None:  # another process of this context group records it
+        return
     key: dict[str, Any] = {"study": spec.name, "model": cell.model, "setting": cell.setting.key}
     key |= {"seed": cell.seed, "condition": cell.condition}
     uncached = cell.setting.config is None
@@ -115,6 +196,7 @@ def _run_and_store(store: ResultStore, spec: StudySpec, model: StudyModel, cell:
         "ms_ssim": measured.ms_ssim,
         "lpips": measured.lpips,
         "notes": row["notes"] + measured.notes,
+        "process": process,
     }
     store.add({**key, **row}, reference=output if uncached else None)
 
@@ -187,8 +269,9 @@ def _counts(uncached: bool, last: GenerationStats | None, work: Work, costs: Cos
     }
 
 
-def measure_costs(model: StudyModel, cell: Cell) -> Costs:
-    """Count the FLOPs of an uncached two-step generation, attributed to modules, per call."""
+def measure_costs(model: StudyModel, cell: Cell, workers: Workers | None = None) -> Costs:
+    """Count the FLOPs of an uncached two-step generation, attributed to modules, per call (those
+    of the whole context group where a generation is split over several processes)."""
     transformer = model.transformer
     adapter = resolve_adapter(transformer)(transformer)
     prefix = type(transformer).__name__
@@ -203,9 +286,12 @@ def measure_costs(model: StudyModel, cell: Cell) -> Costs:
     counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     modules = [*_point(adapter.blocks), *(site.module for site in _point(adapter.attention_sites))]
     modules += [site.module for site in _point(adapter.mlp_sites)]
+    flops = [counts.get(prefix, 0), *(counts.get(f"{prefix}.{names[id(module)]}", 0) for module in modules)]
+    if workers is not None:
+        flops = workers.context_sum(flops)
     return Costs(
-        call=counts.get(prefix, 0) / calls[0],
-        modules={module: counts.get(f"{prefix}.{names[id(module)]}", 0) / calls[0] for module in modules},
+        call=flops[0] / calls[0],
+        modules={module: value / calls[0] for module, value in zip(modules, flops[1:], strict=True)},
     )
 
 
