@@ -309,3 +309,28 @@ def test_a_study_killed_at_random_points_resumes_to_the_uninterrupted_results(tm
         assert 0 < len(measured(db)) < len(whole), "the kill must land mid-study"
         run(db)  # resume
         assert measured(db) == whole
+
+
+def test_references_kept_as_blobs_by_an_earlier_cachekit_move_to_files(tmp_path):
+    """A database whose references are blobs in an `outputs` table (cachekit before many writers)."""
+    import torch
+    from safetensors.torch import save
+
+    db = tmp_path / "old.sqlite"
+    reference = torch.randn(2, 3, 8, 8)
+    with sqlite3.connect(db) as old:
+        old.execute(
+            "CREATE TABLE cells (study TEXT NOT NULL, model TEXT NOT NULL, setting TEXT NOT NULL, seed INTEGER NOT "
+            "NULL, condition TEXT NOT NULL, label TEXT NOT NULL, strategy TEXT NOT NULL, latency_s REAL, "
+            "PRIMARY KEY (study, model, setting, seed, condition))"
+        )
+        old.execute("INSERT INTO cells VALUES ('s', 'flux-digits', 'uncached', 0, '3', 'uncached', 'uncached', 0.5)")
+        old.execute("CREATE TABLE outputs (study TEXT, model TEXT, seed INTEGER, condition TEXT, output BLOB)")
+        old.execute("INSERT INTO outputs VALUES ('s', 'flux-digits', 0, '3', ?)", (save({"output": reference}),))
+    store = ResultStore(db)
+    found, latency = store.reference("s", "flux-digits", 0, "3")
+    assert torch.equal(found, reference) and latency == 0.5
+    assert store.reference_path("s", "flux-digits", 0, "3").parent == tmp_path / "old.references"
+    with sqlite3.connect(db) as moved:
+        assert moved.execute("SELECT name FROM sqlite_master WHERE name = 'outputs'").fetchone() is None
+    assert store.rows("s")[0]["process"] is None  # columns added, the row kept as it was
