@@ -20,8 +20,9 @@ def install(session: nox.Session, *extras: str) -> None:
     session.install(f".[{','.join(extras)}]" if extras else ".")
 
 
-# A third-party estimator, installed as a user would: it joins the conformance matrix.
-PLUGINS = [str(ROOT / "tests" / "plugins" / "damped")]
+# Third-party plugins, installed as a user would: an estimator that joins the conformance matrix,
+# and a metric that studies compute.
+PLUGINS = [str(ROOT / "tests" / "plugins" / name) for name in ("damped", "sharpness")]
 
 
 @nox.session

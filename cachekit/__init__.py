@@ -28,6 +28,7 @@ _EXPORTS = {
         "UnsupportedModelError",
     ],
     "cachekit.estimator": ["Estimator"],
+    "cachekit.metric": ["Metric", "MetricSkipped", "Sample"],
     "cachekit.handle": ["CacheHandle", "apply"],
     "cachekit.hookspecs": ["hookimpl"],
     "cachekit.example": ["ModelExample"],
@@ -37,6 +38,7 @@ _EXPORTS = {
         "get_strategy",
         "list_adapters",
         "list_estimators",
+        "list_metrics",
         "list_strategies",
         "make_config",
         "plugin_errors",
@@ -97,12 +99,14 @@ if TYPE_CHECKING:
     from cachekit.example import ModelExample
     from cachekit.handle import CacheHandle, apply
     from cachekit.hookspecs import hookimpl
+    from cachekit.metric import Metric, MetricSkipped, Sample
     from cachekit.policy import CachePolicy, ExampleConfigs, Signals, Step
     from cachekit.registry import (
         get_estimator,
         get_strategy,
         list_adapters,
         list_estimators,
+        list_metrics,
         list_strategies,
         make_config,
         plugin_errors,

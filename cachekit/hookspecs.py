@@ -1,6 +1,6 @@
 """The whole plugin contract. A plugin is a module (or object) listed under the entry-point group
-``cachekit`` that implements any of these hooks; the built-in strategies, estimators and adapters
-are plugins of exactly this kind.
+``cachekit`` that implements any of these hooks; the built-in strategies, estimators, adapters and
+metrics are plugins of exactly this kind.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pluggy
 if TYPE_CHECKING:
     from cachekit.adapter import Adapter
     from cachekit.estimator import Estimator
+    from cachekit.metric import Metric
     from cachekit.policy import CachePolicy
 
 hookspec = pluggy.HookspecMarker("cachekit")
@@ -32,3 +33,8 @@ def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> Non
 @hookspec
 def cachekit_register_estimators(register: Callable[[type[Estimator]], None]) -> None:
     """Call ``register(EstimatorClass)`` for each estimator (how skipped values are produced)."""
+
+
+@hookspec
+def cachekit_register_metrics(register: Callable[[type[Metric]], None]) -> None:
+    """Call ``register(MetricClass)`` for each quality metric studies can compute."""

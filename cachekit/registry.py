@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import os
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,6 +23,7 @@ from cachekit import hookspecs
 from cachekit.adapter import Adapter
 from cachekit.errors import PluginError, UnknownEstimatorError, UnknownStrategyError, UnsupportedModelError
 from cachekit.estimator import Estimator
+from cachekit.metric import Metric
 from cachekit.policy import CachePolicy
 from cachekit.schemas import PolicyConfig
 from cachekit.schemas.estimators import EstimatorConfig, PluginEstimatorConfig
@@ -41,6 +43,7 @@ class Registry:
         self.strategies: dict[str, type[CachePolicy[Any]]] = {}
         self.adapters: dict[str, type[Adapter]] = {}
         self.estimators: dict[str, type[Estimator[Any]]] = {}
+        self.metrics: dict[str, type[Metric]] = {}
         self._origin: dict[tuple[str, str], str] = {}  # (kind, name) -> plugin that registered it
         #: Plugin name -> why it failed to load or register.
         self.errors: dict[str, str] = {}
@@ -68,6 +71,7 @@ class Registry:
             ("cachekit_register_strategies", functools.partial(self._add_strategy, name)),
             ("cachekit_register_adapters", functools.partial(self._add_adapter, name)),
             ("cachekit_register_estimators", functools.partial(self._add_estimator, name)),
+            ("cachekit_register_metrics", functools.partial(self._add_metric, name)),
         ]
         for hook_name, register in registrations:
             for impl in getattr(self._plugins.hook, hook_name).get_hookimpls():
@@ -108,6 +112,19 @@ class Registry:
         self._claim("estimator", estimator.name(), plugin)
         self.estimators[estimator.name()] = estimator
 
+    def _add_metric(self, plugin: str, metric: type[Metric]) -> None:
+        from cachekit.study.store import COLUMNS
+
+        if not (isinstance(metric, type) and issubclass(metric, Metric)):
+            raise PluginError(f"registered {metric!r}, which is not a Metric subclass")
+        name = getattr(metric, "name", None)
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_.]*", name):
+            raise PluginError(f"{metric.__name__}.name must be a lower-case name like 'clip_score', got {name!r}")
+        if name in COLUMNS:
+            raise PluginError(f"metric name {name!r} is a column of the study results; rename it")
+        self._claim("metric", name, plugin)
+        self.metrics[name] = metric
+
     def _claim(self, kind: str, name: str, plugin: str) -> None:
         owner = self._origin.setdefault((kind, name), plugin)
         if owner != plugin:
@@ -143,6 +160,10 @@ def list_adapters() -> list[str]:
 
 def list_estimators() -> list[str]:
     return sorted(registry().estimators)
+
+
+def list_metrics() -> list[str]:
+    return sorted(registry().metrics)
 
 
 def plugin_errors() -> dict[str, str]:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 import cachekit
-from cachekit.metrics import quality
+from cachekit.metrics.fidelity import psnr
 from cachekit.study.models import StudyModel
 
 #: The knob searched per strategy; larger values reuse more.
@@ -73,7 +73,7 @@ class Tuner:
                     calls += branch.calls
                     steps.append(branch.sites["span"].computed)
         references = torch.cat([self.references[pair] for pair in self.pairs])
-        return Trial(value, computed / calls, statistics.fmean(steps), quality(torch.cat(outputs), references).psnr)
+        return Trial(value, computed / calls, statistics.fmean(steps), psnr(torch.cat(outputs), references))
 
     def to_ratio(self, target: float, tolerance: float = 0.05) -> TuneResult:
         """The setting whose computed-call share is closest to `target` (0-1]; not met when even

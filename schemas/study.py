@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -84,21 +84,65 @@ class ContextParallel(BaseModel):
         return self
 
 
-class Generation(BaseModel):
-    """How a model generates in a study or a calibration: seeds, conditions, steps, device."""
+#: Where a model runs: "cpu", "cuda" (the current device) or "cuda:N".
+Device = Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$")]
+
+
+class PipelineSettings(BaseModel):
+    """How a model is called: set for every model of a study at the top level, or per model.
+
+    `height`, `width` and `frames` set at the top level apply to the models whose pipeline takes
+    them (an image model ignores `frames`); every other argument, and any set per model, must be
+    one the model's pipeline takes."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    guidance_scale: float | None = Field(default=None, gt=0, description="Unset: the pipeline's default.")
+    height: int | None = Field(default=None, ge=8, description="Diffusers pipelines only.")
+    width: int | None = Field(default=None, ge=8, description="Diffusers pipelines only.")
+    frames: int | None = Field(default=None, ge=1, description="Diffusers video pipelines only (num_frames).")
+    negative_prompt: str | None = Field(default=None, description="Diffusers pipelines only.")
+    true_cfg_scale: float | None = Field(
+        default=None, gt=0, description="True CFG (Flux, Qwen-Image): > 1 with a negative_prompt runs it."
+    )
+    image: str | None = Field(
+        default=None, description="An input image file (image-to-video), relative to the spec file."
+    )
+    pipeline_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Further arguments of the pipeline's call (max_sequence_length, ...)."
+    )
+    device: Device = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    offload: Literal["none", "model", "sequential"] = Field(
+        default="none",
+        description="diffusers' CPU offload on a CUDA device: whole models ('model') or every layer ('sequential').",
+    )
+    fps: int = Field(default=8, ge=1, le=240, description="Frame rate of the MP4 files videos are saved as.")
+
+    @model_validator(mode="after")
+    def _offload_on_cuda(self) -> PipelineSettings:
+        if self.offload != "none" and not self.device.startswith("cuda"):
+            raise ValueError(f"offload={self.offload!r} moves models to a CUDA device and back: set device = 'cuda'")
+        return self
+
+
+class ModelEntry(PipelineSettings):
+    """A model of a study and the settings it alone takes; fields left unset take the study's."""
+
+    name: str = Field(min_length=1, description="A testbed name, or a diffusers pipeline id / local folder.")
+
+    def overrides(self) -> dict[str, Any]:
+        """The settings given for this model."""
+        return {field: getattr(self, field) for field in self.model_fields_set - {"name"}}
+
+
+class Generation(PipelineSettings):
+    """How a model generates in a study or a calibration: seeds, conditions, steps, and how it is called."""
 
     seeds: list[int] = Field(default=[0], min_length=1)
     labels: list[int] = Field(default_factory=list, description="Class labels, for testbed models.")
     prompts: list[str] = Field(default_factory=list, description="Prompts, for diffusers pipelines.")
     steps: int = Field(default=50, ge=2, le=1000)
-    guidance_scale: float | None = Field(default=None, gt=0, description="Unset: the model's default.")
-    height: int | None = Field(default=None, ge=8, description="Diffusers pipelines only.")
-    width: int | None = Field(default=None, ge=8, description="Diffusers pipelines only.")
-    frames: int | None = Field(default=None, ge=1, description="Diffusers video pipelines only.")
-    device: Literal["cpu", "cuda"] = "cpu"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     context_parallel: ContextParallel | None = Field(
         default=None, description="Split each generation over processes (run under torchrun)."
     )
@@ -111,18 +155,59 @@ class Generation(BaseModel):
     def _something_to_generate(self) -> Generation:
         if not self.labels and not self.prompts:
             raise ValueError("give labels (testbed models) or prompts (diffusers pipelines)")
-        for field in ("models", "seeds", "labels", "prompts"):
-            values = getattr(self, field, [])
+        for field in ("seeds", "labels", "prompts"):
+            values = getattr(self, field)
             if len(set(values)) != len(values):
                 raise ValueError(f"{field} repeats a value: {values}")
         return self
+
+
+#: A quality metric of a study: its name, or a table with its name and options.
+MetricEntry = str | dict[str, Any]
 
 
 class StudySpec(Generation):
     """What to compare and how: every model x policy setting x seed x prompt (or label)."""
 
     name: str = Field(default="study", min_length=1)
-    models: list[str] = Field(min_length=1, description="Testbed names, or diffusers pipeline ids / local paths.")
+    models: list[ModelEntry] = Field(
+        min_length=1, description="Testbed names, diffusers pipeline ids or folders; or tables with per-model settings."
+    )
     policies: list[PolicyEntry] = Field(min_length=1)
     repeats: int = Field(default=3, ge=1, le=100, description="Timed generations per cell (median reported).")
     warmup: int = Field(default=1, ge=0, le=10, description="Untimed generations before timing.")
+    metrics: list[MetricEntry] | None = Field(
+        default=None,
+        description="Quality metrics besides PSNR (always computed): names, or tables {name = ..., options}. "
+        "Unset: every installed metric that can run on this machine.",
+    )
+    save_tensors: bool = Field(
+        default=True,
+        description="Keep every cell's output as a safetensors file beside its PNG/MP4 (the uncached references' "
+        "are always kept).",
+    )
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _names_as_entries(cls, models: Any) -> Any:
+        if isinstance(models, list):
+            return [{"name": model} if isinstance(model, str) else model for model in models]
+        return models
+
+    @model_validator(mode="after")
+    def _models_once(self) -> StudySpec:
+        names = [model.name for model in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models repeats a value: {names}")
+        return self
+
+    def model(self, name: str) -> ModelEntry:
+        return next(model for model in self.models if model.name == name)
+
+    def generation(self, name: str) -> Generation:
+        """The settings model `name` generates with: the study's, overridden by its own."""
+        overrides = self.model(name).overrides()
+        kwargs = {**self.pipeline_kwargs, **overrides.pop("pipeline_kwargs", {})}
+        fields = set(Generation.model_fields)
+        values = {field: value for field, value in self.model_dump(include=fields).items()}
+        return Generation.model_validate({**values, **overrides, "pipeline_kwargs": kwargs})

@@ -168,7 +168,9 @@ def test_a_changed_protocol_is_refused_not_mixed(tmp_path):
     spec.write_text(text)
     db = run_study(load_spec(spec), tmp_path / "r.sqlite", progress=False)
     spec.write_text(text.replace("steps = 4", "steps = 8"))
-    with pytest.raises(StoreError, match=r"holds study 'p' measured under another protocol \(steps 4 -> 8\).*--fresh"):
+    with pytest.raises(
+        StoreError, match=r"holds study 'p' measured under another protocol \(flux-digits: steps 4 -> 8\).*--fresh"
+    ):
         run_study(load_spec(spec), db, progress=False)
     run_study(load_spec(spec), db, fresh=True, progress=False)
     assert {row["calls"] for row in ResultStore(db).rows("p")} == {16}  # 8 steps x 2 branches, none stale

@@ -166,7 +166,7 @@ def test_malformed_spec_fails_before_any_model_loads(tmp_path, monkeypatch, chan
 def test_default_spec_is_shipped_and_valid():
     spec = load_spec("default")
     cells = plan(spec).cells
-    assert spec.models == ["flux-digits", "wan-moving-digits"] and spec.steps == 50
+    assert [model.name for model in spec.models] == ["flux-digits", "wan-moving-digits"] and spec.steps == 50
     strategies = {cell.setting.config.strategy for cell in cells if cell.setting.config}
     import cachekit
 
@@ -312,7 +312,7 @@ def test_a_study_killed_at_random_points_resumes_to_the_uninterrupted_results(tm
 
 
 def test_references_kept_as_blobs_by_an_earlier_cachekit_move_to_files(tmp_path):
-    """A database whose references are blobs in an `outputs` table (cachekit before many writers)."""
+    """A database whose references are blobs in an `outputs` table (cachekit before samples were files)."""
     import torch
     from safetensors.torch import save
 
@@ -330,7 +330,10 @@ def test_references_kept_as_blobs_by_an_earlier_cachekit_move_to_files(tmp_path)
     store = ResultStore(db)
     found, latency = store.reference("s", "flux-digits", 0, "3")
     assert torch.equal(found, reference) and latency == 0.5
-    assert store.reference_path("s", "flux-digits", 0, "3").parent == tmp_path / "old.references"
+    (row,) = store.rows("s")
+    assert row["sample"] == "s/flux-digits/uncached/3-seed0"
+    assert json.loads(row["files"]) == ["s/flux-digits/uncached/3-seed0.safetensors"]
+    assert (tmp_path / "old.samples" / "s/flux-digits/uncached/3-seed0.safetensors").is_file()
     with sqlite3.connect(db) as moved:
         assert moved.execute("SELECT name FROM sqlite_master WHERE name = 'outputs'").fetchone() is None
     assert store.rows("s")[0]["process"] is None  # columns added, the row kept as it was

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pydantic
 
@@ -17,8 +18,9 @@ from cachekit.schemas import EstimatorConfig, PolicyConfig
 from cachekit.schemas.files import SUFFIXES, parse_table, read_table
 from cachekit.schemas.peers import PEER_CONFIGS, PeerConfig
 from cachekit.schemas.study import Generation, PolicyEntry, StudySpec
+from cachekit.study.models import CallSignature, PipelineArgumentError, call_arguments, pipeline_class
+from cachekit.study.store import UNCACHED
 
-UNCACHED = "uncached"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -56,11 +58,12 @@ class Plan:
 
 
 def load_spec(source: str | Path) -> StudySpec:
-    """A spec from a .toml/.json file, or the name of a spec shipped with cachekit ("default")."""
+    """A spec from a .toml/.json file, or the name of a spec shipped with cachekit ("default");
+    input image paths are taken relative to the spec file."""
     path = Path(source)
     try:
         if path.suffix in SUFFIXES:
-            data = read_table(path)
+            data = with_paths_from(read_table(path), path.parent)
         else:
             shipped = resources.files("cachekit.schemas").joinpath(f"{source}_study.toml")
             if not shipped.is_file():
@@ -73,10 +76,26 @@ def load_spec(source: str | Path) -> StudySpec:
         raise StudySpecError(f"invalid study spec {source}: {error}") from None
 
 
+def with_paths_from(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """`data` (a spec's table) with its relative `image` paths made relative to `folder`."""
+
+    def resolved(table: Any) -> Any:
+        if isinstance(table, dict) and isinstance(table.get("image"), str):
+            return {**table, "image": str(folder / table["image"])}
+        return table
+
+    data = resolved(data)
+    if isinstance(data.get("models"), list):
+        data["models"] = [resolved(model) for model in data["models"]]
+    return data
+
+
 def plan(spec: StudySpec) -> Plan:
-    """Every cell of `spec`, after checking each model and policy setting (no model is loaded)."""
-    for index, model in enumerate(spec.models):
-        check_model(model, spec, f"models[{index}]")
+    """Every cell of `spec`, after checking each model, its call arguments, the metrics and every
+    policy setting (no model is loaded)."""
+    for index, entry in enumerate(spec.models):
+        check_model(entry.name, spec.generation(entry.name), f"models[{index}]", frozenset(entry.overrides()))
+    check_metrics(spec)
     settings = [Setting.uncached()]
     methods: set[str] = set()
     for index, entry in enumerate(spec.policies):
@@ -93,35 +112,53 @@ def plan(spec: StudySpec) -> Plan:
             settings.append(setting)
         methods.add(str(method))
     cells = [
-        Cell(model, setting, seed, condition)
-        for model in spec.models
+        Cell(entry.name, setting, seed, condition)
+        for entry in spec.models
         for seed in spec.seeds
-        for condition in _conditions(spec, model)
+        for condition in _conditions(spec, entry.name)
         for setting in settings
     ]
     return Plan(spec, settings, cells)
 
 
-def check_model(model: str, spec: Generation, where: str) -> None:
+def check_model(model: str, spec: Generation, where: str, own: frozenset[str] = frozenset()) -> None:
     """A testbed name (with labels), a local pipeline folder or a hub id (with prompts); a name
-    close to a testbed model's is taken for a typo, not sent to the hub."""
+    close to a testbed model's is taken for a typo, not sent to the hub. The call arguments are
+    checked against the pipeline's where its class can be known without loading it."""
     from cachekit import testbed
 
     if model in testbed.names():
         if not spec.labels:
             raise StudySpecError(f"labels: testbed model {model!r} ({where}) generates from class labels")
-        return
-    close = difflib.get_close_matches(model, testbed.names(), n=1, cutoff=0.75)
-    if close:
-        raise StudySpecError(f"{where}: unknown model {model!r}; did you mean the testbed model {close[0]!r}?")
-    if Path(model).is_dir() or _HUB_ID.match(model):
+    elif difflib.get_close_matches(model, testbed.names(), n=1, cutoff=0.75):
+        close = difflib.get_close_matches(model, testbed.names(), n=1, cutoff=0.75)[0]
+        raise StudySpecError(f"{where}: unknown model {model!r}; did you mean the testbed model {close!r}?")
+    elif Path(model).is_dir() or _HUB_ID.match(model):
         if not spec.prompts:
             raise StudySpecError(f"prompts: diffusers pipeline {model!r} ({where}) generates from prompts")
-        return
-    raise StudySpecError(
-        f"{where}: unknown model {model!r}: not a testbed model ({', '.join(testbed.names())}), "
-        "a local pipeline folder, or a hub id like 'org/name'"
-    )
+        if Path(model).is_dir() and not (Path(model) / "model_index.json").is_file():
+            raise StudySpecError(f"{where}: {model!r} is a folder without model_index.json, not a diffusers pipeline")
+    else:
+        raise StudySpecError(
+            f"{where}: unknown model {model!r}: not a testbed model ({', '.join(testbed.names())}), "
+            "a local pipeline folder, or a hub id like 'org/name'"
+        )
+    pipeline = pipeline_class(model)
+    if pipeline is not None:
+        try:
+            call_arguments(spec, CallSignature.of(pipeline), own, f"{where} ({model})")
+        except PipelineArgumentError as error:
+            raise StudySpecError(str(error)) from None
+
+
+def check_metrics(spec: StudySpec) -> None:
+    """Every metric the spec names is installed and can run on this machine."""
+    from cachekit.metric import MetricError, metrics_for
+
+    try:
+        metrics_for(spec.metrics)
+    except MetricError as error:
+        raise StudySpecError(f"metrics: {error}") from None
 
 
 def _conditions(spec: StudySpec, model: str) -> list[str]:

@@ -2,8 +2,10 @@
 
 Per (model, seed, condition) the uncached cell runs first and is the reference. Every cell
 generates from the same initial latents (fingerprinted in the results), warms up, then is timed
-over `repeats` generations (device-synchronised; the median is reported). What ran is counted
-from the outside for every method alike (`cachekit.counting`), cachekit's and diffusers' own.
+over `repeats` generations (device-synchronised; every latency is kept, the median reported).
+What ran is counted from the outside for every method alike (`cachekit.counting`), cachekit's
+and diffusers' own. Every setting is tried on every model before the first cell runs, so one
+that cannot run on a model is named in seconds, not hours in.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import importlib.metadata
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -25,15 +29,15 @@ from tqdm import tqdm
 import cachekit
 from cachekit.counting import Work, WorkCounter
 from cachekit.errors import CachekitError, MissingPointError
-from cachekit.metrics import quality
+from cachekit.metric import Metrics, Sample, metrics_for
 from cachekit.peers import apply_peer
 from cachekit.registry import resolve_adapter
 from cachekit.schemas import PolicyConfig
 from cachekit.schemas.peers import PeerConfig
 from cachekit.schemas.study import StudySpec
 from cachekit.stats import GenerationStats
-from cachekit.study.models import StudyModel, load_model
-from cachekit.study.plan import Cell, Setting, StudySpecError, plan
+from cachekit.study.models import StudyModel, load_model, on_device, skeleton
+from cachekit.study.plan import Cell, Plan, Setting, StudySpecError, plan
 from cachekit.study.store import Merged, ResultStore, StoreError
 from cachekit.study.workers import Workers, join
 
@@ -45,6 +49,7 @@ class Costs:
 
     call: float
     modules: dict[torch.nn.Module, float]
+    calls_per_step: float  # transformer calls per denoising step (2 with CFG as two calls)
 
 
 def run_study(
@@ -55,9 +60,11 @@ def run_study(
     Under `torchrun` each process runs its share (`cachekit.study.workers`); with `db_per_process`
     each writes a database of its own beside `db` (`results.rank1.sqlite`, ...), merged into `db`
     once all are done."""
-    cells = plan(spec).cells  # validates everything before any model loads
+    the_plan = plan(spec)  # validates everything before any model loads
+    metrics = metrics_for(spec.metrics)
     workers = join(spec)
     try:
+        check_before_loading(spec, the_plan)
         own = process_db(db, workers.data_rank) if db_per_process and not workers.alone else Path(db)
         store = ResultStore(own) if workers.writes else None
         try:
@@ -66,7 +73,8 @@ def run_study(
             workers.wait_for_all()  # nobody writes before a --fresh database is cleared
             if store is not None:
                 store.check_protocol(spec.name, protocol(spec))
-            _run_share(spec, store, cells, workers, progress)
+                store.record_run(spec.name, spec.model_dump(mode="json"), len(the_plan.cells), environment(spec))
+            _run_share(spec, store, the_plan.cells, workers, progress, metrics)
         finally:
             if store is not None:
                 store.close()
@@ -109,7 +117,9 @@ def merge(db: str | Path, sources: list[Path], fresh_study: str | None = None) -
         target.close()
 
 
-def _run_share(spec: StudySpec, store: ResultStore | None, cells: list[Cell], workers: Workers, progress: bool) -> None:
+def _run_share(
+    spec: StudySpec, store: ResultStore | None, cells: list[Cell], workers: Workers, progress: bool, metrics: Metrics
+) -> None:
     """Run this process's share of the cells; skip those done before, or meanwhile by another writer."""
     groups = list(dict.fromkeys((cell.model, cell.seed, cell.condition) for cell in cells))
     mine = set(workers.share(groups))
@@ -123,93 +133,141 @@ def _run_share(spec: StudySpec, store: ResultStore | None, cells: list[Cell], wo
     shown = progress and workers.rank == 0
     share = sum((cell.model, cell.seed, cell.condition) in mine for cell in cells)
     with tqdm(total=share, initial=share - len(todo), unit="cell", disable=not shown) as bar:
-        for name in spec.models:
-            model_cells = [cell for cell in todo if cell.model == name]
+        for entry in spec.models:
+            model_cells = [cell for cell in todo if cell.model == entry.name]
             if not model_cells:
                 continue
-            model = load_model(name, spec)
-            workers.parallelize(model.transformer)
-            check_settings(model, {cell.setting for cell in model_cells})
-            costs = measure_costs(model, model_cells[0], workers)
-            for cell in model_cells:
-                bar.set_description(f"{name} seed={cell.seed} {cell.condition!r} {cell.setting.label}")
-                key = (spec.name, cell.model, cell.setting.key, cell.seed, cell.condition)
-                if not workers.agree(store is not None and store.has(*key)):
-                    _run_and_store(store, spec, model, cell, costs, workers.name)
-                bar.update()
+            generation = spec.generation(entry.name)
+            with on_device(generation.device):
+                model = load_model(entry.name, generation, frozenset(entry.overrides()))
+                workers.parallelize(model.transformer)
+                check_settings(model, {cell.setting for cell in model_cells})
+                costs = measure_costs(model, model_cells[0], workers)
+                for cell in model_cells:
+                    bar.set_description(f"{entry.name} seed={cell.seed} {cell.condition!r} {cell.setting.label}")
+                    key = (spec.name, cell.model, cell.setting.key, cell.seed, cell.condition)
+                    if not workers.agree(store is not None and store.has(*key)):
+                        _run_and_store(store, spec, model, cell, costs, workers.name, metrics, shown)
+                    bar.update()
 
 
-def protocol(spec: StudySpec) -> dict[str, Any]:
-    """What a cell's figures depend on besides its model, setting, seed and condition."""
-    fields = (
-        "steps",
-        "guidance_scale",
-        "height",
-        "width",
-        "frames",
-        "device",
-        "dtype",
-        "repeats",
-        "warmup",
-        "context_parallel",
-    )
-    return spec.model_dump(mode="json", include=set(fields))
+def protocol(spec: StudySpec) -> dict[str, dict[str, Any]]:
+    """Per model, what its cells' figures depend on besides the setting, seed and condition."""
+    return {
+        entry.name: {
+            **spec.generation(entry.name).model_dump(mode="json", exclude={"seeds", "labels", "prompts", "fps"}),
+            "repeats": spec.repeats,
+            "warmup": spec.warmup,
+        }
+        for entry in spec.models
+    }
+
+
+def environment(spec: StudySpec) -> dict[str, str]:
+    """Where a run measures: the device and the versions that decide the figures."""
+    devices = sorted({spec.generation(entry.name).device for entry in spec.models})
+    versions = {}
+    for package in ("torch", "diffusers", "dit-cachekit", "transformers"):
+        try:
+            versions[package.removeprefix("dit-")] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package.removeprefix("dit-")] = "not installed"
+    return {
+        "device": "; ".join(_device_name(device) for device in devices),
+        **versions,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device}: {torch.cuda.get_device_name(torch.device(device))}"
+    return f"{device}: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def check_before_loading(spec: StudySpec, the_plan: Plan) -> None:
+    """Try every setting on every model whose structure can be built without its weights (on the
+    meta device), so a setting that cannot run on the second model is named before the first cell."""
+    for entry in spec.models:
+        target = skeleton(entry.name)
+        if target is not None:
+            _try_settings(entry.name, target, set(the_plan.settings))
 
 
 def check_settings(model: StudyModel, settings: set[Setting]) -> None:
     """Apply and remove every setting on the loaded model, so one that cannot run on it (no preset
-    fits, a point it lacks) is named before the first cell, not hours in."""
+    fits, a point it lacks) is named before its first cell, not hours in."""
+    _try_settings(model.name, model.target, settings)
+
+
+def _try_settings(name: str, target: Any, settings: set[Setting]) -> None:
     for setting in sorted(settings, key=lambda s: s.key):
         if setting.config is None:
             continue
         try:
-            apply_setting(model, setting.config).remove()
+            apply_setting(target, setting.config).remove()
         except (CachekitError, ValueError, TypeError) as error:
-            raise StudySpecError(f"{setting.label} cannot run on {model.name}: {error}") from None
+            raise StudySpecError(f"{setting.label} cannot run on {name}: {error}") from None
 
 
-def apply_setting(model: StudyModel, config: PolicyConfig | PeerConfig) -> Any:
+def apply_setting(target: Any, config: PolicyConfig | PeerConfig) -> Any:
     """A cachekit policy through `cachekit.apply`, a diffusers method through its own hooks."""
     if isinstance(config, PolicyConfig):
-        return cachekit.apply(model.target, config)
-    return apply_peer(model.target, config)
+        return cachekit.apply(target, config)
+    return apply_peer(target, config)
 
 
 def _run_and_store(
-    store: ResultStore | None, spec: StudySpec, model: StudyModel, cell: Cell, costs: Costs, process: str
+    store: ResultStore | None,
+    spec: StudySpec,
+    model: StudyModel,
+    cell: Cell,
+    costs: Costs,
+    process: str,
+    metrics: Metrics,
+    progress: bool = False,
 ) -> None:
-    output, row = run_cell(spec, model, cell, costs)
+    output, row = run_cell(spec, model, cell, costs, progress)
     if store is None:  # another process of this context group records it
         return
     key: dict[str, Any] = {"study": spec.name, "model": cell.model, "setting": cell.setting.key}
     key |= {"seed": cell.seed, "condition": cell.condition}
-    uncached = cell.setting.config is None
-    if uncached:
+    if cell.setting.config is None:
         reference, reference_latency = output, row["latency_s"]
     else:
         reference, reference_latency = store.reference(spec.name, cell.model, cell.seed, cell.condition)
-    measured = quality(output, reference)
+    values, notes = metrics.score(Sample(output.detach().cpu(), reference.detach().cpu(), cell.condition))
     row |= {
         "speedup": reference_latency / row["latency_s"],
-        "psnr": measured.psnr,
-        "ssim": measured.ssim,
-        "ms_ssim": measured.ms_ssim,
-        "lpips": measured.lpips,
-        "notes": row["notes"] + measured.notes,
+        "metrics": values,
+        "notes": row["notes"] + notes,
         "process": process,
     }
-    store.add({**key, **row}, reference=output if uncached else None)
+    store.add({**key, **row}, output, fps=model.spec.fps, tensor=spec.save_tensors)
 
 
-def run_cell(spec: StudySpec, model: StudyModel, cell: Cell, costs: Costs) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Generate under the cell's policy: warm-up, then timed repeats; returns the output and the row."""
+def run_cell(
+    spec: StudySpec, model: StudyModel, cell: Cell, costs: Costs, progress: bool = False
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Generate under the cell's policy: warm-up, then timed repeats; returns the output and the
+    row. `progress`: a bar over the cell's transformer calls, with its ETA."""
     transformer = model.transformer
     counter = WorkCounter(transformer, resolve_adapter(transformer)(transformer), costs.modules)  # before any hook
     config = cell.setting.config
-    handle = apply_setting(model, config) if config is not None else None
+    handle = apply_setting(model.target, config) if config is not None else None
     first_inputs: list[str] = []
+    generations = spec.warmup + spec.repeats
+    calls = tqdm(
+        total=round(generations * model.spec.steps * costs.calls_per_step),
+        desc="  generations",
+        unit="call",
+        leave=False,
+        disable=not progress,
+    )
 
     def watch(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.update()
         if not first_inputs:
             first_inputs.append(_fingerprint(kwargs.get("hidden_states", args[0] if args else None)))
 
@@ -222,9 +280,10 @@ def run_cell(spec: StudySpec, model: StudyModel, cell: Cell, costs: Costs) -> tu
         for _ in range(spec.repeats):
             first_inputs.clear()
             counter.reset()
-            seconds, output = timed(generate, spec.device)
+            seconds, output = timed(generate, model.spec.device)
             latencies.append(seconds)
     finally:
+        calls.close()
         hook.remove()
         if handle is not None:
             handle.remove()
@@ -292,6 +351,7 @@ def measure_costs(model: StudyModel, cell: Cell, workers: Workers | None = None)
     return Costs(
         call=flops[0] / calls[0],
         modules={module: value / calls[0] for module, value in zip(modules, flops[1:], strict=True)},
+        calls_per_step=calls[0] / 2,
     )
 
 
@@ -304,8 +364,9 @@ def _point(read: Callable[[], list[Any]]) -> list[Any]:
 
 
 def timed(generate: Callable[[], torch.Tensor], device: str) -> tuple[float, torch.Tensor]:
-    """Seconds one generation takes, synchronised with the device (CUDA events on GPU)."""
-    if device == "cuda":
+    """Seconds one generation takes, synchronised with the device (CUDA events on GPU; the
+    device must be the current one, as `on_device` makes it)."""
+    if device.startswith("cuda"):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()

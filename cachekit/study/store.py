@@ -3,17 +3,21 @@ killed mid-run keeps every finished cell and loses only the one in progress. Eac
 the protocol its cells were measured under (steps, guidance, resolution, device, repeats, ...): a
 later run under another protocol is refused rather than mixed with them.
 
+Every cell's output is kept as files in a folder beside the database (`results.samples/` for
+`results.sqlite`): `<study>/<model>/<setting>/<condition>-seed<seed>` with `.png` (images) or
+`.mp4` (videos) and `.safetensors` (the tensor; always for the uncached outputs the other cells
+are compared with). Each row's `sample` and `files` columns index them. Files are written before
+the row's transaction and moved into place inside it, so a video-sized output never holds the
+write lock while it is written, and a killed writer leaves no half-written sample behind.
+
 Several processes may write one database at once (WAL, a long busy timeout; a cell another
-writer recorded first counts as done). The uncached outputs the other cells are compared with
-are safetensors files in a folder beside the database (`results.references/` for
-`results.sqlite`), so a video-sized reference never holds the database's write lock while it is
-written. Where SQLite's locking cannot be trusted (some network file systems), each process
-writes a database of its own and `merge` gathers them.
+writer recorded first counts as done). Where SQLite's locking cannot be trusted (some network
+file systems), each process writes a database of its own and `merge` gathers them.
 """
 
 from __future__ import annotations
 
-import hashlib
+import datetime
 import json
 import os
 import shutil
@@ -28,6 +32,7 @@ import torch
 from safetensors.torch import load, load_file, save_file
 
 from cachekit.errors import CachekitError
+from cachekit.study.samples import TENSOR, slug, write_sample
 
 
 class StoreError(CachekitError, RuntimeError):
@@ -55,18 +60,18 @@ COLUMNS = {
     "attention_reused": "INTEGER",
     "flops": "REAL",  # estimated FLOPs spent
     "flops_saved": "REAL",  # estimated FLOPs not spent thanks to reuse
-    "psnr": "REAL",  # dB against the uncached cell; inf when equal
-    "ssim": "REAL",
-    "ms_ssim": "REAL",
-    "lpips": "REAL",
+    "metrics": "TEXT",  # JSON: each quality metric's value by name (psnr: dB against the uncached cell, inf when equal)
     "latents_sha": "TEXT",  # fingerprint of the transformer's first input: the initial latents
     "decisions": "TEXT",  # JSON: per CFG branch, the span schedule and module sites computed per call
     "stats": "TEXT",  # JSON: the handle's stats of the last generation, and the policy's info
     "notes": "TEXT",  # JSON list
     "finished_at": "TEXT",
     "process": "TEXT",  # which process of how many measured it, on which device
+    "sample": "TEXT",  # where its output lies, relative to the samples folder, without suffix
+    "files": "TEXT",  # JSON list of its files (PNG/MP4, safetensors), relative to the samples folder
 }
 KEY = ("study", "model", "setting", "seed", "condition")
+UNCACHED = "uncached"  # the setting (and label) of the reference cells
 
 
 #: Seconds a writer waits for another one's transaction before giving up.
@@ -92,13 +97,9 @@ class ResultStore:
         self._move_blob_references()
 
     @property
-    def references(self) -> Path:
-        """The folder of the uncached outputs, beside the database."""
-        return self.path.with_suffix(".references")
-
-    def reference_path(self, study: str, model: str, seed: int, condition: str) -> Path:
-        key = json.dumps([study, model, seed, condition])
-        return self.references / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+    def samples(self) -> Path:
+        """The folder of every cell's files, beside the database."""
+        return self.path.with_suffix(".samples")
 
     def _create_tables(self) -> None:
         columns = ", ".join(f"{name} {kind}" for name, kind in COLUMNS.items())
@@ -108,6 +109,10 @@ class ResultStore:
             for name in COLUMNS.keys() - present:  # a database written by an earlier cachekit
                 self._db.execute(f"ALTER TABLE cells ADD COLUMN {name} {COLUMNS[name].replace(' NOT NULL', '')}")
             self._db.execute("CREATE TABLE IF NOT EXISTS protocols (study TEXT PRIMARY KEY, protocol TEXT NOT NULL)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS runs (study TEXT NOT NULL, started_at TEXT NOT NULL, spec TEXT NOT NULL, "
+                "planned INTEGER NOT NULL, environment TEXT NOT NULL)"
+            )
 
     def _move_blob_references(self) -> None:
         """Databases written by an earlier cachekit kept the references as blobs: move them out."""
@@ -118,7 +123,16 @@ class ResultStore:
             if not self._has_table("outputs"):
                 return
             for row in self._db.execute("SELECT study, model, seed, condition, output FROM outputs").fetchall():
-                self._write_file(load(bytes(row["output"]))["output"], self.reference_path(*tuple(row)[:4]))
+                study, model, seed, condition = tuple(row)[:4]
+                stem = sample_stem(study, model, UNCACHED, seed, condition)
+                path = self.samples / f"{stem}{TENSOR}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file({"output": load(bytes(row["output"]))["output"]}, path)
+                self._db.execute(
+                    "UPDATE cells SET sample = ?, files = ? WHERE study = ? AND model = ? AND seed = ? AND "
+                    "condition = ? AND setting = ?",
+                    (stem, json.dumps([f"{stem}{TENSOR}"]), study, model, seed, condition, UNCACHED),
+                )
             self._db.execute("DROP TABLE outputs")
 
     def _has_table(self, name: str) -> bool:
@@ -126,20 +140,45 @@ class ResultStore:
         return self._db.execute(query, (name,)).fetchone() is not None
 
     def check_protocol(self, study: str, protocol: dict[str, Any]) -> None:
-        """Record the protocol of `study`'s cells, or refuse one that differs from the recorded one."""
-        text = json.dumps(protocol, sort_keys=True)
+        """Record the protocol of `study`'s cells per model, or refuse one that differs from the
+        recorded one for a model both know (a model new to the study is added)."""
         with self._db:
-            self._db.execute("INSERT OR IGNORE INTO protocols VALUES (?, ?)", (study, text))
-        recorded = json.loads(
-            self._db.execute("SELECT protocol FROM protocols WHERE study = ?", (study,)).fetchone()[0]
-        )
-        changed = {key: (recorded.get(key), value) for key, value in protocol.items() if recorded.get(key) != value}
-        if changed:
-            differences = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in sorted(changed.items()))
-            raise StoreError(
-                f"{self.path} holds study {study!r} measured under another protocol ({differences}): its cells cannot "
-                "be mixed with new ones; run with --fresh to recompute them, or give another --db or study name"
+            self._db.execute("BEGIN IMMEDIATE")
+            found = self._db.execute("SELECT protocol FROM protocols WHERE study = ?", (study,)).fetchone()
+            recorded = json.loads(found[0]) if found else {}
+            changed = {
+                f"{model}: {key}": (recorded[model].get(key), value)
+                for model, fields in protocol.items()
+                if model in recorded
+                for key, value in fields.items()
+                if recorded[model].get(key) != value
+            }
+            if changed:
+                differences = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in sorted(changed.items()))
+                raise StoreError(
+                    f"{self.path} holds study {study!r} measured under another protocol ({differences}): its cells "
+                    "cannot be mixed with new ones; run with --fresh to recompute them, or give another --db or "
+                    "study name"
+                )
+            text = json.dumps({**recorded, **protocol}, sort_keys=True)
+            self._db.execute("INSERT OR REPLACE INTO protocols VALUES (?, ?)", (study, text))
+
+    def record_run(self, study: str, spec: dict[str, Any], planned: int, environment: dict[str, Any]) -> None:
+        """What a run of `study` was asked to do, where: the report echoes it."""
+        started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        with self._db:
+            self._db.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?)",
+                (study, started, json.dumps(spec), planned, json.dumps(environment)),
             )
+
+    def runs(self, study: str) -> list[dict[str, Any]]:
+        """The runs of `study`, oldest first: when, the spec, the cells planned, the environment."""
+        query = "SELECT * FROM runs WHERE study = ? ORDER BY rowid"
+        return [
+            {**dict(row), "spec": json.loads(row["spec"]), "environment": json.loads(row["environment"])}
+            for row in self._db.execute(query, (study,))
+        ]
 
     def close(self) -> None:
         self._db.close()
@@ -154,75 +193,108 @@ class ResultStore:
         query = "SELECT 1 FROM cells WHERE study = ? AND model = ? AND setting = ? AND seed = ? AND condition = ?"
         return self._db.execute(query, (study, model, setting, seed, condition)).fetchone() is not None
 
-    def add(self, row: dict[str, Any], reference: torch.Tensor | None = None) -> bool:
-        """Record a finished cell (and, for the uncached cell, its output as the reference); False
-        when another writer recorded it first: the first result and its reference stay."""
-        return self._insert(row, lambda path: self._write_file(reference, path) if reference is not None else None)
-
-    def _insert(self, row: dict[str, Any], write_reference: Any) -> bool:
-        """Insert the row; for an uncached cell, `write_reference(path)` writes its reference file
-        first, and it takes its place only if the row goes in, inside the row's transaction."""
-        values = tuple(_cell(row.get(name)) for name in COLUMNS)
-        final = self.reference_path(row["study"], row["model"], row["seed"], row["condition"])
-        staged = final.with_name(f"{final.stem}.{uuid.uuid4().hex}.partial")
-        if row["setting"] == "uncached":
-            staged.parent.mkdir(parents=True, exist_ok=True)
-            write_reference(staged)
+    def add(self, row: dict[str, Any], output: torch.Tensor | None = None, fps: int = 8, tensor: bool = True) -> bool:
+        """Record a finished cell with its output's files (PNG/MP4, and the tensor where `tensor`
+        or the cell is the uncached reference); False when another writer recorded it first: the
+        first result and its files stay."""
+        staging = self.samples / ".partial" / uuid.uuid4().hex
         try:
-            with self._db:
-                query = f"INSERT OR IGNORE INTO cells ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-                inserted = self._db.execute(query, values).rowcount > 0
-                if inserted and staged.exists():
-                    os.replace(staged, final)  # still under the write lock: no other writer's row in between
+            written = []
+            if output is not None:
+                keep_tensor = tensor or row["setting"] == UNCACHED
+                written = write_sample(output, staging / "sample", fps, keep_tensor)
+            return self._insert(row, {path.name.removeprefix("sample"): path for path in written})
         finally:
-            staged.unlink(missing_ok=True)
-        return inserted
+            shutil.rmtree(staging, ignore_errors=True)
 
-    def _write_file(self, tensor: torch.Tensor, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"output": tensor.detach().contiguous().cpu()}, path)
+    def _insert(self, row: dict[str, Any], staged: dict[str, Path]) -> bool:
+        """Insert the row; its files (`staged`, by what follows the stem: ".png", "-0.mp4", ...)
+        take their place under a stem no other row holds, inside the row's transaction."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            if self.has(*(row[name] for name in KEY)):
+                return False
+            stem = sample_stem(row["study"], row["model"], row["label"], row["seed"], row["condition"])
+            taken = self._db.execute("SELECT sample FROM cells WHERE sample LIKE ?", (stem + "%",)).fetchall()
+            stem = next(
+                candidate
+                for candidate in (stem, *(f"{stem}~{n}" for n in range(2, len(taken) + 3)))
+                if (candidate,) not in {tuple(t) for t in taken}
+            )
+            files = [f"{stem}{ending}" for ending in staged]
+            row = {**row, "sample": stem if staged else None, "files": files if staged else None}
+            query = f"INSERT INTO cells ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+            self._db.execute(query, tuple(_cell(row.get(name)) for name in COLUMNS))
+            for name, path in zip(files, staged.values(), strict=True):
+                (self.samples / name).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, self.samples / name)  # still under the write lock
+        return True
 
     def reference(self, study: str, model: str, seed: int, condition: str) -> tuple[torch.Tensor, float]:
         """The uncached cell's output and median latency, for the cells compared against it."""
         query = (
-            "SELECT latency_s FROM cells WHERE study = ? AND model = ? AND seed = ? AND condition = ? "
-            "AND setting = 'uncached'"
+            "SELECT latency_s, sample FROM cells WHERE study = ? AND model = ? AND seed = ? AND condition = ? "
+            "AND setting = ?"
         )
-        found = self._db.execute(query, (study, model, seed, condition)).fetchone()
-        path = self.reference_path(study, model, seed, condition)
-        if found is None or not path.is_file():
+        found = self._db.execute(query, (study, model, seed, condition, UNCACHED)).fetchone()
+        path = self.samples / f"{found['sample']}{TENSOR}" if found is not None and found["sample"] else None
+        if path is None or not path.is_file():
             raise LookupError(f"no uncached reference for {model} seed={seed} {condition!r} in study {study!r}")
         return load_file(path)["output"], found["latency_s"]
 
     def merge(self, other: ResultStore) -> Merged:
         """Add the cells of `other` (a database of one process's cells) that this one lacks, with
-        their references; a study recorded here under another protocol is refused."""
+        their files; a study recorded here under another protocol is refused."""
         added = duplicates = 0
         for study, text in other._db.execute("SELECT study, protocol FROM protocols").fetchall():
             self.check_protocol(study, json.loads(text))
-        for row in other.rows():
-            source = other.reference_path(row["study"], row["model"], row["seed"], row["condition"])
-            if self._insert(row, lambda path, source=source: shutil.copyfile(source, path)):
-                added += 1
-            else:
-                duplicates += 1
+        with self._db:
+            for run in other._db.execute("SELECT * FROM runs ORDER BY rowid").fetchall():
+                self._db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?)", tuple(run))
+        staging = self.samples / ".partial" / uuid.uuid4().hex
+        try:
+            for row in other._db.execute("SELECT * FROM cells ORDER BY rowid").fetchall():
+                row = dict(row)
+                staged = {}
+                for name in json.loads(row["files"] or "[]"):
+                    staged[name.removeprefix(row["sample"])] = copy = staging / Path(name).name
+                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(other.samples / name, copy)
+                if self._insert(row, staged):
+                    added += 1
+                else:
+                    duplicates += 1
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return Merged(added, duplicates)
 
     def rows(self, study: str | None = None) -> list[dict[str, Any]]:
+        """One dict per cell, each quality metric's value also under its own name (`row["psnr"]`)."""
         query, args = (
             ("SELECT * FROM cells", ()) if study is None else ("SELECT * FROM cells WHERE study = ?", (study,))
         )
-        return [dict(row) for row in self._db.execute(query + " ORDER BY rowid", args)]
+        rows = []
+        for found in self._db.execute(query + " ORDER BY rowid", args):
+            row = dict(found)
+            metrics = json.loads(row["metrics"]) if row["metrics"] else {}
+            rows.append({**metrics, **row, "metrics": metrics})
+        return rows
 
     def studies(self) -> list[str]:
         return [row[0] for row in self._db.execute("SELECT DISTINCT study FROM cells ORDER BY rowid")]
 
     def clear(self, study: str) -> None:
         with self._db:
-            for row in self._db.execute("SELECT model, seed, condition FROM cells WHERE study = ?", (study,)):
-                self.reference_path(study, *tuple(row)).unlink(missing_ok=True)
-            self._db.execute("DELETE FROM cells WHERE study = ?", (study,))
-            self._db.execute("DELETE FROM protocols WHERE study = ?", (study,))
+            for (files,) in self._db.execute("SELECT files FROM cells WHERE study = ?", (study,)).fetchall():
+                for name in json.loads(files or "[]"):
+                    (self.samples / name).unlink(missing_ok=True)
+            for table in ("cells", "protocols", "runs"):
+                self._db.execute(f"DELETE FROM {table} WHERE study = ?", (study,))
+
+
+def sample_stem(study: str, model: str, label: str, seed: int, condition: str) -> str:
+    """Where a cell's files go in the samples folder, without suffix (made unique on insert)."""
+    return "/".join([slug(study), slug(model.rstrip("/").split("/")[-1]), slug(label), f"{slug(condition)}-seed{seed}"])
 
 
 @dataclass(frozen=True)
