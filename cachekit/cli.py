@@ -61,6 +61,10 @@ def _main(argv: list[str] | None) -> None:
     merge = study.add_parser("merge", help="gather the cells of several results databases into one")
     merge.add_argument("db", type=Path, help="the database to merge into (made if missing)")
     merge.add_argument("sources", type=Path, nargs="+", help="databases to take cells from")
+    export = study.add_parser("export", help="lay the samples out per setting, as VBench and other tools read them")
+    export.add_argument("db", type=Path)
+    export.add_argument("--out", type=Path, help="folder (default: beside the database, <db>-export)")
+    export.add_argument("--study", help="which study in the database (default: the latest)")
     report = study.add_parser("report", help="write the Markdown report of a results database")
     report.add_argument("db", type=Path)
     report.add_argument("--out", type=Path, help="folder (default: beside the database)")
@@ -90,6 +94,11 @@ def _main(argv: list[str] | None) -> None:
         _run(args)
     elif args.action == "merge":
         _merge(args)
+    elif args.action == "export":
+        from cachekit.study.export import export
+
+        out = args.out or args.db.with_name(f"{args.db.stem}-export")
+        print(f"samples: {out} (index: {export(args.db, out, args.study)})")
     else:
         from cachekit.study import write_report
 

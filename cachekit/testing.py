@@ -16,6 +16,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
 )
@@ -58,9 +59,10 @@ TINY_WAN_CONFIG: dict[str, Any] = {
 }
 
 
-def tiny_wan_transformer(seed: int = 0, num_layers: int = 2) -> WanTransformer3DModel:
+def tiny_wan_transformer(seed: int = 0, num_layers: int = 2, **config: Any) -> WanTransformer3DModel:
+    """`config` overrides the tiny config (e.g. in_channels=12 for image-to-video)."""
     torch.manual_seed(seed)
-    return WanTransformer3DModel(**TINY_WAN_CONFIG, num_layers=num_layers).eval()
+    return WanTransformer3DModel(**{**TINY_WAN_CONFIG, **config}, num_layers=num_layers).eval()
 
 
 def _t5_tokenizer() -> Any:
@@ -127,10 +129,33 @@ def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False) -> WanPipeline:
 
     `two_experts`: Wan 2.2's layout, `transformer` for timesteps >= 800 and `transformer_2` below.
     """
-    from transformers import UMT5Config, UMT5EncoderModel
-
     transformer = tiny_wan_transformer(seed)
     transformer_2 = tiny_wan_transformer(seed + 1) if two_experts else None
+    pipe = WanPipeline(
+        **_wan_parts(seed),
+        transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=0.8 if two_experts else None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_wan_i2v_pipeline(seed: int = 0) -> WanImageToVideoPipeline:
+    """A WanImageToVideoPipeline laid out as Wan 2.2's (no image encoder: the first frame's latent
+    and its mask join the noise channels), for 5 frames of 16x16 with CFG. Needs `ftfy`."""
+    transformer = tiny_wan_transformer(seed, in_channels=12)  # noise 4 + mask 4 + first frame 4
+    pipe = WanImageToVideoPipeline(
+        **_wan_parts(seed), transformer=transformer, image_encoder=None, image_processor=None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _wan_parts(seed: int) -> dict[str, Any]:
+    """The tokenizer, text encoder, VAE and scheduler of the tiny Wan pipelines."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
     torch.manual_seed(seed)
     text_encoder = UMT5EncoderModel(
         UMT5Config(vocab_size=1000, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4)
@@ -144,17 +169,12 @@ def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False) -> WanPipeline:
         latents_mean=[0.0] * 4,
         latents_std=[1.0] * 4,
     ).eval()
-    pipe = WanPipeline(
-        tokenizer=_t5_tokenizer(),
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        transformer=transformer,
-        transformer_2=transformer_2,
-        boundary_ratio=0.8 if two_experts else None,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return {
+        "tokenizer": _t5_tokenizer(),
+        "text_encoder": text_encoder,
+        "vae": vae,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+    }
 
 
 def run_flux(pipe: FluxPipeline, steps: int = 8, seed: int = 0) -> torch.Tensor:

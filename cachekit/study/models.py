@@ -208,7 +208,7 @@ class DiffusersModel(StudyModel):
     def __init__(self, name: str, spec: Generation, own: frozenset[str] = frozenset()) -> None:
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(name, torch_dtype=getattr(torch, spec.dtype))
+        pipe = DiffusionPipeline.from_pretrained(name, dtype=getattr(torch, spec.dtype))
         if spec.offload == "model":
             pipe.enable_model_cpu_offload(device=spec.device)
         elif spec.offload == "sequential":
@@ -225,7 +225,7 @@ class DiffusersModel(StudyModel):
 
     def generate(self, seed: int, condition: str, steps: int | None = None) -> torch.Tensor:
         result = self.target(
-            condition,
+            prompt=condition,
             num_inference_steps=steps or self.spec.steps,
             generator=torch.Generator(self.spec.device).manual_seed(seed),
             output_type="pt",
