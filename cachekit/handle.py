@@ -59,6 +59,12 @@ class CacheHandle:
         """Stats per hooked transformer, by pipeline component name ("transformer" for a bare one)."""
         return {name: runtime.stats for name, runtime in self._runtimes.items()}
 
+    def summary(self) -> str:
+        """A readable account of what the policy did, per transformer (`print(handle.stats)` for one)."""
+        if len(self._runtimes) == 1:
+            return str(self.stats)
+        return "\n".join(f"[{name}] {stats}" for name, stats in self.stats_by_component.items())
+
     def reset(self) -> None:
         """Start a new generation at the next call (drops every branch's state and residual)."""
         self._check()

@@ -42,6 +42,17 @@ class BranchStats:
         self.kept_bytes += change
         self.peak_kept_bytes = max(self.peak_kept_bytes, self.kept_bytes)
 
+    def __str__(self) -> str:
+        counts = ", ".join(f"{site} {c.computed} computed / {c.reused} reused" for site, c in self.sites.items())
+        lines = [f"{self.calls} calls", counts or "nothing reusable"]
+        if self.span_schedule:
+            lines.append("schedule " + "".join("C" if computed else "." for computed in self.span_schedule))
+        if self.module_schedule:
+            lines.append("modules computed per call " + " ".join(str(count) for count in self.module_schedule))
+        if self.peak_kept_bytes:
+            lines.append(f"kept at most {self.peak_kept_bytes / 2**20:.2f} MiB")
+        return ", ".join(lines)
+
 
 @dataclass
 class GenerationStats:
@@ -70,3 +81,17 @@ class CacheStats:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        """What the policy did, as the peers print it: per CFG branch of the latest generation the
+        computed and reused counts per site and the span's schedule (C computed, . reused), and the
+        facts the policy reported (the preset and threshold it took)."""
+        lines = [f"{self.strategy} on {self.adapter}"]
+        lines += [f"  {key}: {value}" for key, value in self.info.items()]
+        if not self.generations:
+            return "\n".join([*lines, "  no generation yet"])
+        last = self.last
+        steps = f", {last.num_steps} steps" if last.num_steps is not None else ""
+        lines.append(f"  generation {len(self.generations)} of {len(self.generations)}{steps}:")
+        lines += [f"    branch {index}: {branch}" for index, branch in last.branches.items()]
+        return "\n".join(lines)

@@ -36,10 +36,7 @@ for config in policies:
         cached = run_flux(pipe, steps=STEPS)
         seconds = time.perf_counter() - start
     print(f"\n{config!r}\n  {seconds:.3f} s, max |cached - uncached| = {(cached - reference).abs().max().item():.4f}")
-    for branch, stats in handle.stats.last.branches.items():
-        counts = ", ".join(f"{site} {c.computed} computed / {c.reused} reused" for site, c in stats.sites.items())
-        schedule = "".join("C" if computed else "." for computed in stats.span_schedule)
-        print(f"  branch {branch}: {counts}  {schedule}")
+    print(handle.stats)  # per CFG branch: computed and reused per site, the schedule, the preset taken
 
 assert torch.equal(run_flux(pipe, steps=STEPS), reference), "removing a policy must restore the pipeline"
 print("\nafter removal: output identical to the uncached pipeline")

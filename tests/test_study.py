@@ -91,18 +91,44 @@ def test_report_table_equals_the_database_rows(finished):
     table = [line.split(" | ") for line in report.read_text().splitlines() if line.startswith("| flux-digits")]
     rows = ResultStore(db).rows("tiny")
     assert len(table) == 4
+    uncached = [t for r in rows if r["setting"] == "uncached" for t in json.loads(r["latencies_s"])]
     for cells in table:
         label = cells[1]
         group = [r for r in rows if r["label"] == label]
         assert cells[2] == str(len(group))
-        assert cells[3] == f"{statistics.median(r['latency_s'] for r in group):.4f}"
-        assert cells[4] == f"{statistics.median(r['speedup'] for r in group):.2f}"
+        timed = [t for r in group for t in json.loads(r["latencies_s"])]
+        median = statistics.median(timed)
+        assert cells[3] == f"{median:.4f} [{min(timed):.4f}-{max(timed):.4f}]"
+        speedup = statistics.median(uncached) / median  # the ratio of median latencies
+        limit = sum(r["flops"] + r["flops_saved"] for r in group) / sum(r["flops"] for r in group)
+        assert cells[4] == f"{speedup:.2f}" + (" ⚠" if speedup > limit else "")
+        assert cells[5] == f"{limit:.2f}"
         computed = sum(r["computed_calls"] for r in group) / sum(r["calls"] for r in group)
-        assert cells[5] == f"{computed:.1%}"
+        assert cells[6] == f"{computed:.1%}"
         blocks = sum(r["block_executions"] for r in group) / sum(r["calls"] * 6 for r in group)
-        assert cells[6] == f"{blocks:.1%}"
+        assert cells[7] == f"{blocks:.1%}"
         psnr = statistics.fmean(r["psnr"] for r in group)
-        assert cells[9] == ("exact" if psnr == math.inf else f"{psnr:.2f}")
+        assert cells[10] == ("exact" if psnr == math.inf else f"{psnr:.2f}")
+
+
+def test_a_speedup_above_the_compute_limit_is_flagged(tmp_path):
+    """Cells whose wall clock says more than their FLOPs allow (a disturbed machine) are flagged,
+    and the speed plot falls back to FLOPs, saying so."""
+    spec = load_spec(write_spec(tmp_path, SPEC.replace("sweep.interval = [2, 3]", "sweep.interval = [2]")))
+    db = run_study(spec, tmp_path / "results.sqlite", progress=False)
+    with sqlite3.connect(db) as connection:  # as if the uncached cells ran on a loaded machine
+        connection.execute("UPDATE cells SET latencies_s = '[10.0]', latency_s = 10.0 WHERE setting = 'uncached'")
+    text = write_report(db, tmp_path / "report").read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| flux-digits")]
+    flagged = [cells[1] for cells in rows if cells[4].endswith("⚠")]
+    assert flagged == ["uniform interval=2", "teacache"]
+    assert "**Timing flag**: 2 settings measured faster than their FLOPs allow" in text
+    assert (
+        "Speedup axis: FLOPs (uncached FLOPs over FLOPs spent), as wall clock cannot be trusted here: 2 speedups"
+        in text
+    )
+    (summary,) = [s for s in summarize(ResultStore(db).rows("tiny")) if s.label == "uniform interval=2"]
+    assert summary.above_limit and summary.compute_limit == pytest.approx(12 / 8, rel=0.2)
 
 
 def test_killed_study_resumes_without_recomputing(tmp_path):

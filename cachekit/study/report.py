@@ -1,21 +1,34 @@
-"""A study's report: the table (one row per model x policy setting), per model the best quality
-each method reaches within each budget of block executions (and of attention calls), the
-quality-vs-work and speedup-vs-quality frontiers, and a timeline of which steps each policy
-computed."""
+"""A study's report: what was asked and where it ran, the table (one row per model x policy
+setting), per model the best quality each method reaches within each budget of block executions
+(and of attention calls), the quality-vs-work and speed-vs-quality frontiers, and a timeline of
+which steps each policy computed.
+
+Wall clock is the axis people want and the one that lies on a busy machine, so the report keeps
+the noise-free axes beside it (share of block executions, FLOPs saved), gives every latency's
+spread, takes a setting's speedup as the ratio of median latencies, and flags a speedup above
+what its FLOPs allow. The speed-vs-quality plot uses wall clock only where it can be trusted,
+and says which axis it shows.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cachekit.study.store import ResultStore, StoreError
+from cachekit.metric import PRIMARY
+from cachekit.study.store import UNCACHED, ResultStore, StoreError
 
 #: Shares of the uncached work at which the report compares methods.
 BUDGETS = (0.2, 0.3, 0.4, 0.5)
+#: Wall clock is trusted when, for every setting, the slowest timed generation is within this
+#: factor of the fastest (and no speedup is above its compute limit).
+TRUSTED_SPREAD = 1.25
+#: The metrics every report shows, in this order; others follow by name.
+SHOWN_FIRST = ("psnr", "ssim", "ms_ssim")
 
 
 @dataclass(frozen=True)
@@ -23,47 +36,89 @@ class Summary:
     """One model x policy setting, over its seeds and conditions."""
 
     model: str
-    label: str
+    setting: str  # the setting's key
+    label: str  # unique within the model
     method: str
     cells: int
-    latency_s: float  # median of the cells' median latencies
-    speedup: float  # median of the cells' speedups
+    latency_s: float  # median of every timed generation of its cells
+    latency_min_s: float
+    latency_max_s: float
+    speedup: float  # the uncached cells' median latency over this setting's
+    compute_limit: float  # the speedup its FLOPs allow: uncached FLOPs over FLOPs spent
     computed: float | None  # share of transformer calls that ran the residual span (None: not known)
     blocks: float  # share of block executions, counted from the outside
     attention_computed: float | None  # share of attention calls computed
     flops_saved: float  # share of the uncached FLOPs not spent
-    psnr: float | None  # mean over cells; inf for the reference itself
-    ssim: float | None
-    ms_ssim: float | None
+    metrics: dict[str, float | None] = field(default_factory=dict)  # mean over cells; PSNR inf for the reference
+
+    @property
+    def psnr(self) -> float | None:
+        return self.metrics.get(PRIMARY)
+
+    @property
+    def above_limit(self) -> bool:
+        """A speedup no reuse can give: timing noise (a loaded machine, too few repeats)."""
+        return self.speedup > self.compute_limit
+
+    @property
+    def spread(self) -> float:
+        """Slowest over fastest timed generation."""
+        return self.latency_max_s / self.latency_min_s if self.latency_min_s > 0 else math.inf
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[Summary]:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["setting"]), []).append(row)
+    labels: dict[tuple[str, str], int] = {}
     summaries = []
-    for (model, _), group in groups.items():
+    for (model, setting), group in groups.items():
+        latencies = [latency for r in group for latency in _latencies(r)]
+        uncached = [latency for r in groups.get((model, UNCACHED), []) for latency in _latencies(r)] or latencies
         attention = sum(r["attention_computed"] + r["attention_reused"] for r in group)
         known = [r for r in group if r["computed_calls"] is not None]
+        label = group[0]["label"]
+        labels[(model, label)] = seen = labels.get((model, label), 0) + 1
+        spent, total = sum(r["flops"] for r in group), sum(r["flops"] + r["flops_saved"] for r in group)
+        names = dict.fromkeys(name for r in group for name in r["metrics"])
         summaries.append(
             Summary(
                 model=model,
-                label=group[0]["label"],
+                setting=setting,
+                label=label if seen == 1 else f"{label} #{seen}",  # settings of an earlier spec, same label
                 method=group[0]["method"] or group[0]["strategy"],
                 cells=len(group),
-                latency_s=statistics.median(r["latency_s"] for r in group),
-                speedup=statistics.median(r["speedup"] for r in group),
+                latency_s=statistics.median(latencies),
+                latency_min_s=min(latencies),
+                latency_max_s=max(latencies),
+                speedup=statistics.median(uncached) / statistics.median(latencies),
+                compute_limit=total / spent if spent > 0 else math.inf,
                 computed=sum(r["computed_calls"] for r in known) / sum(r["calls"] for r in known) if known else None,
                 blocks=sum(r["block_executions"] for r in group)
                 / sum(r["block_executions"] / r["block_share"] for r in group),
                 attention_computed=sum(r["attention_computed"] for r in group) / attention if attention else None,
-                flops_saved=sum(r["flops_saved"] for r in group) / sum(r["flops"] + r["flops_saved"] for r in group),
-                psnr=_mean([r["psnr"] for r in group]),
-                ssim=_mean([r["ssim"] for r in group]),
-                ms_ssim=_mean([r["ms_ssim"] for r in group]),
+                flops_saved=1 - spent / total if total > 0 else 0.0,
+                metrics={name: _mean([r["metrics"].get(name) for r in group]) for name in names},
             )
         )
     return summaries
+
+
+def _latencies(row: dict[str, Any]) -> list[float]:
+    """Every timed generation of a cell (the median alone in databases that kept only it)."""
+    kept = json.loads(row["latencies_s"]) if row.get("latencies_s") else None
+    return kept or [row["latency_s"]]
+
+
+def wall_clock_trusted(summaries: list[Summary]) -> tuple[bool, str]:
+    """Whether the measured speedups can be plotted as they are, and why not."""
+    above = [s.label for s in summaries if s.above_limit]
+    if above:
+        return False, f"{len(above)} speedups above what their FLOPs allow ({', '.join(above[:3])})"
+    spread = max(summaries, key=lambda s: s.spread, default=None)
+    if spread is not None and spread.spread > TRUSTED_SPREAD:
+        return False, f"timed generations of {spread.label} vary {spread.spread:.2f}x"
+    return True, ""
 
 
 def best_within(summaries: list[Summary], share: Any, budget: float) -> Summary | None:
@@ -132,37 +187,57 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def write_report(db: str | Path, out: str | Path | None = None, study: str | None = None) -> Path:
-    """Write report.md, pareto.png and timeline.png into `out` (default: beside the db)."""
+    """Write report.md, pareto.png, quality.png and timeline.png into `out` (default: beside the db)."""
     store = ResultStore(db, create=False)
     try:
         studies = store.studies()
         if not studies or (study is not None and study not in studies):
             raise StoreError(f"{db} holds no study {study!r}; it holds: {', '.join(studies) or 'none'}")
         study = study or studies[-1]
-        rows = store.rows(study)
+        rows, runs, samples = store.rows(study), store.runs(study), store.samples
     finally:
         store.close()
     out = Path(out) if out is not None else Path(db).with_name(f"{Path(db).stem}-report")
     out.mkdir(parents=True, exist_ok=True)
     summaries = summarize(rows)
-    _pareto(summaries, out / "pareto.png")
+    trusted, why_not = wall_clock_trusted(summaries)
+    _pareto(summaries, out / "pareto.png", trusted, why_not)
     plot_quality(summaries, out / "quality.png")
-    _timeline(rows, out / "timeline.png")
+    _timeline(rows, summaries, out / "timeline.png")
+    metrics = [name for name in SHOWN_FIRST if any(name in s.metrics for s in summaries)]
+    metrics += sorted({name for s in summaries for name in s.metrics} - set(metrics))
     notes = sorted({note for row in rows for note in json.loads(row["notes"] or "[]")})
+    flagged = [s for s in summaries if s.above_limit]
     lines = [
         f"# Study `{study}`",
         "",
-        f"{len(rows)} cells from `{Path(db).name}`. Each row: one model and policy setting over its seeds and "
-        "conditions; latency is the median of the cells' median latencies, speedup the median of the cells' "
-        "speedups against the uncached cell of the same seed and condition (same initial latents), quality "
-        "the mean over cells against that uncached output. Block executions and attention calls are counted "
-        "with plain torch hooks for every method alike (a block executes when its attention or MLP runs).",
+        *_progress(rows, runs),
+        f"Samples (PNG/MP4 and tensors) are in `{samples}`; `cachekit study export {Path(db).name}` lays them out "
+        "one folder per setting.",
         "",
-        "| model | policy | cells | latency (s) | speedup | calls computed | blocks executed | attention computed "
-        "| FLOPs saved | PSNR (dB) | SSIM | MS-SSIM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        *(_table_row(summary) for summary in summaries),
+        "Each row: one model and policy setting over its seeds and conditions. Latency: the median of every timed "
+        "generation, with the fastest and slowest; speedup: the uncached cells' median latency over the setting's "
+        "(same seeds, conditions and initial latents); limit: the speedup its FLOPs allow (uncached FLOPs over "
+        "FLOPs spent), which a measured speedup cannot honestly exceed. Block executions and attention calls are "
+        "counted with plain torch hooks for every method alike (a block executes when its attention or MLP runs); "
+        "quality is the mean over cells against the uncached output.",
         "",
+        "| model | policy | cells | latency (s) [min-max] | speedup | limit | calls computed | blocks executed "
+        "| attention computed | FLOPs saved | " + " | ".join(_METRIC_NAMES.get(m, m) for m in metrics) + " |",
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(metrics),
+        *(_table_row(summary, metrics) for summary in summaries),
+        "",
+        *(
+            [
+                f"**Timing flag**: {len(flagged)} settings measured faster than their FLOPs allow (marked ⚠: "
+                + ", ".join(f"{s.model} {s.label} {s.speedup:.2f}x > {s.compute_limit:.2f}x" for s in flagged)
+                + "). Wall clock was disturbed (a loaded machine, too few repeats): rerun on an idle machine with "
+                "more repeats, and read the block and FLOPs columns meanwhile.",
+                "",
+            ]
+            if flagged
+            else []
+        ),
         "## Which method wins at each budget",
         "",
         *budget_tables(summaries),
@@ -170,29 +245,79 @@ def write_report(db: str | Path, out: str | Path | None = None, study: str | Non
         "",
         "![speedup vs PSNR](pareto.png)",
         "",
+        "Speedup axis: "
+        + (
+            "wall clock (ratio of median latencies)."
+            if trusted
+            else f"FLOPs (uncached FLOPs over FLOPs spent), as wall clock cannot be trusted here: {why_not}."
+        ),
+        "",
         "![which steps each policy computed](timeline.png)",
         "",
         *(f"- {note}" for note in notes),
+        *_asked_and_where(runs),
     ]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
 
 
-def _table_row(s: Summary) -> str:
+_METRIC_NAMES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "ms_ssim": "MS-SSIM", "lpips": "LPIPS"}
+
+
+def _progress(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[str]:
+    """How many of the planned cells are done."""
+    if not runs:
+        return [f"{len(rows)} cells.", ""]
+    planned = runs[-1]["planned"]
+    labels = len({(row["model"], row["label"]) for row in rows})
+    done = f"{len(rows)} of {planned} planned cells finished"
+    todo = f"; {planned - len(rows)} to go (run the study again to resume)" if len(rows) < planned else ""
+    return [f"{done}{todo}; {labels} model x setting pairs.", ""]
+
+
+def _asked_and_where(runs: list[dict[str, Any]]) -> list[str]:
+    """The spec of the latest run, and every environment the cells were measured in."""
+    if not runs:
+        return []
+    environments = list({json.dumps(run["environment"], sort_keys=True): run["environment"] for run in runs}.values())
+    lines = [
+        "",
+        "## What was asked, and where it ran",
+        "",
+        "```json",
+        json.dumps(runs[-1]["spec"], indent=2),
+        "```",
+        "",
+    ]
+    keys = list(dict.fromkeys(key for environment in environments for key in environment))
+    lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(e.get(key, "")) for key in keys) + " |" for e in environments]
+    started = ", ".join(run["started_at"] for run in runs)
+    return [*lines, "", f"Runs started at {started} (UTC)."]
+
+
+def _table_row(s: Summary, metrics: list[str]) -> str:
+    def figure(name: str) -> str:
+        value = s.metrics.get(name)
+        if value is None:
+            return "-"
+        if value == math.inf:
+            return "exact"
+        return f"{value:.2f}" if name == PRIMARY else f"{value:.4f}"
+
     cells = [
         s.model,
         s.label,
         str(s.cells),
-        f"{s.latency_s:.4f}",
-        f"{s.speedup:.2f}",
+        f"{s.latency_s:.4f} [{s.latency_min_s:.4f}-{s.latency_max_s:.4f}]",
+        f"{s.speedup:.2f}" + (" ⚠" if s.above_limit else ""),
+        "∞" if s.compute_limit == math.inf else f"{s.compute_limit:.2f}",
         "-" if s.computed is None else f"{s.computed:.1%}",
         f"{s.blocks:.1%}",
         "-" if s.attention_computed is None else f"{s.attention_computed:.1%}",
         f"{s.flops_saved:.1%}",
-        "exact" if s.psnr == math.inf else "-" if s.psnr is None else f"{s.psnr:.2f}",
-        "-" if s.ssim is None else f"{s.ssim:.4f}",
-        "-" if s.ms_ssim is None else f"{s.ms_ssim:.4f}",
+        *(figure(name) for name in metrics),
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -206,29 +331,78 @@ def _pyplot() -> Any:
     return plt
 
 
-def _pareto(summaries: list[Summary], path: Path) -> None:
-    """Speedup vs PSNR per model; the frontier joins the settings no other beats on both."""
+def _pareto(summaries: list[Summary], path: Path, trusted: bool, why_not: str) -> None:
+    """Speedup vs PSNR per model, one colour per method; the frontier joins the settings no other
+    beats on both (drawn from two of them on). The x axis is wall clock where it can be trusted,
+    else the FLOPs speedup, and the title says which."""
     plt = _pyplot()
     models = list(dict.fromkeys(s.model for s in summaries))
-    figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    figure, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
+    colours = plt.get_cmap("tab10").colors
     for axis, model in zip(axes[0], models, strict=True):
-        # (speedup, PSNR, label) of every setting compared against the reference
-        points = [
-            (s.speedup, s.psnr, s.label)
-            for s in summaries
-            if s.model == model and s.psnr is not None and s.psnr != math.inf
-        ]
-        for speedup, psnr, label in points:
-            axis.scatter(speedup, psnr, s=30)
-            axis.annotate(label, (speedup, psnr), fontsize=7, xytext=(4, 2), textcoords="offset points")
-        frontier = sorted(p for p in points if not any(o[0] >= p[0] and o[1] > p[1] for o in points))
-        axis.plot([p[0] for p in frontier], [p[1] for p in frontier], "k--", linewidth=1, label="frontier")
+        shown = [s for s in summaries if s.model == model and s.psnr is not None and s.psnr != math.inf]
+        methods = list(dict.fromkeys(s.method for s in shown))
+        points = [(s.speedup if trusted else s.compute_limit, s.psnr or 0.0, s) for s in shown]
+        for x, y, s in points:
+            axis.scatter(x, y, s=36, color=colours[methods.index(s.method) % len(colours)], zorder=3)
+        frontier = sorted((x, y) for x, y, _ in points if not any(o[0] >= x and o[1] > y for o in points))
+        if len(frontier) > 1:
+            axis.plot(*zip(*frontier, strict=True), "k--", linewidth=1, zorder=2)
         axis.axvline(1.0, color="grey", linewidth=0.8)
-        axis.set(title=model, xlabel="speedup vs uncached (median)", ylabel="PSNR vs uncached (dB)")
-        axis.legend(loc="upper right", fontsize=8)
+        axis.margins(x=0.15, y=0.12)
+        xlabel = "speedup vs uncached (wall clock, ratio of medians)" if trusted else "speedup in FLOPs vs uncached"
+        axis.set(title=model, xlabel=xlabel, ylabel="PSNR vs uncached (dB)")
+        handles = [
+            plt.Line2D([], [], marker="o", linestyle="", color=colours[i % len(colours)]) for i in range(len(methods))
+        ]
+        labels = list(methods)
+        if len(frontier) > 1:
+            handles.append(plt.Line2D([], [], color="k", linestyle="--"))
+            labels.append("frontier")
+        axis.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, fontsize=8, frameon=False)
+        place_labels(figure, axis, [(x, y, s.label) for x, y, s in points])
+    if not trusted:
+        figure.suptitle(f"x: FLOPs, not wall clock ({why_not})", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
+
+
+#: Where a point's label may go, in points from the point, tried in order.
+_OFFSETS = [(5, 3), (5, -11), (-5, 3), (-5, -11), (5, 12), (-5, 12), (5, -20), (-5, -20), (0, 20), (0, -28)]
+
+
+def place_labels(figure: Any, axis: Any, points: list[tuple[float, float, str]]) -> None:
+    """Annotate each point with its label where it covers neither another label nor a point; a
+    label with no free place gets an arrow to its point, further out."""
+    renderer = figure.canvas.get_renderer()
+    figure.canvas.draw()
+    marks = [axis.transData.transform((x, y)) for x, y, _ in points]
+    taken = [(mx - 5, my - 5, mx + 5, my + 5) for mx, my in marks]
+    for number, (x, y, label) in enumerate(sorted(points, key=lambda p: (-p[1], p[0]))):
+        for dx, dy in [*_OFFSETS, (12 + 8 * (number % 4), 30 + 10 * (number % 5))]:
+            text = axis.annotate(
+                label,
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                fontsize=7,
+                ha="left" if dx >= 0 else "right",
+                annotation_clip=False,
+                arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.5} if abs(dy) > 20 else None,
+            )
+            box = text.get_window_extent(renderer)
+            edges = (box.x0, box.y0, box.x1, box.y1)
+            if not any(_overlap(edges, other) for other in taken):
+                taken.append(edges)
+                break
+            text.remove()
+        else:  # nowhere free: the last place, drawn anyway
+            axis.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7)
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def plot_quality(summaries: list[Summary], path: Path) -> None:
@@ -266,28 +440,44 @@ def plot_quality(summaries: list[Summary], path: Path) -> None:
     plt.close(figure)
 
 
-def _timeline(rows: list[dict[str, Any]], path: Path) -> None:
-    """Per model and setting, the share of work computed at each step (first cell, cond branch)."""
+def _timeline(rows: list[dict[str, Any]], summaries: list[Summary], path: Path) -> None:
+    """Per model, setting and CFG branch, the share of work computed at each step, over all cells
+    (1: every cell computed that step; for module-level policies, the share of modules)."""
     plt = _pyplot()
-    first: dict[tuple[str, str], list[float]] = {}
+    label_of = {(s.model, s.setting): s.label for s in summaries}
+    shares: dict[tuple[str, str, str], list[list[float]]] = {}
     for row in rows:
-        decisions = json.loads(row["decisions"] or "{}").get("0")
-        if (row["model"], row["label"]) in first or decisions is None:
-            continue
-        if decisions["span"]:
-            first[(row["model"], row["label"])] = [float(computed) for computed in decisions["span"]]
-        else:
-            most = max(decisions["modules"]) or 1
-            first[(row["model"], row["label"])] = [count / most for count in decisions["modules"]]
-    models = list(dict.fromkeys(model for model, _ in first))
-    figure, axes = plt.subplots(len(models) or 1, 1, figsize=(10, 1 + 0.4 * max(len(first), 1)), squeeze=False)
+        decisions = json.loads(row["decisions"] or "{}")
+        for branch, decided in decisions.items():
+            if decided["span"]:
+                computed = [float(step) for step in decided["span"]]
+            else:
+                most = max(decided["modules"] or [0]) or 1
+                computed = [count / most for count in decided["modules"]]
+            label = label_of[(row["model"], row["setting"])]
+            shares.setdefault((row["model"], label, branch), []).append(computed)
+    lines = {key: [statistics.fmean(step) for step in zip(*runs, strict=False)] for key, runs in shares.items()}
+    models = list(dict.fromkeys(model for model, _, _ in lines))
+    heights = [len([key for key in lines if key[0] == model]) for model in models] or [1]
+    figure, axes = plt.subplots(
+        len(models) or 1,
+        1,
+        figsize=(10, 1.2 * (len(models) or 1) + 0.3 * sum(heights)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )
     for axis, model in zip(axes[:, 0], models, strict=False):
-        labels = [label for m, label in first if m == model]
-        image = [first[(model, label)] for label in labels]
-        axis.imshow(image, aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
-        axis.set_yticks(range(len(labels)), labels, fontsize=7)
-        axis.set(title=f"{model}: computed (dark) and reused (light) per step", xlabel="step")
+        keys = [key for key in lines if key[0] == model]
+        branches = {branch for _, _, branch in keys}
+        names = [label if len(branches) == 1 else f"{label} [branch {branch}]" for _, label, branch in keys]
+        width = max(len(lines[key]) for key in keys)
+        image = [lines[key] + [math.nan] * (width - len(lines[key])) for key in keys]
+        shown = axis.imshow(image, aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
+        axis.set_yticks(range(len(names)), names, fontsize=7)
+        axis.set(title=f"{model}: share computed per step, over every cell (dark: computed, light: reused)")
+        axis.set_xlabel("step")
         axis.xaxis.get_major_locator().set_params(integer=True)
+        figure.colorbar(shown, ax=axis, fraction=0.02, pad=0.01)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)

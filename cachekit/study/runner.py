@@ -141,7 +141,7 @@ def _run_share(
             with on_device(generation.device):
                 model = load_model(entry.name, generation, frozenset(entry.overrides()))
                 workers.parallelize(model.transformer)
-                check_settings(model, {cell.setting for cell in model_cells})
+                check_settings(model, list({cell.setting.key: cell.setting for cell in model_cells}.values()))
                 costs = measure_costs(model, model_cells[0], workers)
                 for cell in model_cells:
                     bar.set_description(f"{entry.name} seed={cell.seed} {cell.condition!r} {cell.setting.label}")
@@ -192,17 +192,17 @@ def check_before_loading(spec: StudySpec, the_plan: Plan) -> None:
     for entry in spec.models:
         target = skeleton(entry.name)
         if target is not None:
-            _try_settings(entry.name, target, set(the_plan.settings))
+            _try_settings(entry.name, target, the_plan.settings)
 
 
-def check_settings(model: StudyModel, settings: set[Setting]) -> None:
+def check_settings(model: StudyModel, settings: list[Setting]) -> None:
     """Apply and remove every setting on the loaded model, so one that cannot run on it (no preset
     fits, a point it lacks) is named before its first cell, not hours in."""
     _try_settings(model.name, model.target, settings)
 
 
-def _try_settings(name: str, target: Any, settings: set[Setting]) -> None:
-    for setting in sorted(settings, key=lambda s: s.key):
+def _try_settings(name: str, target: Any, settings: list[Setting]) -> None:
+    for setting in settings:
         if setting.config is None:
             continue
         try:

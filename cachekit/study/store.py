@@ -276,7 +276,8 @@ class ResultStore:
         rows = []
         for found in self._db.execute(query + " ORDER BY rowid", args):
             row = dict(found)
-            metrics = json.loads(row["metrics"]) if row["metrics"] else {}
+            earlier = {name: row[name] for name in ("psnr", "ssim", "ms_ssim", "lpips") if name in row}  # old columns
+            metrics = json.loads(row["metrics"]) if row["metrics"] else earlier
             rows.append({**metrics, **row, "metrics": metrics})
         return rows
 
