@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from cachekit.adapter import Adapter, BlockArgument
 from cachekit.hooks import context_parallel_group
@@ -166,12 +167,13 @@ class Calibration:
     recording: Recording
     fit: Fit
 
-    def preset(self) -> TeaCachePreset:
+    def preset(self, name: str | None = None) -> TeaCachePreset:
+        """The preset, named `name` (else the spec's name, else '<model>-calibrated')."""
         ratios: dict[int, list[float]] = {0: [1.0]}
         for step, ratio in zip(self.recording.steps, self.recording.mag_ratios, strict=True):
             ratios.setdefault(step, []).append(ratio)
         return TeaCachePreset(
-            name=self.spec.name or f"{self.spec.model}-calibrated",
+            name=name or self.spec.name or f"{Path(self.spec.model).name}-calibrated",
             adapter=self.identity.split(":")[0],
             auto=False,
             coefficients=self.fit.coefficients,
@@ -184,17 +186,19 @@ class Calibration:
         )
 
 
-def calibrate(spec: CalibrationSpec, model: StudyModel | None = None) -> Calibration:
+def calibrate(spec: CalibrationSpec, model: StudyModel | None = None, progress: bool = False) -> Calibration:
     """Record every seed x condition of `spec` uncached and fit the polynomial. Under `torchrun`
     the generations are shared out (`cachekit.study.workers`) and gathered in the order one
-    process would record them, so the fit is the same."""
+    process would record them, so the fit is the same. `progress`: a bar over the generations."""
     workers = join(spec)
     try:
         if model is None:
             model = load_model(spec.model, spec)
             workers.parallelize(model.transformer)
         pairs = [(seed, condition) for seed in spec.seeds for condition in spec.conditions()]
-        mine = {index: record(model, *pairs[index], spec.probe) for index in workers.share(range(len(pairs)))}
+        share = workers.share(range(len(pairs)))
+        bar = tqdm(share, desc="calibrating", unit="generation", disable=not progress or workers.rank != 0)
+        mine = {index: record(model, *pairs[index], spec.probe) for index in bar}
         recorded: dict[int, Recording] = {}
         for part in workers.gather(mine):  # the processes of a context group recorded the same
             recorded.update(part)
@@ -208,9 +212,10 @@ def calibrate(spec: CalibrationSpec, model: StudyModel | None = None) -> Calibra
 
 
 def write_preset(calibration: Calibration, path: str | Path) -> Path:
+    """Write the preset to `path`, named after the file unless the spec names it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(calibration.preset().model_dump_json(indent=2) + "\n")
+    path.write_text(calibration.preset(calibration.spec.name or path.stem).model_dump_json(indent=2) + "\n")
     return path
 
 
@@ -223,7 +228,8 @@ def plot(calibration: Calibration, path: str | Path) -> Path:
 
     x, y = np.asarray(calibration.recording.x), np.asarray(calibration.recording.y)
     figure, axis = plt.subplots(figsize=(6, 4.5))
-    axis.scatter(x, y, c=calibration.recording.steps, cmap="viridis", s=8, label="calls (colour: step)")
+    dots = axis.scatter(x, y, c=calibration.recording.steps, cmap="viridis", s=8, label="calls")
+    figure.colorbar(dots, ax=axis, label="step")
     grid = np.linspace(x.min(), x.max(), 200)
     axis.plot(grid, np.polyval(calibration.fit.coefficients, grid), "r-", label=f"degree {calibration.spec.order} fit")
     axis.set(

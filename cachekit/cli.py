@@ -82,6 +82,13 @@ def _main(argv: list[str] | None) -> None:
     target = tune.add_mutually_exclusive_group(required=True)
     target.add_argument("--ratio", type=float, help="the share of transformer calls to compute")
     target.add_argument("--min-psnr", type=float, help="the PSNR floor against the uncached output (dB)")
+    tune.add_argument(
+        "--write",
+        action="store_true",
+        help="store the chosen threshold in the policy's calibrated preset file, so TeaCacheConfig(preset=...) uses it",
+    )
+    tune.add_argument("--quiet", action="store_true", help="no progress bar")
+    calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
 
     args = parser.parse_args(argv)
     if args.command == "list":
@@ -162,24 +169,32 @@ def _calibrate(args: argparse.Namespace) -> None:
     from cachekit.calibrate import calibrate, plot, write_preset
 
     spec = _calibration_spec(args.spec)
-    result = calibrate(spec)
+    result = calibrate(spec, progress=not args.quiet)
     if not _first_process():
         return
-    preset = write_preset(result, args.out or Path(f"{spec.name or spec.model + '-calibrated'}.json"))
+    default = f"{spec.name or Path(spec.model).name + '-calibrated'}.json"
+    preset = write_preset(result, args.out or Path(default))
     figure = plot(result, args.plot or preset.with_suffix(".png"))
+    policy = json.dumps({"strategy": "teacache", "preset": str(preset)})
     print(f"coefficients {list(result.fit.coefficients)}")
     print(f"fit: RMSE {result.fit.rmse:.5f}, R2 {result.fit.r2:.3f}, {result.fit.samples} calls")
-    print(f"preset: {preset} (use TeaCacheConfig(preset={str(preset)!r}))\nplot: {figure}")
+    print(f"preset: {preset}\nplot: {figure}")
+    print(
+        f"next: find its threshold and store it in the preset:\n  cachekit tune {args.spec} --policy '{policy}' "
+        f"--ratio 0.4 --write\nthen use TeaCacheConfig(preset={str(preset)!r}) (or give rel_l1_thresh yourself)"
+    )
 
 
 def _tune(args: argparse.Namespace) -> None:
     from cachekit.study.models import load_model
-    from cachekit.tune import Tuner, check_target
+    from cachekit.tune import Tuner, check_target, preset_file, write_threshold
 
     spec = _calibration_spec(args.spec)
     base = args.policy
     check_target(base, ratio=args.ratio, min_psnr=args.min_psnr)  # before any model loads
-    tuner = Tuner(load_model(spec.model, spec), base, spec.held_out_seeds, spec.conditions())
+    if args.write:
+        preset_file(base)
+    tuner = Tuner(load_model(spec.model, spec), base, spec.held_out_seeds, spec.conditions(), not args.quiet)
     result = tuner.to_ratio(args.ratio) if args.ratio is not None else tuner.to_psnr(args.min_psnr)
     for trial in result.trials:
         print(f"  {result.knob}={trial.value:.5g}: computed {trial.computed:.1%}, PSNR {trial.psnr:.2f} dB")
@@ -190,6 +205,16 @@ def _tune(args: argparse.Namespace) -> None:
     )
     if not result.met:
         print(f"warning: the target was not met; the setting above is the closest found ({result.missed})")
+    if args.write and result.met:
+        target = (
+            f"a computed share of {args.ratio}" if args.ratio is not None else f"a PSNR floor of {args.min_psnr} dB"
+        )
+        written = write_threshold(base, result, target)
+        print(
+            f"written to {written}: TeaCacheConfig(preset={str(written)!r}) now takes rel_l1_thresh {chosen.value:.5g}"
+        )
+    elif args.write:
+        print("nothing written: the target was not met")
 
 
 def _version() -> str:

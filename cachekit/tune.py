@@ -7,12 +7,16 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 import cachekit
 from cachekit.metrics.fidelity import psnr
+from cachekit.schemas import TeaCachePreset
+from cachekit.schemas.files import read_table
 from cachekit.study.models import StudyModel
 
 #: The knob searched per strategy; larger values reuse more.
@@ -52,22 +56,33 @@ class TuneResult:
 
 
 class Tuner:
-    """Measures settings of one policy on fixed held-out (seed, condition) pairs."""
+    """Measures settings of one policy on fixed held-out (seed, condition) pairs; `progress`: a bar
+    over every generation of the search (the references, then each trial's), with its ETA."""
 
-    def __init__(self, model: StudyModel, base: dict[str, Any], seeds: list[int], conditions: list[str]) -> None:
+    def __init__(
+        self, model: StudyModel, base: dict[str, Any], seeds: list[int], conditions: list[str], progress: bool = False
+    ) -> None:
         check_target(base)
         self.model = model
         self.base = base
         self.knob = KNOBS[base["strategy"]]
         self.pairs = [(seed, condition) for seed in seeds for condition in conditions]
-        self.references = {pair: model.generate(*pair) for pair in self.pairs}
+        trials = model.spec.steps if self.knob == "interval" else BISECTIONS
+        self.bar = tqdm(total=len(self.pairs) * (1 + trials), desc="tuning", unit="generation", disable=not progress)
+        self.references = {pair: self._generate(pair) for pair in self.pairs}
+
+    def _generate(self, pair: tuple[int, str]) -> torch.Tensor:
+        output = self.model.generate(*pair)
+        self.bar.update()
+        return output
 
     def measure(self, value: float) -> Trial:
         config = {**self.base, self.knob: int(value) if self.knob == "interval" else value}
         outputs, computed, calls, steps = [], 0, 0, []
+        self.bar.set_postfix_str(f"{self.knob}={value:.4g}")
         with cachekit.apply(self.model.target, config) as handle:
             for pair in self.pairs:
-                outputs.append(self.model.generate(*pair))
+                outputs.append(self._generate(pair))
                 for branch in handle.stats.last.branches.values():
                     computed += branch.sites["span"].computed
                     calls += branch.calls
@@ -110,10 +125,43 @@ class Tuner:
                 trials.append(self.measure(interval))
                 if not reuse_more(trials[-1]):
                     break
+            self.bar.total = self.bar.n  # the search ended before the last interval
         else:  # thresholds: bisection on a log scale, larger reuses more
             low, high = math.log(1e-4), math.log(10.0)
             for _ in range(BISECTIONS):
                 middle = (low + high) / 2
                 trials.append(self.measure(math.exp(middle)))
                 low, high = (middle, high) if reuse_more(trials[-1]) else (low, middle)
+        self.bar.close()
         return TuneResult(self.knob, best(trials), trials)
+
+
+def preset_file(base: dict[str, Any]) -> Path:
+    """The calibrated preset file a TeaCache policy reads, where `--write` stores the threshold."""
+    preset = base.get("preset")
+    if base.get("strategy") != "teacache" or not isinstance(preset, str) or not preset.endswith(".json"):
+        raise ValueError(
+            "--write stores the tuned threshold in the policy's preset file: give a TeaCache policy whose preset is "
+            'a calibrated .json file, e.g. \'{"strategy": "teacache", "preset": "my-model.json"}\''
+        )
+    if not Path(preset).is_file():
+        raise ValueError(f"--write: the preset file {preset!r} does not exist (run `cachekit calibrate` first)")
+    return Path(preset)
+
+
+def write_threshold(base: dict[str, Any], result: TuneResult, target: str) -> Path:
+    """Store the chosen threshold in the policy's preset file as its first, so
+    `TeaCacheConfig(preset=...)` takes it; the preset's notes say what it was tuned to."""
+    path = preset_file(base)
+    preset = TeaCachePreset.model_validate(read_table(path))
+    value, chosen = result.chosen.value, result.chosen
+    note = f"rel_l1_thresh {value:.5g} tuned to {target}: {chosen.computed:.1%} of calls computed, "
+    note += f"PSNR {chosen.psnr:.2f} dB on held-out seeds"
+    updated = preset.model_copy(
+        update={
+            "thresholds": (value, *(other for other in preset.thresholds if other != value)),
+            "notes": "; ".join(part for part in (preset.notes, note) if part),
+        }
+    )
+    path.write_text(updated.model_dump_json(indent=2) + "\n")
+    return path

@@ -95,9 +95,10 @@ class TeaCachePolicy(CachePolicy[TeaCacheConfig]):
                 "allow_other_model=True to use it anyway"
             )
         if self.threshold is None:
+            tune = " or find one with `cachekit tune <spec> --policy ... --ratio 0.4 --write`" if identity else ""
             raise ValueError(
                 f"TeaCache preset {self.preset.name if self.preset else None!r} suggests no threshold: "
-                "set rel_l1_thresh"
+                f"set rel_l1_thresh{tune}"
             )
         info = {
             "preset": self.preset.name if self.preset else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -58,7 +59,7 @@ def test_preset_file_round_trip_and_use(calibrated):
     pipe = cachekit.testbed.load("flux-digits")
     with cachekit.apply(pipe, TeaCacheConfig(preset=str(path), rel_l1_thresh=0.05)) as handle:
         pipe([4], num_inference_steps=12)
-    assert handle.stats.info["preset"] == "flux-digits-calibrated"
+    assert handle.stats.info["preset"] == "flux-digits"  # named after the file
     assert handle.stats.info["coefficients"] == list(result.fit.coefficients)
 
 
@@ -124,6 +125,45 @@ def test_calibrate_cli(tmp_path):
     )
     assert "coefficients" in result.stdout and (tmp_path / "p.png").stat().st_size > 0
     assert json.loads((tmp_path / "p.json").read_text())["identity"].startswith("flux:")
+
+
+def test_calibrate_then_tune_then_use_closes_the_loop(tmp_path):
+    """The README's flow: calibrate names the preset after --out and says what to run next; the
+    preset alone has no threshold until `tune --write` stores the one it chose."""
+    spec = tmp_path / "calibration.toml"
+    spec.write_text('model = "flux-digits"\nlabels = [3]\nsteps = 8\nheld_out_seeds = [1000]\n')
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "cachekit", *args]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+
+    calibrated = cli("calibrate", str(spec), "--out", "mine.json", "--quiet")
+    assert calibrated.returncode == 0, calibrated.stderr
+    policy = '{"strategy": "teacache", "preset": "mine.json"}'
+    assert f"cachekit tune {spec} --policy '{policy}' --ratio 0.4 --write" in calibrated.stdout
+    assert json.loads((tmp_path / "mine.json").read_text())["name"] == "mine"
+    pipe = cachekit.testbed.load("flux-digits")
+    with pytest.raises(ValueError, match=r"preset 'mine' suggests no threshold: set rel_l1_thresh or find one with"):
+        cachekit.apply(pipe, TeaCacheConfig(preset=str(tmp_path / "mine.json")))
+
+    tuned = cli("tune", str(spec), "--policy", policy, "--ratio", "0.5", "--write")
+    assert tuned.returncode == 0, tuned.stderr
+    chosen = float(re.search(r"now takes rel_l1_thresh (\S+)", tuned.stdout).group(1))
+    preset = load_preset(str(tmp_path / "mine.json"))
+    assert (
+        preset.thresholds[0] == pytest.approx(chosen, rel=1e-4) and "tuned to a computed share of 0.5" in preset.notes
+    )
+    assert "tuning" in tuned.stderr  # the progress bar
+    with cachekit.apply(pipe, TeaCacheConfig(preset=str(tmp_path / "mine.json"))) as handle:
+        pipe([3], num_inference_steps=8)
+    assert handle.stats.info["rel_l1_thresh"] == preset.thresholds[0]
+
+    refused = cli(
+        "tune", str(spec), "--policy", '{"strategy": "teacache", "preset": "flux-dev"}', "--ratio", "0.5", "--write"
+    )
+    assert (
+        refused.returncode == 2 and "--write stores the tuned threshold in the policy's preset file" in refused.stderr
+    )
 
 
 @pytest.mark.slow
