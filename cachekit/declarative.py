@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,10 +322,14 @@ def declare_adapter(
     """An adapter class for `model_class` from a spec (object, dict, or TOML/JSON file).
 
     Register it like any adapter: ``register(declare_adapter(spec, MyDiT))`` in a plugin's
-    ``cachekit_register_adapters`` hook, or ``cachekit.register_plugin``.
+    ``cachekit_register_adapters`` hook, or ``cachekit.register_plugin``. A relative file path is
+    taken from the folder of the module that calls this (so a plugin package finds the spec it
+    ships wherever it is installed), else from the working directory.
     """
     if isinstance(spec, str | os.PathLike):
-        spec = read_table(Path(spec))
+        path = Path(spec)
+        beside_caller = Path(sys._getframe(1).f_code.co_filename).parent / path
+        spec = read_table(beside_caller if not path.is_absolute() and beside_caller.is_file() else path)
     spec = AdapterSpec.model_validate(spec)
     class_name = "".join(part.title() for part in spec.name.split("_")) + "Adapter"
     return type(class_name, (DeclarativeAdapter,), {"spec": spec, "model_class": model_class})

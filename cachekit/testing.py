@@ -1,8 +1,10 @@
 """Tiny diffusers models and pipelines with random weights, built offline in a second.
 
 For tests of cachekit and of plugins: real diffusers classes, so every hook and call path is the
-one a full-size model takes. The pipelines need `transformers` (the ``test`` extra). Random
-weights have no denoising dynamics: use them to test plumbing, never to rank policies.
+one a full-size model takes. The pipelines need `transformers` (the ``pipelines`` extra). Random
+weights have no denoising dynamics: use them to test plumbing, never to rank policies. Also two
+ways of looking at a model from the outside, independently of cachekit: `module_state` and
+`RunCounter`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
+from torch import nn
 
 _LETTERS = [chr(code) for code in range(ord("a"), ord("z") + 1)]
 
@@ -206,3 +209,72 @@ def run_wan(pipe: WanPipeline, steps: int = 8, seed: int = 0) -> torch.Tensor:
         generator=torch.Generator().manual_seed(seed),
         output_type="pt",
     ).frames
+
+
+def module_state(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """The instance attributes of every submodule: what apply/remove must leave as found."""
+    return {name: tuple(sorted(vars(module))) for name, module in model.named_modules()}
+
+
+class RunCounter:
+    """Counts, per module, the calls in which its own computation ran.
+
+    A call counts when at least one of the leaf submodules watched for it ran inside it (all its
+    leaves, or those of `inner[module]`). A module that is itself a leaf counts each time its own
+    `forward` runs: the counter wraps it before any hook is installed, so a hook that skips the
+    module skips the wrapper too.
+    """
+
+    def __init__(self, modules: list[nn.Module], inner: dict[nn.Module, list[nn.Module]] | None = None) -> None:
+        self.counts = [0] * len(modules)
+        self._ran = [False] * len(modules)
+        self._handles = []
+        self._wrapped: list[nn.Module] = []
+        for index, module in enumerate(modules):
+            watched = (inner or {}).get(module, [module])
+            leaves = [
+                sub
+                for part in watched
+                for sub in part.modules()
+                if sub is not module and next(sub.children(), None) is None
+            ]
+            if not leaves:
+                self._wrap(module, index)
+                continue
+            self._handles.append(module.register_forward_pre_hook(self._enter(index)))
+            self._handles += [leaf.register_forward_hook(self._leaf(index)) for leaf in leaves]
+            self._handles.append(module.register_forward_hook(self._exit(index)))
+
+    def _enter(self, index: int):
+        def hook(*_: object) -> None:
+            self._ran[index] = False
+
+        return hook
+
+    def _leaf(self, index: int):
+        def hook(*_: object) -> None:
+            self._ran[index] = True
+
+        return hook
+
+    def _exit(self, index: int):
+        def hook(*_: object) -> None:
+            self.counts[index] += self._ran[index]
+
+        return hook
+
+    def _wrap(self, module: nn.Module, index: int) -> None:
+        forward = module.forward
+
+        def counted(*args, **kwargs):
+            self.counts[index] += 1
+            return forward(*args, **kwargs)
+
+        module.forward = counted
+        self._wrapped.append(module)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for module in self._wrapped:
+            del module.forward

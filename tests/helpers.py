@@ -14,6 +14,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from cachekit.testing import RunCounter, module_state
+
+__all__ = ["RunCounter", "module_state"]
+
 
 class ExecutionCounter:
     """Counts real executions of modules inside the blocks with plain torch forward hooks."""
@@ -28,11 +32,6 @@ class ExecutionCounter:
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
-
-
-def module_state(model: nn.Module) -> dict[str, tuple[str, ...]]:
-    """The instance attributes of every submodule: what apply/remove must leave as found."""
-    return {name: tuple(sorted(vars(module))) for name, module in model.named_modules()}
 
 
 def flux_inputs(batch: int = 1, timestep: float = 1.0, seed: int = 0) -> dict[str, object]:
@@ -128,67 +127,3 @@ def install_straight_line(transformer, decide: Decide, branches=2, shared_residu
 
     embedder.register_forward_hook(keep_embedding)
     return span
-
-
-class RunCounter:
-    """Counts, per module, the calls in which its own computation ran.
-
-    A call counts when at least one of the leaf submodules watched for it ran inside it (all its
-    leaves, or those of `inner[module]`). A module that is itself a leaf counts each time its own
-    `forward` runs: the counter wraps it before any hook is installed, so a hook that skips the
-    module skips the wrapper too.
-    """
-
-    def __init__(self, modules: list[nn.Module], inner: dict[nn.Module, list[nn.Module]] | None = None) -> None:
-        self.counts = [0] * len(modules)
-        self._ran = [False] * len(modules)
-        self._handles = []
-        self._wrapped: list[nn.Module] = []
-        for index, module in enumerate(modules):
-            watched = (inner or {}).get(module, [module])
-            leaves = [
-                sub
-                for part in watched
-                for sub in part.modules()
-                if sub is not module and next(sub.children(), None) is None
-            ]
-            if not leaves:
-                self._wrap(module, index)
-                continue
-            self._handles.append(module.register_forward_pre_hook(self._enter(index)))
-            self._handles += [leaf.register_forward_hook(self._leaf(index)) for leaf in leaves]
-            self._handles.append(module.register_forward_hook(self._exit(index)))
-
-    def _enter(self, index: int):
-        def hook(*_: object) -> None:
-            self._ran[index] = False
-
-        return hook
-
-    def _leaf(self, index: int):
-        def hook(*_: object) -> None:
-            self._ran[index] = True
-
-        return hook
-
-    def _exit(self, index: int):
-        def hook(*_: object) -> None:
-            self.counts[index] += self._ran[index]
-
-        return hook
-
-    def _wrap(self, module: nn.Module, index: int) -> None:
-        forward = module.forward
-
-        def counted(*args, **kwargs):
-            self.counts[index] += 1
-            return forward(*args, **kwargs)
-
-        module.forward = counted
-        self._wrapped.append(module)
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        for module in self._wrapped:
-            del module.forward

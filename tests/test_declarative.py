@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import test_conformance as conformance
 import torch
 from custom_dit import TinyVideoDiT
 from pydantic import ValidationError
 
 import cachekit
+from cachekit import conformance
 from cachekit.declarative import declare_adapter
 from cachekit.errors import MissingPointError
 from cachekit.example import ModelExample, example_of
@@ -118,3 +118,24 @@ def test_spec_mistakes_are_named():
         AdapterSpec.model_validate({**table, "missing_attention": {"temporal": "none"}})
     with pytest.raises(ValidationError, match="attention"):
         AdapterSpec.model_validate({**table, "blocks": [{**table["blocks"][0], "attention": {"attn": "diagonal"}}]})
+
+
+def test_a_plugin_finds_its_spec_file_beside_its_module_wherever_it_is_run(tmp_path, monkeypatch):
+    """A relative path is taken from the calling module's folder, not the working directory (which
+    inside an installed plugin is the user's)."""
+    import importlib.util
+    import shutil
+
+    package = tmp_path / "my_plugin"
+    package.mkdir()
+    shutil.copy(SPEC_FILE, package / "my_dit.toml")
+    (package / "adapter.py").write_text(
+        "from custom_dit import TinyVideoDiT\n"
+        "from cachekit import declare_adapter\n"
+        "Adapter = declare_adapter('my_dit.toml', TinyVideoDiT)\n"
+    )
+    monkeypatch.chdir(tmp_path.parent)  # anywhere but the plugin's folder
+    module_spec = importlib.util.spec_from_file_location("my_plugin_adapter", package / "adapter.py")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    assert module.Adapter.spec == AdapterSpec.model_validate(read_table(SPEC_FILE))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -141,3 +142,12 @@ def test_the_readme_estimator_is_the_installable_test_plugin():
     start = readme.index("# cachekit_damped/__init__.py\n")
     snippet = readme[start : readme.index("```", start)].split("\n", 1)[1]
     assert snippet in (PLUGINS / "damped" / "cachekit_damped" / "__init__.py").read_text()
+
+
+def test_a_plugin_author_runs_the_shipped_conformance_matrix_without_a_checkout(tmp_path):
+    """`pytest --pyargs cachekit.conformance` from anywhere: the installed estimator plugin's cells
+    run on every adapter."""
+    command = [sys.executable, "-m", "pytest", "--pyargs", "cachekit.conformance", "-q", "-p", "no:cacheprovider"]
+    result = subprocess.run([*command, "-k", "damped and (flux or wan)"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert re.search(r"\b[1-9]\d* passed", result.stdout) and "failed" not in result.stdout

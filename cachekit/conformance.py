@@ -1,0 +1,312 @@
+"""The conformance matrix, as pytest tests: every installed adapter x every installed strategy
+(with a copy and a Taylor forecast) and every installed estimator.
+
+Each adapter ships a tiny random instance of its model (`Adapter.example()`) and each strategy a
+never-reusing and a reusing config (`CachePolicy.example_configs()`), so a plugin joins the
+matrix by being installed. A cell is skipped only for a point or attention kind the adapter
+declares missing, with its declared reason. A plugin author runs it against everything installed
+beside the plugin, without a checkout of cachekit (pytest and the ``pipelines`` extra needed):
+
+    pytest --pyargs cachekit.conformance            # or -k my_strategy for the plugin's own cells
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import cachekit
+from cachekit import registry
+from cachekit.adapter import Adapter, BlockArgument, OutputSite, Point
+from cachekit.example import ModelExample
+from cachekit.testing import RunCounter, module_state
+
+ADAPTERS = sorted(registry.registry().adapters)
+STRATEGIES = sorted(registry.registry().strategies)
+ESTIMATORS = sorted(registry.registry().estimators)
+#: Every strategy with a copy and with a second-order Taylor forecast; every other estimator (a
+#: plugin's included) with a span-level and a module-level strategy.
+POLICIES = [
+    *((strategy, estimator) for strategy in STRATEGIES for estimator in ("copy", "taylor")),
+    *(
+        (strategy, estimator)
+        for strategy in ("uniform", "pab")
+        for estimator in ESTIMATORS
+        if estimator not in ("copy", "taylor")
+    ),
+]
+ESTIMATOR_CONFIGS = {"taylor": {"kind": "taylor", "order": 2}}
+STEPS = 6
+#: 0-1000 timesteps of the loop, noisy to clean, as a flow-matching pipeline would run them.
+TIMESTEPS = [1000.0 * (1 - i / STEPS) for i in range(STEPS)]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@functools.cache
+def example(adapter_name: str) -> ModelExample:
+    found = registry.registry().adapters[adapter_name].example()
+    if found is None:
+        pytest.skip(f"adapter {adapter_name!r} ships no example model")
+    assert cachekit.resolve_adapter(found.model).name == adapter_name
+    return found
+
+
+def denoise(model: ModelExample, steps: int = STEPS, guidance: float = 3.0) -> torch.Tensor:
+    """A plain Euler loop with CFG as two calls per step (conditional first)."""
+    latents = model.latents.clone()
+    with torch.no_grad():
+        for t in TIMESTEPS[:steps]:
+            cond, uncond = model(latents, t, 0), model(latents, t, 1)
+            latents = latents - (uncond + guidance * (cond - uncond)) / steps
+    return latents
+
+
+def configs(adapter_name: str, strategy_name: str, estimator: str | None = None):
+    """The strategy's example configs for this adapter (with `estimator`, else the strategy's
+    own); skips with the declared reason if the adapter lacks a point the strategy needs."""
+    adapter = registry.registry().adapters[adapter_name]
+    policy_class = registry.registry().strategies[strategy_name]
+    pair = policy_class.example_configs()
+    if pair is None:
+        pytest.skip(f"strategy {strategy_name!r} ships no example configs")
+    for config in pair:
+        for point in sorted(policy_class(config).required_points()):
+            if not adapter.provides(point):
+                pytest.skip(f"{adapter_name} has no {point.value!r}: {adapter.missing[point]}")
+    update = {"num_inference_steps": STEPS}
+    if estimator is not None:
+        update["estimator"] = ESTIMATOR_CONFIGS.get(estimator, {"kind": estimator})
+    return [cachekit.make_config({**config.model_dump(), **update}) for config in pair]
+
+
+@pytest.mark.parametrize(("strategy_name", "estimator"), POLICIES)
+@pytest.mark.parametrize("adapter_name", ADAPTERS)
+def test_never_reusing_is_bitwise_exact_and_remove_restores(adapter_name, strategy_name, estimator):
+    never_reuses, _ = configs(adapter_name, strategy_name, estimator)
+    model = example(adapter_name)
+    reference = denoise(model)
+    before = module_state(model.model)
+
+    with cachekit.apply(model.model, never_reuses) as handle:
+        cached = denoise(model)
+    restored = denoise(model)
+
+    assert torch.equal(cached, reference)
+    assert torch.equal(restored, reference)
+    assert module_state(model.model) == before
+    assert handle.stats.last.num_steps == STEPS
+    for branch in handle.stats.last.branches.values():
+        assert branch.calls == STEPS
+        assert all(counts.reused == 0 for counts in branch.sites.values())
+
+
+@pytest.mark.parametrize(("strategy_name", "estimator"), POLICIES)
+@pytest.mark.parametrize("adapter_name", ADAPTERS)
+def test_reusing_with_cfg_runs_and_counts_match_executions(adapter_name, strategy_name, estimator):
+    _, reuses = configs(adapter_name, strategy_name, estimator)
+    model = example(adapter_name)
+    adapter = cachekit.resolve_adapter(model.model)(model.model)
+    blocks = adapter.blocks()
+    sites = [*adapter.attention_sites(), *adapter.mlp_sites()] if adapter.provides(Point.ATTENTION) else []
+    # Under a span policy a block runs when its attention does (its norm alone may run for the probe).
+    policy = registry.registry().strategies[strategy_name](reuses)
+    spans = Point.SPAN in policy.required_points()
+    attention = {
+        block: [site.module for site in adapter.attention_sites() if site.block == i] for i, block in enumerate(blocks)
+    }
+    counter = RunCounter([*blocks, *(site.module for site in sites)], attention if spans and sites else None)
+    try:
+        with cachekit.apply(model.model, reuses) as handle:
+            output = denoise(model)
+    finally:
+        counter.close()
+    block_runs, site_runs = counter.counts[: len(blocks)], counter.counts[len(blocks) :]
+
+    assert output.shape == model.latents.shape
+    assert torch.isfinite(output).all()
+    stats = handle.stats.last
+    assert sorted(stats.branches) == [0, 1]
+    totals: dict[str, list[int]] = {}
+    for branch in stats.branches.values():
+        assert branch.calls == STEPS
+        for name, counts in branch.sites.items():
+            total = totals.setdefault(name, [0, 0])
+            total[0] += counts.computed
+            total[1] += counts.reused
+    assert sum(reused for _, reused in totals.values()) > 0, f"nothing reused: {totals}"
+
+    calls = 2 * STEPS
+    if "span" in totals:
+        computed, reused = totals["span"]
+        assert computed + reused == calls
+        # the blocks the policy keeps computed run at every call; the others exactly when the span computes
+        first, last = policy.always_computed()
+        assert block_runs == [calls] * first + [computed] * (len(blocks) - first - last) + [calls] * last
+    else:
+        assert block_runs == [calls] * len(blocks)
+    for kind in {site.kind.value for site in sites}:
+        runs = sum(count for site, count in zip(sites, site_runs, strict=True) if site.kind.value == kind)
+        if kind in totals:
+            assert runs == totals[kind][0], kind
+        elif "span" not in totals:
+            assert runs == calls * sum(site.kind.value == kind for site in sites), kind
+
+
+@pytest.mark.parametrize("adapter_name", ADAPTERS)
+def test_adapter_provides_every_point_it_does_not_declare_missing(adapter_name):
+    adapter_class = registry.registry().adapters[adapter_name]
+    model = example(adapter_name)
+    adapter = adapter_class(model.model)
+    names = dict(model.model.named_modules())
+    assert all(reason.strip() for reason in [*adapter.missing.values(), *adapter.missing_attention.values()])
+
+    blocks = adapter.blocks()
+    assert blocks and all(any(block is module for module in names.values()) for block in blocks)
+    if adapter.provides(Point.SPAN):
+        assert [block for block, _ in adapter.span().blocks] == blocks
+    for point, sites in [(Point.ATTENTION, adapter.attention_sites), (Point.MLP, adapter.mlp_sites)]:
+        if adapter.provides(point):
+            found = sites()
+            assert found, f"{adapter_name} provides {point.value} but lists no site"
+            assert all(names[site.name] is site.module for site in found)
+            assert all(0 <= site.block < len(blocks) for site in found)
+            assert all(any(m is site.module for m in blocks[site.block].modules()) for site in found)
+    kinds = {site.kind.value for site in adapter.attention_sites()}
+    assert not kinds & {kind.value for kind in adapter.missing_attention}
+    assert kinds | {kind.value for kind in adapter.missing_attention} >= {"spatial", "temporal", "cross"}, (
+        "every attention kind is either present or declared missing with a reason"
+    )
+
+    seen = _signals(adapter, model)
+    if adapter.provides(Point.PROBE):
+        assert seen["probe"].ndim == 3 and torch.isfinite(seen["probe"]).all()  # batch, tokens, channels
+    for point in (Point.TIMESTEP_EMBEDDING, Point.PROJECTED_TIMESTEP_EMBEDDING):
+        if adapter.provides(point):
+            assert isinstance(seen[point.value], torch.Tensor) and torch.isfinite(seen[point.value]).all()
+    torch.testing.assert_close(seen["timestep"], torch.tensor(500.0))
+
+
+def _signals(adapter: Adapter, model: ModelExample) -> dict[str, torch.Tensor]:
+    """Read the step, probe and embeddings out of one real call, with plain torch hooks."""
+    seen: dict[str, torch.Tensor] = {}
+    first = adapter.blocks()[0]
+    embeddings = {
+        point.value: read()
+        for point, read in [
+            (Point.TIMESTEP_EMBEDDING, adapter.timestep_embedding),
+            (Point.PROJECTED_TIMESTEP_EMBEDDING, adapter.projected_timestep_embedding),
+        ]
+        if adapter.provides(point)
+    }
+
+    def on_call(_, args, kwargs):
+        seen["timestep"] = adapter.timestep(args, kwargs).float().max()
+
+    def on_first_block(_, args, kwargs):
+        if adapter.provides(Point.PROBE) and "probe" not in seen:
+            seen["probe"] = adapter.probe(args, kwargs)
+        for name, site in embeddings.items():
+            if isinstance(site, BlockArgument):
+                seen.setdefault(name, site.read(args, kwargs))
+
+    handles = [
+        model.model.register_forward_pre_hook(on_call, with_kwargs=True),
+        first.register_forward_pre_hook(on_first_block, with_kwargs=True),
+    ]
+    for name, site in embeddings.items():
+        if isinstance(site, OutputSite):
+
+            def on_embedding(_, __, output, name=name, site=site):
+                seen.setdefault(name, site.read(output))
+
+            handles.append(site.module.register_forward_hook(on_embedding))
+    try:
+        with torch.no_grad():
+            model(model.latents, 500.0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("adapter_name", ADAPTERS)
+def test_reuse_at_a_nearly_identical_call_reproduces_the_computed_output(adapter_name):
+    """The span's residuals and the sites' outputs go back exactly where they came from: reused at
+    a call a hair's breadth from the computed one, the output barely moves (a residual added to
+    the wrong stream, segment or layout would move it by the output's own scale)."""
+    model = example(adapter_name)
+    adapter = registry.registry().adapters[adapter_name]
+    with torch.no_grad():
+        expected = model(model.latents, 499.999)
+    policies = []
+    if adapter.provides(Point.SPAN):
+        policies.append({"strategy": "uniform", "interval": 2, "num_inference_steps": 4})
+    if adapter.provides(Point.ATTENTION):
+        every = {"range": 2, "window": (0.0, 1000.0)}
+        kinds = {kind: every for kind in ("spatial", "temporal", "cross") if kind not in adapter.missing_attention}
+        policies.append({"strategy": "pab", **kinds})
+    assert policies
+    for policy in policies:
+        with cachekit.apply(model.model, policy) as handle, torch.no_grad():
+            model(model.latents, 500.0)
+            reused = model(model.latents, 499.999)
+        assert sum(counts.reused for counts in handle.stats.last.branches[0].sites.values()) > 0
+        torch.testing.assert_close(reused, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("strategy_name", STRATEGIES)
+@pytest.mark.parametrize("modality", ["image", "video"])
+def test_full_pipeline_runs_under_each_strategy(modality, strategy_name):
+    """A whole diffusers pipeline (text encoder, scheduler, VAE) per modality, end to end."""
+    from cachekit.testing import run_flux, run_wan, tiny_flux_pipeline, tiny_wan_pipeline
+
+    pair = registry.registry().strategies[strategy_name].example_configs()
+    if pair is None:
+        pytest.skip(f"strategy {strategy_name!r} ships no example configs")
+    pipe, run = (tiny_flux_pipeline(), run_flux) if modality == "image" else (tiny_wan_pipeline(), run_wan)
+    reference = run(pipe, steps=STEPS)
+    with cachekit.apply(pipe, pair.never_reuses):
+        assert torch.equal(run(pipe, steps=STEPS), reference)
+    with cachekit.apply(pipe, pair.reuses) as handle:
+        output = run(pipe, steps=STEPS)
+    assert output.shape == reference.shape and torch.isfinite(output).all()
+    assert sum(counts.reused for b in handle.stats.last.branches.values() for counts in b.sites.values()) > 0
+
+
+@pytest.mark.parametrize("adapter_name", ADAPTERS)
+def test_probe_is_the_modulated_input_block_0_attends_to(adapter_name):
+    """The oracle: block 0's first attention module is called on exactly the timestep-modulated
+    input, so the probe, computed before the block runs, must equal what that module receives."""
+    adapter_class = registry.registry().adapters[adapter_name]
+    if not adapter_class.provides(Point.PROBE):
+        pytest.skip(f"{adapter_name} has no 'probe': {adapter_class.missing[Point.PROBE]}")
+    model = example(adapter_name)
+    adapter = adapter_class(model.model)
+    attention = next(site.module for site in adapter.attention_sites() if site.block == 0)
+    seen: dict[str, torch.Tensor] = {}
+
+    def on_block(_, args, kwargs):
+        seen.setdefault("probe", adapter.probe(args, kwargs))
+
+    def on_attention(_, args, kwargs):
+        seen.setdefault("attended", kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+
+    hooks = [
+        adapter.blocks()[0].register_forward_pre_hook(on_block, with_kwargs=True),
+        attention.register_forward_pre_hook(on_attention, with_kwargs=True),
+    ]
+    try:
+        with torch.no_grad():
+            model(model.latents, 500.0)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(seen["probe"], seen["attended"])
