@@ -43,7 +43,7 @@ def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="cachekit", description="Training-free caching for diffusion transformers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="the installed strategies, estimators, adapters and presets")
+    commands.add_parser("list", help="the installed strategies, estimators, adapters, metrics and presets")
 
     study = commands.add_parser("study", help="compare cache policies").add_subparsers(dest="action", required=True)
     run = study.add_parser("run", help="run a study spec (resumes unless --fresh)")
@@ -120,6 +120,7 @@ def _list() -> None:
     print("strategies:", ", ".join(cachekit.list_strategies()))
     print("estimators:", ", ".join(cachekit.list_estimators()))
     print("adapters:  ", ", ".join(cachekit.list_adapters()))
+    print("metrics:   ", ", ".join(cachekit.list_metrics()))
     print("presets:   ", "teacache:", ", ".join(teacache_presets()), "| magcache:", ", ".join(magcache_presets()))
     print("diffusers methods for studies:", ", ".join(sorted(PEER_CONFIGS)))
     for plugin, reason in cachekit.plugin_errors().items():

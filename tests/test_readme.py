@@ -1,0 +1,196 @@
+"""Every code block of the README runs, or is checked, as written: each block is matched to how it
+is tested here (or to the test that runs it), and a block nobody handles fails the test. Only
+what cannot run offline on a CPU is substituted, and each substitution is listed below: a hub
+model becomes the tiny offline pipeline of its class, `cuda` the CPU, and 50-step studies 6."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+import types
+from pathlib import Path
+
+import pytest
+
+import cachekit
+from cachekit.schemas import AdapterSpec, CalibrationSpec
+from cachekit.study import load_spec, plan
+
+ROOT = Path(__file__).parent.parent
+README = (ROOT / "README.md").read_text()
+PLUGINS = ROOT / "tests" / "plugins"
+
+
+def blocks() -> list[tuple[str, str]]:
+    """(language, code) of every fenced block, in order."""
+    return re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
+
+
+def block(first_line: str) -> str:
+    (found,) = [code for _, code in blocks() if code.startswith(first_line)]
+    return found
+
+
+#: Blocks run by other tests, by their first line.
+ELSEWHERE = {
+    "transformer.enable_parallelism": "tests/test_context_parallel.py runs both orders under real context parallelism",
+    "torchrun --nproc-per-node 8": "tests/test_many_processes.py runs both commands under torchrun",
+    "# cachekit_damped/__init__.py": "test_registry.py: the installed plugin's source, word for word",
+}
+
+
+def test_every_block_is_handled():
+    handled = [*HANDLERS, *ELSEWHERE]
+    unhandled = [code.splitlines()[0] for _, code in blocks() if not any(code.startswith(h) for h in handled)]
+    assert not unhandled, f"README blocks no test runs: {unhandled}"
+
+
+def run_python(code: str, cwd: Path) -> str:
+    result = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_use(tmp_path):
+    code = block("import torch\nfrom diffusers import FluxPipeline")
+    code = code.replace(  # the hub model, on a GPU -> the tiny FluxPipeline, on the CPU
+        'FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16).to("cuda")',
+        "__import__('cachekit.testing').testing.tiny_flux_pipeline()",
+    ).replace("num_inference_steps=28)", "num_inference_steps=28, height=32, width=32, max_sequence_length=16)")
+    assert "tiny_flux_pipeline" in code and "height=32" in code
+    printed = run_python(code, tmp_path)
+    assert "SiteCounts(computed=15, reused=13)" in printed  # what the block's comment says
+    assert "uniform on flux" in printed and "schedule C.C.C.C.C.C.C.C.C.C.C.C.C.CC" in printed
+
+
+def test_testbed(tmp_path):
+    printed = run_python(block("import torch\nfrom cachekit import testbed"), tmp_path)
+    assert re.search(r"Score\(accuracy=", printed), printed
+
+
+def test_plugin_strategy(monkeypatch):
+    module = types.ModuleType("my_cache")
+    monkeypatch.setitem(sys.modules, "my_cache", module)  # as an installed package would be
+    exec(block("# my_cache/__init__.py"), module.__dict__)
+    registry = cachekit.registry.Registry()
+    registry.load_entry_points()
+    registry.add(module, "my_cache")
+    assert not registry.errors and "every_third" in registry.strategies
+    (entry_point,) = tomllib.loads(block("# pyproject.toml"))["project"]["entry-points"]["cachekit"].items()
+    assert entry_point == ("every_third", "my_cache")
+    policy = registry.strategies["every_third"](module.EveryThirdConfig())
+    assert [policy.decide_span(types.SimpleNamespace(index=i), None, None) for i in range(4)] == [
+        True,
+        False,
+        False,
+        True,
+    ]
+
+
+def test_plugin_metric_is_the_installed_test_plugin():
+    snippet = block("# cachekit_sharpness/__init__.py").split("\n", 1)[1]
+    assert snippet in (PLUGINS / "sharpness" / "cachekit_sharpness" / "__init__.py").read_text()
+    assert "sharpness" in cachekit.list_metrics()
+
+
+def test_declared_adapter(tmp_path):
+    from custom_dit import TinyVideoDiT
+
+    (tmp_path / "my_dit.toml").write_text(block("# my_dit.toml"))
+    code = block("from cachekit import declare_adapter, hookimpl")
+    module = types.ModuleType("my_dit_plugin")
+    module.__dict__.update(MyDiT=TinyVideoDiT, __file__=str(tmp_path / "plugin.py"))
+    exec(compile(code, str(tmp_path / "plugin.py"), "exec"), module.__dict__)  # the spec found beside it
+    registry = cachekit.registry.Registry()
+    registry.add(module, "my_dit")
+    assert not registry.errors and registry.adapters["my_dit"].spec == AdapterSpec.model_validate(
+        tomllib.loads(block("# my_dit.toml"))
+    )
+
+
+def test_study_specs_plan(tmp_path):
+    """The study specs plan as written (hub models are checked by name: no cache here)."""
+    for first in ("# study.toml", "# pipelines.toml"):
+        path = tmp_path / first.removeprefix("# ")
+        path.write_text(block(first))
+        assert plan(load_spec(path)).cells
+    calibration = CalibrationSpec.model_validate(tomllib.loads(block("# calibration.toml")))
+    assert calibration.model == "flux-digits" and calibration.held_out_seeds == [1000, 1001]
+
+
+def test_study_commands(tmp_path):
+    """The commands of the study section, on its study.toml at 6 steps."""
+    (tmp_path / "study.toml").write_text(block("# study.toml").replace("steps = 50", "steps = 6\nrepeats = 1"))
+    for line in commands("cachekit study run study.toml"):
+        result = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, (line, result.stderr[-3000:])
+    assert (tmp_path / "results-report" / "report.md").is_file()
+    assert (tmp_path / "results-export" / "flux-digits" / "uncached" / "3-1.png").is_file()
+
+
+def test_calibration_commands(tmp_path):
+    """The calibrate and tune commands, on the README's calibration.toml cut to 2 labels and 10 steps."""
+    spec = block("# calibration.toml").replace("labels = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]", "labels = [3, 7]")
+    (tmp_path / "calibration.toml").write_text(spec.replace("steps = 50", "steps = 10"))
+    for line in commands("cachekit calibrate calibration.toml"):
+        result = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, (line, result.stderr[-3000:])
+    assert (tmp_path / "flux-digits.png").is_file()
+    assert cachekit.schemas.load_preset(str(tmp_path / "flux-digits.json")).thresholds
+
+
+def test_setup_commands_name_real_sessions():
+    """`nox` is what CI runs; `nox -s demo` and the sessions the README names exist."""
+    noxfile = (ROOT / "noxfile.py").read_text()
+    for session in re.findall(r"nox -s (\w+)", README):
+        assert f"def {session}(session" in noxfile, session
+    install = commands("pip install torch")
+    assert (
+        install[1] == 'pip install "dit-cachekit[pipelines]"'
+        and "pipelines = [" in (ROOT / "pyproject.toml").read_text()
+    )
+
+
+def commands(first_line: str) -> list[str]:
+    """The command lines of the bash block starting with `first_line`, comments dropped; `cachekit`
+    run by this Python (`python -m cachekit`, as the README says it may be)."""
+    lines = [line.split("  #")[0].strip() for line in block(first_line).splitlines()]
+    python = f"{sys.executable} -m cachekit "
+    return [re.sub(r"^cachekit ", python, line) for line in lines if line and not line.startswith("#")]
+
+
+HANDLERS = {
+    "import torch\nfrom diffusers import FluxPipeline": test_use,
+    "import torch\nfrom cachekit import testbed": test_testbed,
+    "# my_cache/__init__.py": test_plugin_strategy,
+    "# pyproject.toml": test_plugin_strategy,
+    "# cachekit_sharpness/__init__.py": test_plugin_metric_is_the_installed_test_plugin,
+    "# my_dit.toml": test_declared_adapter,
+    "from cachekit import declare_adapter, hookimpl": test_declared_adapter,
+    "# study.toml": test_study_specs_plan,
+    "# pipelines.toml": test_study_specs_plan,
+    "# calibration.toml": test_study_specs_plan,
+    "cachekit study run study.toml": test_study_commands,
+    "cachekit calibrate calibration.toml": test_calibration_commands,
+    "pip install torch": test_setup_commands_name_real_sessions,
+    "pip install nox": test_setup_commands_name_real_sessions,
+}
+
+
+@pytest.mark.slow
+def test_a_user_installs_the_package_into_a_fresh_environment(tmp_path):
+    """The Install block, in a new virtual environment: torch first (the CPU build here), then the
+    package with its pipelines extra, from this checkout; then `cachekit --version` and a study."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, "torch==2.13.0"], check=True, timeout=900)
+    subprocess.run([*pip, f"{ROOT}[pipelines]"], check=True, timeout=900)
+    version = subprocess.run([str(venv / "bin" / "cachekit"), "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.startswith("cachekit ")
+    (tmp_path / "study.toml").write_text(block("# study.toml").replace("steps = 50", "steps = 4\nrepeats = 1"))
+    command = [str(venv / "bin" / "cachekit"), "study", "run", "study.toml", "--db", "r.sqlite", "--quiet", "--report"]
+    subprocess.run(command, cwd=tmp_path, check=True, timeout=900)
+    assert (tmp_path / "r-report" / "report.md").is_file()
