@@ -10,6 +10,7 @@ and never makes up a value.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -93,10 +94,12 @@ def metrics_for(entries: Sequence[str | dict[str, Any]] | None) -> Metrics:
         name = options.pop("name", None)
         if name not in known:
             raise MetricError(f"unknown metric {name!r}; installed metrics: {', '.join(sorted(known))}")
-        try:
-            metric = known[name](**options)
-        except TypeError as error:
-            raise MetricError(f"metric {name!r} does not take these options: {error}") from None
+        allowed = [p for p in inspect.signature(known[name]).parameters if p not in ("args", "kwargs")]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            takes = f"takes {', '.join(allowed)}" if allowed else "takes no options"
+            raise MetricError(f"metric {name!r} {takes}; got {', '.join(unknown)}")
+        metric = known[name](**options)
         why = metric.unavailable()
         if why is not None:
             raise MetricError(f"metric {name!r} cannot run on this machine: {why}")

@@ -1,6 +1,8 @@
-"""CLIP score of a sample against its prompt (torchmetrics' CLIPScore): 100 x the cosine of the
-image and text embeddings, averaged over a video's frames. Available where `transformers` is
-installed and the CLIP model is a local folder or already in the Hugging Face cache."""
+"""CLIP score of a sample against its prompt: 100 x the cosine of CLIP's image and text
+embeddings (averaged over a video's frames, floored at 0), as torchmetrics and the CLIPScore paper
+define it, computed with transformers' CLIP model directly (torchmetrics' wrapper does not read the
+outputs of transformers 5). Available where `transformers` is installed and the CLIP model is a
+local folder or already in the Hugging Face cache."""
 
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ class CLIPScore(Metric):
 
     def __init__(self, model: str = DEFAULT_MODEL) -> None:
         self.model = model
-        self._scorer: Any = None
+        self._loaded: tuple[Any, Any] | None = None
 
     def unavailable(self) -> str | None:
         if importlib.util.find_spec("transformers") is None:
@@ -48,16 +50,29 @@ class CLIPScore(Metric):
             return f"the CLIP model {self.model!r} is neither a local folder nor in the Hugging Face cache"
         return None
 
+    @torch.no_grad()
     def __call__(self, sample: Sample) -> float:
-        from torchmetrics.multimodal.clip_score import CLIPScore as Scorer
+        from transformers import CLIPModel, CLIPProcessor
 
         frames = as_images(sample.output)
         if frames.shape[1] not in (1, 3):
             raise MetricSkipped(f"it needs 1 or 3 channels, got {frames.shape[1]}")
-        if self._scorer is None:
-            self._scorer = Scorer(model_name_or_path=self.model)
-        self._scorer.reset()
-        return float(self._scorer(list(as_bytes(frames)), [sample.condition] * len(frames)))
+        if self._loaded is None:
+            self._loaded = CLIPModel.from_pretrained(self.model).eval(), CLIPProcessor.from_pretrained(self.model)
+        model, processor = self._loaded
+        length = model.config.text_config.max_position_embeddings
+        inputs = processor(
+            text=[sample.condition] * len(frames),
+            images=list(as_bytes(frames)),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=length,
+        )
+        outputs = model(**inputs)
+        images = outputs.image_embeds / outputs.image_embeds.norm(dim=-1, keepdim=True)
+        texts = outputs.text_embeds / outputs.text_embeds.norm(dim=-1, keepdim=True)
+        return max(float(100 * (images * texts).sum(dim=-1).mean()), 0.0)
 
 
 @hookimpl

@@ -363,3 +363,17 @@ def test_references_kept_as_blobs_by_an_earlier_cachekit_move_to_files(tmp_path)
     with sqlite3.connect(db) as moved:
         assert moved.execute("SELECT name FROM sqlite_master WHERE name = 'outputs'").fetchone() is None
     assert store.rows("s")[0]["process"] is None  # columns added, the row kept as it was
+
+
+def test_entries_of_one_strategy_that_differ_outside_their_sweep_keep_their_own_labels(tmp_path):
+    """Two TeaCache entries without sweeps: both are planned, labelled apart, reported and drawn."""
+    text = SPEC.replace("sweep.interval = [2, 3]", "interval = 2").replace("seeds = [0, 1]", "seeds = [0]")
+    text += '\n[[policies]]\nstrategy = "teacache"\ncoefficients = [2.0, 0.0]\nrel_l1_thresh = 0.1\n'
+    spec = load_spec(write_spec(tmp_path, text))
+    labels = [setting.label for setting in plan(spec).settings]
+    assert labels == ["uncached", "uniform", "teacache", "teacache #3"]
+    db = run_study(spec, tmp_path / "results.sqlite", progress=False)
+    report = write_report(db, tmp_path / "report").read_text()
+    assert "| flux-digits | teacache | 2 |" in report and "| flux-digits | teacache #3 | 2 |" in report
+    summaries = summarize(ResultStore(db).rows("tiny"))
+    assert len({s.label for s in summaries}) == len(summaries) == 4

@@ -192,7 +192,7 @@ def _method(entry: PolicyEntry, config: PolicyConfig | PeerConfig, index: int, t
         default = type(config).model_fields["estimator"].default
         if config.estimator != default:
             method += "+" + estimator_label(config.estimator)
-    return method if method not in taken else f"{method} #{index}"
+    return method if method not in taken else f"{method} #{index + 1}"
 
 
 def estimator_label(estimator: EstimatorConfig) -> str:

@@ -334,53 +334,84 @@ def _pyplot() -> Any:
 def _pareto(summaries: list[Summary], path: Path, trusted: bool, why_not: str) -> None:
     """Speedup vs PSNR per model, one colour per method; the frontier joins the settings no other
     beats on both (drawn from two of them on). The x axis is wall clock where it can be trusted,
-    else the FLOPs speedup, and the title says which."""
+    else the FLOPs speedup, and the title says which. Settings that land on one spot (a method and
+    its diffusers twin) are drawn as rings around each other and labelled together."""
     plt = _pyplot()
     models = list(dict.fromkeys(s.model for s in summaries))
     figure, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
-    colours = plt.get_cmap("tab10").colors
+    colours = plt.get_cmap("tab20").colors
+    to_label = []
     for axis, model in zip(axes[0], models, strict=True):
         shown = [s for s in summaries if s.model == model and s.psnr is not None and s.psnr != math.inf]
         methods = list(dict.fromkeys(s.method for s in shown))
+        colour = {method: colours[(2 * i) % 20 + (2 * i) // 20 % 2] for i, method in enumerate(methods)}
         points = [(s.speedup if trusted else s.compute_limit, s.psnr or 0.0, s) for s in shown]
-        for x, y, s in points:
-            axis.scatter(x, y, s=36, color=colours[methods.index(s.method) % len(colours)], zorder=3)
+        axis.scatter([x for x, _, _ in points], [y for _, y, _ in points], s=0)  # sets the limits
         frontier = sorted((x, y) for x, y, _ in points if not any(o[0] >= x and o[1] > y for o in points))
         if len(frontier) > 1:
             axis.plot(*zip(*frontier, strict=True), "k--", linewidth=1, zorder=2)
         axis.axvline(1.0, color="grey", linewidth=0.8)
         axis.margins(x=0.15, y=0.12)
+        figure.canvas.draw()
+        labelled = []
+        for group in _coincident(axis, points):
+            for ring, (x, y, s) in enumerate(group):  # the largest first, each smaller one on top
+                size = 36 * (1 + 1.2 * (len(group) - 1 - ring))
+                axis.scatter(x, y, s=size, color=colour[s.method], zorder=3 + ring, edgecolors="white", linewidths=0.5)
+            labelled.append((group[0][0], group[0][1], ", ".join(s.label for _, _, s in group)))
         xlabel = "speedup vs uncached (wall clock, ratio of medians)" if trusted else "speedup in FLOPs vs uncached"
         axis.set(title=model, xlabel=xlabel, ylabel="PSNR vs uncached (dB)")
-        handles = [
-            plt.Line2D([], [], marker="o", linestyle="", color=colours[i % len(colours)]) for i in range(len(methods))
-        ]
+        handles = [plt.Line2D([], [], marker="o", linestyle="", color=colour[method]) for method in methods]
         labels = list(methods)
         if len(frontier) > 1:
             handles.append(plt.Line2D([], [], color="k", linestyle="--"))
             labels.append("frontier")
         axis.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, fontsize=8, frameon=False)
-        place_labels(figure, axis, [(x, y, s.label) for x, y, s in points])
+        to_label.append((axis, labelled))
     if not trusted:
         figure.suptitle(f"x: FLOPs, not wall clock ({why_not})", fontsize=9)
     figure.tight_layout()
+    for axis, labelled in to_label:  # once the layout is final: labels are placed in pixels
+        place_labels(figure, axis, labelled)
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
 
 
+def _coincident(axis: Any, points: list[tuple[float, float, Any]], pixels: float = 6.0) -> list[list[Any]]:
+    """`points` grouped where their markers would cover each other on `axis`."""
+    groups: list[list[Any]] = []
+    for point in points:
+        here = axis.transData.transform(point[:2])
+        for group in groups:
+            there = axis.transData.transform(group[0][:2])
+            if abs(here[0] - there[0]) < pixels and abs(here[1] - there[1]) < pixels:
+                group.append(point)
+                break
+        else:
+            groups.append([point])
+    return groups
+
+
 #: Where a point's label may go, in points from the point, tried in order.
-_OFFSETS = [(5, 3), (5, -11), (-5, 3), (-5, -11), (5, 12), (-5, 12), (5, -20), (-5, -20), (0, 20), (0, -28)]
+_OFFSETS = [(6, 0), (-6, 0), (6, 9), (6, -9), (-6, 9), (-6, -9), (8, 18), (8, -18), (-8, 18), (-8, -18)]
 
 
 def place_labels(figure: Any, axis: Any, points: list[tuple[float, float, str]]) -> None:
-    """Annotate each point with its label where it covers neither another label nor a point; a
-    label with no free place gets an arrow to its point, further out."""
+    """Annotate each point with its label inside the axes, where it covers neither another label
+    nor another point; a label placed away from its point gets a leader line. Call it once the
+    layout is final."""
     renderer = figure.canvas.get_renderer()
     figure.canvas.draw()
+    frame = axis.get_window_extent(renderer)
     marks = [axis.transData.transform((x, y)) for x, y, _ in points]
-    taken = [(mx - 5, my - 5, mx + 5, my + 5) for mx, my in marks]
-    for number, (x, y, label) in enumerate(sorted(points, key=lambda p: (-p[1], p[0]))):
-        for dx, dy in [*_OFFSETS, (12 + 8 * (number % 4), 30 + 10 * (number % 5))]:
+    boxes = [(mx - 6, my - 6, mx + 6, my + 6) for mx, my in marks]
+    labels: list[tuple[float, ...]] = []
+    order = sorted(range(len(points)), key=lambda i: (-points[i][1], points[i][0]))
+    for number, index in enumerate(order):
+        x, y, label = points[index]
+        others = [box for i, box in enumerate(boxes) if i != index] + labels
+        candidates = [*_OFFSETS, *((sign * (14 + 10 * (number % 4)), 30 + 8 * (number % 5)) for sign in (-1, 1))]
+        for dx, dy in candidates:
             text = axis.annotate(
                 label,
                 (x, y),
@@ -388,17 +419,19 @@ def place_labels(figure: Any, axis: Any, points: list[tuple[float, float, str]])
                 textcoords="offset points",
                 fontsize=7,
                 ha="left" if dx >= 0 else "right",
+                va="center",
                 annotation_clip=False,
-                arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.5} if abs(dy) > 20 else None,
+                arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.6, "shrinkB": 4}
+                if (dx, dy) != _OFFSETS[0]
+                else None,
             )
             box = text.get_window_extent(renderer)
             edges = (box.x0, box.y0, box.x1, box.y1)
-            if not any(_overlap(edges, other) for other in taken):
-                taken.append(edges)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if (dx, dy) == candidates[-1] or (inside and not any(_overlap(edges, other) for other in others)):
+                labels.append(edges)
                 break
             text.remove()
-        else:  # nowhere free: the last place, drawn anyway
-            axis.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7)
 
 
 def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
