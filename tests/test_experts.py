@@ -67,3 +67,18 @@ def test_module_policies_keep_outputs_per_expert():
     assert torch.isfinite(output).all()
     for stats in handle.stats_by_component.values():
         assert sum(branch.sites["spatial"].reused for branch in stats.last.branches.values()) > 0
+
+
+def test_the_summary_tells_each_expert_apart():
+    pipe = tiny_wan_pipeline(two_experts=True)
+    with cachekit.apply(pipe, UniformConfig(interval=2)) as handle:
+        run_wan(pipe, steps=STEPS)
+    summary = handle.summary()
+    lines = summary.splitlines()
+    assert lines[0] == "[transformer] uniform on wan" and "[transformer_2] uniform on wan" in lines
+    for name, stats in handle.stats_by_component.items():
+        for index, branch in stats.last.branches.items():
+            schedule = "".join("C" if computed else "." for computed in branch.span_schedule)
+            span = branch.sites["span"]
+            counts = f"span {span.computed} computed / {span.reused} reused"
+            assert f"branch {index}: {branch.calls} calls, {counts}, schedule {schedule}" in summary, name

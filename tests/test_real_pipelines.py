@@ -197,3 +197,28 @@ def test_each_model_gets_the_studys_settings_overridden_by_its_own(folder):
     # the top-level frames reach the video models only
     assert "num_frames" not in call_arguments(flux, CallSignature.of(FluxPipeline))
     assert call_arguments(wan, CallSignature.of(WanPipeline))["num_frames"] == 5
+
+
+def test_a_setting_that_cannot_run_on_the_second_model_fails_before_the_first_cell(folder, tmp_path):
+    """flux-dev's TeaCache preset fits the testbed's Flux model but not a Wan model: the study stops
+    before computing anything, naming the model, though the Wan model comes second."""
+    spec = tmp_path / "two.toml"
+    spec.write_text(
+        f'''models = ["flux-digits", "{folder / "wan"}"]
+labels = [3]
+prompts = ["a red cat"]
+steps = 4
+frames = 5
+
+[[policies]]
+strategy = "teacache"
+preset = "flux-dev"
+rel_l1_thresh = 0.2
+'''
+    )
+    with pytest.raises(
+        StudySpecError,
+        match=rf"teacache cannot run on {folder / 'wan'}: TeaCache preset 'flux-dev' was published for a 'flux' model",
+    ):
+        run_study(load_spec(spec), tmp_path / "r.sqlite", progress=False)
+    assert ResultStore(tmp_path / "r.sqlite").rows() == []

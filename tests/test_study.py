@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from cachekit import testbed
 from cachekit.study import StudySpecError, load_spec, plan, run_study, write_report
@@ -109,6 +110,16 @@ def test_report_table_equals_the_database_rows(finished):
         assert cells[7] == f"{blocks:.1%}"
         psnr = statistics.fmean(r["psnr"] for r in group)
         assert cells[10] == ("exact" if psnr == math.inf else f"{psnr:.2f}")
+
+
+def test_the_report_says_what_was_asked_where_it_ran_and_how_far_it_got(finished):
+    db, report = finished
+    text = report.read_text()
+    assert "16 of 16 planned cells finished; 4 model x setting pairs." in text
+    assert "## What was asked, and where it ran" in text and '"sweep": {\n        "interval": [\n          2,' in text
+    environment = ResultStore(db).runs("tiny")[0]["environment"]
+    assert environment["torch"] == torch.__version__ and environment["device"].startswith("cpu")
+    assert f"| {environment['device']} | {torch.__version__} |" in text
 
 
 def test_a_speedup_above_the_compute_limit_is_flagged(tmp_path):
