@@ -198,7 +198,7 @@ def calibrate(spec: CalibrationSpec, model: StudyModel | None = None, progress: 
         pairs = [(seed, condition) for seed in spec.seeds for condition in spec.conditions()]
         share = workers.share(range(len(pairs)))
         bar = tqdm(share, desc="calibrating", unit="generation", disable=not progress or workers.rank != 0)
-        mine = {index: record(model, *pairs[index], spec.probe) for index in bar}
+        mine = {index: record(model, pairs[index][0], pairs[index][1], spec.probe) for index in bar}
         recorded: dict[int, Recording] = {}
         for part in workers.gather(mine):  # the processes of a context group recorded the same
             recorded.update(part)

@@ -81,7 +81,7 @@ def configs(adapter_name: str, strategy_name: str, estimator: str | None = None)
         for point in sorted(policy_class(config).required_points()):
             if not adapter.provides(point):
                 pytest.skip(f"{adapter_name} has no {point.value!r}: {adapter.missing[point]}")
-    update = {"num_inference_steps": STEPS}
+    update: dict[str, object] = {"num_inference_steps": STEPS}
     if estimator is not None:
         update["estimator"] = ESTIMATOR_CONFIGS.get(estimator, {"kind": estimator})
     return [cachekit.make_config({**config.model_dump(), **update}) for config in pair]

@@ -37,7 +37,7 @@ class ImageReward(Metric):
         return None
 
     def __call__(self, sample: Sample) -> float:
-        import ImageReward as reward  # type: ignore[import-not-found]
+        import ImageReward as reward
 
         frames = as_images(sample.output)
         if frames.shape[1] not in (1, 3):

@@ -47,8 +47,8 @@ def export(db: str | Path, out: str | Path, study: str | None = None) -> Path:
         media = [name for name in json.loads(row["files"] or "[]") if name.endswith((IMAGE, VIDEO))]
         folder = out / slug(row["model"].rstrip("/").split("/")[-1]) / slug(row["label"])
         for number, name in enumerate(media):
-            index = seeds.index(row["seed"]) * len(media) + number
-            target = folder / f"{prompt_name(row['condition'])}-{index}{Path(name).suffix}"
+            position = seeds.index(row["seed"]) * len(media) + number
+            target = folder / f"{prompt_name(row['condition'])}-{position}{Path(name).suffix}"
             _place(samples / name, target)
             figures = [row["metrics"].get(metric) for metric in metrics]
             lines.append([row["model"], row["label"], row["method"], row["seed"], row["condition"], target, *figures])

@@ -53,7 +53,7 @@ class CallSignature:
 
     @classmethod
     def of(cls, pipeline: type) -> CallSignature:
-        parameters = list(inspect.signature(pipeline.__call__).parameters.values())[1:]  # type: ignore[operator]
+        parameters = list(inspect.signature(pipeline.__call__).parameters.values())[1:]
         return cls(
             pipeline.__name__,
             frozenset(p.name for p in parameters if p.kind is not p.VAR_KEYWORD),

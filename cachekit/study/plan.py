@@ -93,8 +93,8 @@ def with_paths_from(data: dict[str, Any], folder: Path) -> dict[str, Any]:
 def plan(spec: StudySpec) -> Plan:
     """Every cell of `spec`, after checking each model, its call arguments, the metrics and every
     policy setting (no model is loaded)."""
-    for index, entry in enumerate(spec.models):
-        check_model(entry.name, spec.generation(entry.name), f"models[{index}]", frozenset(entry.overrides()))
+    for index, model in enumerate(spec.models):
+        check_model(model.name, spec.generation(model.name), f"models[{index}]", frozenset(model.overrides()))
     check_metrics(spec)
     settings = [Setting.uncached()]
     methods: set[str] = set()
@@ -112,10 +112,10 @@ def plan(spec: StudySpec) -> Plan:
             settings.append(setting)
         methods.add(str(method))
     cells = [
-        Cell(entry.name, setting, seed, condition)
-        for entry in spec.models
+        Cell(model.name, setting, seed, condition)
+        for model in spec.models
         for seed in spec.seeds
-        for condition in _conditions(spec, entry.name)
+        for condition in _conditions(spec, model.name)
         for setting in settings
     ]
     return Plan(spec, settings, cells)
