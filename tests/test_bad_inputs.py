@@ -502,7 +502,7 @@ CASES: list[tuple[str, Any, type[BaseException] | tuple[type[BaseException], ...
             )
         ),
         StudySpecError,
-        r"policies\[1\]: the setting uniform #1 appears twice",
+        r"policies\[1\]: the setting uniform #2 appears twice",
     ),
     (
         "study spec not toml",
