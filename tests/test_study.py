@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from cachekit import testbed
 from cachekit.study import StudySpecError, load_spec, plan, run_study, write_report
@@ -388,3 +389,22 @@ def test_entries_of_one_strategy_that_differ_outside_their_sweep_keep_their_own_
     assert "| flux-digits | teacache | 2 |" in report and "| flux-digits | teacache #3 | 2 |" in report
     summaries = summarize(ResultStore(db).rows("tiny"))
     assert len({s.label for s in summaries}) == len(summaries) == 4
+
+
+def test_two_settings_under_one_label_keep_their_samples_apart(tmp_path):
+    """A spec changed between runs can give another setting a label used before: its files go
+    beside the first's, not over them; the first writer of a cell keeps its files."""
+    import torch
+
+    store = ResultStore(tmp_path / "r.sqlite")
+    key = {"study": "s", "model": "m", "seed": 0, "condition": "a cat", "label": "teacache", "strategy": "teacache"}
+    images = [torch.full((1, 3, 4, 4), value) for value in (-1.0, 0.0, 1.0)]
+    assert store.add({**key, "setting": '{"a": 1}'}, images[0])
+    assert store.add({**key, "setting": '{"a": 2}'}, images[1])
+    assert not store.add({**key, "setting": '{"a": 2}'}, images[2])  # recorded already: the first stays
+    rows = store.rows("s")
+    assert [row["sample"] for row in rows] == ["s/m/teacache/a_cat-seed0", "s/m/teacache/a_cat-seed0~2"]
+    for row, image in zip(rows, images, strict=False):
+        assert sorted(json.loads(row["files"])) == [f"{row['sample']}.png", f"{row['sample']}.safetensors"]
+        assert torch.equal(load_file(store.samples / f"{row['sample']}.safetensors")["output"], image)
+    assert not list((store.samples / ".partial").iterdir())

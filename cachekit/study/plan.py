@@ -127,12 +127,12 @@ def check_model(model: str, spec: Generation, where: str, own: frozenset[str] = 
     checked against the pipeline's where its class can be known without loading it."""
     from cachekit import testbed
 
+    close = difflib.get_close_matches(model, testbed.names(), n=1, cutoff=0.75)
     if model in testbed.names():
         if not spec.labels:
             raise StudySpecError(f"labels: testbed model {model!r} ({where}) generates from class labels")
-    elif difflib.get_close_matches(model, testbed.names(), n=1, cutoff=0.75):
-        close = difflib.get_close_matches(model, testbed.names(), n=1, cutoff=0.75)[0]
-        raise StudySpecError(f"{where}: unknown model {model!r}; did you mean the testbed model {close!r}?")
+    elif close:
+        raise StudySpecError(f"{where}: unknown model {model!r}; did you mean the testbed model {close[0]!r}?")
     elif Path(model).is_dir() or _HUB_ID.match(model):
         if not spec.prompts:
             raise StudySpecError(f"prompts: diffusers pipeline {model!r} ({where}) generates from prompts")

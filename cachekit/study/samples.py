@@ -48,7 +48,10 @@ def write_sample(output: torch.Tensor, stem: Path, fps: int, tensor: bool = True
     if suffix is not None:
         for index, sample in enumerate(output):
             path = stem.with_name(stem.name + (f"-{index}" if len(output) > 1 else "") + suffix)
-            write_png(sample, path) if suffix == IMAGE else write_mp4(sample, path, fps)
+            if suffix == IMAGE:
+                write_png(sample, path)
+            else:
+                write_mp4(sample, path, fps)
             written.append(path)
     if tensor:
         path = stem.with_name(stem.name + TENSOR)

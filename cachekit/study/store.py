@@ -18,6 +18,7 @@ file systems), each process writes a database of its own and `merge` gathers the
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import shutil
@@ -214,13 +215,11 @@ class ResultStore:
             self._db.execute("BEGIN IMMEDIATE")
             if self.has(*(row[name] for name in KEY)):
                 return False
-            stem = sample_stem(row["study"], row["model"], row["label"], row["seed"], row["condition"])
-            taken = self._db.execute("SELECT sample FROM cells WHERE sample LIKE ?", (stem + "%",)).fetchall()
-            stem = next(
-                candidate
-                for candidate in (stem, *(f"{stem}~{n}" for n in range(2, len(taken) + 3)))
-                if (candidate,) not in {tuple(t) for t in taken}
-            )
+            stem = base = sample_stem(row["study"], row["model"], row["label"], row["seed"], row["condition"])
+            for number in itertools.count(2):  # a stem another setting's row holds (a label used before)
+                if self._db.execute("SELECT 1 FROM cells WHERE sample = ?", (stem,)).fetchone() is None:
+                    break
+                stem = f"{base}~{number}"
             files = [f"{stem}{ending}" for ending in staged]
             row = {**row, "sample": stem if staged else None, "files": files if staged else None}
             query = f"INSERT INTO cells ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
