@@ -160,6 +160,7 @@ def test_export_lays_out_one_folder_per_setting_one_file_per_prompt_and_seed(fin
     assert len(lines) == len(rows)
     line = next(line for line in lines if line["file"] == "wan-i2v/uniform/a red cat-1.mp4")
     assert line["seed"] == "1" and line["condition"] == "a red cat" and float(line["ssim"]) < 1
+    assert float(line["latency_min_s"]) <= float(line["latency_s"]) <= float(line["latency_max_s"])
     command = [sys.executable, "-m", "cachekit", "study", "export", str(db), "--out", str(folder / "again")]
     result = subprocess.run(command, cwd=folder, capture_output=True, text=True, check=True)
     assert "index.csv" in result.stdout and (folder / "again" / "wan" / "uncached" / "a blue dog-0.mp4").is_file()

@@ -1,7 +1,9 @@
 """Lay a study's samples out the way external evaluation tools read them.
 
     <out>/<model>/<setting>/<prompt>-<i>.mp4     (or .png)
-    <out>/index.csv                             one line per file: model, setting, method, seed, prompt, figures
+    <out>/index.csv                             one line per file: model, setting, method, seed, prompt,
+                                                its cell's latencies (median, min, max), speedup, share
+                                                of block executions and quality figures
 
 One folder per model and setting, one file per prompt (or class label) and sample: `i` counts
 the study's seeds in order (times the samples per generation, where a pipeline makes several),
@@ -50,13 +52,18 @@ def export(db: str | Path, out: str | Path, study: str | None = None) -> Path:
             position = seeds.index(row["seed"]) * len(media) + number
             target = folder / f"{prompt_name(row['condition'])}-{position}{Path(name).suffix}"
             _place(samples / name, target)
+            latencies = json.loads(row["latencies_s"] or "[]") or [row["latency_s"]]
+            timing = [row["latency_s"], min(latencies), max(latencies), row["speedup"], row["block_share"]]
             figures = [row["metrics"].get(metric) for metric in metrics]
-            lines.append([row["model"], row["label"], row["method"], row["seed"], row["condition"], target, *figures])
+            lines.append(
+                [row["model"], row["label"], row["method"], row["seed"], row["condition"], target, *timing, *figures]
+            )
     out.mkdir(parents=True, exist_ok=True)
     index = out / "index.csv"
     with index.open("w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["model", "setting", "method", "seed", "condition", "file", *metrics])
+        timing = ["latency_s", "latency_min_s", "latency_max_s", "speedup", "block_share"]
+        writer.writerow(["model", "setting", "method", "seed", "condition", "file", *timing, *metrics])
         writer.writerows([*line[:5], Path(line[5]).relative_to(out), *line[6:]] for line in lines)
     return index
 
