@@ -52,7 +52,7 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy on the installed package (the source folders only form `cachekit` once installed)."""
     install(session)
-    session.install("mypy")
+    session.install("mypy", "pytest")  # cachekit.conformance is a pytest module
     config = str(ROOT / "pyproject.toml")
     session.chdir(session.create_tmp())
     session.run("mypy", "--config-file", config, "-p", "cachekit")
