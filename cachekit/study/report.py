@@ -339,12 +339,11 @@ def _pareto(summaries: list[Summary], path: Path, trusted: bool, why_not: str) -
     plt = _pyplot()
     models = list(dict.fromkeys(s.model for s in summaries))
     figure, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
-    colours = plt.get_cmap("tab20").colors
     to_label = []
     for axis, model in zip(axes[0], models, strict=True):
         shown = [s for s in summaries if s.model == model and s.psnr is not None and s.psnr != math.inf]
         methods = list(dict.fromkeys(s.method for s in shown))
-        colour = {method: colours[(2 * i) % 20 + (2 * i) // 20 % 2] for i, method in enumerate(methods)}
+        colour = _colours(plt, methods)
         points = [(s.speedup if trusted else s.compute_limit, s.psnr or 0.0, s) for s in shown]
         axis.scatter([x for x, _, _ in points], [y for _, y, _ in points], s=0)  # sets the limits
         frontier = sorted((x, y) for x, y, _ in points if not any(o[0] >= x and o[1] > y for o in points))
@@ -355,9 +354,7 @@ def _pareto(summaries: list[Summary], path: Path, trusted: bool, why_not: str) -
         figure.canvas.draw()
         labelled = []
         for group in _coincident(axis, points):
-            for ring, (x, y, s) in enumerate(group):  # the largest first, each smaller one on top
-                size = 36 * (1 + 1.2 * (len(group) - 1 - ring))
-                axis.scatter(x, y, s=size, color=colour[s.method], zorder=3 + ring, edgecolors="white", linewidths=0.5)
+            _rings(axis, [(x, y, colour[s.method]) for x, y, s in group])
             labelled.append((group[0][0], group[0][1], ", ".join(s.label for _, _, s in group)))
         xlabel = "speedup vs uncached (wall clock, ratio of medians)" if trusted else "speedup in FLOPs vs uncached"
         axis.set(title=model, xlabel=xlabel, ylabel="PSNR vs uncached (dB)")
@@ -440,37 +437,55 @@ def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
 
 def plot_quality(summaries: list[Summary], path: Path) -> None:
     """PSNR against the share of block executions, one line per method through its settings
-    (diffusers' methods dashed); methods that run every block are left to the budget tables."""
+    (diffusers' methods dashed); methods that run every block are left to the budget tables.
+    Settings of several methods on one spot (a method and its diffusers twin) are drawn as rings
+    around each other, so none hides another."""
     plt = _pyplot()
     models = list(dict.fromkeys(s.model for s in summaries))
-    figure, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models) + 3, 5), squeeze=False)
-    colours = plt.get_cmap("tab20").colors
+    figure, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5), squeeze=False)
+    methods = list(dict.fromkeys(s.method for s in summaries if s.psnr not in (None, math.inf) and s.blocks < 1))
+    colour = _colours(plt, methods)
     for axis, model in zip(axes[0], models, strict=True):
-        methods: dict[str, list[Summary]] = {}
+        groups: dict[str, list[Summary]] = {}
         for s in summaries:
             if s.model == model and s.psnr is not None and s.psnr != math.inf:
-                methods.setdefault(s.method, []).append(s)
-        shown = {method: group for method, group in methods.items() if min(s.blocks for s in group) < 1}
-        for number, (method, group) in enumerate(shown.items()):
+                groups.setdefault(s.method, []).append(s)
+        shown = {method: group for method, group in groups.items() if min(s.blocks for s in group) < 1}
+        for method, group in shown.items():
             group.sort(key=lambda s: s.blocks)
             style = "--" if method.startswith("diffusers.") else "-"
-            axis.plot(
-                [s.blocks for s in group],
-                [s.psnr for s in group],
-                style,
-                color=colours[number % len(colours)],
-                marker="o",
-                markersize=3,
-                label=method,
-            )
+            axis.plot([s.blocks for s in group], [s.psnr for s in group], style, color=colour[method], linewidth=1.2)
         for budget in BUDGETS:
             axis.axvline(budget, color="grey", linewidth=0.5)
+        axis.margins(x=0.08, y=0.08)
         axis.set(title=model, xlabel="share of block executions (counted)", ylabel="PSNR vs uncached (dB)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="center right", fontsize=8)
-    figure.tight_layout(rect=(0, 0, 1 - 3 / figure.get_figwidth(), 1))
-    figure.savefig(path, dpi=110)
+        figure.canvas.draw()
+        points = [(s.blocks, s.psnr or 0.0, s) for group in shown.values() for s in group]
+        for spot in _coincident(axis, points):
+            _rings(axis, [(x, y, colour[s.method]) for x, y, s in spot])
+    handles = [
+        plt.Line2D([], [], color=colour[m], marker="o", linestyle="--" if m.startswith("diffusers.") else "-")
+        for m in methods
+    ]
+    figure.legend(handles, methods, loc="lower center", ncol=min(len(methods), 5) or 1, fontsize=8, frameon=False)
+    rows = -(-len(methods) // 5)
+    figure.tight_layout(rect=(0, 0.05 * rows + 0.02, 1, 1))
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
+
+
+def _colours(plt: Any, methods: list[str]) -> dict[str, Any]:
+    """One colour per method, the strong ones of tab20 first."""
+    palette = plt.get_cmap("tab20").colors
+    order = [*palette[0::2], *palette[1::2]]
+    return {method: order[number % len(order)] for number, method in enumerate(methods)}
+
+
+def _rings(axis: Any, spot: list[tuple[float, float, Any]]) -> None:
+    """Markers on one spot, the largest first, each smaller one on top of it."""
+    for ring, (x, y, colour) in enumerate(spot):
+        size = 30 * (1 + 1.2 * (len(spot) - 1 - ring))
+        axis.scatter(x, y, s=size, color=colour, zorder=3 + ring, edgecolors="white", linewidths=0.5)
 
 
 def _timeline(rows: list[dict[str, Any]], summaries: list[Summary], path: Path) -> None:
