@@ -167,6 +167,7 @@ def test_a_calibration_over_two_processes_fits_what_one_process_fits(tmp_path):
     out = torchrun("calibrate", spec, "--out", tmp_path / "two.json", cwd=tmp_path)
     assert out.count("coefficients") == 1
     first, second = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    assert (first.pop("name"), second.pop("name")) == ("one", "two")  # each named after its file
     assert first == second
 
 
