@@ -46,7 +46,6 @@ class Metric:
 
     name: ClassVar[str]
     reference: ClassVar[bool] = True  # whether it compares with the uncached output
-    higher_is_better: ClassVar[bool] = True
 
     def unavailable(self) -> str | None:
         """Why it cannot run on this machine (a package or weights missing), or None."""
@@ -85,9 +84,9 @@ def metrics_for(entries: Sequence[str | dict[str, Any]] | None) -> Metrics:
     known = registry().metrics
     if entries is None:
         everything = [known[PRIMARY](), *(metric() for name, metric in sorted(known.items()) if name != PRIMARY)]
-        active = [metric for metric in everything if metric.unavailable() is None]
-        skipped = {metric.name: str(metric.unavailable()) for metric in everything if metric not in active}
-        return Metrics(active, skipped)
+        why_not = {metric.name: metric.unavailable() for metric in everything}
+        active = [metric for metric in everything if why_not[metric.name] is None]
+        return Metrics(active, {name: str(why) for name, why in why_not.items() if why is not None})
     chosen: dict[str, Metric] = {PRIMARY: known[PRIMARY]()}
     for entry in entries:
         options = dict(entry) if isinstance(entry, dict) else {"name": entry}

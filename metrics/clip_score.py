@@ -15,6 +15,7 @@ import torch
 from cachekit.hookspecs import hookimpl
 from cachekit.metric import Metric, MetricSkipped, Sample
 from cachekit.metrics.fidelity import as_images
+from cachekit.study.samples import rgb_bytes
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
 
@@ -27,12 +28,6 @@ def in_hub_cache(repo: str, filename: str) -> bool:
         return isinstance(try_to_load_from_cache(repo, filename), str)
     except Exception:  # not a valid repo id
         return False
-
-
-def as_bytes(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats as 0-255 RGB bytes, the input image processors expect."""
-    images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
 class CLIPScore(Metric):
@@ -63,7 +58,7 @@ class CLIPScore(Metric):
         length = model.config.text_config.max_position_embeddings
         inputs = processor(
             text=[sample.condition] * len(frames),
-            images=list(as_bytes(frames)),
+            images=list(rgb_bytes(frames, channel_dim=1)),
             return_tensors="pt",
             padding=True,
             truncation=True,

@@ -12,8 +12,9 @@ from PIL import Image
 
 from cachekit.hookspecs import hookimpl
 from cachekit.metric import Metric, MetricSkipped, Sample
-from cachekit.metrics.clip_score import as_bytes, in_hub_cache
+from cachekit.metrics.clip_score import in_hub_cache
 from cachekit.metrics.fidelity import as_images
+from cachekit.study.samples import as_bytes
 
 CHECKPOINT = "ImageReward-v1.0"
 
@@ -44,7 +45,7 @@ class ImageReward(Metric):
             raise MetricSkipped(f"it needs 1 or 3 channels, got {frames.shape[1]}")
         if self._model is None:
             self._model = reward.load(CHECKPOINT, device="cpu", download_root=str(self.root))
-        images = [Image.fromarray(frame.permute(1, 2, 0).numpy()) for frame in as_bytes(frames)]
+        images = [Image.fromarray(as_bytes(frame)) for frame in frames]
         scores = self._model.score(sample.condition, images)
         scores = scores if isinstance(scores, list) else [scores]
         return sum(scores) / len(scores)

@@ -18,7 +18,6 @@ ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
 
 class LPIPS(Metric):
     name = "lpips"
-    higher_is_better = False
 
     def unavailable(self) -> str | None:
         if importlib.util.find_spec("torchvision") is None:

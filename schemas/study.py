@@ -208,6 +208,5 @@ class StudySpec(Generation):
         """The settings model `name` generates with: the study's, overridden by its own."""
         overrides = self.model(name).overrides()
         kwargs = {**self.pipeline_kwargs, **overrides.pop("pipeline_kwargs", {})}
-        fields = set(Generation.model_fields)
-        values = {field: value for field, value in self.model_dump(include=fields).items()}
+        values = self.model_dump(include=set(Generation.model_fields))
         return Generation.model_validate({**values, **overrides, "pipeline_kwargs": kwargs})

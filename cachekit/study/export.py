@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from cachekit.study.samples import IMAGE, VIDEO, slug
-from cachekit.study.store import ResultStore, StoreError
+from cachekit.study.store import read_study
 
 
 def prompt_name(condition: str) -> str:
@@ -31,15 +31,8 @@ def prompt_name(condition: str) -> str:
 
 def export(db: str | Path, out: str | Path, study: str | None = None) -> Path:
     """Export the samples of `study` (default: the latest in `db`) into `out`; returns the index."""
-    store = ResultStore(db, create=False)
-    try:
-        studies = store.studies()
-        if not studies or (study is not None and study not in studies):
-            raise StoreError(f"{db} holds no study {study!r}; it holds: {', '.join(studies) or 'none'}")
-        study = study or studies[-1]
-        rows, runs, samples = store.rows(study), store.runs(study), store.samples
-    finally:
-        store.close()
+    records = read_study(db, study)
+    rows, runs, samples = records.rows, records.runs, records.samples
     out = Path(out)
     planned = runs[-1]["spec"]["seeds"] if runs else []
     seeds = [*planned, *sorted({row["seed"] for row in rows} - set(planned))]

@@ -109,12 +109,8 @@ def pipeline_class(name: str) -> type | None:
         from cachekit.testbed.pipeline import TestbedPipeline
 
         return TestbedPipeline
-    index = _config_file(name, "model_index.json")
-    if index is None:
-        return None
-    import diffusers
-
-    return getattr(diffusers, str(json.loads(index.read_text()).get("_class_name")), None)
+    index = _model_index(name)
+    return None if index is None else _diffusers_class(index.get("_class_name"))
 
 
 def skeleton(name: str) -> Any | None:
@@ -125,12 +121,9 @@ def skeleton(name: str) -> Any | None:
 
     if name in testbed.names():
         return testbed.load(name)
-    index = _config_file(name, "model_index.json")
-    if index is None:
+    components = _model_index(name)
+    if components is None:
         return None
-    import diffusers
-
-    components = json.loads(index.read_text())
     parts: dict[str, Any] = {}
     for component, config_name in [
         ("transformer", "config.json"),
@@ -141,12 +134,25 @@ def skeleton(name: str) -> Any | None:
         config = _config_file(name, f"{component}/{config_name}")
         if not isinstance(library_and_class, list) or library_and_class[1] is None or config is None:
             continue
-        found = getattr(diffusers, library_and_class[1], None)
+        found = _diffusers_class(library_and_class[1])
         if found is None:
             return None
         with torch.device("meta"):
             parts[component] = found.from_config(json.loads(config.read_text()))
     return SimpleNamespace(**parts) if "transformer" in parts else None
+
+
+def _model_index(name: str) -> dict[str, Any] | None:
+    """A pipeline's model_index.json (its class and components), where it can be read locally."""
+    index = _config_file(name, "model_index.json")
+    return None if index is None else json.loads(index.read_text())
+
+
+def _diffusers_class(name: Any) -> Any:
+    """The diffusers class of that name, or None."""
+    import diffusers
+
+    return getattr(diffusers, str(name), None)
 
 
 def _config_file(name: str, relative: str) -> Path | None:

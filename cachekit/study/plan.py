@@ -13,6 +13,7 @@ from typing import Any
 import pydantic
 
 from cachekit.errors import CachekitError
+from cachekit.metric import MetricError, Metrics, metrics_for
 from cachekit.registry import make_config
 from cachekit.schemas import EstimatorConfig, PolicyConfig
 from cachekit.schemas.files import SUFFIXES, parse_table, read_table
@@ -55,6 +56,7 @@ class Plan:
     spec: StudySpec
     settings: list[Setting]  # the uncached reference first
     cells: list[Cell]
+    metrics: Metrics  # what every cell is scored with
 
 
 def load_spec(source: str | Path) -> StudySpec:
@@ -95,7 +97,7 @@ def plan(spec: StudySpec) -> Plan:
     policy setting (no model is loaded)."""
     for index, model in enumerate(spec.models):
         check_model(model.name, spec.generation(model.name), f"models[{index}]", frozenset(model.overrides()))
-    check_metrics(spec)
+    metrics = check_metrics(spec)
     settings = [Setting.uncached()]
     methods: set[str] = set()
     for index, entry in enumerate(spec.policies):
@@ -118,7 +120,7 @@ def plan(spec: StudySpec) -> Plan:
         for condition in _conditions(spec, model.name)
         for setting in settings
     ]
-    return Plan(spec, settings, cells)
+    return Plan(spec, settings, cells, metrics)
 
 
 def check_model(model: str, spec: Generation, where: str, own: frozenset[str] = frozenset()) -> None:
@@ -151,12 +153,10 @@ def check_model(model: str, spec: Generation, where: str, own: frozenset[str] = 
             raise StudySpecError(str(error)) from None
 
 
-def check_metrics(spec: StudySpec) -> None:
-    """Every metric the spec names is installed and can run on this machine."""
-    from cachekit.metric import MetricError, metrics_for
-
+def check_metrics(spec: StudySpec) -> Metrics:
+    """The metrics of the spec, each installed and able to run on this machine."""
     try:
-        metrics_for(spec.metrics)
+        return metrics_for(spec.metrics)
     except MetricError as error:
         raise StudySpecError(f"metrics: {error}") from None
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cachekit.metric import PRIMARY
-from cachekit.study.store import UNCACHED, ResultStore, StoreError
+from cachekit.study.store import UNCACHED, read_study
 
 #: Shares of the uncached work at which the report compares methods.
 BUDGETS = (0.2, 0.3, 0.4, 0.5)
@@ -201,15 +201,8 @@ def _mean(values: list[float | None]) -> float | None:
 
 def write_report(db: str | Path, out: str | Path | None = None, study: str | None = None) -> Path:
     """Write report.md, pareto.png, quality.png and timeline.png into `out` (default: beside the db)."""
-    store = ResultStore(db, create=False)
-    try:
-        studies = store.studies()
-        if not studies or (study is not None and study not in studies):
-            raise StoreError(f"{db} holds no study {study!r}; it holds: {', '.join(studies) or 'none'}")
-        study = study or studies[-1]
-        rows, runs, samples = store.rows(study), store.runs(study), store.samples
-    finally:
-        store.close()
+    records = read_study(db, study)
+    study, rows, runs, samples = records.name, records.rows, records.runs, records.samples
     out = Path(out) if out is not None else Path(db).with_name(f"{Path(db).stem}-report")
     out.mkdir(parents=True, exist_ok=True)
     summaries = summarize(rows)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 import cachekit
 from cachekit.counting import Work, WorkCounter
 from cachekit.errors import CachekitError, MissingPointError
-from cachekit.metric import Metrics, Sample, metrics_for
+from cachekit.metric import Metrics, Sample
 from cachekit.peers import apply_peer
 from cachekit.registry import resolve_adapter
 from cachekit.schemas import PolicyConfig
@@ -61,10 +61,9 @@ def run_study(
     each writes a database of its own beside `db` (`results.rank1.sqlite`, ...), merged into `db`
     once all are done."""
     the_plan = plan(spec)  # validates everything before any model loads
-    metrics = metrics_for(spec.metrics)
     workers = join(spec)
     try:
-        check_before_loading(spec, the_plan)
+        checked = check_before_loading(spec, the_plan)
         own = process_db(db, workers.data_rank) if db_per_process and not workers.alone else Path(db)
         store = ResultStore(own) if workers.writes else None
         try:
@@ -74,7 +73,7 @@ def run_study(
             if store is not None:
                 store.check_protocol(spec.name, protocol(spec))
                 store.record_run(spec.name, spec.model_dump(mode="json"), len(the_plan.cells), environment(spec))
-            _run_share(spec, store, the_plan.cells, workers, progress, metrics)
+            _run_share(spec, store, the_plan.cells, workers, progress, the_plan.metrics, checked)
         finally:
             if store is not None:
                 store.close()
@@ -118,9 +117,16 @@ def merge(db: str | Path, sources: list[Path], fresh_study: str | None = None) -
 
 
 def _run_share(
-    spec: StudySpec, store: ResultStore | None, cells: list[Cell], workers: Workers, progress: bool, metrics: Metrics
+    spec: StudySpec,
+    store: ResultStore | None,
+    cells: list[Cell],
+    workers: Workers,
+    progress: bool,
+    metrics: Metrics,
+    checked: set[str],
 ) -> None:
-    """Run this process's share of the cells; skip those done before, or meanwhile by another writer."""
+    """Run this process's share of the cells; skip those done before, or meanwhile by another writer.
+    The settings of a model not `checked` before loading are tried once it has loaded."""
     groups = list(dict.fromkeys((cell.model, cell.seed, cell.condition) for cell in cells))
     mine = set(workers.share(groups))
     done = workers.agree(store.finished(spec.name) if store is not None else set())
@@ -141,7 +147,8 @@ def _run_share(
             with on_device(generation.device):
                 model = load_model(entry.name, generation, frozenset(entry.overrides()))
                 workers.parallelize(model.transformer)
-                check_settings(model, list({cell.setting.key: cell.setting for cell in model_cells}.values()))
+                if entry.name not in checked:
+                    check_settings(model, list({cell.setting.key: cell.setting for cell in model_cells}.values()))
                 costs = measure_costs(model, model_cells[0], workers)
                 for cell in model_cells:
                     bar.set_description(f"{entry.name} seed={cell.seed} {cell.condition!r} {cell.setting.label}")
@@ -169,9 +176,10 @@ def environment(spec: StudySpec) -> dict[str, str]:
     versions = {}
     for package in ("torch", "diffusers", "dit-cachekit", "transformers"):
         try:
-            versions[package.removeprefix("dit-")] = importlib.metadata.version(package)
+            version = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
-            versions[package.removeprefix("dit-")] = "not installed"
+            version = "not installed"
+        versions[package.removeprefix("dit-")] = version
     return {
         "device": "; ".join(_device_name(device) for device in devices),
         **versions,
@@ -186,13 +194,17 @@ def _device_name(device: str) -> str:
     return f"{device}: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def check_before_loading(spec: StudySpec, the_plan: Plan) -> None:
+def check_before_loading(spec: StudySpec, the_plan: Plan) -> set[str]:
     """Try every setting on every model whose structure can be built without its weights (on the
-    meta device), so a setting that cannot run on the second model is named before the first cell."""
+    meta device), so a setting that cannot run on the second model is named before the first cell;
+    returns the models checked."""
+    checked = set()
     for entry in spec.models:
         target = skeleton(entry.name)
         if target is not None:
             _try_settings(entry.name, target, the_plan.settings)
+            checked.add(entry.name)
+    return checked
 
 
 def check_settings(model: StudyModel, settings: list[Setting]) -> None:

@@ -25,12 +25,16 @@ def slug(text: str, limit: int = 80) -> str:
     return name[:limit]
 
 
-def as_bytes(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] values as 0-255 bytes, channels last, grey repeated into RGB."""
+def rgb_bytes(x: torch.Tensor, channel_dim: int = 0) -> torch.Tensor:
+    """[-1, 1] values as 0-255 bytes, grey repeated into RGB along `channel_dim`: what image
+    files and image processors take."""
     x = ((x.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    if x.shape[0] == 1:
-        x = x.expand(3, *x.shape[1:])
-    return x.movedim(0, -1).numpy()
+    return x.repeat_interleave(3, dim=channel_dim) if x.shape[channel_dim] == 1 else x
+
+
+def as_bytes(x: torch.Tensor) -> np.ndarray:
+    """One (C, ...) image or frame as 0-255 RGB bytes, channels last."""
+    return rgb_bytes(x).movedim(0, -1).numpy()
 
 
 def media_suffix(output: torch.Tensor) -> str | None:

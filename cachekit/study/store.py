@@ -298,6 +298,29 @@ def sample_stem(study: str, model: str, label: str, seed: int, condition: str) -
 
 
 @dataclass(frozen=True)
+class StudyRecords:
+    """What a database holds of one study, for reports and exports."""
+
+    name: str
+    rows: list[dict[str, Any]]
+    runs: list[dict[str, Any]]
+    samples: Path  # the folder of its files
+
+
+def read_study(db: str | Path, study: str | None = None) -> StudyRecords:
+    """The cells and runs of `study` in `db` (default: the latest study there)."""
+    store = ResultStore(db, create=False)
+    try:
+        studies = store.studies()
+        if not studies or (study is not None and study not in studies):
+            raise StoreError(f"{db} holds no study {study!r}; it holds: {', '.join(studies) or 'none'}")
+        name = study or studies[-1]
+        return StudyRecords(name, store.rows(name), store.runs(name), store.samples)
+    finally:
+        store.close()
+
+
+@dataclass(frozen=True)
 class Merged:
     added: int  # cells new to the database merged into
     duplicates: int  # cells it had already: the first result stays
