@@ -373,7 +373,7 @@ def _pareto(summaries: list[Summary], path: Path, trusted: bool, why_not: str) -
         axis.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, fontsize=8, frameon=False)
         to_label.append((axis, labelled))
     if not trusted:
-        figure.suptitle(f"x: FLOPs, not wall clock ({why_not})", fontsize=9)
+        figure.suptitle(f"x: FLOPs, not wall clock: {why_not}", fontsize=9)
     figure.tight_layout()
     for axis, labelled in to_label:  # once the layout is final: labels are placed in pixels
         place_labels(figure, axis, labelled)
