@@ -7,7 +7,16 @@ from cachekit.schemas.easycache import EasyCacheConfig
 from cachekit.schemas.estimators import CopyConfig, EstimatorConfig, FoCaConfig, TaylorConfig
 from cachekit.schemas.fbcache import FBCacheConfig
 from cachekit.schemas.magcache import MagCacheConfig, MagCachePreset, load_magcache_preset, magcache_presets
-from cachekit.schemas.pab import PAB_DEFAULTS, PAB_FALLBACK, PAB_GATED, Broadcast, MLPBroadcast, PABConfig
+from cachekit.schemas.pab import (
+    PAB_DEFAULTS,
+    PAB_FALLBACK,
+    PAB_GATED,
+    PAB_MLP_DEFAULTS,
+    Broadcast,
+    MLPBroadcast,
+    MLPBroadcastAt,
+    PABConfig,
+)
 from cachekit.schemas.seacache import SeaCacheConfig
 from cachekit.schemas.taylorseer import TaylorSeerConfig
 from cachekit.schemas.teacache import TeaCacheConfig, TeaCachePreset, load_preset, presets_for, teacache_presets
@@ -16,6 +25,7 @@ __all__ = [
     "PAB_DEFAULTS",
     "PAB_FALLBACK",
     "PAB_GATED",
+    "PAB_MLP_DEFAULTS",
     "AdapterSpec",
     "Broadcast",
     "CalibrationSpec",
@@ -25,6 +35,7 @@ __all__ = [
     "FBCacheConfig",
     "FoCaConfig",
     "MLPBroadcast",
+    "MLPBroadcastAt",
     "MagCacheConfig",
     "MagCachePreset",
     "PABConfig",

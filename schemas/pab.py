@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from cachekit.schemas.configs import PolicyConfig
 
@@ -48,6 +48,35 @@ class MLPBroadcast(Broadcast):
         return self
 
 
+class MLPBroadcastAt(BaseModel):
+    """Broadcast the MLP output of the chosen blocks as VideoSys does: at a call whose timestep is
+    one of `timesteps` the MLP computes and its output is kept; the next `skip` calls reuse it. A
+    listed timestep the schedule never reaches (within half a timestep) does nothing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    timesteps: tuple[float, ...] = Field(min_length=1, description="0-1000 timestep scale.")
+    skip: int = Field(default=2, ge=1, description="Calls that reuse the output kept at a listed timestep.")
+    blocks: tuple[int, ...] = Field(min_length=1, description="Indices into the adapter's block order.")
+
+    @model_validator(mode="after")
+    def _valid(self) -> MLPBroadcastAt:
+        if min(self.blocks) < 0:
+            raise ValueError(f"blocks must be block indices >= 0, got {self.blocks}")
+        if not all(0 <= t <= 1000 for t in self.timesteps):
+            raise ValueError(f"timesteps must lie on the 0-1000 training scale, got {self.timesteps}")
+        return self
+
+
+def _mlp_kind(value: Any) -> str | None:
+    """Which MLP rule a value describes: listed timesteps, else every N-th call."""
+    if value is None or value is False:
+        return str(value)
+    if isinstance(value, MLPBroadcastAt) or (isinstance(value, dict) and "timesteps" in value):
+        return "MLPBroadcastAt"
+    return "MLPBroadcast" if isinstance(value, (dict, MLPBroadcast)) else None
+
+
 class PABConfig(PolicyConfig):
     """Pyramid Attention Broadcast (arXiv 2408.12588): per attention kind, reuse each attention
     module's output between recomputations, inside a timestep window; each CFG branch keeps its
@@ -57,7 +86,23 @@ class PABConfig(PolicyConfig):
     spatial: Broadcast | None = None
     temporal: Broadcast | None = None
     cross: Broadcast | None = None
-    mlp: MLPBroadcast | None = Field(default=None, description="Off unless given.")
+    mlp: Annotated[
+        Annotated[MLPBroadcast, Tag("MLPBroadcast")]
+        | Annotated[MLPBroadcastAt, Tag("MLPBroadcastAt")]
+        | Annotated[Literal[False], Tag("False")]
+        | Annotated[None, Tag("None")],
+        Discriminator(
+            _mlp_kind,
+            custom_error_type="mlp_rule",
+            custom_error_message="expected an MLPBroadcast (range, blocks, window), an MLPBroadcastAt (timesteps, "
+            "blocks, skip), False (off) or nothing (the family's default)",
+        ),
+    ] = Field(
+        default=None,
+        description="MLP broadcast: every N-th call inside a window (MLPBroadcast), or from listed timesteps "
+        "(MLPBroadcastAt, VideoSys's rule). Unset: the family's published default (on for Open-Sora, Open-Sora-Plan "
+        "v1.1 and Latte, off elsewhere); False: off.",
+    )
     reuse: Literal["output", "gated"] | None = Field(
         default=None,
         description="What a skipped module gives its block: its last output, which the block gates with the "
@@ -91,5 +136,19 @@ PAB_DEFAULTS: dict[str, _Kinds] = {
     "vchitect": _kinds(2, 4, 6, (100, 800)),
 }
 PAB_FALLBACK: _Kinds = _kinds(2, 3, 6, (100, 800))
+
+
+def _first_blocks(count: int) -> tuple[int, ...]:
+    """VideoSys's blocks 0..count-1 of both the spatial and the temporal list, in the adapter's
+    block order, where the two lists alternate."""
+    return tuple(range(2 * count))
+
+
+#: Families whose published PAB broadcasts MLP outputs, from these timesteps, two calls each.
+PAB_MLP_DEFAULTS: dict[str, MLPBroadcastAt] = {
+    "open_sora": MLPBroadcastAt(timesteps=(676, 788, 864), blocks=_first_blocks(5)),
+    "open_sora_plan": MLPBroadcastAt(timesteps=tuple(range(738, 425, -24)), blocks=_first_blocks(7)),  # v1.1
+    "latte": MLPBroadcastAt(timesteps=(720, 640, 560, 480, 400), blocks=_first_blocks(5)),
+}
 #: Families whose published PAB reuses the gated outputs; the others reuse the module output.
 PAB_GATED: frozenset[str] = frozenset({"open_sora", "open_sora_plan", "latte"})

@@ -12,7 +12,16 @@ from typing import Any
 from cachekit.adapter import Adapter, ModuleSite, Point, SiteKind
 from cachekit.hookspecs import hookimpl
 from cachekit.policy import CachePolicy, ExampleConfigs, Step
-from cachekit.schemas import PAB_DEFAULTS, PAB_FALLBACK, PAB_GATED, Broadcast, MLPBroadcast, PABConfig
+from cachekit.schemas import (
+    PAB_DEFAULTS,
+    PAB_FALLBACK,
+    PAB_GATED,
+    PAB_MLP_DEFAULTS,
+    Broadcast,
+    MLPBroadcast,
+    MLPBroadcastAt,
+    PABConfig,
+)
 
 
 class PABPolicy(CachePolicy[PABConfig]):
@@ -22,7 +31,8 @@ class PABPolicy(CachePolicy[PABConfig]):
     def __init__(self, config: PABConfig) -> None:
         super().__init__(config)
         self.settings: dict[SiteKind, Broadcast] = {}
-        self.mlp_blocks = frozenset(config.mlp.blocks) if config.mlp else frozenset()
+        self.mlp: MLPBroadcast | MLPBroadcastAt | None = config.mlp or None  # unset: settled at attach
+        self.mlp_blocks = frozenset(self.mlp.blocks) if self.mlp else frozenset()
         self.gated = config.reuse == "gated"
 
     @classmethod
@@ -30,13 +40,13 @@ class PABPolicy(CachePolicy[PABConfig]):
         everywhere = (0.0, 1000.0)
         once = Broadcast(range=1)
         return ExampleConfigs(
-            never_reuses=PABConfig(spatial=once, temporal=once, cross=once),
+            never_reuses=PABConfig(spatial=once, temporal=once, cross=once, mlp=False),
             reuses=PABConfig(mlp=MLPBroadcast(range=2, blocks=(0,), window=everywhere)),
         )
 
     def required_points(self) -> frozenset[Point]:
         points = {Point.STEP, Point.ATTENTION}
-        if self.config.mlp is not None:
+        if self.mlp is not None:
             points.add(Point.MLP)
         return frozenset(points)
 
@@ -45,11 +55,13 @@ class PABPolicy(CachePolicy[PABConfig]):
         for kind in ("spatial", "temporal", "cross"):
             chosen = getattr(self.config, kind) or defaults.get(kind) or PAB_FALLBACK[kind]
             self.settings[SiteKind(kind)] = chosen
-        if self.config.mlp is not None:
-            self.settings[SiteKind.MLP] = self.config.mlp
-            blocks = len(adapter.blocks())
-            if max(self.mlp_blocks) >= blocks:
-                raise ValueError(f"mlp.blocks {sorted(self.mlp_blocks)} out of range: the model has {blocks} blocks")
+        blocks = len(adapter.blocks())
+        published = PAB_MLP_DEFAULTS.get(adapter.name)
+        if self.config.mlp is None and published is not None and adapter.provides(Point.MLP):
+            self.mlp = published  # on the blocks this model has
+            self.mlp_blocks = frozenset(block for block in published.blocks if block < blocks)
+        if self.mlp is not None and max(self.mlp_blocks) >= blocks:
+            raise ValueError(f"mlp.blocks {sorted(self.mlp_blocks)} out of range: the model has {blocks} blocks")
         defaults_from = adapter.name if adapter.name in PAB_DEFAULTS else "fallback"
         self.gated = (self.config.reuse or ("gated" if adapter.name in PAB_GATED else "output")) == "gated"
         sites = [*adapter.attention_sites(), *(adapter.mlp_sites() if adapter.provides(Point.MLP) else [])]
@@ -65,33 +77,49 @@ class PABPolicy(CachePolicy[PABConfig]):
             # A setting for a kind the model lacks applies to nothing; say so.
             "absent": {kind.value: reason for kind, reason in adapter.missing_attention.items()},
             **{kind.value: setting.model_dump() for kind, setting in self.settings.items()},
+            "mlp": None if self.mlp is None else {**self.mlp.model_dump(), "blocks": sorted(self.mlp_blocks)},
         }
-
-    def _broadcast(self, site: ModuleSite) -> Broadcast | None:
-        """The setting that applies at `site`; None for the MLPs of blocks not chosen."""
-        if site.kind is SiteKind.MLP and site.block not in self.mlp_blocks:
-            return None
-        return self.settings[site.kind]
 
     def reuses_gated(self, site: ModuleSite) -> bool:
         return self.gated
 
     def may_reuse(self, site: ModuleSite) -> bool:
-        setting = self._broadcast(site)
-        return setting is not None and setting.range > 1
+        if site.kind is not SiteKind.MLP:
+            return self.settings[site.kind].range > 1
+        if self.mlp is None or site.block not in self.mlp_blocks:
+            return False
+        return isinstance(self.mlp, MLPBroadcastAt) or self.mlp.range > 1
 
     def new_state(self) -> dict[str, int]:
-        """Calls so far of each module in this branch."""
+        """Calls so far of each module in this branch (and, under `MLPBroadcastAt`, the calls each
+        MLP has left to reuse)."""
         return {}
 
     def decide_module(self, step: Step, site: ModuleSite, state: dict[str, int]) -> bool:
         calls = state.get(site.name, 0)
         state[site.name] = calls + 1
-        setting = self._broadcast(site)
-        if setting is None:
-            return True
+        setting: Broadcast
+        if site.kind is SiteKind.MLP:
+            if self.mlp is None or site.block not in self.mlp_blocks:
+                return True
+            if isinstance(self.mlp, MLPBroadcastAt):
+                return self._computes_from_timesteps(self.mlp, step, f"{site.name} reuses left", state)
+            setting = self.mlp
+        else:
+            setting = self.settings[site.kind]
         low, high = setting.window
         return calls % setting.range == 0 or not low < step.timestep < high
+
+    @staticmethod
+    def _computes_from_timesteps(setting: MLPBroadcastAt, step: Step, left: str, state: dict[str, int]) -> bool:
+        """Compute at a listed timestep and keep the output for the next `skip` calls."""
+        if any(abs(step.timestep - listed) < 0.5 for listed in setting.timesteps):
+            state[left] = setting.skip
+            return True
+        if state.get(left, 0) > 0:
+            state[left] -= 1
+            return False
+        return True
 
 
 @hookimpl

@@ -35,6 +35,7 @@ from cachekit.schemas import (
     FBCacheConfig,
     MagCacheConfig,
     MLPBroadcast,
+    MLPBroadcastAt,
     PABConfig,
     PolicyConfig,
     SeaCacheConfig,
@@ -237,6 +238,25 @@ CASES: list[tuple[str, Any, type[BaseException] | tuple[type[BaseException], ...
     ("pab range 0", lambda t: Broadcast(range=0), V, r"range\n.*greater than or equal to 1"),
     ("pab mlp without blocks", lambda t: MLPBroadcast(range=2, blocks=()), V, r"blocks\n.*at least 1 item"),
     ("pab mlp negative block", lambda t: MLPBroadcast(range=2, blocks=(-1,)), V, r"block indices >= 0, got \(-1,\)"),
+    (
+        "pab mlp timestep past 1000",
+        lambda t: MLPBroadcastAt(timesteps=(720, 1200), blocks=(0,)),
+        V,
+        r"timesteps must lie on the 0-1000 training scale, got \(720\.0, 1200\.0\)",
+    ),
+    (
+        "pab mlp skip 0",
+        lambda t: MLPBroadcastAt(timesteps=(720,), skip=0, blocks=(0,)),
+        V,
+        r"skip\n.*greater than or equal to 1",
+    ),
+    (
+        "pab mlp neither rule",
+        lambda t: PABConfig(mlp=True),
+        V,
+        r"mlp\n.*expected an MLPBroadcast \(range, blocks, window\), an MLPBroadcastAt \(timesteps, blocks, skip\), "
+        r"False \(off\) or nothing",
+    ),
     (
         "pab mlp block out of range",
         lambda t: cachekit.apply(tiny_flux_transformer(), PABConfig(mlp=MLPBroadcast(range=2, blocks=(7,)))),

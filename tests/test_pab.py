@@ -9,7 +9,7 @@ from helpers import ExecutionCounter
 
 import cachekit
 from cachekit.adapters.flux import FluxAdapter
-from cachekit.schemas import Broadcast, MLPBroadcast, PABConfig
+from cachekit.schemas import PAB_MLP_DEFAULTS, Broadcast, MLPBroadcast, MLPBroadcastAt, PABConfig
 from cachekit.testing import run_flux
 
 STEPS = 10
@@ -138,8 +138,8 @@ def test_pab_with_ranges_of_one_is_exact(flux_pipe):
     [
         ({"spatial": {"range": 0}}, r"spatial\.range\n.*greater than or equal to 1"),
         ({"cross": {"range": 2, "window": (800, 100)}}, r"cross\n.*0 <= low < high"),
-        ({"mlp": {"range": 2, "blocks": ()}}, r"mlp\.blocks\n.*at least 1 item"),
-        ({"mlp": {"range": 2, "blocks": (-1,)}}, r"mlp\n.*block indices >= 0"),
+        ({"mlp": {"range": 2, "blocks": ()}}, r"mlp\.MLPBroadcast\.blocks\n.*at least 1 item"),
+        ({"mlp": {"range": 2, "blocks": (-1,)}}, r"mlp\.MLPBroadcast\n.*block indices >= 0"),
         ({"temporal": {"range": 2, "every": 3}}, r"temporal\.every\n.*Extra inputs"),
     ],
 )
@@ -188,3 +188,64 @@ def test_latte_reuses_the_gated_output_as_published_or_the_output(reuse):
         torch.testing.assert_close(gate_now * returned, gate_then * computed)
     else:
         assert returned is computed
+
+
+def videosys_mlp_computes(timesteps: list[float], listed: tuple[float, ...], skip: int) -> list[bool]:
+    """VideoSys's MLP rule over one schedule: compute at a listed timestep, reuse at the `skip`
+    schedule positions after one, compute elsewhere."""
+    hits = [t in listed for t in timesteps]
+    return [hit or not any(hits[max(0, i - skip) : i]) for i, hit in enumerate(hits)]
+
+
+def test_latte_broadcasts_its_mlps_from_videosys_timesteps_by_default():
+    """Latte's published PAB keeps the MLP outputs of its first blocks at t = 720, 640, ..., 400
+    and reuses them for the next two steps; on by default for the family, off with mlp=False."""
+    from cachekit.registry import registry
+
+    example = registry().adapters["latte"].example()
+    model = example.model
+    blocks = [*model.transformer_blocks, *model.temporal_transformer_blocks]
+    timesteps = [800.0, 740.0, 720.0, 700.0, 680.0, 660.0, 640.0, 620.0, 600.0, 580.0, 560.0, 300.0]
+    expected = videosys_mlp_computes(timesteps, (720, 640, 560, 480, 400), 2)
+    assert expected.count(False) == 5
+
+    for config, computes in [(PABConfig(), expected), (PABConfig(mlp=False), [True] * len(timesteps))]:
+        counter = ExecutionCounter([block.ff.net[0] for block in blocks])
+        with cachekit.apply(model, config) as handle, torch.no_grad():
+            for t in timesteps:
+                for branch in (0, 1):
+                    example(example.latents, t, branch)
+        counter.close()
+        assert counter.count == 2 * len(blocks) * sum(computes)
+        if config.mlp is None:
+            assert handle.stats.info["mlp"] == {
+                "timesteps": (720, 640, 560, 480, 400),
+                "skip": 2,
+                "blocks": [0, 1, 2, 3],
+            }
+            assert handle.stats.last.branches[1].sites["mlp"].reused == len(blocks) * computes.count(False)
+        else:
+            assert handle.stats.info["mlp"] is None
+
+
+def test_listed_timesteps_the_schedule_misses_change_nothing(flux_pipe):
+    uncached = run_flux(flux_pipe, steps=6)
+    once = Broadcast(range=1)
+    config = PABConfig(spatial=once, cross=once, mlp=MLPBroadcastAt(timesteps=(1.0,), blocks=(0, 1)))
+    with cachekit.apply(flux_pipe, config) as handle:
+        cached = run_flux(flux_pipe, steps=6)
+    assert torch.equal(cached, uncached) and handle.stats.last.branches[0].sites["mlp"].reused == 0
+
+
+def test_published_mlp_defaults():
+    """VideoSys's defaults (METHODS.md), blocks counted through both alternating block lists."""
+    assert PAB_MLP_DEFAULTS["open_sora"] == MLPBroadcastAt(timesteps=(676, 788, 864), skip=2, blocks=tuple(range(10)))
+    osp = PAB_MLP_DEFAULTS["open_sora_plan"]
+    assert (osp.timesteps[0], osp.timesteps[-1], len(osp.timesteps), osp.blocks) == (738, 426, 14, tuple(range(14)))
+    assert {a - b for a, b in zip(osp.timesteps, osp.timesteps[1:], strict=False)} == {24}
+    assert PAB_MLP_DEFAULTS["latte"].timesteps == (720, 640, 560, 480, 400)
+    assert set(PAB_MLP_DEFAULTS) == {
+        "open_sora",
+        "open_sora_plan",
+        "latte",
+    }  # off for Open-Sora-Plan v1.2, CogVideoX, Vchitect
