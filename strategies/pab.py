@@ -1,7 +1,8 @@
 """Pyramid Attention Broadcast (arXiv 2408.12588): attention outputs change little in the middle
 of denoising, spatial attention the most and cross attention the least, so each kind is
 recomputed every N-th call of its module and its output reused in between, inside a timestep
-window. Reuse is per module and per CFG branch: one branch never receives another's output.
+window. MLP outputs may be broadcast too, every N-th call or from listed timesteps (VideoSys's
+rule). Reuse is per module and per CFG branch: one branch never receives another's output.
 """
 
 from __future__ import annotations
