@@ -7,6 +7,7 @@ rule). Reuse is per module and per CFG branch: one branch never receives another
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,9 @@ from cachekit.schemas import (
     PABConfig,
 )
 
+#: Key of a branch's state once a listed MLP timestep was reached in the generation.
+LISTED_TIMESTEP_SEEN = "listed timestep seen"
+
 
 class PABPolicy(CachePolicy[PABConfig]):
     config_class = PABConfig
@@ -35,6 +39,7 @@ class PABPolicy(CachePolicy[PABConfig]):
         self.mlp: MLPBroadcast | MLPBroadcastAt | None = config.mlp or None  # unset: settled at attach
         self.mlp_blocks = frozenset(self.mlp.blocks) if self.mlp else frozenset()
         self.gated = config.reuse == "gated"
+        self.warned = False  # that no listed MLP timestep was reached
 
     @classmethod
     def example_configs(cls) -> ExampleConfigs:
@@ -111,12 +116,20 @@ class PABPolicy(CachePolicy[PABConfig]):
         low, high = setting.window
         return calls % setting.range == 0 or not low < step.timestep < high
 
-    @staticmethod
-    def _computes_from_timesteps(setting: MLPBroadcastAt, step: Step, left: str, state: dict[str, int]) -> bool:
+    def _computes_from_timesteps(self, setting: MLPBroadcastAt, step: Step, left: str, state: dict[str, int]) -> bool:
         """Compute at a listed timestep and keep the output for the next `skip` calls."""
         if any(abs(step.timestep - listed) < 0.5 for listed in setting.timesteps):
-            state[left] = setting.skip
+            state[left] = state[LISTED_TIMESTEP_SEEN] = setting.skip
             return True
+        if step.is_last and LISTED_TIMESTEP_SEEN not in state and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"PAB's MLP broadcast never applied: none of its timesteps {setting.timesteps} was among this "
+                f"generation's {step.num_steps} (VideoSys's rule matches them exactly); list timesteps the scheduler "
+                "gives, or set mlp=False",
+                UserWarning,
+                stacklevel=2,
+            )
         if state.get(left, 0) > 0:
             state[left] -= 1
             return False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pydantic
 import pytest
 import torch
@@ -233,8 +235,13 @@ def test_listed_timesteps_the_schedule_misses_change_nothing(flux_pipe):
     once = Broadcast(range=1)
     config = PABConfig(spatial=once, cross=once, mlp=MLPBroadcastAt(timesteps=(1.0,), blocks=(0, 1)))
     with cachekit.apply(flux_pipe, config) as handle:
-        cached = run_flux(flux_pipe, steps=6)
-    assert torch.equal(cached, uncached) and handle.stats.last.branches[0].sites["mlp"].reused == 0
+        with pytest.warns(UserWarning, match=r"MLP broadcast never applied: none of its timesteps \(1\.0,\) .* 6"):
+            cached = run_flux(flux_pipe, steps=6)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # said once
+            cached_again = run_flux(flux_pipe, steps=6)
+    assert torch.equal(cached, uncached) and torch.equal(cached_again, uncached)
+    assert handle.stats.last.branches[0].sites["mlp"].reused == 0
 
 
 def test_published_mlp_defaults():
