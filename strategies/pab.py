@@ -119,7 +119,7 @@ class PABPolicy(CachePolicy[PABConfig]):
     def _computes_from_timesteps(self, setting: MLPBroadcastAt, step: Step, left: str, state: dict[str, int]) -> bool:
         """Compute at a listed timestep and keep the output for the next `skip` calls."""
         if any(abs(step.timestep - listed) < 0.5 for listed in setting.timesteps):
-            state[left] = state[LISTED_TIMESTEP_SEEN] = setting.skip
+            state[left], state[LISTED_TIMESTEP_SEEN] = setting.skip, 1
             return True
         if step.is_last and LISTED_TIMESTEP_SEEN not in state and not self.warned:
             self.warned = True
