@@ -173,7 +173,7 @@ class Calibration:
         for step, ratio in zip(self.recording.steps, self.recording.mag_ratios, strict=True):
             ratios.setdefault(step, []).append(ratio)
         return TeaCachePreset(
-            name=name or self.spec.name or f"{Path(self.spec.model).name}-calibrated",
+            name=name or self.spec.preset_name(),
             adapter=self.identity.split(":")[0],
             auto=False,
             coefficients=self.fit.coefficients,

@@ -173,8 +173,7 @@ def _calibrate(args: argparse.Namespace) -> None:
     result = calibrate(spec, progress=not args.quiet)
     if not _first_process():
         return
-    default = f"{spec.name or Path(spec.model).name + '-calibrated'}.json"
-    preset = write_preset(result, args.out or Path(default))
+    preset = write_preset(result, args.out or Path(f"{spec.preset_name()}.json"))
     figure = plot(result, args.plot or preset.with_suffix(".png"))
     policy = json.dumps({"strategy": "teacache", "preset": str(preset)})
     print(f"coefficients {list(result.fit.coefficients)}")

@@ -13,21 +13,12 @@ from typing import Any
 import torch
 
 from cachekit.hookspecs import hookimpl
-from cachekit.metric import Metric, MetricSkipped, Sample
-from cachekit.metrics.fidelity import as_images
+from cachekit.metric import Metric, Sample
+from cachekit.metrics.fidelity import colour_frames
+from cachekit.study.models import local_file
 from cachekit.study.samples import rgb_bytes
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
-
-
-def in_hub_cache(repo: str, filename: str) -> bool:
-    """Whether the Hugging Face cache holds `filename` of `repo` (nothing is downloaded)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(repo, filename), str)
-    except Exception:  # not a valid repo id
-        return False
 
 
 class CLIPScore(Metric):
@@ -41,7 +32,7 @@ class CLIPScore(Metric):
     def unavailable(self) -> str | None:
         if importlib.util.find_spec("transformers") is None:
             return "transformers is not installed"
-        if not Path(self.model).is_dir() and not in_hub_cache(self.model, "config.json"):
+        if not Path(self.model).is_dir() and local_file(self.model, "config.json") is None:
             return f"the CLIP model {self.model!r} is neither a local folder nor in the Hugging Face cache"
         return None
 
@@ -49,9 +40,7 @@ class CLIPScore(Metric):
     def __call__(self, sample: Sample) -> float:
         from transformers import CLIPModel, CLIPProcessor
 
-        frames = as_images(sample.output)
-        if frames.shape[1] not in (1, 3):
-            raise MetricSkipped(f"it needs 1 or 3 channels, got {frames.shape[1]}")
+        frames = colour_frames(sample.output)
         if self._loaded is None:
             self._loaded = CLIPModel.from_pretrained(self.model).eval(), CLIPProcessor.from_pretrained(self.model)
         model, processor = self._loaded

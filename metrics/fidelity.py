@@ -27,6 +27,15 @@ def as_images(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(0, 1) if x.ndim == 5 else x
 
 
+def colour_frames(x: torch.Tensor) -> torch.Tensor:
+    """A sample's images or video frames (N, C, H, W) for the metrics that score pictures, which
+    take 1 (grey) or 3 (RGB) channels; other channel counts skip the sample."""
+    frames = as_images(x)
+    if frames.shape[1] not in (1, 3):
+        raise MetricSkipped(f"it needs 1 or 3 channels, got {frames.shape[1]}")
+    return frames
+
+
 def _pair(sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
     if sample.output.shape != sample.reference.shape:
         raise ValueError(

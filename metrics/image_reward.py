@@ -11,9 +11,9 @@ from typing import Any
 from PIL import Image
 
 from cachekit.hookspecs import hookimpl
-from cachekit.metric import Metric, MetricSkipped, Sample
-from cachekit.metrics.clip_score import in_hub_cache
-from cachekit.metrics.fidelity import as_images
+from cachekit.metric import Metric, Sample
+from cachekit.metrics.fidelity import colour_frames
+from cachekit.study.models import local_file
 from cachekit.study.samples import as_bytes
 
 CHECKPOINT = "ImageReward-v1.0"
@@ -33,16 +33,14 @@ class ImageReward(Metric):
         for name in ("ImageReward.pt", "med_config.json"):
             if not (self.root / name).is_file():
                 return f"{self.root / name} is not on this machine (it is never downloaded)"
-        if not in_hub_cache("bert-base-uncased", "vocab.txt"):
+        if local_file("bert-base-uncased", "vocab.txt") is None:
             return "its tokenizer, bert-base-uncased, is not in the Hugging Face cache"
         return None
 
     def __call__(self, sample: Sample) -> float:
         import ImageReward as reward
 
-        frames = as_images(sample.output)
-        if frames.shape[1] not in (1, 3):
-            raise MetricSkipped(f"it needs 1 or 3 channels, got {frames.shape[1]}")
+        frames = colour_frames(sample.output)
         if self._model is None:
             self._model = reward.load(CHECKPOINT, device="cpu", download_root=str(self.root))
         images = [Image.fromarray(as_bytes(frame)) for frame in frames]

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from cachekit.hookspecs import hookimpl
-from cachekit.metric import Metric, MetricSkipped, Sample
-from cachekit.metrics.fidelity import as_images
+from cachekit.metric import Metric, Sample
+from cachekit.metrics.fidelity import as_images, colour_frames
 
 #: torchvision's AlexNet weights, which torchmetrics' LPIPS loads from the torch hub cache.
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
@@ -30,9 +30,7 @@ class LPIPS(Metric):
     def __call__(self, sample: Sample) -> float:
         from torchmetrics.functional.image import learned_perceptual_image_patch_similarity
 
-        preds, target = as_images(sample.output.float()), as_images(sample.reference.float())
-        if preds.shape[1] not in (1, 3):
-            raise MetricSkipped(f"it needs 1 or 3 channels, got {preds.shape[1]}")
+        preds, target = colour_frames(sample.output.float()), as_images(sample.reference.float())
         if preds.shape[1] == 1:
             preds, target = preds.expand(-1, 3, -1, -1), target.expand(-1, 3, -1, -1)
         return float(learned_perceptual_image_patch_similarity(preds, target, net_type="alex"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
 from pydantic import Field, model_validator
 
 from cachekit.schemas.study import Generation
@@ -14,6 +16,10 @@ class CalibrationSpec(Generation):
     probe: Probe = "modulated_input"
     held_out_seeds: list[int] = Field(default=[1000, 1001], min_length=1, description="Seeds the tuner measures on.")
     name: str | None = Field(default=None, description="The preset's name. Unset: '<model>-calibrated'.")
+
+    def preset_name(self) -> str:
+        """`name`, else '<model>-calibrated' (the last part of the model's id or path)."""
+        return self.name or f"{PurePath(self.model).name}-calibrated"
 
     @model_validator(mode="after")
     def _held_out_really_held_out(self) -> CalibrationSpec:

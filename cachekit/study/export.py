@@ -20,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-from cachekit.study.samples import IMAGE, VIDEO, slug
+from cachekit.study.samples import IMAGE, VIDEO, model_slug, slug
 from cachekit.study.store import read_study
 
 
@@ -40,14 +40,14 @@ def export(db: str | Path, out: str | Path, study: str | None = None) -> Path:
     lines = []
     for row in rows:
         media = [name for name in json.loads(row["files"] or "[]") if name.endswith((IMAGE, VIDEO))]
-        folder = out / slug(row["model"].rstrip("/").split("/")[-1]) / slug(row["label"])
+        folder = out / model_slug(row["model"]) / slug(row["label"])
+        latencies = row["latencies"]
+        timing = [row["latency_s"], min(latencies), max(latencies), row["speedup"], row["block_share"]]
+        figures = [row["metrics"].get(metric) for metric in metrics]
         for number, name in enumerate(media):
             position = seeds.index(row["seed"]) * len(media) + number
             target = folder / f"{prompt_name(row['condition'])}-{position}{Path(name).suffix}"
             _place(samples / name, target)
-            latencies = json.loads(row["latencies_s"] or "[]") or [row["latency_s"]]
-            timing = [row["latency_s"], min(latencies), max(latencies), row["speedup"], row["block_share"]]
-            figures = [row["metrics"].get(metric) for metric in metrics]
             lines.append(
                 [row["model"], row["label"], row["method"], row["seed"], row["condition"], target, *timing, *figures]
             )

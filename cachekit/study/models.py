@@ -131,7 +131,7 @@ def skeleton(name: str) -> Any | None:
         ("scheduler", "scheduler_config.json"),
     ]:
         library_and_class = components.get(component)
-        config = _config_file(name, f"{component}/{config_name}")
+        config = local_file(name, f"{component}/{config_name}")
         if not isinstance(library_and_class, list) or library_and_class[1] is None or config is None:
             continue
         found = _diffusers_class(library_and_class[1])
@@ -144,7 +144,7 @@ def skeleton(name: str) -> Any | None:
 
 def _model_index(name: str) -> dict[str, Any] | None:
     """A pipeline's model_index.json (its class and components), where it can be read locally."""
-    index = _config_file(name, "model_index.json")
+    index = local_file(name, "model_index.json")
     return None if index is None else json.loads(index.read_text())
 
 
@@ -155,8 +155,9 @@ def _diffusers_class(name: Any) -> Any:
     return getattr(diffusers, str(name), None)
 
 
-def _config_file(name: str, relative: str) -> Path | None:
-    """A pipeline's file from its local folder, or from the hub cache (nothing is downloaded)."""
+def local_file(name: str, relative: str) -> Path | None:
+    """A model's file from its local folder, or from the Hugging Face cache (nothing is
+    downloaded); None where neither holds it."""
     if Path(name).is_dir():
         path = Path(name) / relative
         return path if path.is_file() else None

@@ -85,8 +85,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[Summary]:
     labels: dict[tuple[str, str], int] = {}
     summaries = []
     for (model, setting), group in groups.items():
-        latencies = [latency for r in group for latency in _latencies(r)]
-        uncached = [latency for r in groups.get((model, UNCACHED), []) for latency in _latencies(r)] or latencies
+        latencies = [latency for r in group for latency in r["latencies"]]
+        uncached = [latency for r in groups.get((model, UNCACHED), []) for latency in r["latencies"]] or latencies
         attention = sum(r["attention_computed"] + r["attention_reused"] for r in group)
         known = [r for r in group if r["computed_calls"] is not None]
         label = group[0]["label"]
@@ -115,12 +115,6 @@ def summarize(rows: list[dict[str, Any]]) -> list[Summary]:
             )
         )
     return summaries
-
-
-def _latencies(row: dict[str, Any]) -> list[float]:
-    """Every timed generation of a cell (the median alone in databases that kept only it)."""
-    kept = json.loads(row["latencies_s"]) if row.get("latencies_s") else None
-    return kept or [row["latency_s"]]
 
 
 def wall_clock_trusted(summaries: list[Summary]) -> tuple[bool, str]:

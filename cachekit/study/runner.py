@@ -148,7 +148,8 @@ def _run_share(
                 model = load_model(entry.name, generation, frozenset(entry.overrides()))
                 workers.parallelize(model.transformer)
                 if entry.name not in checked:
-                    check_settings(model, list({cell.setting.key: cell.setting for cell in model_cells}.values()))
+                    settings = list({cell.setting.key: cell.setting for cell in model_cells}.values())
+                    check_settings(entry.name, model.target, settings)
                 costs = measure_costs(model, model_cells[0], workers)
                 for cell in model_cells:
                     bar.set_description(f"{entry.name} seed={cell.seed} {cell.condition!r} {cell.setting.label}")
@@ -202,18 +203,14 @@ def check_before_loading(spec: StudySpec, the_plan: Plan) -> set[str]:
     for entry in spec.models:
         target = skeleton(entry.name)
         if target is not None:
-            _try_settings(entry.name, target, the_plan.settings)
+            check_settings(entry.name, target, the_plan.settings)
             checked.add(entry.name)
     return checked
 
 
-def check_settings(model: StudyModel, settings: list[Setting]) -> None:
-    """Apply and remove every setting on the loaded model, so one that cannot run on it (no preset
-    fits, a point it lacks) is named before its first cell, not hours in."""
-    _try_settings(model.name, model.target, settings)
-
-
-def _try_settings(name: str, target: Any, settings: list[Setting]) -> None:
+def check_settings(name: str, target: Any, settings: list[Setting]) -> None:
+    """Apply and remove every setting on model `name` (loaded, or its skeleton), so one that cannot
+    run on it (no preset fits, a point it lacks) is named before its first cell, not hours in."""
     for setting in settings:
         if setting.config is None:
             continue
@@ -341,8 +338,9 @@ def _counts(uncached: bool, last: GenerationStats | None, work: Work, costs: Cos
 
 
 def measure_costs(model: StudyModel, cell: Cell, workers: Workers | None = None) -> Costs:
-    """Count the FLOPs of an uncached two-step generation, attributed to modules, per call (those
-    of the whole context group where a generation is split over several processes)."""
+    """Count the FLOPs of an uncached generation of a few steps, attributed to modules, per call
+    (those of the whole context group where a generation is split over several processes)."""
+    steps = 2
     transformer = model.transformer
     adapter = resolve_adapter(transformer)(transformer)
     prefix = type(transformer).__name__
@@ -351,7 +349,7 @@ def measure_costs(model: StudyModel, cell: Cell, workers: Workers | None = None)
     hook = transformer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     try:
         with FlopCounterMode(display=False) as counter:
-            model.generate(cell.seed, cell.condition, steps=2)
+            model.generate(cell.seed, cell.condition, steps=steps)
     finally:
         hook.remove()
     counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
@@ -363,7 +361,7 @@ def measure_costs(model: StudyModel, cell: Cell, workers: Workers | None = None)
     return Costs(
         call=flops[0] / calls[0],
         modules={module: value / calls[0] for module, value in zip(modules, flops[1:], strict=True)},
-        calls_per_step=calls[0] / 2,
+        calls_per_step=calls[0] / steps,
     )
 
 

@@ -25,6 +25,11 @@ def slug(text: str, limit: int = 80) -> str:
     return name[:limit]
 
 
+def model_slug(model: str) -> str:
+    """A model's folder name: the last part of its hub id or path."""
+    return slug(model.rstrip("/").split("/")[-1])
+
+
 def rgb_bytes(x: torch.Tensor, channel_dim: int = 0) -> torch.Tensor:
     """[-1, 1] values as 0-255 bytes, grey repeated into RGB along `channel_dim`: what image
     files and image processors take."""

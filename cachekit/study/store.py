@@ -23,8 +23,8 @@ import json
 import os
 import shutil
 import sqlite3
+import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load, load_file, save_file
 
 from cachekit.errors import CachekitError
-from cachekit.study.samples import TENSOR, slug, write_sample
+from cachekit.study.samples import TENSOR, model_slug, slug, write_sample
 
 
 class StoreError(CachekitError, RuntimeError):
@@ -198,15 +198,19 @@ class ResultStore:
         """Record a finished cell with its output's files (PNG/MP4, and the tensor where `tensor`
         or the cell is the uncached reference); False when another writer recorded it first: the
         first result and its files stay."""
-        staging = self.samples / ".partial" / uuid.uuid4().hex
-        try:
+        with self._staging() as staging:
             written = []
             if output is not None:
                 keep_tensor = tensor or row["setting"] == UNCACHED
-                written = write_sample(output, staging / "sample", fps, keep_tensor)
+                written = write_sample(output, Path(staging) / "sample", fps, keep_tensor)
             return self._insert(row, {path.name.removeprefix("sample"): path for path in written})
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+
+    def _staging(self) -> tempfile.TemporaryDirectory[str]:
+        """A folder of its own in the samples folder (so files move into place without a copy),
+        for files written before their row's transaction; removed with what was not moved."""
+        parent = self.samples / ".partial"
+        parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryDirectory(dir=parent, ignore_cleanup_errors=True)
 
     def _insert(self, row: dict[str, Any], staged: dict[str, Path]) -> bool:
         """Insert the row; its files (`staged`, by what follows the stem: ".png", "-0.mp4", ...)
@@ -250,25 +254,22 @@ class ResultStore:
         with self._db:
             for run in other._db.execute("SELECT * FROM runs ORDER BY rowid").fetchall():
                 self._db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?)", tuple(run))
-        staging = self.samples / ".partial" / uuid.uuid4().hex
-        try:
+        with self._staging() as staging:
             for row in other._db.execute("SELECT * FROM cells ORDER BY rowid").fetchall():
                 row = dict(row)
                 staged = {}
                 for name in json.loads(row["files"] or "[]"):
-                    staged[name.removeprefix(row["sample"])] = copy = staging / Path(name).name
-                    copy.parent.mkdir(parents=True, exist_ok=True)
+                    staged[name.removeprefix(row["sample"])] = copy = Path(staging) / Path(name).name
                     shutil.copyfile(other.samples / name, copy)
                 if self._insert(row, staged):
                     added += 1
                 else:
                     duplicates += 1
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return Merged(added, duplicates)
 
     def rows(self, study: str | None = None) -> list[dict[str, Any]]:
-        """One dict per cell, each quality metric's value also under its own name (`row["psnr"]`)."""
+        """One dict per cell, each quality metric's value also under its own name (`row["psnr"]`),
+        and every timed generation's seconds as a list (`row["latencies"]`)."""
         query, args = (
             ("SELECT * FROM cells", ()) if study is None else ("SELECT * FROM cells WHERE study = ?", (study,))
         )
@@ -277,7 +278,8 @@ class ResultStore:
             row = dict(found)
             earlier = {name: row[name] for name in ("psnr", "ssim", "ms_ssim", "lpips") if name in row}  # old columns
             metrics = json.loads(row["metrics"]) if row["metrics"] else earlier
-            rows.append({**metrics, **row, "metrics": metrics})
+            latencies = json.loads(row["latencies_s"] or "[]") or [row["latency_s"]]  # old rows: the median alone
+            rows.append({**metrics, **row, "metrics": metrics, "latencies": latencies})
         return rows
 
     def studies(self) -> list[str]:
@@ -294,7 +296,7 @@ class ResultStore:
 
 def sample_stem(study: str, model: str, label: str, seed: int, condition: str) -> str:
     """Where a cell's files go in the samples folder, without suffix (made unique on insert)."""
-    return "/".join([slug(study), slug(model.rstrip("/").split("/")[-1]), slug(label), f"{slug(condition)}-seed{seed}"])
+    return "/".join([slug(study), model_slug(model), slug(label), f"{slug(condition)}-seed{seed}"])
 
 
 @dataclass(frozen=True)
