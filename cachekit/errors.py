@@ -47,3 +47,11 @@ class ConcurrentUseError(CachekitError, RuntimeError):
 
 class RankDivergenceError(CachekitError, RuntimeError):
     """The ranks of a context-parallel group decided differently: one would compute, one skip."""
+
+
+class EstimatorError(CachekitError, RuntimeError):
+    """An estimator returned something that cannot stand for the value it was given."""
+
+
+class KeptMemoryError(CachekitError, MemoryError):
+    """What a policy would keep is more than `max_kept_bytes` or the device's free memory."""

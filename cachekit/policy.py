@@ -7,6 +7,7 @@ policy never sees another branch's state, so cross-branch leaks cannot happen by
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
@@ -105,8 +106,15 @@ class CachePolicy(Generic[ConfigT]):
         raise NotImplementedError(f"{type(self).__name__} requires the span but does not decide it")
 
     def decide_module(self, step: Step, site: ModuleSite, state: Any) -> bool:
-        """True: run the attention or MLP module at `site`; False: produce its output with the estimator."""
+        """True: run the attention or MLP module at `site` (and every site of its `decision_key`
+        in this call); False: produce their outputs with the estimator."""
         raise NotImplementedError(f"{type(self).__name__} requires module sites but does not decide them")
+
+    def decision_key(self, site: ModuleSite) -> Hashable:
+        """Sites with the same key get one decision per call, asked at the first of them (the
+        default: one per site). A policy whose decision is the same for every site of a kind
+        returns the kind, so a call costs one decision per kind, not one per module."""
+        return site.name
 
     def reuses_gated(self, site: ModuleSite) -> bool:
         """Whether a skipped gated site (`site.gated`) gets the value its block added last time

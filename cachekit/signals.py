@@ -1,11 +1,16 @@
 """The reductions policies compute their signals with, so every policy measures change alike,
-and alike on every rank.
+alike on every rank, and at the cost of one host sync per decision at most.
 
 A signal may come as one tensor or as several (one per segment of the span); several count as one
-tensor made of all their elements. Under context parallelism each rank holds a shard of the
+tensor made of all their elements. Sums are taken in float64 (`sum(dtype=...)`: no float64 copy of
+the tensor) on the signal's own device. Under context parallelism each rank holds a shard of the
 tokens: while a transformer call runs in a context-parallel group, the sums behind each mean are
-reduced over that group (in float64), so every rank gets the value one process would and makes the
-same decision. Without a group no collective runs.
+reduced over that group, so every rank gets the value one process would and makes the same
+decision. Without a group no collective runs.
+
+`mean_abs` and `relative_l1` read their value back to the host (one sync each). A policy that
+combines several signals into one decision keeps them on the device (`*_on_device`) and reads the
+combination once with `read`.
 """
 
 from __future__ import annotations
@@ -38,47 +43,55 @@ def current_group() -> Any:
     return _GROUP.get()
 
 
-def _parts(value: Tensors) -> Sequence[torch.Tensor]:
-    return [value] if isinstance(value, torch.Tensor) else value
-
-
-def _global_sums(*sums: torch.Tensor) -> list[float]:
-    """The sums, each reduced over the current group (float64)."""
-    stacked = torch.stack([value.double() for value in sums])
-    torch.distributed.all_reduce(stacked, group=_GROUP.get())
-    return stacked.tolist()
+def read(*values: torch.Tensor) -> list[float]:
+    """Device values as Python floats: the one host sync of a decision."""
+    if len(values) == 1:
+        return [values[0].item()]
+    return torch.stack([value.to(torch.float64) for value in values]).tolist()
 
 
 def mean_abs(value: Tensors) -> float:
     """mean |value| over every element."""
-    parts = _parts(value)
-    if _GROUP.get() is not None:
-        total, count = _global_sums(
-            torch.stack([part.abs().double().sum() for part in parts]).sum(),
-            torch.tensor(float(sum(part.numel() for part in parts))),
-        )
-        return total / count
-    if len(parts) == 1:
-        return parts[0].abs().mean().item()
-    return (torch.stack([part.abs().sum() for part in parts]).sum() / sum(part.numel() for part in parts)).item()
+    return read(mean_abs_on_device(value))[0]
 
 
 def relative_l1(current: Tensors, previous: Tensors, eps: float = 0.0) -> float:
     """mean |current - previous| / (mean |previous| + eps): how much a signal changed."""
+    return read(relative_l1_on_device(current, previous, eps))[0]
+
+
+def mean_abs_on_device(value: Tensors) -> torch.Tensor:
+    """mean |value|, a float64 scalar on the value's device, not read."""
+    parts = _parts(value)
+    total = _total([part.abs().sum(dtype=torch.float64) for part in parts])
+    return _means(total, count=sum(part.numel() for part in parts))[0]
+
+
+def relative_l1_on_device(current: Tensors, previous: Tensors, eps: float = 0.0) -> torch.Tensor:
+    """`relative_l1` as a float64 scalar on the signal's device, not read."""
     now, before = _parts(current), _parts(previous)
     if len(now) != len(before):
         raise ValueError(f"a signal of {len(now)} tensors cannot be compared with one of {len(before)}")
-    if _GROUP.get() is not None:
-        change, scale, count = _global_sums(
-            torch.stack([(a.double() - b.double()).abs().sum() for a, b in zip(now, before, strict=True)]).sum(),
-            torch.stack([b.double().abs().sum() for b in before]).sum(),
-            torch.tensor(float(sum(b.numel() for b in before))),
-        )
-        return (change / count) / (scale / count + eps)
-    if len(now) == 1:
-        change_mean, scale_mean = (now[0] - before[0]).abs().mean(), before[0].abs().mean()
-    else:
-        count = sum(b.numel() for b in before)
-        change_mean = torch.stack([(a - b).abs().sum() for a, b in zip(now, before, strict=True)]).sum() / count
-        scale_mean = torch.stack([b.abs().sum() for b in before]).sum() / count
-    return (change_mean / (scale_mean + eps)).item()
+    change = _total([(a - b).abs().sum(dtype=torch.float64) for a, b in zip(now, before, strict=True)])
+    scale = _total([b.abs().sum(dtype=torch.float64) for b in before])
+    change_mean, scale_mean = _means(change, scale, count=sum(b.numel() for b in before))
+    return change_mean / (scale_mean + eps)
+
+
+def _parts(value: Tensors) -> Sequence[torch.Tensor]:
+    return [value] if isinstance(value, torch.Tensor) else value
+
+
+def _total(sums: list[torch.Tensor]) -> torch.Tensor:
+    return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+
+
+def _means(*sums: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """Each sum over `count` elements as a mean; under a group, sums and counts over every rank."""
+    group = _GROUP.get()
+    if group is None:
+        return [total / count for total in sums]
+    device = sums[0].device
+    stacked = torch.stack([*sums, torch.full((), count, dtype=torch.float64, device=device)])
+    torch.distributed.all_reduce(stacked, group=group)
+    return list(stacked[:-1] / stacked[-1])

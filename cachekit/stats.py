@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 
 @dataclass
 class SiteCounts:
@@ -34,6 +36,10 @@ class BranchStats:
     #: now, and the most at any point of the generation.
     kept_bytes: int = 0
     peak_kept_bytes: int = 0
+    #: Bytes of tensors the policy's own state holds (TeaCache's previous probe, FBCache's reference).
+    policy_bytes: int = 0
+    #: The name of the pipeline's cache context for this branch ("cond", "uncond"), when it gives one.
+    context: str | None = None
 
     def count(self, site: str, computed: bool) -> None:
         self.sites.setdefault(site, SiteCounts()).count(computed)
@@ -51,6 +57,8 @@ class BranchStats:
             lines.append("modules computed per call " + " ".join(str(count) for count in self.module_schedule))
         if self.peak_kept_bytes:
             lines.append(f"kept at most {self.peak_kept_bytes / 2**20:.2f} MiB")
+        if self.policy_bytes:
+            lines.append(f"policy state {self.policy_bytes / 2**20:.2f} MiB")
         return ", ".join(lines)
 
 
@@ -93,5 +101,26 @@ class CacheStats:
         last = self.last
         steps = f", {last.num_steps} steps" if last.num_steps is not None else ""
         lines.append(f"  generation {len(self.generations)} of {len(self.generations)}{steps}:")
-        lines += [f"    branch {index}: {branch}" for index, branch in last.branches.items()]
+        lines += [
+            f"    branch {index}{f' ({branch.context})' if branch.context else ''}: {branch}"
+            for index, branch in last.branches.items()
+        ]
         return "\n".join(lines)
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in `value` (a tensor, or a dataclass, dict, list or tuple holding them),
+    each tensor counted once."""
+    seen: dict[int, int] = {}
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            seen[id(item)] = item.numel() * item.element_size()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            stack.extend(vars(item).values())
+    return sum(seen.values())

@@ -1,18 +1,29 @@
-"""Step and branch tracking from the model's own calls.
+"""Which generation, step and CFG branch each transformer call belongs to.
 
-A new timestep value starts a new step; further calls at the same timestep are further CFG
-branches, which a pipeline calls on the same noisy latent. A generation starts at the first call,
-after `start()` (the pipeline's scheduler set new timesteps, or the user reset), when the
-timestep goes back up (denoising never does), or when a call repeats the timestep on another
-latent (a loop restarted at the same timestep). A call past the known number of steps at a lower
-timestep is refused: either a pipeline cachekit does not watch drives the model, or a generation
-started lower than the last one ended without a reset. The experts of a two-transformer pipeline
-share one tracker, so their steps count through one generation.
+Steps come from the pipeline, not from timestep values: bf16 pipelines round the timestep they
+pass (`t.expand(B).to(latents.dtype)`) until consecutive steps carry the same value. In order of
+trust:
+
+1. diffusers' cache context, where the pipeline enters one with a `step_index`;
+2. the watched scheduler: `set_timesteps` starts a generation (its timesteps, read once in
+   float32, are the steps' timesteps), `step` ends a step, and further transformer calls within
+   a step are further branches. A generation the scheduler did not start (another loop driving
+   the transformer after the pipeline's call ended) is told from its timesteps, as in (3). Until a step has come through `step`, each call's own timestep
+   is read too: a loop that never steps the scheduler falls back to (3), and a model whose
+   timesteps are on another scale than its scheduler's has them read from every call;
+3. the calls' own timesteps (a bare transformer), compared in float32: a lower value is the next
+   step, the same value on the same latent a further branch, a higher value a new generation. The
+   same value on another latent is the next step where the step count leaves room (a bf16
+   collision, with a warning), else a new generation (a loop restarted at the same timestep).
+
+The experts of a two-transformer pipeline share one tracker, so their steps count through one
+generation. Only (3) and the first steps of (2) read values from the device; then none are read.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -21,57 +32,199 @@ import torch
 from cachekit.errors import StepCountError
 from cachekit.policy import Step
 
+#: How far a call's timestep may sit from the schedule's and still be on its scale (bf16 keeps 8 bits).
+SCALE_TOLERANCE = 1e-2
+
+#: A call's timestep, or a function that reads it from the device.
+Timestep = float | Callable[[], float]
+
 
 class StepTracker:
     def __init__(self, num_steps: int | None) -> None:
         self.num_steps = num_steps
-        self._timestep: float | None = None
-        self._sample: torch.Tensor | None = None  # the latent of this step's first call
+        self.generation = -1  # how many generations started, minus one
+        self.source = "timesteps"  # where steps come from: "context", "scheduler" or "timesteps"
+        self.note: str | None = None  # why steps or timesteps come from less than the pipeline offered
+        self._open = True  # the next call opens a generation
         self._index = -1
         self._branch = -1
-        self.generation = -1  # how many generations started, minus one
+        self._timestep: float | None = None  # the latest call's
+        self._read: float | None = None  # the latest value read from a call
+        self._sample: torch.Tensor | None = None  # the latent of this step's first call (timestep mode)
+        self._warned = False  # of a repeated timestep, in this generation
+        self._scheduler: Any = None  # the watched scheduler
+        self._schedule: list[float] | None = None  # its timesteps
+        self._begin = 0  # where this generation starts in them (img2img starts later)
+        self._stepped = 0  # its `step` calls in this generation
+        self._scheduled = False  # the watched scheduler started this generation
+        self._steps_checked = False  # a step came through `step`
+        self._scale_checked = False
+        self._same_scale = True  # the calls' timesteps are the schedule's
 
     @property
     def timestep(self) -> float | None:
-        """The timestep of the latest call (None before the first of a generation)."""
+        """The timestep of the latest call (None before the first)."""
         return self._timestep
 
-    def start(self, num_steps: int | None = None) -> None:
-        """The next call opens a new generation (of `num_steps` steps, when given)."""
+    def start(self, num_steps: int | None = None, schedule: list[float] | None = None) -> None:
+        """The next call opens a new generation (of `num_steps` steps, on `schedule`, when given)."""
         if num_steps is not None:
             self.num_steps = num_steps
-        self._timestep = None
+        if schedule is not None and self.source != "timesteps":
+            self._schedule = schedule
+        self._scheduled = schedule is not None
+        self._open = True
+        self._stepped = 0
 
-    def opens_generation(self, timestep: float, sample: torch.Tensor | None = None) -> bool:
-        """Whether a call at `timestep` on the latent `sample` (if known) starts a new generation."""
-        return (
-            self._timestep is None
-            or timestep > self._timestep
-            or (timestep == self._timestep and not _same(sample, self._sample))
+    def watch(self, scheduler: Any) -> None:
+        """From now on steps come from `scheduler` (see `watch_scheduler`)."""
+        self._scheduler, self.source = scheduler, "scheduler"
+
+    def stepped(self) -> None:
+        """The watched scheduler finished a step."""
+        self._stepped += 1
+
+    def opens_generation(self, timestep: Timestep, sample: torch.Tensor | None = None, context: Any = None) -> bool:
+        """Whether a call would open a new generation (changes nothing)."""
+        index = getattr(context, "step_index", None)
+        if index is not None:
+            return self._open or index < self._index
+        if self._watching():
+            return self._open
+        return self._from_timesteps(_reader(timestep)(), sample)[2]
+
+    def advance(self, timestep: Timestep, sample: torch.Tensor | None = None, context: Any = None) -> Step:
+        """The step of a call: `timestep` is its timestep (or a function reading it, called only
+        where needed), `sample` its latent, `context` diffusers' cache context if the pipeline
+        entered one. `generation` counts up when the call opens one."""
+        read = _reader(timestep)
+        seen: float | None = None
+        collided = False
+        watching = False
+        if getattr(context, "step_index", None) is not None:
+            self.source = "context"
+            index = context.step_index
+            opens = self._open or index < self._index
+            branch = 0 if opens or index != self._index else self._branch + 1
+        elif self._watching():
+            index, branch, opens, seen = self._from_scheduler(read)
+            watching = self.source == "scheduler"
+        else:
+            seen = read()
+            index, branch, opens, collided = self._from_timesteps(seen, sample)
+        if opens:
+            self._open_generation()
+        if collided:
+            self._warn_collision(index, seen)
+        if getattr(context, "num_inference_steps", None):
+            self.num_steps = context.num_inference_steps
+        if watching and self.num_steps is not None and index >= self.num_steps:
+            raise StepCountError(
+                f"the transformer was called for step {index + 1} of a generation of {self.num_steps} steps the "
+                "pipeline's scheduler set"
+            )
+        value = self._timestep_of(index, seen, read, context)
+        if opens or index != self._index:
+            self._sample = sample
+        self._index, self._branch, self._timestep = index, branch, value
+        return Step(index, self.num_steps, value, branch)
+
+    # -- the sources ----------------------------------------------------------------------------
+
+    def _watching(self) -> bool:
+        """Whether the watched scheduler gives this generation's steps: it set them (a generation
+        opened otherwise, by another pipeline's loop on this transformer say, is told from its
+        timesteps)."""
+        return self.source == "scheduler" and self._scheduled
+
+    def _open_generation(self) -> None:
+        self.generation += 1
+        self._open, self._warned = False, False
+        if self._watching():
+            begin = getattr(self._scheduler, "begin_index", None)
+            self._begin = begin if isinstance(begin, int) else 0
+            self.num_steps = len(self._schedule) - self._begin  # type: ignore[arg-type]
+
+    def _from_scheduler(self, read: Callable[[], float]) -> tuple[int, int, bool, float | None]:
+        checking = not (self._steps_checked and self._scale_checked)
+        seen = read() if checking else None
+        if self._open:
+            if not self._scale_checked:
+                begin = getattr(self._scheduler, "begin_index", None)
+                self._check_scale(seen, self._schedule[begin if isinstance(begin, int) else 0])  # type: ignore[arg-type,index]
+            self._read = seen
+            return 0, 0, True, seen
+        index = self._stepped
+        if not self._steps_checked:
+            if index == self._index and seen != self._read:  # a new timestep, but no step of the scheduler
+                self.source = "timesteps"
+                self.note = (
+                    "the loop calls the transformer at new timesteps without stepping the pipeline's scheduler: "
+                    "steps are told apart by the calls' timesteps"
+                )
+                self._timestep = self._read
+                step, branch, opens, _ = self._from_timesteps(seen, None)  # type: ignore[arg-type]
+                return step, branch, opens, seen
+            self._steps_checked = index > self._index
+        self._read = seen
+        return index, (self._branch + 1 if index == self._index else 0), False, seen
+
+    def _check_scale(self, value: float, scheduled: float) -> None:
+        self._scale_checked = True
+        self._same_scale = abs(value - scheduled) <= SCALE_TOLERANCE * max(abs(scheduled), 1.0)
+        if not self._same_scale:
+            self.note = (
+                f"the model's timesteps are not on its scheduler's scale (first call {value:g}, scheduled "
+                f"{scheduled:g}): steps come from the scheduler, timesteps from every call"
+            )
+
+    def _from_timesteps(self, timestep: float, sample: torch.Tensor | None) -> tuple[int, int, bool, bool]:
+        """(step, branch, opens a generation, collides with the previous step's timestep)."""
+        last = self._timestep
+        if self._open or last is None or timestep > last:
+            return 0, 0, True, False
+        if timestep < last:
+            if self.num_steps is not None and self._index + 1 >= self.num_steps:
+                raise StepCountError(
+                    f"the transformer was called for step {self._index + 2} (timestep {timestep:g}) of a generation "
+                    f"of {self.num_steps} steps: a pipeline whose scheduler cachekit does not watch drives it (a "
+                    "transformer shared by two pipelines? apply the policy to the pipeline that runs it), the loop "
+                    "runs more steps than num_inference_steps says, or a new generation started lower than the "
+                    "last one ended (call handle.reset() between generations)"
+                )
+            return self._index + 1, 0, False, False
+        if _same(sample, self._sample):
+            return self._index, self._branch + 1, False, False
+        if self.num_steps is not None and self._index + 1 < self.num_steps:
+            return self._index + 1, 0, False, True
+        return 0, 0, True, False  # a loop restarted at the same timestep on new noise
+
+    def _warn_collision(self, index: int, timestep: float | None) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        warnings.warn(
+            f"steps {index - 1} and {index} were called at the same timestep ({timestep:g}), as bf16 timesteps "
+            "round: cachekit counts them as consecutive steps of one generation. Apply the policy to the pipeline "
+            "(its scheduler gives the steps) to make that certain",
+            UserWarning,
+            stacklevel=5,
         )
 
-    def advance(self, timestep: float, sample: torch.Tensor | None = None) -> Step:
-        """The step of a call at `timestep` on the latent `sample`; `generation` counts up when it
-        opens a new one."""
-        if self.opens_generation(timestep, sample):
-            self._index, self._branch = 0, 0
-            self.generation += 1
-            self._sample = sample
-        elif timestep == self._timestep:
-            self._branch += 1
-        elif self.num_steps is not None and self._index + 1 >= self.num_steps:
-            raise StepCountError(
-                f"the transformer was called for step {self._index + 2} (timestep {timestep:g}) of a generation of "
-                f"{self.num_steps} steps: a pipeline whose scheduler cachekit does not watch drives it (a transformer "
-                "shared by two pipelines? apply the policy to the pipeline that runs it), the loop runs more steps "
-                "than num_inference_steps says, or a new generation started lower than the last one ended "
-                "(call handle.reset() between generations)"
-            )
-        else:
-            self._index, self._branch = self._index + 1, 0
-            self._sample = sample
-        self._timestep = timestep
-        return Step(self._index, self.num_steps, timestep, self._branch)
+    def _timestep_of(self, index: int, seen: float | None, read: Callable[[], float], context: Any) -> float:
+        """The call's timestep: what the pipeline gave, where it gave it, so nothing is read."""
+        given = getattr(context, "timestep", None)
+        if isinstance(given, int | float):
+            return float(given)
+        if self._watching() and self._same_scale:
+            position = self._begin + index
+            if position < len(self._schedule):
+                return self._schedule[position]
+        return seen if seen is not None else read()
+
+
+def _reader(timestep: Timestep) -> Callable[[], float]:
+    return timestep if callable(timestep) else lambda: timestep
 
 
 def _same(sample: torch.Tensor | None, other: torch.Tensor | None) -> bool:
@@ -82,23 +235,32 @@ def _same(sample: torch.Tensor | None, other: torch.Tensor | None) -> bool:
 
 
 def watch_scheduler(scheduler: Any, tracker: StepTracker) -> Callable[[], None]:
-    """A pipeline sets its scheduler's timesteps once per generation: from then on, a new
-    generation of that many steps starts at the next transformer call. Returns the undo."""
-    own = scheduler.__dict__.get("set_timesteps")
-    set_timesteps = scheduler.set_timesteps
+    """Let `scheduler` give `tracker` its steps: each `set_timesteps` starts a generation on its
+    timesteps, each `step` ends a step. Returns the undo."""
+    own = {name: scheduler.__dict__.get(name) for name in ("set_timesteps", "step")}
+    set_timesteps, step = scheduler.set_timesteps, scheduler.step
 
     @functools.wraps(set_timesteps)  # pipelines inspect its signature
     def watched_set_timesteps(*args: Any, **kwargs: Any) -> Any:
         result = set_timesteps(*args, **kwargs)
-        tracker.start(len(scheduler.timesteps))
+        timesteps = torch.as_tensor(scheduler.timesteps)  # read once, before the transformer runs
+        tracker.start(len(timesteps), timesteps.float().tolist())
         return result
 
-    scheduler.set_timesteps = watched_set_timesteps
+    @functools.wraps(step)
+    def watched_step(*args: Any, **kwargs: Any) -> Any:
+        result = step(*args, **kwargs)
+        tracker.stepped()
+        return result
+
+    scheduler.set_timesteps, scheduler.step = watched_set_timesteps, watched_step
+    tracker.watch(scheduler)
 
     def unwatch() -> None:
-        if own is None:
-            del scheduler.set_timesteps
-        else:
-            scheduler.set_timesteps = own
+        for name, method in own.items():
+            if method is None:
+                delattr(scheduler, name)
+            else:
+                setattr(scheduler, name, method)
 
     return unwatch

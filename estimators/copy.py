@@ -35,6 +35,9 @@ class CopyEstimator(Estimator[CopyConfig]):
     def kept(self, state: _Last) -> list[torch.Tensor]:
         return [] if state.value is None else [state.value]
 
+    def slots(self) -> int:
+        return 1
+
 
 @hookimpl
 def cachekit_register_estimators(register: Callable[[type[Estimator[Any]]], None]) -> None:

@@ -64,6 +64,9 @@ class FoCaEstimator(Estimator[FoCaConfig]):
         unique = {id(t): t for t in [*state.computed, *state.handed]}
         return list(unique.values())
 
+    def slots(self) -> int:
+        return 4  # the last two computed values and the last two handed out
+
 
 @hookimpl
 def cachekit_register_estimators(register: Callable[[type[Estimator[Any]]], None]) -> None:

@@ -57,6 +57,9 @@ class TaylorEstimator(Estimator[TaylorConfig]):
     def kept(self, state: _Factors) -> list[torch.Tensor]:
         return state.factors
 
+    def slots(self) -> int:
+        return self.config.order + 1
+
 
 @hookimpl
 def cachekit_register_estimators(register: Callable[[type[Estimator[Any]]], None]) -> None:

@@ -35,6 +35,13 @@ class PolicyConfig(BaseModel):
         description='How a skipped value is produced: "copy" (the last computed value), "taylor" (a forecast '
         'from the last computed values, e.g. {"kind": "taylor", "order": 2}), "foca", or a plugin\'s kind.',
     )
+    max_kept_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="The most the policy may keep (cached values and their history, over every CFG branch). "
+        "Checked from the first computed call, before the device runs out; on CUDA the device's free memory "
+        "is checked too.",
+    )
 
     @classmethod
     def strategy_name(cls) -> str:

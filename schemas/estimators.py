@@ -20,6 +20,11 @@ class EstimatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: str
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        default=None,
+        description="The dtype the kept values are stored in (None: the model's). 'bfloat16' halves what a "
+        "float32 model keeps; 'float32' keeps a bf16 model's forecasts exact.",
+    )
 
     @classmethod
     def kind_name(cls) -> str:

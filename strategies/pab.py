@@ -96,27 +96,33 @@ class PABPolicy(CachePolicy[PABConfig]):
             return False
         return isinstance(self.mlp, MLPBroadcastAt) or self.mlp.range > 1
 
-    def new_state(self) -> dict[str, int]:
-        """Calls so far of each module in this branch (and, under `MLPBroadcastAt`, the calls each
-        MLP has left to reuse)."""
+    def decision_key(self, site: ModuleSite) -> tuple[SiteKind, bool]:
+        """Every module of a kind is called once per call and follows one rule: one decision per
+        kind (for MLPs, apart for those the broadcast covers)."""
+        return site.kind, site.kind is SiteKind.MLP and site.block in self.mlp_blocks
+
+    def new_state(self) -> dict[Any, int]:
+        """Calls so far of each kind of module in this branch (and, under `MLPBroadcastAt`, the
+        calls the MLPs have left to reuse)."""
         return {}
 
-    def decide_module(self, step: Step, site: ModuleSite, state: dict[str, int]) -> bool:
-        calls = state.get(site.name, 0)
-        state[site.name] = calls + 1
+    def decide_module(self, step: Step, site: ModuleSite, state: dict[Any, int]) -> bool:
+        key = self.decision_key(site)
+        calls = state.get(key, 0)
+        state[key] = calls + 1
         setting: Broadcast
         if site.kind is SiteKind.MLP:
             if self.mlp is None or site.block not in self.mlp_blocks:
                 return True
             if isinstance(self.mlp, MLPBroadcastAt):
-                return self._computes_from_timesteps(self.mlp, step, f"{site.name} reuses left", state)
+                return self._computes_from_timesteps(self.mlp, step, "MLP reuses left", state)
             setting = self.mlp
         else:
             setting = self.settings[site.kind]
         low, high = setting.window
         return calls % setting.range == 0 or not low < step.timestep < high
 
-    def _computes_from_timesteps(self, setting: MLPBroadcastAt, step: Step, left: str, state: dict[str, int]) -> bool:
+    def _computes_from_timesteps(self, setting: MLPBroadcastAt, step: Step, left: str, state: dict[Any, int]) -> bool:
         """Compute at a listed timestep and keep the output for the next `skip` calls."""
         if any(abs(step.timestep - listed) < 0.5 for listed in setting.timesteps):
             state[left], state[LISTED_TIMESTEP_SEEN] = setting.skip, 1

@@ -44,6 +44,9 @@ class TaylorSeerPolicy(CachePolicy[TaylorSeerConfig]):
             or (config.cooldown_from is not None and step.index >= config.cooldown_from)
         )
 
+    def decision_key(self, site: ModuleSite) -> str:
+        return "step"  # the schedule decides every module alike
+
     def decide_span(self, step: Step, signals: Signals, state: Any) -> bool:
         return self.computes(step)
 

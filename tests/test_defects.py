@@ -21,7 +21,7 @@ import cachekit
 from cachekit import registry as registry_module
 from cachekit.errors import ConcurrentUseError, StepCountError, UnsupportedModelError
 from cachekit.registry import PluginWarning, Registry
-from cachekit.schemas import PolicyConfig, UniformConfig
+from cachekit.schemas import Broadcast, PABConfig, PolicyConfig, UniformConfig
 from cachekit.study import load_spec, run_study
 from cachekit.study.store import ResultStore, StoreError
 from cachekit.testing import run_flux, tiny_flux_pipeline, tiny_flux_transformer
@@ -71,22 +71,39 @@ def test_a_failed_apply_leaves_the_model_as_found_and_weight_tied_blocks_are_ref
     assert module_state(model) == before
 
 
-def test_a_loop_restarted_at_the_same_timestep_is_a_new_generation():
+def test_a_loop_restarted_at_the_same_timestep_is_a_new_generation_where_the_step_count_is_unknown():
     """Interrupted after step 0, then started again on new noise at the same timestep, without
     reset(): the new loop must not reuse the old loop's residual."""
     model = tiny_flux_transformer()
-    timesteps = [1.0, 0.7, 0.4]
+    timesteps = [0.9, 0.7, 0.4]
+    config = PABConfig(spatial=Broadcast(range=2, window=(0.0, 1000.0)))
 
     def loop(seed):
         return [model(**flux_inputs(timestep=t, seed=seed))[0] for t in timesteps]
 
-    with cachekit.apply(model, UniformConfig(interval=2, num_inference_steps=3)):
-        model(**flux_inputs(timestep=1.0, seed=5))  # the interrupted generation's step 0
+    with cachekit.apply(model, config) as handle:
+        model(**flux_inputs(timestep=0.9, seed=5))  # the interrupted generation's step 0
         restarted = loop(seed=6)
-    with cachekit.apply(model, UniformConfig(interval=2, num_inference_steps=3)):
+    assert len(handle.stats.generations) == 2
+    with cachekit.apply(model, config):
         fresh = loop(seed=6)
     for a, b in zip(restarted, fresh, strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_same_timestep_on_another_latent_within_a_known_step_count_is_the_next_step():
+    """As bf16 timesteps collide: counted as the next step with a warning, never a new generation;
+    a restarted loop then runs past the step count and is named there, with the way out."""
+    model = tiny_flux_transformer()
+    with cachekit.apply(model, UniformConfig(interval=2, num_inference_steps=3)) as handle:
+        model(**flux_inputs(timestep=1.0, seed=5))
+        with pytest.warns(UserWarning, match=r"steps 0 and 1 were called at the same timestep \(1000\)"):
+            model(**flux_inputs(timestep=1.0, seed=6))
+        model(**flux_inputs(timestep=0.7, seed=6))
+        assert len(handle.stats.generations) == 1
+        assert handle.stats.last.branches[0].span_schedule == [True, False, True]
+        with pytest.raises(StepCountError, match=r"step 4 .* of a generation of 3 steps: .*handle.reset\(\)"):
+            model(**flux_inputs(timestep=0.4, seed=6))
 
 
 def test_a_transformer_driven_by_a_pipeline_cachekit_does_not_watch_is_named():

@@ -132,7 +132,7 @@ def test_kept_rebuilds_tuples_with_nones_and_counts_bytes():
     assert estimate[1] is None and isinstance(estimate[2], tuple)
     torch.testing.assert_close(estimate[0], a + 2)
     torch.testing.assert_close(estimate[2][0], b + 4)
-    assert kept.nbytes() == 2 * (a.numel() + b.numel()) * 4  # F0 and F1 of each tensor, float32
+    assert kept.nbytes == 2 * (a.numel() + b.numel()) * 4  # F0 and F1 of each tensor, float32
 
 
 @pytest.mark.parametrize(("config", "tensors_per_residual"), [(CopyConfig(), 1), (TaylorConfig(order=3), 4)])

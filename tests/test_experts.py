@@ -77,8 +77,10 @@ def test_the_summary_tells_each_expert_apart():
     lines = summary.splitlines()
     assert lines[0] == "[transformer] uniform on wan" and "[transformer_2] uniform on wan" in lines
     for name, stats in handle.stats_by_component.items():
+        assert [branch.context for branch in stats.last.branches.values()] == ["cond", "uncond"]  # the pipeline's
         for index, branch in stats.last.branches.items():
             schedule = "".join("C" if computed else "." for computed in branch.span_schedule)
             span = branch.sites["span"]
             counts = f"span {span.computed} computed / {span.reused} reused"
-            assert f"branch {index}: {branch.calls} calls, {counts}, schedule {schedule}" in summary, name
+            context = f" ({branch.context})" if branch.context else ""
+            assert f"branch {index}{context}: {branch.calls} calls, {counts}, schedule {schedule}" in summary, name

@@ -1,0 +1,260 @@
+"""Framing a transformer call: the generation, step and CFG branch it belongs to, the state it runs
+with, and the policy's answers checked on the way.
+
+The step comes from the pipeline (see `cachekit.steps`): the call hook is a stateful diffusers hook,
+so a pipeline's `cache_context` reaches it, and diffusers' reset of stateful hooks at the end of a
+pipeline call ends the generation.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.hooks import ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+from torch import nn
+
+from cachekit.adapter import Adapter, OutputSite, Point, Streams
+from cachekit.errors import ConcurrentUseError, PolicyError, RankDivergenceError
+from cachekit.estimator import Kept
+from cachekit.hooks import context_parallel_group
+from cachekit.policy import CachePolicy, Step
+from cachekit.signals import read, reduced_over
+from cachekit.stats import BranchStats, CacheStats, GenerationStats, tensor_bytes
+from cachekit.steps import StepTracker
+
+#: What a branch keeps, by site: ("span", segment) for the span's residuals, (module, run) for a module's outputs.
+Key = tuple[str, int]
+
+
+@dataclass
+class Branch:
+    """What one CFG branch carries through a generation."""
+
+    stats: BranchStats
+    state: Any  # the policy's
+    kept: dict[Key, Kept] = field(default_factory=dict)  # the estimator's, by site
+    segments: set[int] = field(default_factory=set)  # the span's segments when it last computed
+    gates: dict[Key, torch.Tensor] = field(default_factory=dict)  # a re-gated site's gate when computed
+
+
+@dataclass
+class Call:
+    """What the runtime knows during one transformer call."""
+
+    step: Step
+    branch: Branch
+    group: Any = None  # the process group the ranks' decisions must agree over
+    device: torch.device | None = None  # where the call's latent lives
+    latent: torch.Tensor | None = None
+    probe: torch.Tensor | None = None
+    embeddings: dict[Point, Any] = field(default_factory=dict)  # embedding signals seen in this call
+    inputs: dict[int, Streams] = field(default_factory=dict)  # segment -> its streams on entry
+    head_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # head segment -> first stream on entry
+    head_residual: list[torch.Tensor] = field(default_factory=list)
+    compute: bool = True  # the span's decision
+    decisions: dict[Any, bool] = field(default_factory=dict)  # a module decision key -> its decision in this call
+    module_runs: dict[str, int] = field(default_factory=dict)  # site -> runs so far in this call
+    computed_modules: int = 0
+
+
+class Frames:
+    """Turns the calls of one transformer into `Call`s, and keeps each branch's state through a
+    generation (dropped when the next one starts)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        policy: CachePolicy[Any],
+        tracker: StepTracker,
+        stats: CacheStats,
+        process_group: Any = None,
+        wants_latent: bool = False,
+        wants_output: bool = False,
+        module_sites: bool = False,
+    ) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.policy = policy
+        self.tracker = tracker  # shared by the experts of one pipeline
+        self.stats = stats
+        self.process_group = process_group  # None: the model's context-parallel group, if any
+        self.wants_latent = wants_latent
+        self.wants_output = wants_output
+        self.module_sites = module_sites
+        self.call: Call | None = None
+        self.latent: torch.Tensor | None = None  # the latent of the call about to run, whole
+        self._generation = -1  # the tracker's generation the branches belong to
+        self.joined_late = False  # this transformer's first call of the generation came after step 0
+        self._branches: dict[int, Branch] = {}
+        self._reduction: Any = None  # the signal group's context of the running call
+        self._busy = threading.Lock()  # held during a transformer call
+        self._owner: int | None = None  # the thread running the current generation
+
+    def group(self) -> Any:
+        """The process group decisions must agree over: the one given to `apply`, else the model's
+        context-parallel group under diffusers' context parallelism, else None (no collectives)."""
+        return self.process_group if self.process_group is not None else context_parallel_group(self.model)
+
+    @torch.compiler.disable
+    def begin(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], context: Any) -> Call:
+        if not self._busy.acquire(blocking=False):
+            raise ConcurrentUseError(self._concurrent("while another thread's call of it was running"))
+        try:
+            return self._begin(args, kwargs, context)
+        except BaseException:
+            self._busy.release()
+            raise
+
+    def _begin(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], context: Any) -> Call:
+        adapter, tracker = self.adapter, self.tracker
+        timestep = functools.partial(adapter.step_of, args, kwargs)  # read only where the pipeline gives no step
+        sample = adapter.latent_input(args, kwargs)
+        thread = threading.get_ident()
+        if self._owner not in (None, thread) and not tracker.opens_generation(timestep, sample, context):
+            raise ConcurrentUseError(self._concurrent("in the middle of a generation another thread runs"))
+        step = tracker.advance(timestep, sample, context)
+        if tracker.generation != self._generation:
+            self._owner = thread
+            self._generation = tracker.generation
+            self.joined_late = step.index > 0
+            self._branches.clear()
+            self.stats.generations.append(GenerationStats(tracker.num_steps))
+        branch = self._branches.get(step.branch)
+        if branch is None:
+            stats = self.stats.last.branch(step.branch)
+            branch = self._branches[step.branch] = Branch(stats, self.policy.new_state())
+            name = getattr(context, "name", None)
+            if name is not None:
+                stats.context = name
+        branch.stats.calls += 1
+        call = Call(step, branch, group=self.group(), device=sample.device)
+        self._reduction = reduced_over(call.group)
+        self._reduction.__enter__()
+        if self.wants_latent:
+            call.latent, self.latent = self.latent, None
+        self.call = call
+        return call
+
+    @torch.compiler.disable
+    def end(self, call: Call, output: Any) -> None:
+        """The call is over (`output` None: it raised)."""
+        self.call = None
+        try:
+            if self.module_sites:
+                call.branch.stats.module_schedule.append(call.computed_modules)
+            if self.wants_output and output is not None:
+                self.policy.observe(call.step, self.adapter.prediction(output), call.branch.state)
+            call.branch.stats.policy_bytes = tensor_bytes(call.branch.state)
+        finally:
+            if self._reduction is not None:
+                self._reduction.__exit__(None, None, None)
+                self._reduction = None
+            self._busy.release()
+
+    def branches(self) -> list[Branch]:
+        """The branches of the current generation so far."""
+        return list(self._branches.values())
+
+    def generation_ended(self) -> None:
+        """The pipeline call is over: the next transformer call opens a new generation."""
+        if self.call is None:
+            self.tracker.start()
+
+    def _concurrent(self, when: str) -> str:
+        return (
+            f"{type(self.model).__name__} was called from a second thread {when}: a policy follows one generation "
+            "at a time; give each thread its own transformer (or apply the policy per thread)"
+        )
+
+    def decision(self, call: Call, decision: Any, method: str) -> bool:
+        """A policy's answer as a bool; anything else (a forgotten return, a tensor) is its mistake.
+        Under context parallelism a policy not declared rank-consistent has its answer compared
+        across the ranks: they must all compute or all skip, or each raises instead of hanging."""
+        if not isinstance(decision, bool | np.bool_):
+            raise PolicyError(
+                f"{type(self.policy).__name__}.{method} returned {decision!r} ({type(decision).__name__}); "
+                "a decision must be True (compute) or False (skip)"
+            )
+        if call.group is not None and not self.policy.rank_consistent and not agree(bool(decision), call):
+            raise RankDivergenceError(
+                f"{type(self.policy).__name__}.{method}: the ranks of the context-parallel group decided "
+                f"differently at step {call.step.index} (branch {call.step.branch}); compute its signals with "
+                "cachekit.signals (reduced over the group) and set rank_consistent = True"
+            )
+        return bool(decision)
+
+    def compute_first(self, what: str, step: Step) -> bool:
+        """A reuse with nothing stored: the second expert of a pipeline starts mid-generation with
+        nothing of its own, so it computes; anywhere else the policy is at fault."""
+        if self.joined_late:
+            return True
+        raise PolicyError(
+            f"strategy {self.policy.name()!r} chose to reuse {what} at step {step.index} "
+            f"(branch {step.branch}) before computing it once in this generation"
+        )
+
+
+def agree(decision: bool, call: Call) -> bool:
+    """Whether every rank of the call's group made `decision`: one collective on the call's device
+    (NCCL takes device tensors only), one read."""
+    votes = torch.full((2,), float(decision), device=call.device)
+    votes[1].neg_()
+    torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX, group=call.group)
+    highest, lowest_negated = read(votes[0], votes[1])
+    return highest == -lowest_negated
+
+
+class _NoState(BaseState):
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class CallHook(ModelHook):
+    """On the transformer: frames each call. Stateful, so that diffusers hands it the pipeline's
+    cache context and tells it when a pipeline call is over."""
+
+    _is_stateful = True
+
+    def __init__(self, frames: Frames) -> None:
+        super().__init__()
+        self.frames = frames
+        self.context = StateManager(_NoState)  # diffusers sets the pipeline's cache context on it
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        frames = self.frames
+        call = frames.begin(args, kwargs, self.context._context)
+        try:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        except BaseException:
+            frames.end(call, None)
+            raise
+        frames.end(call, output)
+        return output
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        self.frames.generation_ended()
+        return module
+
+
+class EmbeddingHook(ModelHook):
+    """On the timestep embedder: hands its output (or items of it) to the call's signals."""
+
+    def __init__(self, frames: Frames, sites: list[tuple[Point, OutputSite]]) -> None:
+        super().__init__()
+        self.frames = frames
+        self.sites = sites
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        call = self.frames.call
+        if call is not None:
+            for point, site in self.sites:
+                call.embeddings[point] = site.read(output)
+        return output

@@ -1,0 +1,122 @@
+"""The `Runtime`: one policy and its estimator on one transformer, from the policy's points to the
+hooks that serve them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cachekit.adapter import Adapter, BlockArgument, OutputSite, Point
+from cachekit.errors import PolicyError
+from cachekit.estimator import Estimator
+from cachekit.policy import CachePolicy
+from cachekit.runtime.framing import CallHook, EmbeddingHook, Frames
+from cachekit.runtime.installing import Installer, each_once
+from cachekit.runtime.memory import Memory
+from cachekit.runtime.modules import BlockArgumentsHook, ModuleSiteHook, Modules
+from cachekit.runtime.span import Span, SpanBlockHook, span_places
+from cachekit.stats import CacheStats
+from cachekit.steps import StepTracker
+
+GATE_HOOK_NAME = "cachekit-gate"  # on a block whose gated sites' values are re-gated
+
+
+class Runtime:
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        policy: CachePolicy[Any],
+        estimator: Estimator[Any],
+        tracker: StepTracker,
+        process_group: Any = None,
+    ):
+        self.model = model
+        self.adapter = adapter
+        self.policy = policy
+        self.estimator = estimator
+        self.tracker = tracker
+        info = {**policy.attach(adapter), "estimator": policy.config.estimator.model_dump(mode="json", exclude_none=True)}
+        self.stats = CacheStats(strategy=policy.name(), adapter=adapter.name, info=info)
+        points = policy.required_points()  # after attach, which may settle what the policy reads
+        for point in sorted(points):
+            adapter.require(point, policy.name())
+        reads = {
+            Point.TIMESTEP_EMBEDDING: adapter.timestep_embedding,
+            Point.PROJECTED_TIMESTEP_EMBEDDING: adapter.projected_timestep_embedding,
+        }
+        self._embeddings = {point: read() for point, read in reads.items() if point in points}
+        self._places = span_places(adapter, policy) if Point.SPAN in points else []
+        block_arguments = {p: s for p, s in self._embeddings.items() if isinstance(s, BlockArgument)}
+        if block_arguments and not self._places:
+            raise PolicyError(
+                f"strategy {policy.name()!r} reads {', '.join(block_arguments)} from the first block's arguments "
+                f"on {type(model).__name__}, which it can only do when it also requires the span"
+            )
+        self._sites = [
+            *(adapter.attention_sites() if Point.ATTENTION in points else []),
+            *(adapter.mlp_sites() if Point.MLP in points else []),
+        ]
+        each_once(model, [block for block, _ in self._places], "block")
+        each_once(model, [site.module for site in self._sites], "attention/MLP module")
+        self._keeps = {site.name: policy.may_reuse(site) for site in self._sites}
+        self.frames = Frames(
+            model,
+            adapter,
+            policy,
+            tracker,
+            self.stats,
+            process_group,
+            wants_latent=Point.LATENT in points,
+            wants_output=Point.OUTPUT in points,
+            module_sites=bool(self._sites),
+        )
+        dtype = policy.config.estimator.dtype
+        segments = len({place.segment for _, place in self._places if not place.head})
+        self.memory = Memory(
+            self.frames,
+            estimator,
+            sites=segments + sum(self._keeps.values()),
+            where="sites (span segments and attention/MLP modules)" if self._sites else "segments of the span",
+            limit=policy.config.max_kept_bytes,
+            storage=getattr(torch, dtype) if dtype else None,
+        )
+        self.span = Span(self.frames, self.memory, adapter, policy, Point.PROBE in points, block_arguments)
+        regated = {site.name for site in self._sites if site.gated and policy.reuses_gated(site)}
+        self.modules = Modules(self.frames, self.memory, adapter, policy, regated)
+        self._installer = Installer(model)
+        self._latent_hook: Any = None
+
+    def install(self) -> None:
+        hook, frames, adapter = self._installer.hook, self.frames, self.adapter
+        hook(self.model, CallHook(frames))
+        if frames.wants_latent:  # a torch hook: it sees the call's arguments before any diffusers hook splits them
+            self._latent_hook = self.model.register_forward_pre_hook(self._see_latent, with_kwargs=True)
+        by_module: dict[nn.Module, list[tuple[Point, OutputSite]]] = {}
+        for point, source in self._embeddings.items():
+            if isinstance(source, OutputSite):
+                by_module.setdefault(source.module, []).append((point, source))
+        for module, sites in by_module.items():
+            hook(module, EmbeddingHook(frames, sites))
+        for block, place in self._places:
+            hook(block, SpanBlockHook(self.span, place))
+        for site in self._sites:
+            hook(site.module, ModuleSiteHook(self.modules, site, self.policy.decision_key(site), self._keeps[site.name]))
+        blocks = adapter.blocks()
+        for index in sorted({site.block for site in self._sites if site.name in self.modules.regated}):
+            hook(blocks[index], BlockArgumentsHook(self.modules.block_calls, index), GATE_HOOK_NAME)
+        self._installer.forget_cached_children()
+
+    def uninstall(self) -> None:
+        """Remove every hook, leaving the modules as found."""
+        if self._latent_hook is not None:
+            self._latent_hook.remove()
+            self._latent_hook = None
+        self._installer.uninstall()
+
+    @torch.compiler.disable
+    def _see_latent(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.frames.latent = self.adapter.latent(args, kwargs)
+
