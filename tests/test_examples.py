@@ -16,6 +16,6 @@ def test_quickstart_runs(tmp_path):
     assert "strategies: ['easycache', 'fbcache', 'magcache', 'pab', 'seacache', 'taylorseer'" in result.stdout
     assert "estimator=TaylorConfig(kind='taylor', dtype=None, order=2" in result.stdout
     uniform = "20 calls, span 8 computed / 12 reused, schedule C..C..C..C..C..C..CC"  # interval 3, last step
-    assert f"branch 0: {uniform}" in result.stdout and f"branch 1: {uniform}" in result.stdout
+    assert f"branch 0 (cond): {uniform}" in result.stdout and f"branch 1 (uncond): {uniform}" in result.stdout
     assert "  preset: flux-dev\n" in result.stdout and "  rel_l1_thresh: 0.4\n" in result.stdout
     assert "after removal: output identical to the uncached pipeline" in result.stdout
