@@ -25,7 +25,7 @@ from cachekit.schemas.adapter import (
 
 ALLEGRO_SPEC = AdapterSpec(
     name="allegro",
-    timestep=TimestepSpec(argument=Argument(name="timestep", position=2)),
+    timestep=TimestepSpec(argument=Argument(name="timestep", position=2), schedule="timestep"),
     # adaln_single returns (projected timestep, embedded timestep); the blocks get the projection.
     timestep_embedding=OutputSpec(module="adaln_single", index=1),
     blocks=[

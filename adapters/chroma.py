@@ -31,7 +31,7 @@ from cachekit.schemas.adapter import (
 CHROMA_SPEC = AdapterSpec(
     name="chroma",
     # Chroma pipelines pass t / 1000.
-    timestep=TimestepSpec(argument=Argument(name="timestep", position=2), scale=1000),
+    timestep=TimestepSpec(argument=Argument(name="timestep", position=2), scale=1000, schedule="timestep"),
     timestep_embedding=OutputSpec(module="distilled_guidance_layer"),
     latent=LatentSpec(layout="BNC", ids=Argument(name="img_ids", position=3)),
     blocks=[

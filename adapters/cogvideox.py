@@ -27,7 +27,7 @@ from cachekit.schemas.adapter import (
 
 COGVIDEOX_SPEC = AdapterSpec(
     name="cogvideox",
-    timestep=TimestepSpec(argument=Argument(name="timestep", position=2)),
+    timestep=TimestepSpec(argument=Argument(name="timestep", position=2), schedule="timestep"),
     # the blocks' temb: the time embedding plus, on CogVideoX1.5-5B-I2V, the ofs embedding
     timestep_embedding=TEMB,
     latent=LatentSpec(layout="BTCHW"),  # CogVideoX latents put the frames before the channels

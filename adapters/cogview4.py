@@ -28,7 +28,7 @@ from cachekit.schemas.adapter import (
 
 COGVIEW4_SPEC = AdapterSpec(
     name="cogview4",
-    timestep=TimestepSpec(argument=Argument(name="timestep", position=2)),
+    timestep=TimestepSpec(argument=Argument(name="timestep", position=2), schedule="timestep"),
     timestep_embedding=OutputSpec(module="time_condition_embed"),
     blocks=[
         BlockListSpec(

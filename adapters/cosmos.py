@@ -15,10 +15,20 @@ from cachekit.adapter import Adapter
 from cachekit.declarative import DeclarativeAdapter
 from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
-from cachekit.schemas.adapter import FULL_3D, HIDDEN, AdapterSpec, Argument, BlockListSpec, NormProbe, OutputSpec
+from cachekit.schemas.adapter import (
+    FULL_3D,
+    HIDDEN,
+    AdapterSpec,
+    Argument,
+    BlockListSpec,
+    NormProbe,
+    OutputSpec,
+    TimestepSpec,
+)
 
 COSMOS_SPEC = AdapterSpec(
     name="cosmos",
+    timestep=TimestepSpec(schedule="call"),
     # time_embed returns (temb, embedded timestep); the norms take both.
     timestep_embedding=OutputSpec(module="time_embed", index=1),
     blocks=[

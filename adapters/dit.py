@@ -12,10 +12,20 @@ from cachekit.adapter import Adapter
 from cachekit.declarative import DeclarativeAdapter
 from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
-from cachekit.schemas.adapter import HIDDEN, IMAGE_ONLY, AdapterSpec, Argument, BlockListSpec, NormProbe, OutputSpec
+from cachekit.schemas.adapter import (
+    HIDDEN,
+    IMAGE_ONLY,
+    AdapterSpec,
+    Argument,
+    BlockListSpec,
+    NormProbe,
+    OutputSpec,
+    TimestepSpec,
+)
 
 DIT_SPEC = AdapterSpec(
     name="dit",
+    timestep=TimestepSpec(schedule="timestep"),
     timestep_embedding=OutputSpec(module="transformer_blocks.0.norm1.emb"),
     blocks=[BlockListSpec(path="transformer_blocks", streams=[HIDDEN], attention={"attn1": "spatial"}, mlp=["ff"])],
     probe=NormProbe(

@@ -34,7 +34,7 @@ from cachekit.schemas.adapter import (
 FLUX_SPEC = AdapterSpec(
     name="flux",
     # Flux pipelines pass t / 1000; the model multiplies it back.
-    timestep=TimestepSpec(argument=Argument(name="timestep", position=3), scale=1000),
+    timestep=TimestepSpec(argument=Argument(name="timestep", position=3), scale=1000, schedule="timestep"),
     timestep_embedding=OutputSpec(module="time_text_embed"),
     # packed 2x2 patches, each token's (frame, row, column) in img_ids
     latent=LatentSpec(layout="BNC", ids=Argument(name="img_ids", position=4)),

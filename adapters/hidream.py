@@ -32,7 +32,7 @@ _TEMB = Argument(name="temb", position=3)
 
 HIDREAM_SPEC = AdapterSpec(
     name="hidream",
-    timestep=TimestepSpec(argument=Argument(name="timesteps", position=1)),
+    timestep=TimestepSpec(argument=Argument(name="timesteps", position=1), schedule="timestep"),
     timestep_embedding=OutputSpec(module="t_embedder"),
     blocks=[
         BlockListSpec(

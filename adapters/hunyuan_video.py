@@ -23,10 +23,12 @@ from cachekit.schemas.adapter import (
     BlockListSpec,
     NormProbe,
     OutputSpec,
+    TimestepSpec,
 )
 
 HUNYUAN_VIDEO_SPEC = AdapterSpec(
     name="hunyuan_video",
+    timestep=TimestepSpec(schedule="timestep"),
     # time_text_embed returns (conditioning, token-replace embedding).
     timestep_embedding=OutputSpec(module="time_text_embed", index=0),
     blocks=[

@@ -13,7 +13,16 @@ from cachekit.adapter import Adapter
 from cachekit.declarative import DeclarativeAdapter
 from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
-from cachekit.schemas.adapter import HIDDEN, AdapterSpec, Argument, BlockListSpec, Gate, OutputSpec, TableProbe
+from cachekit.schemas.adapter import (
+    HIDDEN,
+    AdapterSpec,
+    Argument,
+    BlockListSpec,
+    Gate,
+    OutputSpec,
+    TableProbe,
+    TimestepSpec,
+)
 
 # The blocks gate their self attention and MLP outputs by rows 2 and 5 of their table plus the
 # projected timestep (VideoSys's PAB reuses those gated outputs).
@@ -22,6 +31,7 @@ GATES = {"attn1": Gate(embedding=TIMESTEP, row=2), "ff": Gate(embedding=TIMESTEP
 
 LATTE_SPEC = AdapterSpec(
     name="latte",
+    timestep=TimestepSpec(schedule="timestep"),
     # adaln_single returns (projected timestep, embedded timestep); the blocks get the projection.
     timestep_embedding=OutputSpec(module="adaln_single", index=1),
     blocks=[

@@ -27,7 +27,7 @@ from cachekit.schemas.adapter import (
 
 LTX_SPEC = AdapterSpec(
     name="ltx",
-    timestep=TimestepSpec(argument=Argument(name="timestep", position=2)),
+    timestep=TimestepSpec(argument=Argument(name="timestep", position=2), schedule="timestep"),
     # time_embed returns (projected timestep, embedded timestep); the blocks get the projection.
     timestep_embedding=OutputSpec(module="time_embed", index=1),
     # packed tokens in (frame, row, column) raster order

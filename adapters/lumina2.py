@@ -30,7 +30,7 @@ from cachekit.schemas.adapter import (
 
 LUMINA2_SPEC = AdapterSpec(
     name="lumina2",
-    timestep=TimestepSpec(offset=1000, scale=-1000),
+    timestep=TimestepSpec(offset=1000, scale=-1000, schedule="timestep"),
     # time_caption_embed returns (time embedding, caption embedding).
     timestep_embedding=OutputSpec(module="time_caption_embed", index=0),
     blocks=[

@@ -31,7 +31,7 @@ from cachekit.schemas.adapter import (
 
 MOCHI_SPEC = AdapterSpec(
     name="mochi",
-    timestep=TimestepSpec(argument=Argument(name="timestep", position=2), scale=-1, offset=1000),
+    timestep=TimestepSpec(argument=Argument(name="timestep", position=2), scale=-1, offset=1000, schedule="argument"),
     # time_embed returns (conditioning, caption projection).
     timestep_embedding=OutputSpec(module="time_embed", index=0),
     blocks=[

@@ -24,7 +24,7 @@ from cachekit.schemas.adapter import (
 
 PIXART_SPEC = AdapterSpec(
     name="pixart",
-    timestep=TimestepSpec(argument=Argument(name="timestep", position=2)),
+    timestep=TimestepSpec(argument=Argument(name="timestep", position=2), schedule="timestep"),
     # adaln_single returns (projected timestep, embedded timestep); the blocks get the projection.
     timestep_embedding=OutputSpec(module="adaln_single", index=1),
     blocks=[

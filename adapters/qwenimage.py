@@ -28,7 +28,7 @@ from cachekit.schemas.adapter import (
 QWENIMAGE_SPEC = AdapterSpec(
     name="qwenimage",
     # Qwen-Image pipelines pass t / 1000.
-    timestep=TimestepSpec(argument=Argument(name="timestep", position=3), scale=1000),
+    timestep=TimestepSpec(argument=Argument(name="timestep", position=3), scale=1000, schedule="timestep"),
     timestep_embedding=OutputSpec(module="time_text_embed"),
     blocks=[
         BlockListSpec(

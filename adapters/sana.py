@@ -24,7 +24,7 @@ from cachekit.schemas.adapter import (
 
 SANA_SPEC = AdapterSpec(
     name="sana",
-    timestep=TimestepSpec(argument=Argument(name="timestep", position=2)),
+    timestep=TimestepSpec(argument=Argument(name="timestep", position=2), schedule="timestep"),
     # time_embed returns (projected timestep, embedded timestep); the blocks get the projection.
     timestep_embedding=OutputSpec(module="time_embed", index=1),
     blocks=[

@@ -30,7 +30,7 @@ from cachekit.schemas.adapter import (
 
 SD3_SPEC = AdapterSpec(
     name="sd3",
-    timestep=TimestepSpec(argument=Argument(name="timestep", position=3)),
+    timestep=TimestepSpec(argument=Argument(name="timestep", position=3), schedule="timestep"),
     timestep_embedding=OutputSpec(module="time_text_embed"),
     blocks=[
         BlockListSpec(

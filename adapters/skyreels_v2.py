@@ -12,10 +12,11 @@ from cachekit.adapters.wan import WAN_BLOCKS
 from cachekit.declarative import DeclarativeAdapter
 from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
-from cachekit.schemas.adapter import FULL_3D, TEMB, AdapterSpec, OutputSpec, TableProbe
+from cachekit.schemas.adapter import FULL_3D, TEMB, AdapterSpec, OutputSpec, TableProbe, TimestepSpec
 
 SKYREELS_V2_SPEC = AdapterSpec(
     name="skyreels_v2",
+    timestep=TimestepSpec(schedule="timestep"),
     timestep_embedding=OutputSpec(module="condition_embedder", index=0),
     projected_timestep_embedding=OutputSpec(module="condition_embedder", index=1),
     blocks=[WAN_BLOCKS],

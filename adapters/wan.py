@@ -14,7 +14,7 @@ from cachekit.adapter import Adapter
 from cachekit.declarative import DeclarativeAdapter
 from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
-from cachekit.schemas.adapter import FULL_3D, AdapterSpec, Argument, BlockListSpec, OutputSpec, TableProbe
+from cachekit.schemas.adapter import FULL_3D, AdapterSpec, Argument, BlockListSpec, OutputSpec, TableProbe, TimestepSpec
 
 # (hidden_states, encoder_hidden_states, temb, rotary_emb) -> hidden_states
 WAN_BLOCKS = BlockListSpec(
@@ -25,6 +25,7 @@ WAN_BLOCKS = BlockListSpec(
 )
 WAN_SPEC = AdapterSpec(
     name="wan",
+    timestep=TimestepSpec(schedule="timestep"),
     # condition_embedder returns (temb, timestep_proj, text, image); temb is the embedding,
     # timestep_proj its projection into the blocks' modulation (TeaCache's "ret steps" probe).
     timestep_embedding=OutputSpec(module="condition_embedder", index=0),

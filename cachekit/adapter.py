@@ -161,6 +161,10 @@ class Adapter:
     model_class: ClassVar[type[nn.Module]]
     missing: ClassVar[Mapping[Point, str]] = {}
     missing_attention: ClassVar[Mapping[SiteKind, str]] = {}
+    #: How pipelines' scheduler timesteps relate to the model's (`timestep`): "timestep" they are the
+    #: same, "argument" they are what the model is called with (`scheduled` maps them), "call"
+    #: neither (each call's is read from the device); None: unknown, the first call's is read to see.
+    schedule_timesteps: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -217,6 +221,10 @@ class Adapter:
                 "the adapter reads the wrong argument"
             )
         return float(timestep.max())
+
+    def scheduled(self, value: float) -> float:
+        """A scheduler timestep of the model's pipelines on the scale `timestep` reads."""
+        return value
 
     def latent_input(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
         """The noisy latent argument of a call, as passed (`latent` lays it out)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ class DeclarativeAdapter(Adapter):
         if spec is None:
             return
         cls.name = spec.name
+        cls.schedule_timesteps = spec.timestep.schedule
         cls.missing = {Point(point): reason for point, reason in spec.missing.items()}
         cls.missing_attention = {SiteKind(kind): reason for kind, reason in spec.missing_attention.items()}
         own_probe = cls.probe is not DeclarativeAdapter.probe
@@ -187,6 +189,10 @@ class DeclarativeAdapter(Adapter):
         spec = self.spec.timestep
         return spec.offset + spec.scale * _argument(args, kwargs, spec.argument)
 
+    def scheduled(self, value: float) -> float:
+        spec = self.spec.timestep
+        return spec.offset + spec.scale * value if spec.schedule == "argument" else value
+
     def latent_input(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
         return _argument(args, kwargs, self.spec.latent.argument)
 
@@ -271,12 +277,28 @@ def _laid_out(
 
 def _placed(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Tokens (batch, channels, tokens) put on the grid their (frame, row, column) ids name."""
-    ids = (ids[0] if ids.ndim == 3 else ids).round().long()
-    ids = ids - ids.min(dim=0).values
-    frames, height, width = (int(size) + 1 for size in ids.max(dim=0).values)
-    grid = tokens.new_zeros(*tokens.shape[:2], frames * height * width)
-    grid[..., (ids[:, 0] * height + ids[:, 1]) * width + ids[:, 2]] = tokens
-    return grid.unflatten(-1, (frames, height, width))
+    index, sizes = _placement(ids)
+    grid = tokens.new_zeros(*tokens.shape[:2], sizes[0] * sizes[1] * sizes[2])
+    grid[..., index] = tokens
+    return grid.unflatten(-1, sizes)
+
+
+#: The last ids placed and their placement: a pipeline passes the same ids tensor at every call,
+#: and reading the grid's size from the device is a host sync.
+_LAST_PLACEMENT: list[Any] = [None, None]
+
+
+def _placement(ids: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Each token's position in the grid its ids span, and the grid's (frames, height, width)."""
+    last = _LAST_PLACEMENT[0]() if _LAST_PLACEMENT[0] is not None else None
+    if last is ids and ids._version == _LAST_PLACEMENT[1][0]:
+        return _LAST_PLACEMENT[1][1]
+    positions = (ids[0] if ids.ndim == 3 else ids).round().long()
+    positions = positions - positions.min(dim=0).values
+    frames, height, width = (int(size) + 1 for size in positions.max(dim=0).values.tolist())
+    placement = ((positions[:, 0] * height + positions[:, 1]) * width + positions[:, 2], (frames, height, width))
+    _LAST_PLACEMENT[:] = [weakref.ref(ids), (ids._version, placement)]
+    return placement
 
 
 def _streams(spec: BlockListSpec) -> BlockStreams:

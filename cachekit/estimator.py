@@ -96,7 +96,9 @@ class Kept:
         for state, tensor in zip(self._states, tensors, strict=True):
             self.estimator.record(state, tensor, step)
         if self._slots is None:
-            self.nbytes = sum(t.numel() * t.element_size() for state in self._states for t in self.estimator.kept(state))
+            self.nbytes = sum(
+                t.numel() * t.element_size() for state in self._states for t in self.estimator.kept(state)
+            )
         return self.nbytes - before
 
     def estimate(self, step: Step) -> Any:

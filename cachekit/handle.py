@@ -34,8 +34,8 @@ class CacheHandle:
     def __init__(self, runtimes: dict[str, Runtime], scheduler: Any | None) -> None:
         self._runtimes = runtimes
         self._removed = False
-        tracker = self._runtime.tracker
-        self._unwatch = watch_scheduler(scheduler, tracker) if scheduler is not None else None
+        tracker, adapter = self._runtime.tracker, self._runtime.adapter
+        self._unwatch = watch_scheduler(scheduler, tracker, adapter) if scheduler is not None else None
 
     @property
     def _runtime(self) -> Runtime:

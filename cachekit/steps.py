@@ -8,16 +8,17 @@ trust:
 2. the watched scheduler: `set_timesteps` starts a generation (its timesteps, read once in
    float32, are the steps' timesteps), `step` ends a step, and further transformer calls within
    a step are further branches. A generation the scheduler did not start (another loop driving
-   the transformer after the pipeline's call ended) is told from its timesteps, as in (3). Until a step has come through `step`, each call's own timestep
-   is read too: a loop that never steps the scheduler falls back to (3), and a model whose
-   timesteps are on another scale than its scheduler's has them read from every call;
+   the transformer after the pipeline's call ended) is told from its timesteps, as in (3); a loop
+   that calls the transformer over and over without stepping the scheduler is refused. Whether
+   the model's timesteps are on its scheduler's scale the adapter says (Cosmos' are not: they
+   are read from every call), or the first call's is read once to see;
 3. the calls' own timesteps (a bare transformer), compared in float32: a lower value is the next
    step, the same value on the same latent a further branch, a higher value a new generation. The
    same value on another latent is the next step where the step count leaves room (a bf16
    collision, with a warning), else a new generation (a loop restarted at the same timestep).
 
 The experts of a two-transformer pipeline share one tracker, so their steps count through one
-generation. Only (3) and the first steps of (2) read values from the device; then none are read.
+generation. Only (3) reads values from the device at every call.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from cachekit.policy import Step
 #: How far a call's timestep may sit from the schedule's and still be on its scale (bf16 keeps 8 bits).
 SCALE_TOLERANCE = 1e-2
 
+#: More calls than this in one step of a watched scheduler: it is not the scheduler stepping the loop.
+MOST_BRANCHES = 8
+
 #: A call's timestep, or a function that reads it from the device.
 Timestep = float | Callable[[], float]
 
@@ -49,7 +53,6 @@ class StepTracker:
         self._index = -1
         self._branch = -1
         self._timestep: float | None = None  # the latest call's
-        self._read: float | None = None  # the latest value read from a call
         self._sample: torch.Tensor | None = None  # the latent of this step's first call (timestep mode)
         self._warned = False  # of a repeated timestep, in this generation
         self._scheduler: Any = None  # the watched scheduler
@@ -57,7 +60,6 @@ class StepTracker:
         self._begin = 0  # where this generation starts in them (img2img starts later)
         self._stepped = 0  # its `step` calls in this generation
         self._scheduled = False  # the watched scheduler started this generation
-        self._steps_checked = False  # a step came through `step`
         self._scale_checked = False
         self._same_scale = True  # the calls' timesteps are the schedule's
 
@@ -76,9 +78,13 @@ class StepTracker:
         self._open = True
         self._stepped = 0
 
-    def watch(self, scheduler: Any) -> None:
-        """From now on steps come from `scheduler` (see `watch_scheduler`)."""
+    def watch(self, scheduler: Any, same_scale: bool | None = None) -> None:
+        """From now on steps come from `scheduler` (see `watch_scheduler`). `same_scale`: whether
+        the model's timesteps are the scheduler's (the adapter knows); None: checked once, on the
+        first call."""
         self._scheduler, self.source = scheduler, "scheduler"
+        if same_scale is not None:
+            self._scale_checked, self._same_scale = True, same_scale
 
     def stepped(self) -> None:
         """The watched scheduler finished a step."""
@@ -106,6 +112,9 @@ class StepTracker:
             index = context.step_index
             opens = self._open or index < self._index
             branch = 0 if opens or index != self._index else self._branch + 1
+            if opens and self._on_schedule() and not self._scale_checked:
+                seen = read()
+                self._check_scale(seen, self._schedule[self._begin_index()])  # type: ignore[index]
         elif self._watching():
             index, branch, opens, seen = self._from_scheduler(read)
             watching = self.source == "scheduler"
@@ -137,37 +146,39 @@ class StepTracker:
         timesteps)."""
         return self.source == "scheduler" and self._scheduled
 
+    def _on_schedule(self) -> bool:
+        """Whether the watched scheduler set this generation's timesteps."""
+        return self._scheduled and self._schedule is not None
+
+    def _begin_index(self) -> int:
+        """Where the generation starts in the schedule (img2img pipelines start later)."""
+        begin = getattr(self._scheduler, "begin_index", None)
+        return begin if isinstance(begin, int) else 0
+
     def _open_generation(self) -> None:
         self.generation += 1
         self._open, self._warned = False, False
-        if self._watching():
-            begin = getattr(self._scheduler, "begin_index", None)
-            self._begin = begin if isinstance(begin, int) else 0
+        if self._on_schedule() and self.source != "timesteps":
+            self._begin = self._begin_index()
             self.num_steps = len(self._schedule) - self._begin  # type: ignore[arg-type]
 
     def _from_scheduler(self, read: Callable[[], float]) -> tuple[int, int, bool, float | None]:
-        checking = not (self._steps_checked and self._scale_checked)
-        seen = read() if checking else None
         if self._open:
+            seen = None
             if not self._scale_checked:
-                begin = getattr(self._scheduler, "begin_index", None)
-                self._check_scale(seen, self._schedule[begin if isinstance(begin, int) else 0])  # type: ignore[arg-type,index]
-            self._read = seen
+                seen = read()
+                self._check_scale(seen, self._schedule[self._begin_index()])  # type: ignore[index]
             return 0, 0, True, seen
         index = self._stepped
-        if not self._steps_checked:
-            if index == self._index and seen != self._read:  # a new timestep, but no step of the scheduler
-                self.source = "timesteps"
-                self.note = (
-                    "the loop calls the transformer at new timesteps without stepping the pipeline's scheduler: "
-                    "steps are told apart by the calls' timesteps"
-                )
-                self._timestep = self._read
-                step, branch, opens, _ = self._from_timesteps(seen, None)  # type: ignore[arg-type]
-                return step, branch, opens, seen
-            self._steps_checked = index > self._index
-        self._read = seen
-        return index, (self._branch + 1 if index == self._index else 0), False, seen
+        branch = self._branch + 1 if index == self._index else 0
+        if branch >= MOST_BRANCHES:
+            raise StepCountError(
+                f"the transformer was called {branch + 1} times in step {index} without the pipeline's scheduler "
+                "stepping: a loop that does not step the scheduler of the pipeline the policy was applied to drives "
+                "it. Apply the policy to the transformer itself (steps then come from its timesteps), or run it "
+                "through that pipeline"
+            )
+        return index, branch, False, None
 
     def _check_scale(self, value: float, scheduled: float) -> None:
         self._scale_checked = True
@@ -216,7 +227,7 @@ class StepTracker:
         given = getattr(context, "timestep", None)
         if isinstance(given, int | float):
             return float(given)
-        if self._watching() and self._same_scale:
+        if self.source != "timesteps" and self._on_schedule() and self._same_scale:
             position = self._begin + index
             if position < len(self._schedule):
                 return self._schedule[position]
@@ -234,9 +245,13 @@ def _same(sample: torch.Tensor | None, other: torch.Tensor | None) -> bool:
     return sample.shape == other.shape and bool(torch.equal(sample, other))
 
 
-def watch_scheduler(scheduler: Any, tracker: StepTracker) -> Callable[[], None]:
+def watch_scheduler(scheduler: Any, tracker: StepTracker, adapter: Any = None) -> Callable[[], None]:
     """Let `scheduler` give `tracker` its steps: each `set_timesteps` starts a generation on its
-    timesteps, each `step` ends a step. Returns the undo."""
+    timesteps (on the model's scale, as `adapter` maps them), each `step` ends a step. Returns the
+    undo."""
+    relation = getattr(adapter, "schedule_timesteps", None)
+    to_model = adapter.scheduled if adapter is not None else float
+    same_scale = None if relation is None else relation != "call"
     own = {name: scheduler.__dict__.get(name) for name in ("set_timesteps", "step")}
     set_timesteps, step = scheduler.set_timesteps, scheduler.step
 
@@ -244,7 +259,7 @@ def watch_scheduler(scheduler: Any, tracker: StepTracker) -> Callable[[], None]:
     def watched_set_timesteps(*args: Any, **kwargs: Any) -> Any:
         result = set_timesteps(*args, **kwargs)
         timesteps = torch.as_tensor(scheduler.timesteps)  # read once, before the transformer runs
-        tracker.start(len(timesteps), timesteps.float().tolist())
+        tracker.start(len(timesteps), [to_model(value) for value in timesteps.float().tolist()])
         return result
 
     @functools.wraps(step)
@@ -254,7 +269,7 @@ def watch_scheduler(scheduler: Any, tracker: StepTracker) -> Callable[[], None]:
         return result
 
     scheduler.set_timesteps, scheduler.step = watched_set_timesteps, watched_step
-    tracker.watch(scheduler)
+    tracker.watch(scheduler, same_scale)
 
     def unwatch() -> None:
         for name, method in own.items():

@@ -278,3 +278,72 @@ class RunCounter:
             handle.remove()
         for module in self._wrapped:
             del module.forward
+
+
+#: Tensor methods that copy a device value to the host, making the host wait for the device.
+SYNCING_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "nonzero")
+#: torch functions that do.
+SYNCING_FUNCTIONS = ("equal", "nonzero", "is_nonzero", "unique", "masked_select", "allclose")
+
+
+class SyncCounter:
+    """Counts, per call of `model`, the calls of tensor methods and functions that make the host
+    wait for the device (`.item()`, `bool()`, `float()`, `.tolist()`, `torch.equal`, indexing with
+    a boolean mask, ...). On a CPU nothing waits, but each of these would on a GPU: counting them
+    is how tests see host syncs without one. Counts everything inside the model's calls, the
+    model's own code included (diffusers' makes none), and nothing outside them."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.per_call: list[int] = []
+        self._inside = False
+        self._patched: list[tuple[Any, str, Any]] = []
+        self._handles = [
+            model.register_forward_pre_hook(self._enter, prepend=True),  # before cachekit's own
+            model.register_forward_hook(self._exit),
+        ]
+        for name in SYNCING_METHODS:
+            self._patch(torch.Tensor, name)
+        for name in SYNCING_FUNCTIONS:
+            self._patch(torch, name)
+        for name in ("__getitem__", "__setitem__"):
+            self._patch(torch.Tensor, name, only=_masks)
+
+    def _patch(self, owner: Any, name: str, only: Any = None) -> None:
+        original = getattr(owner, name)
+        counter = self
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if counter._inside and (only is None or only(*args)):
+                counter.per_call[-1] += 1
+            return original(*args, **kwargs)
+
+        self._patched.append((owner, name, owner.__dict__.get(name)))
+        setattr(owner, name, counted)
+
+    def _enter(self, *_: Any) -> None:
+        self.per_call.append(0)
+        self._inside = True
+
+    def _exit(self, *_: Any) -> None:
+        self._inside = False
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for owner, name, own in reversed(self._patched):
+            if own is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, own)
+
+    def __enter__(self) -> SyncCounter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _masks(tensor: Any, index: Any, *_: Any) -> bool:
+    """Whether indexing with `index` takes a boolean mask (which needs the mask's count)."""
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(item, torch.Tensor) and item.dtype == torch.bool for item in items)

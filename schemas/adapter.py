@@ -43,6 +43,14 @@ class TimestepSpec(_Spec):
     argument: Argument = Argument(name="timestep", position=1)
     scale: float = Field(default=1.0, description="0-1000 timestep = offset + scale * argument.")
     offset: float = 0.0
+    schedule: Literal["timestep", "argument", "call"] | None = Field(
+        default=None,
+        description="How the scheduler's timesteps of the model's pipelines relate to the model's: 'timestep' "
+        "they are its 0-1000 timesteps, 'argument' they are what it is called with (mapped as above: Mochi's "
+        "run backwards), 'call' neither (Cosmos' EDM conditioning). With 'timestep' or 'argument' each step's "
+        "timestep is taken from the scheduler, never read from a call (a host sync); with 'call' every call's "
+        "is read; None: the first call's is read once to see.",
+    )
 
     @model_validator(mode="after")
     def _not_constant(self) -> TimestepSpec:

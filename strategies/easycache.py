@@ -20,7 +20,7 @@ from cachekit.adapter import Point
 from cachekit.hookspecs import hookimpl
 from cachekit.policy import CachePolicy, ExampleConfigs, Signals, Step
 from cachekit.schemas import EasyCacheConfig
-from cachekit.signals import mean_abs
+from cachekit.signals import mean_abs_on_device, read
 
 #: Keeps the ratios finite when a latent or an output does not change at all.
 TINY = 1e-12
@@ -32,8 +32,9 @@ class _BranchState:
     previous_latent: torch.Tensor | None = None  # x_t-1
     computing: bool = True  # whether this call runs the span
     computed: tuple[torch.Tensor, torch.Tensor] | None = None  # (x_c, v_c) at the last computed step
-    rate: float | None = None  # k
-    accumulated: float = 0.0
+    output_scale: torch.Tensor | None = None  # mean |v_c|
+    rate: torch.Tensor | None = None  # k
+    accumulated: torch.Tensor | float = 0.0
 
 
 class EasyCachePolicy(CachePolicy[EasyCacheConfig]):
@@ -56,15 +57,18 @@ class EasyCachePolicy(CachePolicy[EasyCacheConfig]):
         return _BranchState()
 
     def decide_span(self, step: Step, signals: Signals, state: _BranchState) -> bool:
+        """The rate, the output's scale and the latent's move stay on the device; their
+        combination is read once. A sum that is not finite (a NaN latent) computes."""
         assert signals.latent is not None
         state.latent = signals.latent
         forced = step.index < self.config.warmup_steps or (self.config.compute_last_step and step.is_last)
-        if forced or state.rate is None or state.computed is None or state.previous_latent is None:
+        if forced or state.rate is None or state.output_scale is None or state.previous_latent is None:
             state.computing = True
         else:
-            moved = mean_abs(signals.latent - state.previous_latent)
-            state.accumulated += state.rate * moved / max(mean_abs(state.computed[1]), TINY)
-            state.computing = state.accumulated >= self.config.threshold
+            moved = mean_abs_on_device(signals.latent - state.previous_latent)
+            state.accumulated = state.accumulated + state.rate * moved / state.output_scale.clamp_min(TINY)
+            (accumulated,) = read(state.accumulated)
+            state.computing = not accumulated < self.config.threshold
         if state.computing:
             state.accumulated = 0.0
         return state.computing
@@ -75,8 +79,10 @@ class EasyCachePolicy(CachePolicy[EasyCacheConfig]):
             return
         if state.computed is not None:
             last_latent, last_output = state.computed
-            state.rate = mean_abs(output - last_output) / max(mean_abs(latent - last_latent), TINY)
+            moved = mean_abs_on_device(latent - last_latent).clamp_min(TINY)
+            state.rate = mean_abs_on_device(output - last_output) / moved
         state.computed = (latent, output)
+        state.output_scale = mean_abs_on_device(output)
 
 
 @hookimpl

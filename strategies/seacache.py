@@ -21,7 +21,7 @@ from cachekit.adapter import Point
 from cachekit.hookspecs import hookimpl
 from cachekit.policy import CachePolicy, ExampleConfigs, Signals, Step
 from cachekit.schemas import SeaCacheConfig
-from cachekit.signals import relative_l1
+from cachekit.signals import read, relative_l1_on_device
 
 #: Keeps the divisions of the filter and the distance finite.
 EPS = 1e-16
@@ -40,8 +40,7 @@ def sea_filter(latent: torch.Tensor, sigma: float, power_exp: float) -> torch.Te
         shape[axis] = -1
         gain = gain * axis_gain.reshape(shape)
     mean = gain.mean()
-    if torch.isfinite(mean) and mean > 0:
-        gain = gain / mean
+    gain = torch.where(torch.isfinite(mean) & (mean > 0), gain / mean, gain)  # on the device: no sync
     filtered = torch.fft.ifftn(torch.fft.fftn(values, dim=(0, 1, 2)) * gain, dim=(0, 1, 2)).real
     return filtered.movedim(-1, 0).to(latent.dtype)
 
@@ -85,9 +84,11 @@ class SeaCachePolicy(CachePolicy[SeaCacheConfig]):
         )
         if not forced:
             assert previous is not None
-            change = sum(relative_l1(now, before, EPS) for now, before in zip(indicator, previous, strict=True))
-            state.accumulated += change / len(indicator)
-        if forced or state.accumulated >= config.threshold:
+            pairs = zip(indicator, previous, strict=True)
+            change = torch.stack([relative_l1_on_device(now, before, EPS) for now, before in pairs]).sum()
+            (mean_change,) = read(change / len(indicator))  # every sample's change, read once
+            state.accumulated += mean_change
+        if forced or not state.accumulated < config.threshold:
             state.accumulated, state.consecutive = 0.0, 0
             return True
         state.consecutive += 1

@@ -177,9 +177,19 @@ def test_the_pipeline_runs_one_generation_of_its_scheduled_steps(adapter_name):
     example = registry.registry().adapters[adapter_name].example()
     pipe = pipeline_class(transformer=example.model, scheduler=scheduler, **components)
     pipe.set_progress_bar_config(disable=True)
+    adapter = registry.resolve_adapter(example.model)(example.model)
+    seen: list[float] = []  # each call's timestep as the adapter reads it, outside cachekit
+    reading = example.model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(adapter.step_of(args, kwargs)), with_kwargs=True
+    )
     with cachekit.apply(pipe, {"strategy": "uniform", "interval": 2}) as handle, torch.no_grad():
         pipe(num_inference_steps=STEPS, output_type="latent", **arguments)
+    reading.remove()
 
+    # the adapter says whether the steps' timesteps may come from the scheduler: they must be the calls'
+    scheduled = [adapter.scheduled(float(t)) for t in pipe.scheduler.timesteps for _ in range(len(seen) // STEPS)]
+    same = all(abs(a - b) <= 1e-2 * max(abs(b), 1.0) for a, b in zip(seen, scheduled, strict=True))
+    assert same and adapter.schedule_timesteps in ("timestep", "argument")
     assert len(handle.stats.generations) == 1
     generation = handle.stats.last
     assert generation.num_steps == STEPS

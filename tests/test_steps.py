@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from diffusers.hooks.hooks import CacheContext
 
 from cachekit.errors import StepCountError
@@ -137,7 +136,7 @@ def test_the_watched_scheduler_gives_steps_branches_and_exact_timesteps_without_
                 seen.append((tracker.generation, step.index, step.branch, step.timestep, step.num_steps))
             scheduler.step()
         if generation == 0:
-            assert reads.count == 3  # step 0 (two branches: the scale and the branch checked) and step 1's first call
+            assert reads.count == 1  # the first call's, to see that the model's timesteps are the schedule's
     assert seen[:6] == [
         (0, 0, 0, 999.0, 3),
         (0, 0, 1, 999.0, 3),
@@ -147,7 +146,7 @@ def test_the_watched_scheduler_gives_steps_branches_and_exact_timesteps_without_
         (0, 2, 1, 600.0, 3),
     ]
     assert [entry[0] for entry in seen[6:]] == [1] * 6 and seen[6:] == [(1, *entry[1:]) for entry in seen[:6]]
-    assert reads.count == 3 and tracker.source == "scheduler" and tracker.note is None
+    assert reads.count == 1 and tracker.source == "scheduler" and tracker.note is None
 
 
 def test_a_schedule_that_starts_later_counts_its_steps_from_there():
@@ -160,12 +159,29 @@ def test_a_schedule_that_starts_later_counts_its_steps_from_there():
     assert (first.index, first.timestep, first.num_steps) == (0, 500.0, 2) and last.is_last and last.timestep == 300.0
 
 
-def test_a_loop_that_never_steps_the_watched_scheduler_falls_back_to_timesteps():
+def test_a_loop_that_never_steps_the_watched_scheduler_is_refused():
+    """Its calls would all be branches of step 0 (each computed: nothing is reused from another
+    branch), until there are more than any pipeline makes."""
     tracker, scheduler = watched([900.0, 500.0, 100.0])
     scheduler.set_timesteps()
-    steps = [tracker.advance(value) for value in (900.0, 900.0, 500.0, 500.0, 100.0)]
-    assert [(s.index, s.branch) for s in steps] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
-    assert tracker.source == "timesteps" and "without stepping the pipeline's scheduler" in tracker.note
+    steps = [tracker.advance(value) for value in (900.0, 900.0, 500.0, 500.0, 100.0, 100.0, 50.0, 50.0)]
+    assert [(s.index, s.branch) for s in steps] == [(0, branch) for branch in range(8)]
+    with pytest.raises(StepCountError, match=r"called 9 times in step 0 without the pipeline's scheduler stepping"):
+        tracker.advance(20.0)
+
+
+def test_an_adapter_that_knows_its_timesteps_are_the_schedule_s_reads_none():
+    from cachekit.adapters.flux import FluxAdapter
+    from cachekit.testing import tiny_flux_transformer
+
+    tracker, scheduler = StepTracker(None), Scheduler([900.0, 500.0])
+    watch_scheduler(scheduler, tracker, FluxAdapter(tiny_flux_transformer()))
+    reads = Reads()
+    scheduler.set_timesteps()
+    first = tracker.advance(reads(898.0))
+    scheduler.step()
+    second = tracker.advance(reads(498.0))
+    assert (first.timestep, second.timestep, reads.count) == (900.0, 500.0, 0)
 
 
 def test_timesteps_on_another_scale_than_the_schedule_are_read_from_the_calls():
@@ -197,7 +213,11 @@ def test_a_cache_context_with_a_step_index_gives_the_steps():
     tracker = StepTracker(None)
     contexts = [CacheContext("cond", step_index=i, num_inference_steps=2, timestep=t) for i, t in ((0, 7.0), (1, 7.0))]
     steps = [tracker.advance(Reads()(7.0), context=context) for context in (contexts[0], contexts[0], contexts[1])]
-    assert [(s.index, s.branch, s.num_steps, s.timestep) for s in steps] == [(0, 0, 2, 7.0), (0, 1, 2, 7.0), (1, 0, 2, 7.0)]
+    assert [(s.index, s.branch, s.num_steps, s.timestep) for s in steps] == [
+        (0, 0, 2, 7.0),
+        (0, 1, 2, 7.0),
+        (1, 0, 2, 7.0),
+    ]
     again = tracker.advance(7.0, context=contexts[0])
     assert (again.index, tracker.generation) == (0, 1)
 

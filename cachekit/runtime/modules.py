@@ -37,7 +37,13 @@ class Modules:
         self.block_calls: BlockCalls = {}
 
     def run(
-        self, site: ModuleSite, decides: Any, keep: bool, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+        self,
+        site: ModuleSite,
+        decides: Any,
+        keep: bool,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
     ) -> Any:
         call = self.frames.call
         if call is None:

@@ -15,7 +15,7 @@ from cachekit.policy import CachePolicy
 from cachekit.runtime.framing import CallHook, EmbeddingHook, Frames
 from cachekit.runtime.installing import Installer, each_once
 from cachekit.runtime.memory import Memory
-from cachekit.runtime.modules import BlockArgumentsHook, ModuleSiteHook, Modules
+from cachekit.runtime.modules import BlockArgumentsHook, Modules, ModuleSiteHook
 from cachekit.runtime.span import Span, SpanBlockHook, span_places
 from cachekit.stats import CacheStats
 from cachekit.steps import StepTracker
@@ -38,7 +38,10 @@ class Runtime:
         self.policy = policy
         self.estimator = estimator
         self.tracker = tracker
-        info = {**policy.attach(adapter), "estimator": policy.config.estimator.model_dump(mode="json", exclude_none=True)}
+        info = {
+            **policy.attach(adapter),
+            "estimator": policy.config.estimator.model_dump(mode="json", exclude_none=True),
+        }
         self.stats = CacheStats(strategy=policy.name(), adapter=adapter.name, info=info)
         points = policy.required_points()  # after attach, which may settle what the policy reads
         for point in sorted(points):
@@ -103,7 +106,9 @@ class Runtime:
         for block, place in self._places:
             hook(block, SpanBlockHook(self.span, place))
         for site in self._sites:
-            hook(site.module, ModuleSiteHook(self.modules, site, self.policy.decision_key(site), self._keeps[site.name]))
+            hook(
+                site.module, ModuleSiteHook(self.modules, site, self.policy.decision_key(site), self._keeps[site.name])
+            )
         blocks = adapter.blocks()
         for index in sorted({site.block for site in self._sites if site.name in self.modules.regated}):
             hook(blocks[index], BlockArgumentsHook(self.modules.block_calls, index), GATE_HOOK_NAME)
@@ -119,4 +124,3 @@ class Runtime:
     @torch.compiler.disable
     def _see_latent(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.frames.latent = self.adapter.latent(args, kwargs)
-

@@ -92,7 +92,9 @@ class Span:
         self.wants_probe = wants_probe
         self.block_arguments = block_arguments
 
-    def block(self, place: SpanPlace, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    def block(
+        self, place: SpanPlace, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> Any:
         call = self.frames.call
         if call is None:  # a block run on its own, outside a transformer call
             return forward(*args, **kwargs)
@@ -112,7 +114,12 @@ class Span:
         return output
 
     def _head_block(
-        self, call: Call, place: SpanPlace, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+        self,
+        call: Call,
+        place: SpanPlace,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
     ) -> Any:
         """A block the policy keeps computed before the span it decides: runs, and its segment's
         residual on the first stream becomes a signal."""
@@ -147,7 +154,9 @@ class Span:
         frames, branch = self.frames, call.branch
         call.compute = frames.decision(call, self.policy.decide_span(call.step, signals, branch.state), "decide_span")
         if not call.compute:
-            call.compute = self.memory.must_compute(call, ("span", 0), "the span", place.streams.read_inputs(args, kwargs))
+            call.compute = self.memory.must_compute(
+                call, ("span", 0), "the span", place.streams.read_inputs(args, kwargs)
+            )
         branch.stats.count("span", call.compute)
         branch.stats.span_schedule.append(call.compute)
 
