@@ -14,9 +14,26 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from cachekit.adapter import Point
 from cachekit.testing import RunCounter, module_state
 
 __all__ = ["RunCounter", "module_state"]
+
+#: The points whose values a policy decides from (besides the first blocks' residual).
+SIGNALS = {Point.PROBE, Point.LATENT, Point.OUTPUT, Point.TIMESTEP_EMBEDDING, Point.PROJECTED_TIMESTEP_EMBEDDING}
+
+
+def data_dependent(strategy: str) -> bool:
+    """Whether the strategy's example policy decides from values the model computes (then it
+    reads one per decision), not from the schedule alone."""
+    from cachekit.registry import get_strategy
+
+    policy_class = get_strategy(strategy)
+    examples = policy_class.example_configs()
+    if examples is None:
+        return False
+    policy = policy_class(examples.reuses)
+    return bool(policy.required_points() & SIGNALS) or policy.always_computed() != (0, 0)
 
 
 class ExecutionCounter:

@@ -7,22 +7,14 @@ generations each: the first of a handle included."""
 from __future__ import annotations
 
 import pytest
-import torch
+from helpers import data_dependent
 
 import cachekit
-from cachekit.adapter import Point
 from cachekit.registry import get_estimator, get_strategy, list_estimators, list_strategies, make_config
 from cachekit.testing import SyncCounter, run_flux, run_wan, tiny_flux_pipeline, tiny_wan_pipeline
 
-SIGNALS = {Point.PROBE, Point.LATENT, Point.OUTPUT, Point.TIMESTEP_EMBEDDING, Point.PROJECTED_TIMESTEP_EMBEDDING}
 BUILT_IN_ESTIMATORS = [name for name in list_estimators() if get_estimator(name).__module__.startswith("cachekit.")]
 PIPELINES = {"flux": (tiny_flux_pipeline, run_flux), "wan": (tiny_wan_pipeline, run_wan)}
-
-
-def data_dependent(config) -> bool:
-    """Whether the policy decides from values the model computes (then it must read one)."""
-    policy = get_strategy(config.strategy)(config)
-    return bool(policy.required_points() & SIGNALS) or policy.always_computed() != (0, 0)
 
 
 @pytest.fixture(scope="module", params=sorted(PIPELINES))
@@ -50,7 +42,7 @@ def test_host_syncs_per_call(pipeline, strategy, estimator):
         for branch in handle.stats.last.branches.values()
     )
     assert reused > 0  # the counts are of a policy that does skip work
-    if data_dependent(config):
+    if data_dependent(strategy):
         assert max(counter.per_call) == 1, counter.per_call
     else:
         assert counter.per_call == [0] * len(counter.per_call)
