@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import platform
 import statistics
@@ -139,8 +140,10 @@ class Bench:
             torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
-    def generate(self, per_call: list[float] | None = None) -> torch.Tensor:
-        """One generation; with `per_call`, each call is timed to its end (synchronised)."""
+    def generate(self, per_call: list[float] | None = None, clock: Callable[[], float] | None = None) -> torch.Tensor:
+        """One generation; with `per_call`, what each call took by `clock` (seconds to its end,
+        synchronised, by default)."""
+        now = clock or self._now
         x = self.latents.clone()
         sigmas = [*torch.linspace(1.0, 1.0 / self.steps, self.steps).tolist(), 0.0]
         for index in range(self.steps):
@@ -148,14 +151,14 @@ class Bench:
             t = torch.full((1,), sigma * (1 if self.flux else 1000), device=self.device, dtype=x.dtype)
             outputs = []
             for branch in range(self.family.calls_per_step):
-                began = self._now() if per_call is not None else 0.0
+                began = now() if per_call is not None else 0.0
                 context = ("cond", "uncond")[branch]
                 given = {"step_index": index, "num_inference_steps": self.steps, "timestep": sigma * 1000}
                 with self.model.cache_context(context, **given):
                     inputs = {**self.inputs, "encoder_hidden_states": self.conditions[branch]}
                     outputs.append(self.model(hidden_states=x, timestep=t, **inputs, return_dict=False)[0])
                 if per_call is not None:
-                    per_call.append(self._now() - began)
+                    per_call.append(now() - began)
             velocity = outputs[0] if len(outputs) == 1 else outputs[1] + 3.0 * (outputs[0] - outputs[1])
             x = x + (sigmas[index + 1] - sigma) * velocity
         return x
@@ -194,6 +197,54 @@ def per_call(bench: Bench, config: Any, repeats: int) -> tuple[list[float], list
     return seconds, computed, handle
 
 
+@dataclass
+class Rounds:
+    """Per-call seconds under two contexts, round by round."""
+
+    first: list[list[float]]
+    second: list[list[float]]
+    computed: list[list[bool]]  # per call of the second: whether it computed
+    handle: Any  # the second's, if a policy
+
+    def ratio(self) -> float:
+        """The second's median call over the first's, the median over rounds."""
+        pairs = zip(self.first, self.second, strict=True)
+        return statistics.median([statistics.median(b) / statistics.median(a) for a, b in pairs])
+
+    def reused_over_first(self) -> float | None:
+        """The second's median reused call minus the first's median call, the median over rounds."""
+        differences = [
+            statistics.median(r) - statistics.median(a)
+            for a, b, c in zip(self.first, self.second, self.computed, strict=True)
+            if (r := [s for s, computed in zip(b, c, strict=True) if not computed])
+        ]
+        return statistics.median(differences) if differences else None
+
+    def reused(self) -> float | None:
+        pairs = zip(self.second, self.computed, strict=True)
+        return median([s for b, c in pairs for s, x in zip(b, c, strict=True) if not x])
+
+
+def side_by_side(bench: Bench, first: Callable[[], Any], second: Callable[[], Any], repeats: int) -> Rounds:
+    """Generations under two contexts (`applied(...)`, `blocks_passing_through(...)`) taken in
+    turn (A B A B ...) after a warm-up of each, so a drifting clock (a shared machine) drifts both
+    alike."""
+    rounds = Rounds([], [], [], None)
+    for round_ in range(repeats + 1):
+        seconds: list[list[float]] = [[], []]
+        for index, context in enumerate((first, second)):
+            with context() as entered:
+                bench.generate(seconds[index])
+                if index == 1:
+                    rounds.handle = entered
+                    computed = _computed(entered, bench)
+        if round_:
+            rounds.first.append(seconds[0])
+            rounds.second.append(seconds[1])
+            rounds.computed.append(computed)
+    return rounds
+
+
 def _computed(handle: Any, bench: Bench) -> list[bool]:
     """Per call of the last generation, in call order: whether it computed (all, without a policy)."""
     calls = bench.steps * bench.family.calls_per_step
@@ -229,10 +280,34 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def ops_per_call(bench: Bench, config: Any) -> float:
-    with applied(bench, config), OpCounter() as ops:
+def ops_per_call(bench: Bench, config: Any) -> tuple[float, float | None]:
+    """Median ops dispatched per computed and per reused call."""
+    counts: list[float] = []
+    with applied(bench, config) as handle:
         bench.generate()
-    return ops.count / (bench.steps * bench.family.calls_per_step)
+        ops = OpCounter()
+        with ops:
+            bench.generate(counts, clock=lambda: float(ops.count))
+        computed = _computed(handle, bench)
+    return (
+        median([n for n, c in zip(counts, computed, strict=True) if c]) or 0.0,
+        median([n for n, c in zip(counts, computed, strict=True) if not c]),
+    )
+
+
+@contextlib.contextmanager
+def blocks_passing_through(bench: Bench) -> Iterator[None]:
+    """The model with every block returning its inputs, without cachekit: what a reused call
+    costs the model itself (embedding, the loop over the blocks, the output head)."""
+    model = bench.model
+    blocks = cachekit.resolve_adapter(model)(model).span().blocks
+    for block, streams in blocks:
+        block.forward = lambda *args, _streams=streams, **kwargs: _streams.passed(args, kwargs)
+    try:
+        yield
+    finally:
+        for block, _ in blocks:
+            del block.forward
 
 
 def syncs_per_call(bench: Bench, config: Any) -> float:
@@ -295,24 +370,39 @@ def measure(
     bare_calls, _, _ = per_call(bench, None, repeats)
     bare_call = median(bare_calls)
     assert bare_call is not None
-    bare_ops = ops_per_call(bench, None)
+    bare_ops, _ = ops_per_call(bench, None)
     bare_peak, _ = peak_memory(bench, None)
+    with blocks_passing_through(bench):
+        passing_calls, _, _ = per_call(bench, None, repeats)
+        passing_ops, _ = ops_per_call(bench, None)
     strategies: dict[str, Any] = {}
     for name in only or list_strategies():
         examples = get_strategy(name).example_configs()
         if examples is None:
             continue
         never, reuses = (make_config({**config.model_dump(), "num_inference_steps": steps}) for config in examples)
-        never_calls, _, _ = per_call(bench, never, repeats)
-        reuse_calls, computed, _ = per_call(bench, reuses, repeats)
-        reused = [s for s, c in zip(reuse_calls, computed, strict=True) if not c]
+        bare = functools.partial(applied, bench, None)
+        overhead = side_by_side(bench, bare, functools.partial(applied, bench, never), repeats)
+        passing = functools.partial(blocks_passing_through, bench)
+        reuse = side_by_side(bench, passing, functools.partial(applied, bench, reuses), repeats)
+        runtime = overhead.handle._runtime
+        hooked = len(runtime._places) + len(runtime._sites)
+        span_level = bool(runtime._places) and not runtime._sites
+        computed_extra = overhead.ratio() - 1
+        reused_call, reused_extra = reuse.reused(), reuse.reused_over_first()
+        computed_ops, _ = ops_per_call(bench, never)
+        _, reused_ops = ops_per_call(bench, reuses)
         peak, kept = peak_memory(bench, reuses)
         strategies[name] = {
-            "computed_call": median(never_calls),
-            "overhead": (median(never_calls) or 0.0) / bare_call,
-            "reused_call": median(reused),
-            "reused_cost": (median(reused) or 0.0) / bare_call if reused else None,
-            "ops_added_computed": ops_per_call(bench, never) - bare_ops,
+            "overhead": 1 + computed_extra,
+            "reused_call": reused_call,
+            "reused_cost": None if reused_call is None else reused_call / bare_call,
+            "hooked": hooked,
+            "host_computed_per_hook": computed_extra * bare_call / hooked,
+            # a reused span-level call runs no block: what it adds to the model without its blocks is cachekit's
+            "host_reused_per_hook": reused_extra / hooked if span_level and reused_extra is not None else None,
+            "ops_added_computed": computed_ops - bare_ops,
+            "ops_added_reused": None if reused_ops is None else reused_ops - passing_ops,
             "syncs_per_call": syncs_per_call(bench, reuses),
             "peak_memory": peak,
             "peak_memory_over_bare": None if peak is None or bare_peak is None else peak - bare_peak,
@@ -338,6 +428,8 @@ def measure(
         "steps": steps,
         "bare_call": bare_call,
         "bare_ops_per_call": bare_ops,
+        "passing_call": median(passing_calls),
+        "passing_ops_per_call": passing_ops,
         "bare_peak_memory": bare_peak,
         "strategies": strategies,
         "speedups": speedups,
@@ -366,19 +458,21 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for run in results["runs"]:
         lines += [
-            f"**{run['family']}, {run['steps']} steps** (bare call {run['bare_call'] * 1e3:.2f} ms)",
+            f"**{run['family']}, {run['steps']} steps**: bare call {run['bare_call'] * 1e3:.2f} ms, "
+            f"{run['bare_ops_per_call']:.0f} ops; with blocks passing their inputs through "
+            f"{run['passing_call'] * 1e3:.2f} ms, {run['passing_ops_per_call']:.0f} ops",
             "",
-            "| strategy | computed call / bare | reused call / bare | ops added | syncs per call | kept "
-            "| peak over bare |",
-            "|---|---|---|---|---|---|---|",
+            "| strategy | computed / bare | reused / bare | hooked | host per hook: computed, reused "
+            "| ops added: computed, reused | syncs per call | kept | peak over bare |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        for name, figures in run["strategies"].items():
-            reused = figures["reused_cost"]
-            peak = figures["peak_memory_over_bare"]
+        for name, f in run["strategies"].items():
+            reused, peak = f["reused_cost"], f["peak_memory_over_bare"]
             lines.append(
-                f"| {name} | {figures['overhead']:.4f} | {'-' if reused is None else f'{reused:.4f}'} "
-                f"| {figures['ops_added_computed']:.0f} | {figures['syncs_per_call']:g} "
-                f"| {figures['kept_bytes'] / 2**20:.1f} MiB | {'-' if peak is None else f'{peak / 2**20:.0f} MiB'} |"
+                f"| {name} | {f['overhead']:.4f} | {_or(reused, '.4f')} | {f['hooked']} "
+                f"| {f['host_computed_per_hook'] * 1e6:.2f} us, {_or(f['host_reused_per_hook'], '.2f', 1e6)} us "
+                f"| {f['ops_added_computed']:.0f}, {_or(f['ops_added_reused'], '.0f')} | {f['syncs_per_call']:g} "
+                f"| {f['kept_bytes'] / 2**20:.1f} MiB | {_or(peak, '.0f', 2**-20)} MiB |"
             )
         lines += ["", "| setting | computed share | speed-up | limit | of limit |", "|---|---|---|---|---|"]
         for name, figures in run["speedups"].items():
@@ -388,6 +482,10 @@ def markdown(results: dict[str, Any]) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _or(value: float | None, spec: str, scale: float = 1.0) -> str:
+    return "-" if value is None else format(value * scale, spec)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

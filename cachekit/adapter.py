@@ -7,6 +7,7 @@ model's forward.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -109,12 +110,26 @@ class BlockStreams:
     outputs: tuple[int, ...] | None = None
 
     def read_inputs(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Streams:
-        return tuple(call_arg(args, kwargs, position, name) for position, name in self.inputs)
+        return tuple([kwargs[name] if name in kwargs else call_arg(args, kwargs, at, name) for at, name in self.inputs])
 
     def read_outputs(self, output: Any) -> Streams:
         if self.outputs is None:
             return (output,)
-        return tuple(output[index] for index in self.outputs)
+        return tuple([output[index] for index in self.outputs])
+
+    def passed(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        """The block's inputs, returned the way it returns them (`pack(read_inputs(...))` in one)."""
+        if self.outputs is None:
+            at, name = self.inputs[0]
+            return kwargs[name] if name in kwargs else call_arg(args, kwargs, at, name)
+        return tuple([kwargs[name] if name in kwargs else call_arg(args, kwargs, at, name) for at, name in self._order])
+
+    @functools.cached_property
+    def _order(self) -> tuple[tuple[int | None, str], ...]:
+        """The input each output slot returns."""
+        assert self.outputs is not None
+        slots = dict(zip(self.outputs, self.inputs, strict=True))
+        return tuple(slots[index] for index in range(len(self.outputs)))
 
     def pack(self, streams: tuple[torch.Tensor | None, ...]) -> Any:
         """Shape `streams` the way the block returns them."""

@@ -98,20 +98,6 @@ def _nonzero(gate: torch.Tensor) -> torch.Tensor:
     return torch.where(gate == 0, torch.finfo(gate.dtype).tiny, gate)
 
 
-class ModuleSiteHook(ModelHook):
-    """On an attention or MLP module: runs it, or returns the estimator's output for it."""
-
-    def __init__(self, modules: Modules, site: ModuleSite, decides: Any, keep: bool) -> None:
-        super().__init__()
-        self.modules = modules
-        self.site = site
-        self.decides = decides  # the policy's decision key for the site
-        self.keep = keep
-
-    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return self.modules.run(self.site, self.decides, self.keep, self.fn_ref.original_forward, args, kwargs)
-
-
 class BlockArgumentsHook(ModelHook):
     """On a block with re-gated sites: keeps the arguments of its current call, the gates' source."""
 

@@ -3,6 +3,7 @@ hooks that serve them."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -15,8 +16,8 @@ from cachekit.policy import CachePolicy
 from cachekit.runtime.framing import CallHook, EmbeddingHook, Frames
 from cachekit.runtime.installing import Installer, each_once
 from cachekit.runtime.memory import Memory
-from cachekit.runtime.modules import BlockArgumentsHook, Modules, ModuleSiteHook
-from cachekit.runtime.span import Span, SpanBlockHook, span_places
+from cachekit.runtime.modules import BlockArgumentsHook, Modules
+from cachekit.runtime.span import Span, span_places
 from cachekit.stats import CacheStats
 from cachekit.steps import StepTracker
 
@@ -103,12 +104,12 @@ class Runtime:
                 by_module.setdefault(source.module, []).append((point, source))
         for module, sites in by_module.items():
             hook(module, EmbeddingHook(frames, sites))
+        route = self._installer.route  # blocks and modules: called by the dozen, routed cheaply
         for block, place in self._places:
-            hook(block, SpanBlockHook(self.span, place))
+            route(block, functools.partial(self.span.block, place))
         for site in self._sites:
-            hook(
-                site.module, ModuleSiteHook(self.modules, site, self.policy.decision_key(site), self._keeps[site.name])
-            )
+            decides, keeps = self.policy.decision_key(site), self._keeps[site.name]
+            route(site.module, functools.partial(self.modules.run, site, decides, keeps))
         blocks = adapter.blocks()
         for index in sorted({site.block for site in self._sites if site.name in self.modules.regated}):
             hook(blocks[index], BlockArgumentsHook(self.modules.block_calls, index), GATE_HOOK_NAME)

@@ -7,11 +7,10 @@ signal; those at the tail are not hooked.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers.hooks import ModelHook
 from torch import nn
 
 from cachekit.adapter import Adapter, BlockArgument, BlockStreams, Point, Segment
@@ -33,6 +32,13 @@ class SpanPlace:
     head: bool = False  # always computed, before the decided span
     decides: bool = False  # the first block of the decided span: the policy decides here
     first_block: bool = False  # block 0 of the model: the probe is read here
+    #: Neither opens nor closes a segment, reads nothing, decides nothing: on reuse it only passes
+    #: its inputs through.
+    inner: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        inner = not (self.opens or self.closes or self.head or self.decides or self.first_block)
+        object.__setattr__(self, "inner", inner)
 
 
 def span_places(adapter: Adapter, policy: CachePolicy[Any]) -> list[tuple[nn.Module, SpanPlace]]:
@@ -98,6 +104,8 @@ class Span:
         call = self.frames.call
         if call is None:  # a block run on its own, outside a transformer call
             return forward(*args, **kwargs)
+        if not call.compute and place.inner:  # most blocks of a reused call
+            return place.streams.passed(args, kwargs)
         if place.first_block and (self.wants_probe or self.block_arguments):
             self._keep_first_block_signals(call, args, kwargs)
         if place.head:
@@ -192,14 +200,3 @@ class Span:
             tuple(None if delta is None else value + delta for value, delta in zip(inputs, residual, strict=True))
         )
 
-
-class SpanBlockHook(ModelHook):
-    """On each block of the residual span: runs it, or passes through and re-applies."""
-
-    def __init__(self, span: Span, place: SpanPlace) -> None:
-        super().__init__()
-        self.span = span
-        self.place = place
-
-    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return self.span.block(self.place, self.fn_ref.original_forward, args, kwargs)
