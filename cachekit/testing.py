@@ -9,6 +9,8 @@ ways of looking at a model from the outside, independently of cachekit: `module_
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -347,3 +349,28 @@ def _masks(tensor: Any, index: Any, *_: Any) -> bool:
     """Whether indexing with `index` takes a boolean mask (which needs the mask's count)."""
     items = index if isinstance(index, tuple) else (index,)
     return any(isinstance(item, torch.Tensor) and item.dtype == torch.bool for item in items)
+
+
+@contextlib.contextmanager
+def meta_reads() -> Iterator[None]:
+    """Host reads of meta tensors (which hold no values) answer zeros, so a model on the meta
+    device (full-size shapes, no memory) runs under a policy whose signals read one value."""
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__float__", "__bool__")}
+
+    def reader(name: str) -> Any:
+        original = originals[name]
+
+        def read(tensor: torch.Tensor, *args: Any) -> Any:
+            if not tensor.is_meta:
+                return original(tensor, *args)
+            return {"tolist": [0.0] * tensor.numel(), "__bool__": False}.get(name, 0.0)
+
+        return read
+
+    for name in originals:
+        setattr(torch.Tensor, name, reader(name))
+    try:
+        yield
+    finally:
+        for name in originals:
+            delattr(torch.Tensor, name)

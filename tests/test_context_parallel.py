@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import cachekit
 from cachekit.registry import get_strategy, list_strategies, registry
+from cachekit.testing import meta_reads
 
 
 def test_every_rank_decides_as_one_process_would_under_ulysses():
@@ -31,29 +32,15 @@ def test_a_rank_divergent_plugin_policy_gets_the_named_error_on_every_rank():
 
 
 class Collectives:
-    """A stand-in for the process group: records what each collective would be handed (nothing
-    runs), and answers host reads of meta tensors (which hold no values) with zeros."""
-
-    READS = ("item", "tolist", "__float__", "__bool__")
+    """A stand-in for the process group: records what each collective would be handed (nothing runs)."""
 
     def __init__(self, monkeypatch):
         self.handed: list[torch.Tensor] = []
         monkeypatch.setattr(torch.distributed, "all_reduce", self.all_reduce)
-        for name in self.READS:
-            monkeypatch.setattr(torch.Tensor, name, self._read(name, getattr(torch.Tensor, name)))
 
     def all_reduce(self, tensor, op=None, group=None, async_op=False):
         assert group is self
         self.handed.append(tensor)
-
-    @staticmethod
-    def _read(name, original):
-        def read(tensor, *args):
-            if not tensor.is_meta:
-                return original(tensor, *args)
-            return {"tolist": [0.0] * tensor.numel(), "__bool__": False}.get(name, 0.0)
-
-        return read
 
 
 class Float64Copies(TorchDispatchMode):
@@ -102,7 +89,7 @@ def test_signals_and_votes_stay_on_the_device_and_in_the_signal_s_size(monkeypat
         return Counter(copies.made)
 
     bare = generate()  # the model's own (rotary tables in float64)
-    with cachekit.apply(model, config, process_group=group) as handle:
+    with cachekit.apply(model, config, process_group=group) as handle, meta_reads():
         handle.policy.rank_consistent = False  # its decisions are voted on, too
         cached = generate()
     assert group.handed and {tensor.device.type for tensor in group.handed} == {"meta"}
