@@ -1,14 +1,19 @@
-"""cachekit's cost, measured side by side: `nox -s bench` (or `python benchmarks/bench.py`).
+"""cachekit's cost, measured side by side: `nox -s bench` (or `python benchmarks/bench.py`); with
+`--device cuda`, the full-size GPU benchmark instead (`benchmarks/gpu.py`).
 
-Real-width models with random weights (width sets the cost; values do not matter for timing):
-Wan2.1-1.3B width and Flux width with few blocks on a CPU, the full block counts in bf16 on a GPU.
-Every figure is the median of interleaved repeats (A B A B ...), printed as a table and written,
-with min/median/max, to a JSON file.
+On the CPU, real-width models with random weights and few blocks (width sets the cost; values do
+not matter for timing). Every figure is the median of interleaved repeats (A B A B ...), printed
+as a table and written, with min/median/max, to a JSON file.
 
 1. overhead: each strategy attached but never reusing, against the bare model;
 2. a reused call's cost against a computed call's (the probe plus re-applying the residual);
 3. parity: cachekit's TeaCache against a hand-written TeaCache forward at the same threshold;
-4. cachekit's PAB against diffusers' PAB hooks at equal computed attention counts.
+4. cachekit's PAB against diffusers' PAB hooks at equal computed attention counts;
+5. graphs and graph breaks with compiled blocks;
+6. host syncs per call of every strategy x estimator on real Flux and Wan pipelines (counted);
+7. cachekit's host time and op launches per computed and reused call at FLUX.1-dev's and Wan's
+   depth (57 and 30 hooked blocks) at tiny width, where the model's own time is small;
+8. what each policy keeps at full size (meta device).
 """
 
 from __future__ import annotations
@@ -28,9 +33,8 @@ from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_atten
 import cachekit
 from cachekit.schemas import Broadcast, PABConfig, TeaCacheConfig, UniformConfig
 
-GPU = torch.cuda.is_available()
-DEVICE = "cuda" if GPU else "cpu"
-DTYPE = torch.bfloat16 if GPU else torch.float32
+DEVICE = "cpu"  # the GPU's figures come from benchmarks/gpu.py (`--device cuda`)
+DTYPE = torch.float32
 STEPS = 6
 
 
@@ -44,13 +48,13 @@ def wan_model() -> tuple[torch.nn.Module, dict[str, Any], Callable[[torch.Tensor
         text_dim=4096,
         freq_dim=256,
         ffn_dim=8960,
-        num_layers=30 if GPU else 4,
+        num_layers=4,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         eps=1e-6,
         rope_max_seq_len=1024,
     )
-    frames, size = (21, 60) if GPU else (4, 16)  # 480p x 81 frames on a GPU; 256 tokens on a CPU
+    frames, size = 4, 16  # 256 tokens
     generator = torch.Generator().manual_seed(0)
     fixed = {"encoder_hidden_states": torch.randn(1, 64, 4096, generator=generator)}
     latents = torch.randn(1, 16, frames, size, size, generator=generator)
@@ -58,18 +62,16 @@ def wan_model() -> tuple[torch.nn.Module, dict[str, Any], Callable[[torch.Tensor
 
 
 def flux_model() -> tuple[torch.nn.Module, dict[str, Any], Callable[[torch.Tensor], dict[str, Any]]]:
-    model = FluxTransformer2DModel(
-        num_layers=19 if GPU else 1, num_single_layers=38 if GPU else 2, guidance_embeds=True
-    )
-    side = 64 if GPU else 16  # 1024x1024 (4096 tokens) on a GPU; 256 tokens on a CPU
+    model = FluxTransformer2DModel(num_layers=1, num_single_layers=2, guidance_embeds=True)
+    side = 16  # 256 tokens
     generator = torch.Generator().manual_seed(0)
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     fixed = {
-        "encoder_hidden_states": torch.randn(1, 512 if GPU else 16, 4096, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 16, 4096, generator=generator),
         "pooled_projections": torch.randn(1, 768, generator=generator),
         "guidance": torch.tensor([3.5]),
         "img_ids": torch.stack([torch.zeros_like(rows), rows, cols], -1).view(-1, 3).float(),
-        "txt_ids": torch.zeros(512 if GPU else 16, 3),
+        "txt_ids": torch.zeros(16, 3),
     }
     latents = torch.randn(1, side * side, 64, generator=generator)
     return model, {"latents": latents, **fixed}, lambda t: {"timestep": t}
@@ -109,8 +111,6 @@ class Run:
 
 
 def _now() -> float:
-    if GPU:
-        torch.cuda.synchronize()
     return time.perf_counter()
 
 
@@ -353,60 +353,79 @@ def compiled(steps: int = 20) -> dict[str, Any]:
     return figures
 
 
-def syncs_per_call(run: Run) -> dict[str, float]:
-    """Host-device synchronisations per transformer call under each strategy (GPU only)."""
-    import warnings
+def sync_table() -> dict[str, dict[str, list[int]]]:
+    """Host syncs per transformer call of every strategy x estimator on real diffusers Flux and Wan
+    pipelines with CFG, counted on the CPU (`SyncCounter`): the most in one call, and in total over
+    two generations (the handle's first included)."""
+    from cachekit.registry import get_estimator, get_strategy, list_estimators, list_strategies, make_config
+    from cachekit.testing import SyncCounter, run_flux, run_wan, tiny_flux_pipeline, tiny_wan_pipeline
 
-    configs = {
-        "bare": None,
-        "uniform": UniformConfig(interval=2, num_inference_steps=STEPS),
-        "teacache": TeaCacheConfig(coefficients=[1.0, 0.0], rel_l1_thresh=0.05, num_inference_steps=STEPS),
-        "pab": PABConfig(),
-    }
-    figures = {}
-    for name, config in configs.items():
-        handle = cachekit.apply(run.model, config) if config is not None else None
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                run.generate()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-            if handle is not None:
-                handle.remove()
-        figures[name] = sum("synchroniz" in str(w.message) for w in caught) / STEPS
-    return figures
+    estimators = [name for name in list_estimators() if get_estimator(name).__module__.startswith("cachekit.")]
+    table: dict[str, dict[str, list[int]]] = {}
+    for family, (pipe, run) in {
+        "flux": (tiny_flux_pipeline(), run_flux),
+        "wan": (tiny_wan_pipeline(), run_wan),
+    }.items():
+        for strategy in list_strategies():
+            examples = get_strategy(strategy).example_configs()
+            if examples is None:
+                continue
+            for estimator in estimators:
+                config = make_config({**examples.reuses.model_dump(), "estimator": {"kind": estimator}})
+                with cachekit.apply(pipe, config), SyncCounter(pipe.transformer) as counter:
+                    run(pipe, steps=6)
+                    run(pipe, steps=6)
+                table.setdefault(f"{strategy} + {estimator}", {})[family] = [
+                    max(counter.per_call),
+                    sum(counter.per_call),
+                ]
+    return table
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--device", default="cpu", help="cuda: the full-size benchmark on the GPU (benchmarks/gpu.py)")
+    args, rest = parser.parse_known_args(argv)
+    if args.device != "cpu":
+        import gpu
+
+        gpu.main(["--device", args.device, "--out", str(args.out.with_suffix("")), *rest])
+        return
     torch.set_grad_enabled(False)
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name() if GPU else "cpu", "steps": STEPS}
+    results: dict[str, Any] = {"device": "cpu", "steps": STEPS}
     for name, build in MODELS.items():
         run = Run(build)
         figures = {"overhead": overhead(run, args.repeats), "reuse_cost": reuse_cost(run)}
         if name == "flux-width":
             figures["parity"] = parity(run, args.repeats)
         figures["pab_vs_diffusers"] = against_diffusers_pab(run, args.repeats)
-        if GPU:
-            figures["syncs_per_call"] = syncs_per_call(run)
         results[name] = figures
         print(json.dumps({name: figures}, indent=1), flush=True)
     results["compiled"] = compiled()
     print(json.dumps({"compiled": results["compiled"]}, indent=1), flush=True)
+    results["syncs"] = sync_table()
+    import gpu
+    import memory
+
+    host = gpu.main(["--device", "cpu", "--steps", "8", "--repeats", str(args.repeats), "--out", "host-cost"])
+    results["host_cost_at_full_depth"] = host
+    results["memory_at_full_size"] = memory.table()
     args.out.write_text(json.dumps(results, indent=2))
     print_table(results)
+    print("\nHost syncs per call (most in one call, total over two generations of 6 steps with CFG)")
+    print("| strategy + estimator | flux | wan |\n|---|---|---|")
+    for name, counts in results["syncs"].items():
+        print(f"| {name} | {counts['flux'][0]} ({counts['flux'][1]}) | {counts['wan'][0]} ({counts['wan'][1]}) |")
+    print("\nWhat each policy keeps at full size (meta device, bf16, CFG as two calls)")
+    print(results["memory_at_full_size"])
 
 
 def print_table(results: dict[str, Any]) -> None:
     print(f"\n{'model':<20} {'figure':<34} {'ratio':>8}  target")
-    for name, figures in results.items():
-        if not isinstance(figures, dict) or name == "compiled":
-            continue
+    for name in MODELS:
+        figures = results[name]
         for strategy in ("uniform", "teacache", "pab"):
             ratio = figures["overhead"][strategy]["ratio"]
             print(f"{name:<20} {'overhead, never reusing: ' + strategy:<34} {ratio:>8.4f}  <= 1.01")
@@ -420,8 +439,6 @@ def print_table(results: dict[str, Any]) -> None:
             )
         pab = figures["pab_vs_diffusers"]
         print(f"{name:<20} {'PAB vs diffusers PAB':<34} {pab['ratio']:>8.4f}  (attention runs {pab['attention_runs']})")
-        for strategy, syncs in figures.get("syncs_per_call", {}).items():
-            print(f"{name:<20} {'syncs per call: ' + strategy:<34} {syncs:>8.2f}")
     for strategy, figure in results["compiled"].items():
         first, second = figure["first_generation"], figure["second_generation"]
         print(

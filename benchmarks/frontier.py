@@ -6,7 +6,11 @@ block executions (counted with plain torch hooks, the same for every method), be
 figures measured for cache-dit 1.5.3, and writes the reports and one plot of PSNR against the
 share of block executions. `nox -s frontier`, or:
 
-    python benchmarks/frontier.py --out frontier-results
+    python benchmarks/frontier.py --out frontier-results [--dtype bfloat16]
+
+In bfloat16 (`nox -s frontier -- --dtype bfloat16`), the precision users run, each model's table
+comes with its bf16 noise floor: the mean PSNR of its bf16 uncached samples against its float32
+ones. Differences between methods above that floor cannot be seen in bf16.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 from cachekit.study import write_report
@@ -38,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("frontier-results"))
     parser.add_argument("--fresh", action="store_true", help="recompute finished cells")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -46,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     for model in MODELS:
         spec = args.out / f"frontier-{model}.toml"
         text = (HERE / "frontier.toml").read_text().replace("{model}", model)
-        spec.write_text(f'models = ["{model}"]\n' + text)
+        spec.write_text(f'models = ["{model}"]\ndtype = "{args.dtype}"\n' + text)
         command = [sys.executable, "-m", "cachekit", "study", "run", str(spec), "--db", str(_db(args.out, model))]
         log = (args.out / f"frontier-{model}.log").open("w")
         environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -70,9 +76,38 @@ def main(argv: list[str] | None = None) -> None:
             store.close()
     print("\n".join(budget_tables(summaries)))
     for model in MODELS:
+        if args.dtype == "bfloat16":
+            floor = noise_floor(model, spec_of(args.out, model))
+            print(f"{model}: bf16 noise floor {floor:.2f} dB (bf16 uncached vs float32 uncached)")
         print(_verdict(model, [s for s in summaries if s.model == model]))
     plot_quality(summaries, args.out / "frontier.png")
     print(f"plot: {args.out / 'frontier.png'}; reports: {args.out}/report-<model>/report.md")
+
+
+def spec_of(out: Path, model: str) -> dict:
+    return tomllib.loads((out / f"frontier-{model}.toml").read_text())
+
+
+def noise_floor(model: str, spec: dict) -> float:
+    """Mean PSNR of the model's bf16 uncached samples against its float32 ones, over the study's
+    labels and seeds, from the same initial noise."""
+    import torch
+
+    from cachekit import testbed
+    from cachekit.metrics.fidelity import psnr
+
+    torch.set_num_threads(1)
+    pipes = {dtype: testbed.load(model).to(dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+    scores = []
+    for label in spec["labels"]:
+        for seed in spec["seeds"]:
+            noise = pipes[torch.float32].prepare_latents(seed)
+            samples = [
+                pipe([label], num_inference_steps=spec["steps"], latents=noise.to(dtype)).float()
+                for dtype, pipe in pipes.items()
+            ]
+            scores.append(psnr(samples[1], samples[0]))
+    return sum(scores) / len(scores)
 
 
 def _db(out: Path, model: str) -> Path:

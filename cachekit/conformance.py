@@ -1,5 +1,6 @@
 """The conformance matrix, as pytest tests: every installed adapter x every installed strategy
-(with a copy and a Taylor forecast) and every installed estimator.
+(with a copy and a Taylor forecast, in float32; with a copy in bfloat16) and every installed
+estimator.
 
 Each adapter ships a tiny random instance of its model (`Adapter.example()`) and each strategy a
 never-reusing and a reusing config (`CachePolicy.example_configs()`), so a plugin joins the
@@ -38,6 +39,12 @@ POLICIES = [
     ),
 ]
 ESTIMATOR_CONFIGS = {"taylor": {"kind": "taylor", "order": 2}}
+#: The precisions cells run in: every policy above in float32, and every strategy with a copy in
+#: bfloat16, the precision users run (bf16 timesteps, inputs and weights).
+CELLS = [
+    *((strategy, estimator, "float32") for strategy, estimator in POLICIES),
+    *((strategy, "copy", "bfloat16") for strategy in STRATEGIES),
+]
 STEPS = 6
 #: 0-1000 timesteps of the loop, noisy to clean, as a flow-matching pipeline would run them.
 TIMESTEPS = [1000.0 * (1 - i / STEPS) for i in range(STEPS)]
@@ -51,12 +58,24 @@ def _deterministic():
 
 
 @functools.cache
-def example(adapter_name: str) -> ModelExample:
+def example(adapter_name: str, dtype: str = "float32") -> ModelExample:
     found = registry.registry().adapters[adapter_name].example()
     if found is None:
         pytest.skip(f"adapter {adapter_name!r} ships no example model")
     assert cachekit.resolve_adapter(found.model).name == adapter_name
-    return found
+    if dtype == "float32":
+        return found
+    precision = getattr(torch, dtype)
+
+    def cast(value: object) -> object:
+        return value.to(precision) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    inputs = found.inputs
+    return ModelExample(
+        found.model.to(precision),
+        found.latents.to(precision),
+        lambda latents, t, branch: {key: cast(value) for key, value in inputs(latents, t, branch).items()},
+    )
 
 
 def denoise(model: ModelExample, steps: int = STEPS, guidance: float = 3.0) -> torch.Tensor:
@@ -87,11 +106,11 @@ def configs(adapter_name: str, strategy_name: str, estimator: str | None = None)
     return [cachekit.make_config({**config.model_dump(), **update}) for config in pair]
 
 
-@pytest.mark.parametrize(("strategy_name", "estimator"), POLICIES)
+@pytest.mark.parametrize(("strategy_name", "estimator", "dtype"), CELLS)
 @pytest.mark.parametrize("adapter_name", ADAPTERS)
-def test_never_reusing_is_bitwise_exact_and_remove_restores(adapter_name, strategy_name, estimator):
+def test_never_reusing_is_bitwise_exact_and_remove_restores(adapter_name, strategy_name, estimator, dtype):
     never_reuses, _ = configs(adapter_name, strategy_name, estimator)
-    model = example(adapter_name)
+    model = example(adapter_name, dtype)
     reference = denoise(model)
     before = module_state(model.model)
 
@@ -108,11 +127,11 @@ def test_never_reusing_is_bitwise_exact_and_remove_restores(adapter_name, strate
         assert all(counts.reused == 0 for counts in branch.sites.values())
 
 
-@pytest.mark.parametrize(("strategy_name", "estimator"), POLICIES)
+@pytest.mark.parametrize(("strategy_name", "estimator", "dtype"), CELLS)
 @pytest.mark.parametrize("adapter_name", ADAPTERS)
-def test_reusing_with_cfg_runs_and_counts_match_executions(adapter_name, strategy_name, estimator):
+def test_reusing_with_cfg_runs_and_counts_match_executions(adapter_name, strategy_name, estimator, dtype):
     _, reuses = configs(adapter_name, strategy_name, estimator)
-    model = example(adapter_name)
+    model = example(adapter_name, dtype)
     adapter = cachekit.resolve_adapter(model.model)(model.model)
     blocks = adapter.blocks()
     sites = [*adapter.attention_sites(), *adapter.mlp_sites()] if adapter.provides(Point.ATTENTION) else []

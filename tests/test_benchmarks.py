@@ -1,0 +1,55 @@
+"""The benchmarks run where CI can see them: the full-size GPU benchmark at tiny width on the CPU
+(so it is known to work before a GPU is lent), and the memory table from the meta device."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+
+
+def test_the_gpu_benchmark_runs_at_tiny_width_on_the_cpu(tmp_path):
+    import gpu
+
+    results = gpu.main(
+        [
+            "--device", "cpu", "--steps", "3", "--repeats", "1", "--strategies", "uniform", "pab",
+            "--settings", "uniform 2", "--out", str(tmp_path),
+        ]
+    )  # fmt: skip
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written == json.loads(json.dumps(results))
+    assert [(run["family"], run["steps"]) for run in written["runs"]] == [("flux.1-dev", 3), ("wan2.1-t2v-1.3b", 3)]
+    for run in written["runs"]:
+        assert set(run["strategies"]) == {"uniform", "pab"}
+        uniform, pab = run["strategies"]["uniform"], run["strategies"]["pab"]
+        assert uniform["hooked"] == (57 if run["family"] == "flux.1-dev" else 30)
+        assert uniform["syncs_per_call"] == pab["syncs_per_call"] == 0
+        assert uniform["reused_cost"] < 1 and uniform["host_reused_per_hook"] is not None
+        assert pab["host_reused_per_hook"] is None  # a module-level reused call still runs the blocks
+        speedup = run["speedups"]["uniform 2"]
+        assert speedup["computed_share"] == pytest.approx(2 / 3)  # steps 0 and 2 of 3 (the last forced)
+        assert speedup["limit"] == pytest.approx(1 / (2 / 3 + 1 / 3 * uniform_cost(run)), rel=0.5)
+    table = (tmp_path / "results.md").read_text()
+    assert "| uniform |" in table and "| uniform 2 | 0.67 |" in table and "cpu, torch" in table
+
+
+def uniform_cost(run):
+    return run["strategies"]["uniform"]["reused_cost"]
+
+
+@pytest.mark.slow
+def test_the_memory_table_matches_the_sizes_of_what_is_kept():
+    """FLUX.1-dev at 1024^2: the span's residual on 4096 image and 512 text tokens at width 3072,
+    in bf16, per branch; a Taylor forecast of order 2 keeps three."""
+    import memory
+
+    table = memory.table()
+    residual = (4096 + 512) * 3072 * 2 * 2  # bytes, two branches
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert f"| {residual / 2**30:.2f} GiB |" in rows["uniform, copy (span)"]
+    assert f"| {3 * residual / 2**30:.2f} GiB |" in rows["uniform, taylor 2 (span)"]
