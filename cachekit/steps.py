@@ -227,10 +227,11 @@ class StepTracker:
         given = getattr(context, "timestep", None)
         if isinstance(given, int | float):
             return float(given)
-        if self.source != "timesteps" and self._on_schedule() and self._same_scale:
+        schedule = self._schedule
+        if self.source != "timesteps" and self._scheduled and schedule is not None and self._same_scale:
             position = self._begin + index
-            if position < len(self._schedule):
-                return self._schedule[position]
+            if position < len(schedule):
+                return schedule[position]
         return seen if seen is not None else read()
 
 

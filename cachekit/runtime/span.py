@@ -199,4 +199,3 @@ class Span:
         return place.streams.pack(
             tuple(None if delta is None else value + delta for value, delta in zip(inputs, residual, strict=True))
         )
-
