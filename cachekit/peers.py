@@ -9,6 +9,7 @@ method runs the same way in any pipeline, a testbed model's included.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -108,7 +109,7 @@ def apply_peer(target: Any, config: PeerConfig | dict[str, Any]) -> PeerHandle:
     transformer.enable_cache(diffusers_config(config, adapter, tracker))
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     registry.register_hook(_ContextHook(adapter, tracker), CONTEXT_HOOK)  # registered last: outermost
-    unwatch = watch_scheduler(scheduler, tracker) if scheduler is not None else None
+    unwatch = watch_scheduler(scheduler, tracker, adapter) if scheduler is not None else None
     return PeerHandle(transformer, registry, unwatch)
 
 
@@ -122,7 +123,8 @@ class _ContextHook(ModelHook):
 
     def new_forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
         generation = self.tracker.generation
-        step = self.tracker.advance(self.adapter.step_of(args, kwargs), self.adapter.latent_input(args, kwargs))
+        timestep = functools.partial(self.adapter.step_of, args, kwargs)  # read only without a watched scheduler
+        step = self.tracker.advance(timestep, self.adapter.latent_input(args, kwargs))
         if self.tracker.generation != generation:
             module._reset_stateful_cache()
         context = {

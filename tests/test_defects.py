@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -215,3 +216,83 @@ def test_report_refuses_a_missing_database(tmp_path):
     with pytest.raises(StoreError, match="no results database at"):
         write_report(tmp_path / "none.sqlite")
     assert not Path(tmp_path / "none.sqlite").exists()
+
+
+@pytest.mark.parametrize("batches", [(2, 1), (1, 2)], ids=["guidance-off", "guidance-on"])
+def test_a_batch_that_changes_inside_a_generation_computes_never_broadcasts(batches):
+    """Batch 2 for steps 0-2 then 1 (or 1 then 2): a step that would reuse a value kept for
+    another batch computes instead, and its output is the uncached one."""
+    model = tiny_flux_transformer()
+    first, then = batches
+    calls = [(first, 1.0), (first, 0.8), (first, 0.6), (then, 0.4), (then, 0.2)]
+    reference = [model(**flux_inputs(batch=batch, timestep=t))[0] for batch, t in calls]
+    with cachekit.apply(model, UniformConfig(interval=2, num_inference_steps=len(calls))) as handle:
+        cached = [model(**flux_inputs(batch=batch, timestep=t))[0] for batch, t in calls]
+    assert handle.stats.last.branches[0].span_schedule == [True, False, True, True, True]  # step 3 computed
+    assert cached[3].shape == reference[3].shape and torch.equal(cached[3], reference[3])
+
+
+class Estimates:
+    """Test estimators that hand back something that cannot stand for the value they were given."""
+
+    @staticmethod
+    def of(name, wrong):
+        from cachekit.estimators.copy import CopyEstimator
+        from cachekit.schemas.estimators import EstimatorConfig
+
+        config = type(
+            f"{name.title()}Config", (EstimatorConfig,), {"__annotations__": {"kind": Literal[name]}, "kind": name}
+        )
+        return type(f"{name.title()}Estimator", (CopyEstimator,), {
+            "config_class": config,
+            "estimate": lambda self, state, step: wrong(state.value),
+        })  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "wrong", "described"),
+    [
+        ("scalar", lambda value: value.mean(), r"a tensor of shape \(\), float32, on cpu"),
+        ("wide", lambda value: value.double(), r"shape \(1, 16, 32\), float64, on cpu"),
+        ("meta", lambda value: value.to("meta"), r"on meta"),
+        ("nothing", lambda value: None, r"NoneType None"),
+    ],
+)
+def test_an_estimate_that_cannot_stand_for_the_value_is_named(fresh_registry, name, wrong, described):
+    from cachekit.errors import EstimatorError
+    from cachekit.hookspecs import hookimpl
+
+    estimator = Estimates.of(name, wrong)
+
+    class Plugin:
+        @hookimpl
+        def cachekit_register_estimators(self, register):
+            register(estimator)
+
+    cachekit.register_plugin(Plugin(), f"test-{name}")
+    model = tiny_flux_transformer()
+    config = UniformConfig(interval=2, num_inference_steps=3, estimator={"kind": name})
+    with cachekit.apply(model, config), pytest.raises(EstimatorError) as error:
+        for t in (1.0, 0.6, 0.2):
+            model(**flux_inputs(timestep=t))
+    message = str(error.value)
+    assert f"estimator {name!r} returned" in message and "recorded as a tensor of shape (1, 16, 32)" in message
+    assert re.search(described, message) and "must have the recorded shape, dtype and device" in message
+
+
+def test_easycache_computes_after_a_nan_instead_of_handing_it_out():
+    from cachekit.schemas import EasyCacheConfig
+
+    model = tiny_flux_transformer()
+    steps = 8
+    config = EasyCacheConfig(warmup_steps=2, threshold=1000.0, num_inference_steps=steps)
+    with cachekit.apply(model, config) as handle:
+        outputs = []
+        for index in range(steps):
+            inputs = flux_inputs(timestep=1 - index / steps)
+            if index == 4:
+                inputs["hidden_states"] = torch.full_like(inputs["hidden_states"], float("nan"))
+            outputs.append(model(**inputs)[0])
+    schedule = handle.stats.last.branches[0].span_schedule
+    assert schedule[4] and all(schedule[5:])  # the NaN's step computes; so do the ones its NaN rate follows
+    assert all(torch.isfinite(output).all() for index, output in enumerate(outputs) if index != 4)
