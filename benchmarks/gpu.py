@@ -343,6 +343,46 @@ def peak_memory(bench: Bench, config: Any) -> tuple[int | None, int]:
     return peak, kept
 
 
+def inner_block_cost(bench: Bench, calls: int = 20000) -> dict[str, float]:
+    """Seconds one inner block of the span takes in a reused call (all cachekit adds per hooked
+    block, the fixed per-call part aside), against a module that only returns its inputs, called
+    alike: timed inside a reused call, where the block is reached."""
+    config = make_config({"strategy": "uniform", "interval": 1000, "num_inference_steps": bench.steps})
+    figures: dict[str, float] = {}
+    with cachekit.apply(bench.model, config) as handle:
+        frames = handle._runtime.frames
+        block, place = next((b, p) for b, p in reversed(handle._runtime._places) if p.inner)
+
+        class Passing(torch.nn.Module):
+            def forward(self, *args: Any, **kwargs: Any) -> Any:
+                return place.streams.passed(args, kwargs)
+
+        passing = Passing()
+
+        def measure(module: Any, args: Any, kwargs: Any) -> None:
+            if figures or frames.call is None or frames.call.compute:
+                return
+            figures["passing"] = _fastest(lambda: passing(*args, **kwargs), calls)
+            figures["hooked"] = _fastest(lambda: block(*args, **kwargs), calls)
+
+        watching = block.register_forward_pre_hook(measure, with_kwargs=True, prepend=True)
+        try:
+            bench.generate()
+        finally:
+            watching.remove()
+    return {**figures, "added": figures["hooked"] - figures["passing"]}
+
+
+def _fastest(call: Callable[[], Any], calls: int, rounds: int = 5) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        began = time.perf_counter()
+        for _ in range(calls):
+            call()
+        best = min(best, (time.perf_counter() - began) / calls)
+    return best
+
+
 def speedup_settings(family: Family, steps: int) -> dict[str, Any]:
     teacache = {"strategy": "teacache", "preset": family.preset}
     settings: dict[str, Any] = {
@@ -408,6 +448,7 @@ def measure(
             "peak_memory_over_bare": None if peak is None or bare_peak is None else peak - bare_peak,
             "kept_bytes": kept,
         }
+    inner = inner_block_cost(bench)
     bare_seconds = [bench.seconds() for _ in range(repeats)]
     speedups: dict[str, Any] = {}
     for name, config in speedup_settings(family, steps).items():
@@ -431,6 +472,7 @@ def measure(
         "passing_call": median(passing_calls),
         "passing_ops_per_call": passing_ops,
         "bare_peak_memory": bare_peak,
+        "inner_block": inner,
         "strategies": strategies,
         "speedups": speedups,
     }
@@ -457,10 +499,13 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     for run in results["runs"]:
+        inner = run["inner_block"]
         lines += [
             f"**{run['family']}, {run['steps']} steps**: bare call {run['bare_call'] * 1e3:.2f} ms, "
             f"{run['bare_ops_per_call']:.0f} ops; with blocks passing their inputs through "
-            f"{run['passing_call'] * 1e3:.2f} ms, {run['passing_ops_per_call']:.0f} ops",
+            f"{run['passing_call'] * 1e3:.2f} ms, {run['passing_ops_per_call']:.0f} ops; an inner block of a "
+            f"reused call {inner['hooked'] * 1e6:.2f} us against {inner['passing'] * 1e6:.2f} us for a module "
+            f"returning its inputs: cachekit adds {inner['added'] * 1e6:.2f} us per block",
             "",
             "| strategy | computed / bare | reused / bare | hooked | host per hook: computed, reused "
             "| ops added: computed, reused | syncs per call | kept | peak over bare |",
