@@ -63,7 +63,8 @@ class TinyVideoDiT(nn.Module):
         batch, frames, tokens, _ = hidden_states.shape
         half = torch.exp(-math.log(10000) * torch.arange(self.dim // 2) / (self.dim // 2))
         angles = timestep[:, None].float() * half
-        temb = self.time_proj(self.time_embed(torch.cat([angles.sin(), angles.cos()], dim=-1)))
+        frequencies = torch.cat([angles.sin(), angles.cos()], dim=-1).to(hidden_states.dtype)  # computed in float32
+        temb = self.time_proj(self.time_embed(frequencies))
         context = self.text(encoder_hidden_states).repeat_interleave(frames, dim=0)
         x = self.patch(hidden_states).flatten(0, 1)  # batch * frames, tokens, dim
         for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks, strict=True):

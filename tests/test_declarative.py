@@ -41,10 +41,10 @@ def declared(fresh_registry):
     return "tiny_video_dit"
 
 
-@pytest.mark.parametrize(("strategy_name", "estimator"), conformance.POLICIES)
-def test_a_spec_file_adapter_passes_the_conformance_checks(declared, strategy_name, estimator):
-    conformance.test_never_reusing_is_bitwise_exact_and_remove_restores(declared, strategy_name, estimator)
-    conformance.test_reusing_with_cfg_runs_and_counts_match_executions(declared, strategy_name, estimator)
+@pytest.mark.parametrize(("strategy_name", "estimator", "dtype"), conformance.CELLS)
+def test_a_spec_file_adapter_passes_the_conformance_checks(declared, strategy_name, estimator, dtype):
+    conformance.test_never_reusing_is_bitwise_exact_and_remove_restores(declared, strategy_name, estimator, dtype)
+    conformance.test_reusing_with_cfg_runs_and_counts_match_executions(declared, strategy_name, estimator, dtype)
 
 
 def test_a_spec_file_adapter_provides_every_point(declared):
