@@ -1,8 +1,10 @@
-"""Which strategies, estimators and adapters exist.
+"""Which strategies, estimators, adapters and metrics exist.
 
 Every plugin listed under the entry-point group ``cachekit`` (the built-ins included) is loaded
 once, on first use, each in isolation: a plugin that fails to import or to register is reported
-by name and the others still load. `register_plugin` adds one from code through the same hooks.
+by name and the others still load. An entry point may name a package that implements no hook
+itself: each of its modules is then a plugin, found by the package (the built-ins are four such
+packages: a new built-in strategy is a module in `strategies/`, nothing else). `register_plugin` adds one from code through the same hooks.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import os
+import pkgutil
 import re
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pluggy
@@ -58,7 +62,23 @@ class Registry:
             except Exception as exc:  # a broken plugin must not break the others
                 self._fail(entry_point.name, f"import of {entry_point.value!r} raised {exc!r}")
                 continue
-            self.add(plugin, entry_point.name)
+            if hasattr(plugin, "__path__") and not _implements_hooks(plugin):
+                self.add_package(plugin)
+            else:
+                self.add(plugin, entry_point.name)
+
+    def add_package(self, package: ModuleType) -> None:
+        """Each module of `package` as a plugin named after the module, in name order."""
+        for module in sorted(pkgutil.iter_modules(package.__path__), key=lambda module: module.name):
+            if module.name.startswith("_"):
+                continue
+            qualified = f"{package.__name__}.{module.name}"
+            try:
+                plugin = importlib.import_module(qualified)
+            except Exception as exc:
+                self._fail(module.name, f"import of {qualified!r} raised {exc!r}")
+                continue
+            self.add(plugin, module.name)
 
     def add(self, plugin: object, name: str) -> None:
         """Register `plugin` under `name` and run its registration hooks."""
@@ -135,6 +155,10 @@ class Registry:
     def _fail(self, plugin: str, reason: str) -> None:
         self.errors[plugin] = reason
         warnings.warn(f"cachekit plugin {plugin!r} failed to load: {reason}", PluginWarning, stacklevel=3)
+
+
+def _implements_hooks(plugin: object) -> bool:
+    return any(name.startswith("cachekit_") and callable(getattr(plugin, name)) for name in dir(plugin))
 
 
 @functools.cache

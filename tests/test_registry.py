@@ -23,8 +23,11 @@ PLUGINS = Path(__file__).parent / "plugins"
 
 
 def test_builtins_are_entry_point_plugins():
-    names = {entry_point.name for entry_point in importlib.metadata.entry_points(group="cachekit")}
-    assert {"uniform", "flux", "wan"} <= names
+    """One entry point per package; each module of the package is a plugin of its own."""
+    found = {entry_point.name: entry_point.value for entry_point in importlib.metadata.entry_points(group="cachekit")}
+    packages = {name: found[name] for name in ("strategies", "estimators", "adapters", "metrics")}
+    assert packages == {name: f"cachekit.{name}" for name in packages}
+    assert not [value for value in found.values() if value.startswith("cachekit.") and value not in packages.values()]
     assert "uniform" in cachekit.list_strategies()
     assert {"flux", "wan"} <= set(cachekit.list_adapters())
     assert cachekit.get_strategy("uniform").config_class is UniformConfig
