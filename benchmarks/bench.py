@@ -13,7 +13,7 @@ as a table and written, with min/median/max, to a JSON file.
 6. host syncs per call of every strategy x estimator on real Flux and Wan pipelines (counted);
 7. cachekit's host time and op launches per computed and reused call at FLUX.1-dev's and Wan's
    depth (57 and 30 hooked blocks) at tiny width, where the model's own time is small;
-8. what each policy keeps at full size (meta device).
+8. what each strategy keeps at full size (meta device).
 """
 
 from __future__ import annotations
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| strategy + estimator | flux | wan |\n|---|---|---|")
     for name, counts in results["syncs"].items():
         print(f"| {name} | {counts['flux'][0]} ({counts['flux'][1]}) | {counts['wan'][0]} ({counts['wan'][1]}) |")
-    print("\nWhat each policy keeps at full size (meta device, bf16, CFG as two calls)")
+    print("\nWhat each strategy keeps at full size (meta device, bf16, CFG as two calls)")
     print(results["memory_at_full_size"])
 
 

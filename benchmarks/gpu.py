@@ -9,7 +9,7 @@ so the model's own time is small and cachekit's host time shows (the fast suite 
 Per strategy: latency of a computed and of a reused call against the bare model's (every
 strategy's never-reusing config gives the overhead; its reusing config the reused call's cost),
 host syncs per call (CUDA's sync debug mode on a GPU; `SyncCounter` on a CPU), the op launches
-cachekit adds, peak memory, what the policy keeps, and for the speed-up settings (uniform 2 and 3,
+cachekit adds, peak memory, what the strategy keeps, and for the speed-up settings (uniform 2 and 3,
 TeaCache at the published FLUX.1-dev thresholds, TeaCache with a Taylor forecast, FBCache) the
 end-to-end speed-up against its limit 1 / (computed share + reused share x reused-call cost).
 Writes JSON and a markdown table.
@@ -204,7 +204,7 @@ class Rounds:
     first: list[list[float]]
     second: list[list[float]]
     computed: list[list[bool]]  # per call of the second: whether it computed
-    handle: Any  # the second's, if a policy
+    handle: Any  # the second's, if a strategy
 
     def ratio(self) -> float:
         """The second's median call over the first's, the median over rounds."""
@@ -246,7 +246,7 @@ def side_by_side(bench: Bench, first: Callable[[], Any], second: Callable[[], An
 
 
 def _computed(handle: Any, bench: Bench) -> list[bool]:
-    """Per call of the last generation, in call order: whether it computed (all, without a policy)."""
+    """Per call of the last generation, in call order: whether it computed (all, without a strategy)."""
     calls = bench.steps * bench.family.calls_per_step
     if handle is None:
         return [True] * calls
@@ -330,7 +330,7 @@ def syncs_per_call(bench: Bench, config: Any) -> float:
 
 
 def peak_memory(bench: Bench, config: Any) -> tuple[int | None, int]:
-    """(peak device memory of a generation, bytes the policy keeps over its branches)."""
+    """(peak device memory of a generation, bytes the strategy keeps over its branches)."""
     if bench.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(bench.device)
@@ -339,7 +339,7 @@ def peak_memory(bench: Bench, config: Any) -> tuple[int | None, int]:
     peak = torch.cuda.max_memory_allocated(bench.device) if bench.device.type == "cuda" else None
     kept = 0
     if handle is not None:
-        kept = sum(b.peak_kept_bytes + b.policy_bytes for b in handle.stats.last.branches.values())
+        kept = sum(b.peak_kept_bytes + b.strategy_bytes for b in handle.stats.last.branches.values())
     return peak, kept
 
 

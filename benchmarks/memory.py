@@ -1,9 +1,9 @@
-"""What each policy keeps at full size, from the meta device (full-size shapes, no memory, no GPU):
+"""What each strategy keeps at full size, from the meta device (full-size shapes, no memory, no GPU):
 FLUX.1-dev's transformer at 1024^2 and Wan2.1-T2V-14B's at 720p x 81 frames, in bf16, with CFG
 as two calls. `python benchmarks/memory.py` (or `nox -s bench -- --memory`) prints the table.
 
 The figures are cachekit's own projection (`handle.stats`: what every branch keeps once each site
-holds what its estimator keeps at most), taken after two steps, and the policy's own state.
+holds what its estimator keeps at most), taken after two steps, and the strategy's own state.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from cachekit.registry import make_config
 from cachekit.testing import meta_reads
 
 #: What the table covers: the span level with a copy and a forecast, the module levels, and the
-#: policies whose own state holds a tensor of the model's size.
+#: strategies whose own state holds a tensor of the model's size.
 SETTINGS: dict[str, dict[str, Any]] = {
     "uniform, copy (span)": {"strategy": "uniform"},
     "uniform, taylor 2 (span)": {"strategy": "uniform", "estimator": {"kind": "taylor", "order": 2}},
@@ -83,7 +83,7 @@ MODELS = {"FLUX.1-dev 1024^2": flux, "Wan2.1-T2V-14B 720p x 81": wan_14b}
 
 
 def kept(model: torch.nn.Module, inputs: dict[str, torch.Tensor], setting: dict[str, Any]) -> tuple[int, int]:
-    """(bytes the estimator will keep over both branches, bytes of the policy's own state)."""
+    """(bytes the estimator will keep over both branches, bytes of the strategy's own state)."""
     config = make_config({**setting, "num_inference_steps": 4})
     with cachekit.apply(model, config) as handle, meta_reads(), torch.no_grad():
         for index in range(2):
@@ -91,8 +91,8 @@ def kept(model: torch.nn.Module, inputs: dict[str, torch.Tensor], setting: dict[
                 with model.cache_context(branch, step_index=index, num_inference_steps=4, timestep=900.0 - index):
                     model(timestep=torch.full((1,), 0.9 - index / 10, device="meta"), **inputs)
         projected, _ = handle._runtime.memory.projected()
-    policy = sum(branch.policy_bytes for branch in handle.stats.last.branches.values())
-    return projected, policy
+    strategy = sum(branch.strategy_bytes for branch in handle.stats.last.branches.values())
+    return projected, strategy
 
 
 def table() -> str:
@@ -101,8 +101,8 @@ def table() -> str:
     for label, setting in SETTINGS.items():
         cells = []
         for model, inputs in built.values():
-            values, policy = kept(model, inputs, setting)
-            cells.append(f"{values / 2**30:.2f} GiB" + (f" + {policy / 2**30:.2f} GiB policy" if policy else ""))
+            values, state = kept(model, inputs, setting)
+            cells.append(f"{values / 2**30:.2f} GiB" + (f" + {state / 2**30:.2f} GiB state" if state else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

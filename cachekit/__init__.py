@@ -22,7 +22,7 @@ _EXPORTS = {
         "HandleRemovedError",
         "MissingPointError",
         "PluginError",
-        "PolicyError",
+        "StrategyError",
         "UnknownEstimatorError",
         "UnknownStrategyError",
         "UnsupportedModelError",
@@ -32,7 +32,7 @@ _EXPORTS = {
     "cachekit.handle": ["CacheHandle", "apply"],
     "cachekit.hookspecs": ["hookimpl"],
     "cachekit.example": ["ModelExample"],
-    "cachekit.policy": ["CachePolicy", "ExampleConfigs", "Signals", "Step"],
+    "cachekit.strategy": ["Strategy", "ExampleConfigs", "Signals", "Step"],
     "cachekit.registry": [
         "get_estimator",
         "get_strategy",
@@ -90,7 +90,7 @@ if TYPE_CHECKING:
         HandleRemovedError,
         MissingPointError,
         PluginError,
-        PolicyError,
+        StrategyError,
         UnknownEstimatorError,
         UnknownStrategyError,
         UnsupportedModelError,
@@ -100,7 +100,6 @@ if TYPE_CHECKING:
     from cachekit.handle import CacheHandle, apply
     from cachekit.hookspecs import hookimpl
     from cachekit.metric import Metric, MetricSkipped, Sample
-    from cachekit.policy import CachePolicy, ExampleConfigs, Signals, Step
     from cachekit.registry import (
         get_estimator,
         get_strategy,
@@ -114,3 +113,4 @@ if TYPE_CHECKING:
         resolve_adapter,
     )
     from cachekit.stats import BranchStats, CacheStats, GenerationStats, SiteCounts
+    from cachekit.strategy import ExampleConfigs, Signals, Step, Strategy

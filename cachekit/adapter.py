@@ -1,4 +1,4 @@
-"""The Adapter contract: where one model family keeps the points a cache policy works on.
+"""The Adapter contract: where one model family keeps the points a cache strategy works on.
 
 An adapter never changes the model. It names modules (blocks, attention) and reads values out of
 the calls the model makes anyway, so the runtime can hook module boundaries instead of copying the
@@ -27,7 +27,7 @@ Streams = tuple[torch.Tensor, ...]
 
 
 class Point(StrEnum):
-    """A place in the model a policy can ask for."""
+    """A place in the model a strategy can ask for."""
 
     STEP = "step"  # the timestep of each transformer call
     LATENT = "latent"  # the noisy latent each transformer call is made on
@@ -52,7 +52,7 @@ class SiteKind(StrEnum):
 
 @dataclass(frozen=True)
 class ModuleSite:
-    """A module whose output a policy may reuse (an attention or an MLP)."""
+    """A module whose output a strategy may reuse (an attention or an MLP)."""
 
     name: str  # the module's qualified name inside the transformer
     module: nn.Module
@@ -146,7 +146,7 @@ Segment = tuple[tuple[nn.Module, BlockStreams], ...]
 
 @dataclass(frozen=True)
 class ResidualSpan:
-    """The blocks whose total effect (output minus input, per stream) span-level policies cache.
+    """The blocks whose total effect (output minus input, per stream) span-level strategies cache.
 
     The blocks run in order, grouped in segments: runs of blocks between which the model does not
     touch the streams. Each segment caches its own residual, so a model that reshapes the tokens
@@ -168,7 +168,7 @@ class Adapter:
     """Base class of model-family adapters.
 
     Subclasses set `name` and `model_class`, implement the points their model has, and list in
-    `missing` the points it lacks with the reason, so a policy needing one fails at attach time,
+    `missing` the points it lacks with the reason, so a strategy needing one fails at attach time,
     and in `missing_attention` the kinds of attention it lacks, with the reason.
     """
 
@@ -204,11 +204,11 @@ class Adapter:
         text = json.dumps(config, sort_keys=True, default=str)
         return f"{self.name}:{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
-    def require(self, point: Point, policy_name: str) -> None:
-        """Fail with a message naming the point, the model and the policy if `point` is missing."""
+    def require(self, point: Point, strategy_name: str) -> None:
+        """Fail with a message naming the point, the model and the strategy if `point` is missing."""
         if point in self.missing:
             raise MissingPointError(
-                f"strategy {policy_name!r} needs the {point.value!r} point, which the "
+                f"strategy {strategy_name!r} needs the {point.value!r} point, which the "
                 f"{self.name!r} adapter does not provide for {type(self.model).__name__}: "
                 f"{self.missing[point]}"
             )

@@ -23,8 +23,8 @@ from tqdm import tqdm
 from cachekit.adapter import Adapter, BlockArgument
 from cachekit.hooks import context_parallel_group
 from cachekit.registry import resolve_adapter
-from cachekit.schemas import CalibrationSpec, TeaCachePreset
-from cachekit.schemas.teacache import Probe
+from cachekit.schemas.calibration import CalibrationSpec
+from cachekit.schemas.teacache import Probe, TeaCachePreset
 from cachekit.signals import mean_abs, reduced_over, relative_l1
 from cachekit.steps import StepTracker
 from cachekit.study.models import StudyModel, load_model

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cachekit.schemas import CalibrationSpec
+    from cachekit.schemas.calibration import CalibrationSpec
 
 DEFAULT_RESULTS = Path("cachekit-results")
 
 
-def _json_policy(text: str) -> dict[str, Any]:
+def _json_strategy(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
@@ -45,7 +45,7 @@ def _main(argv: list[str] | None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="the installed strategies, estimators, adapters, metrics and presets")
 
-    study = commands.add_parser("study", help="compare cache policies").add_subparsers(dest="action", required=True)
+    study = commands.add_parser("study", help="compare cache strategies").add_subparsers(dest="action", required=True)
     run = study.add_parser("run", help="run a study spec (resumes unless --fresh)")
     run.add_argument("spec", help="a .toml/.json study spec, or 'default'")
     run.add_argument("--db", type=Path, help=f"results database (default: {DEFAULT_RESULTS}/<study>.sqlite)")
@@ -74,10 +74,13 @@ def _main(argv: list[str] | None) -> None:
     calibrate.add_argument("spec", type=Path, help="a .toml/.json calibration spec")
     calibrate.add_argument("--out", type=Path, help="the preset file (default: <model>-calibrated.json)")
     calibrate.add_argument("--plot", type=Path, help="the fit's PNG (default: beside the preset)")
-    tune = commands.add_parser("tune", help="search a policy's main knob on the spec's held-out seeds")
+    tune = commands.add_parser("tune", help="search a strategy's main knob on the spec's held-out seeds")
     tune.add_argument("spec", type=Path, help="a .toml/.json calibration spec")
     tune.add_argument(
-        "--policy", required=True, type=_json_policy, help='a policy config as JSON, e.g. \'{"strategy": "uniform"}\''
+        "--strategy",
+        required=True,
+        type=_json_strategy,
+        help='a strategy config as JSON, e.g. \'{"strategy": "uniform"}\'',
     )
     target = tune.add_mutually_exclusive_group(required=True)
     target.add_argument("--ratio", type=float, help="the share of transformer calls to compute")
@@ -85,7 +88,7 @@ def _main(argv: list[str] | None) -> None:
     tune.add_argument(
         "--write",
         action="store_true",
-        help="store the chosen threshold in the policy's calibrated preset file, so TeaCacheConfig(preset=...) uses it",
+        help="store the chosen threshold in the calibrated preset file, so TeaCacheConfig(preset=...) uses it",
     )
     tune.add_argument("--quiet", action="store_true", help="no progress bar")
     calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -114,8 +117,9 @@ def _main(argv: list[str] | None) -> None:
 
 def _list() -> None:
     import cachekit
-    from cachekit.schemas import magcache_presets, teacache_presets
+    from cachekit.schemas.magcache import magcache_presets
     from cachekit.schemas.peers import PEER_CONFIGS
+    from cachekit.schemas.teacache import teacache_presets
 
     print("strategies:", ", ".join(cachekit.list_strategies()))
     print("estimators:", ", ".join(cachekit.list_estimators()))
@@ -157,7 +161,7 @@ def _say(message: str) -> None:
 
 
 def _calibration_spec(path: Path) -> CalibrationSpec:
-    from cachekit.schemas import CalibrationSpec
+    from cachekit.schemas.calibration import CalibrationSpec
     from cachekit.schemas.files import read_table
     from cachekit.study.plan import check_model
 
@@ -175,12 +179,12 @@ def _calibrate(args: argparse.Namespace) -> None:
         return
     preset = write_preset(result, args.out or Path(f"{spec.preset_name()}.json"))
     figure = plot(result, args.plot or preset.with_suffix(".png"))
-    policy = json.dumps({"strategy": "teacache", "preset": str(preset)})
+    strategy = json.dumps({"strategy": "teacache", "preset": str(preset)})
     print(f"coefficients {list(result.fit.coefficients)}")
     print(f"fit: RMSE {result.fit.rmse:.5f}, R2 {result.fit.r2:.3f}, {result.fit.samples} calls")
     print(f"preset: {preset}\nplot: {figure}")
     print(
-        f"next: find its threshold and store it in the preset:\n  cachekit tune {args.spec} --policy '{policy}' "
+        f"next: find its threshold and store it in the preset:\n  cachekit tune {args.spec} --strategy '{strategy}' "
         f"--ratio 0.4 --write\nthen use TeaCacheConfig(preset={str(preset)!r}) (or give rel_l1_thresh yourself)"
     )
 
@@ -190,14 +194,14 @@ def _tune(args: argparse.Namespace) -> None:
     from cachekit.tune import Tuner, check_target, preset_file, write_threshold
 
     spec = _calibration_spec(args.spec)
-    base = args.policy
+    base = args.strategy
     check_target(base, ratio=args.ratio, min_psnr=args.min_psnr)  # before any model loads
     if args.write:
         preset_file(base)
     tuner = Tuner(load_model(spec.model, spec), base, spec.held_out_seeds, spec.conditions(), not args.quiet)
     result = tuner.to_ratio(args.ratio) if args.ratio is not None else tuner.to_psnr(args.min_psnr)
     for trial in result.trials:
-        print(f"  {result.knob}={trial.value:.5g}: computed {trial.computed:.1%}, PSNR {trial.psnr:.2f} dB")
+        print(f"  {result.knob.field}={trial.value:.5g}: computed {trial.computed:.1%}, PSNR {trial.psnr:.2f} dB")
     chosen = result.chosen
     print(
         f"chosen {json.dumps(result.config(base))}: computed {chosen.computed:.1%} "

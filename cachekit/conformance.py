@@ -3,7 +3,7 @@
 estimator.
 
 Each adapter ships a tiny random instance of its model (`Adapter.example()`) and each strategy a
-never-reusing and a reusing config (`CachePolicy.example_configs()`), so a plugin joins the
+never-reusing and a reusing config (`Strategy.example_configs()`), so a plugin joins the
 matrix by being installed. A cell is skipped only for a point or attention kind the adapter
 declares missing, with its declared reason. A plugin author runs it against everything installed
 beside the plugin, without a checkout of cachekit (pytest and the ``pipelines`` extra needed):
@@ -29,7 +29,7 @@ STRATEGIES = sorted(registry.registry().strategies)
 ESTIMATORS = sorted(registry.registry().estimators)
 #: Every strategy with a copy and with a second-order Taylor forecast; every other estimator (a
 #: plugin's included) with a span-level and a module-level strategy.
-POLICIES = [
+PAIRS = [
     *((strategy, estimator) for strategy in STRATEGIES for estimator in ("copy", "taylor")),
     *(
         (strategy, estimator)
@@ -39,10 +39,10 @@ POLICIES = [
     ),
 ]
 ESTIMATOR_CONFIGS = {"taylor": {"kind": "taylor", "order": 2}}
-#: The precisions cells run in: every policy above in float32, and every strategy with a copy in
+#: The precisions cells run in: every strategy above in float32, and every strategy with a copy in
 #: bfloat16, the precision users run (bf16 timesteps, inputs and weights).
 CELLS = [
-    *((strategy, estimator, "float32") for strategy, estimator in POLICIES),
+    *((strategy, estimator, "float32") for strategy, estimator in PAIRS),
     *((strategy, "copy", "bfloat16") for strategy in STRATEGIES),
 ]
 STEPS = 6
@@ -92,12 +92,12 @@ def configs(adapter_name: str, strategy_name: str, estimator: str | None = None)
     """The strategy's example configs for this adapter (with `estimator`, else the strategy's
     own); skips with the declared reason if the adapter lacks a point the strategy needs."""
     adapter = registry.registry().adapters[adapter_name]
-    policy_class = registry.registry().strategies[strategy_name]
-    pair = policy_class.example_configs()
+    strategy_class = registry.registry().strategies[strategy_name]
+    pair = strategy_class.example_configs()
     if pair is None:
         pytest.skip(f"strategy {strategy_name!r} ships no example configs")
     for config in pair:
-        for point in sorted(policy_class(config).required_points()):
+        for point in sorted(strategy_class(config).required_points()):
             if not adapter.provides(point):
                 pytest.skip(f"{adapter_name} has no {point.value!r}: {adapter.missing[point]}")
     update: dict[str, object] = {"num_inference_steps": STEPS}
@@ -135,9 +135,9 @@ def test_reusing_with_cfg_runs_and_counts_match_executions(adapter_name, strateg
     adapter = cachekit.resolve_adapter(model.model)(model.model)
     blocks = adapter.blocks()
     sites = [*adapter.attention_sites(), *adapter.mlp_sites()] if adapter.provides(Point.ATTENTION) else []
-    # Under a span policy a block runs when its attention does (its norm alone may run for the probe).
-    policy = registry.registry().strategies[strategy_name](reuses)
-    spans = Point.SPAN in policy.required_points()
+    # Under a span strategy a block runs when its attention does (its norm alone may run for the probe).
+    strategy = registry.registry().strategies[strategy_name](reuses)
+    spans = Point.SPAN in strategy.required_points()
     attention = {
         block: [site.module for site in adapter.attention_sites() if site.block == i] for i, block in enumerate(blocks)
     }
@@ -166,8 +166,8 @@ def test_reusing_with_cfg_runs_and_counts_match_executions(adapter_name, strateg
     if "span" in totals:
         computed, reused = totals["span"]
         assert computed + reused == calls
-        # the blocks the policy keeps computed run at every call; the others exactly when the span computes
-        first, last = policy.always_computed()
+        # the blocks the strategy keeps computed run at every call; the others exactly when the span computes
+        first, last = strategy.always_computed()
         assert block_runs == [calls] * first + [computed] * (len(blocks) - first - last) + [calls] * last
     else:
         assert block_runs == [calls] * len(blocks)
@@ -265,16 +265,16 @@ def test_reuse_at_a_nearly_identical_call_reproduces_the_computed_output(adapter
     adapter = registry.registry().adapters[adapter_name]
     with torch.no_grad():
         expected = model(model.latents, 499.999)
-    policies = []
+    strategies = []
     if adapter.provides(Point.SPAN):
-        policies.append({"strategy": "uniform", "interval": 2, "num_inference_steps": 4})
+        strategies.append({"strategy": "uniform", "interval": 2, "num_inference_steps": 4})
     if adapter.provides(Point.ATTENTION):
         every = {"range": 2, "window": (0.0, 1000.0)}
         kinds = {kind: every for kind in ("spatial", "temporal", "cross") if kind not in adapter.missing_attention}
-        policies.append({"strategy": "pab", **kinds})
-    assert policies
-    for policy in policies:
-        with cachekit.apply(model.model, policy) as handle, torch.no_grad():
+        strategies.append({"strategy": "pab", **kinds})
+    assert strategies
+    for strategy in strategies:
+        with cachekit.apply(model.model, strategy) as handle, torch.no_grad():
             model(model.latents, 500.0)
             reused = model(model.latents, 499.999)
         assert sum(counts.reused for counts in handle.stats.last.branches[0].sites.values()) > 0

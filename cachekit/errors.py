@@ -18,11 +18,11 @@ class UnsupportedModelError(CachekitError, TypeError):
 
 
 class MissingPointError(CachekitError):
-    """A policy needs a point the model's adapter declares it cannot provide."""
+    """A strategy needs a point the model's adapter declares it cannot provide."""
 
 
 class AlreadyAttachedError(CachekitError, RuntimeError):
-    """A second policy applied to a model that already has one."""
+    """A second strategy applied to a model that already has one."""
 
 
 class HandleRemovedError(CachekitError, RuntimeError):
@@ -33,8 +33,8 @@ class PluginError(CachekitError):
     """A plugin that failed to load or registered something invalid."""
 
 
-class PolicyError(CachekitError, RuntimeError):
-    """A policy decided something the runtime cannot do (e.g. reuse before any compute)."""
+class StrategyError(CachekitError, RuntimeError):
+    """A strategy decided something the runtime cannot do (e.g. reuse before any compute)."""
 
 
 class StepCountError(CachekitError, RuntimeError):
@@ -42,7 +42,7 @@ class StepCountError(CachekitError, RuntimeError):
 
 
 class ConcurrentUseError(CachekitError, RuntimeError):
-    """Two threads driving one transformer with a policy attached at the same time."""
+    """Two threads driving one transformer with a strategy attached at the same time."""
 
 
 class RankDivergenceError(CachekitError, RuntimeError):
@@ -54,4 +54,4 @@ class EstimatorError(CachekitError, RuntimeError):
 
 
 class KeptMemoryError(CachekitError, MemoryError):
-    """What a policy would keep is more than `max_kept_bytes` or the device's free memory."""
+    """What a strategy would keep is more than `max_kept_bytes` or the device's free memory."""

@@ -1,9 +1,9 @@
-"""The Estimator contract: how the value of a skipped call is produced; the policy says when.
+"""The Estimator contract: how the value of a skipped call is produced; the strategy says when.
 
-Wherever a policy may skip work (a segment of the residual span, an attention or MLP module), the
+Wherever a strategy may skip work (a segment of the residual span, an attention or MLP module), the
 runtime keeps per CFG branch one estimator state for each tensor of that site's value: every
 computed value goes in with its step, and a skipped call gets the estimator's value for its step.
-A policy never forecasts, and an estimator never decides.
+A strategy never forecasts, and an estimator never decides.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch
 
 from cachekit.errors import EstimatorError
-from cachekit.policy import Step
 from cachekit.schemas.estimators import EstimatorConfig
+from cachekit.strategy import Step
 
 ConfigT = TypeVar("ConfigT", bound=EstimatorConfig)
 

@@ -11,22 +11,22 @@ from torch import nn
 
 from cachekit.adapter import Adapter
 from cachekit.errors import AlreadyAttachedError, HandleRemovedError
-from cachekit.policy import CachePolicy
 from cachekit.registry import get_estimator, get_strategy, make_config, resolve_adapter
 from cachekit.runtime import Runtime
-from cachekit.schemas import PolicyConfig
+from cachekit.schemas.configs import StrategyConfig
 from cachekit.stats import CacheStats
 from cachekit.steps import StepTracker, watch_scheduler
+from cachekit.strategy import Strategy
 
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, CacheHandle] = weakref.WeakKeyDictionary()
 
 
 class CacheHandle:
-    """A policy attached to a model, or to each transformer of a pipeline. Use as a context
+    """A strategy attached to a model, or to each transformer of a pipeline. Use as a context
     manager, or call `.remove()`.
 
     A pipeline with two experts (Wan 2.2: `transformer` for the noisy steps, `transformer_2` for
-    the rest) gets one policy instance per expert, each with its own state and stats, on one step
+    the rest) gets one strategy instance per expert, each with its own state and stats, on one step
     count: `stats` is the first expert's, `stats_by_component` has both. Stats stay readable after
     removal; everything else then raises.
     """
@@ -39,12 +39,12 @@ class CacheHandle:
 
     @property
     def _runtime(self) -> Runtime:
-        """The first transformer's: the one `policy`, `adapter` and `stats` speak for."""
+        """The first transformer's: the one `strategy`, `adapter` and `stats` speak for."""
         return next(iter(self._runtimes.values()))
 
     @property
-    def policy(self) -> CachePolicy[Any]:
-        return self._runtime.policy
+    def strategy(self) -> Strategy[Any]:
+        return self._runtime.strategy
 
     @property
     def adapter(self) -> Adapter:
@@ -60,7 +60,7 @@ class CacheHandle:
         return {name: runtime.stats for name, runtime in self._runtimes.items()}
 
     def summary(self) -> str:
-        """A readable account of what the policy did, per transformer (`print(handle.stats)` for one)."""
+        """A readable account of what the strategy did, per transformer (`print(handle.stats)` for one)."""
         if len(self._runtimes) == 1:
             return str(self.stats)
         return "\n".join(f"[{name}] {stats}" for name, stats in self.stats_by_component.items())
@@ -71,7 +71,7 @@ class CacheHandle:
         self._runtime.tracker.start()
 
     def remove(self) -> None:
-        """Detach the policy; the model behaves exactly as before `apply`."""
+        """Detach the strategy; the model behaves exactly as before `apply`."""
         self._check()
         for runtime in self._runtimes.values():
             runtime.uninstall()
@@ -97,23 +97,23 @@ class CacheHandle:
 
 
 def apply(
-    target: Any, config: PolicyConfig | Mapping[str, Any] | str | os.PathLike[str], process_group: Any = None
+    target: Any, config: StrategyConfig | Mapping[str, Any] | str | os.PathLike[str], process_group: Any = None
 ) -> CacheHandle:
-    """Attach the policy `config` describes to a diffusers pipeline or its transformer.
+    """Attach the strategy `config` describes to a diffusers pipeline or its transformer.
 
     `config` is a config object (`UniformConfig(interval=2)`), a dict with a ``strategy`` key, a
     JSON/TOML file, or a strategy name for its defaults. `process_group`: the ranks that share each
-    generation (context parallelism not set up through diffusers, e.g. xDiT); the policy's
+    generation (context parallelism not set up through diffusers, e.g. xDiT); the strategy's
     signals are reduced over it so every rank decides alike. Unset: diffusers' context-parallel
     group of the model, if any.
     """
     config = make_config(config)
-    policy_class = get_strategy(config.strategy)
+    strategy_class = get_strategy(config.strategy)
     models, scheduler = _split_target(target)
     for model in models.values():
         if model in _ATTACHED:
             raise AlreadyAttachedError(
-                f"{type(model).__name__} already has a cache policy attached ({_ATTACHED[model]!r}); "
+                f"{type(model).__name__} already has a cache strategy attached ({_ATTACHED[model]!r}); "
                 "remove that handle first"
             )
     tracker = StepTracker(config.num_inference_steps)  # experts share the steps of one generation
@@ -121,10 +121,10 @@ def apply(
     runtimes = {}
     for name, model in models.items():
         adapter = resolve_adapter(model)(model)
-        policy = policy_class(config)
-        runtimes[name] = Runtime(model, adapter, policy, estimator_class(config.estimator), tracker, process_group)
+        strategy = strategy_class(config)
+        runtimes[name] = Runtime(model, adapter, strategy, estimator_class(config.estimator), tracker, process_group)
     # after attach, which may settle defaults from the model (a preset that forces the last step)
-    needs_num_steps = any(runtime.policy.needs_num_steps for runtime in runtimes.values())
+    needs_num_steps = any(runtime.strategy.needs_num_steps for runtime in runtimes.values())
     if needs_num_steps and scheduler is None and config.num_inference_steps is None:
         raise ValueError(
             f"strategy {config.strategy!r} must know the generation's length: apply it to the pipeline, or set "

@@ -14,15 +14,15 @@ if TYPE_CHECKING:
     from cachekit.adapter import Adapter
     from cachekit.estimator import Estimator
     from cachekit.metric import Metric
-    from cachekit.policy import CachePolicy
+    from cachekit.strategy import Strategy
 
 hookspec = pluggy.HookspecMarker("cachekit")
 hookimpl = pluggy.HookimplMarker("cachekit")
 
 
 @hookspec
-def cachekit_register_strategies(register: Callable[[type[CachePolicy]], None]) -> None:
-    """Call ``register(PolicyClass)`` for each strategy this plugin provides."""
+def cachekit_register_strategies(register: Callable[[type[Strategy]], None]) -> None:
+    """Call ``register(StrategyClass)`` for each strategy this plugin provides."""
 
 
 @hookspec

@@ -26,7 +26,7 @@ from torch import nn
 
 from cachekit.adapter import Adapter
 from cachekit.registry import resolve_adapter
-from cachekit.schemas import load_magcache_preset
+from cachekit.schemas.magcache import load_magcache_preset
 from cachekit.schemas.peers import (
     PEER_CONFIGS,
     DiffusersFirstBlockCache,

@@ -4,7 +4,8 @@ Every plugin listed under the entry-point group ``cachekit`` (the built-ins incl
 once, on first use, each in isolation: a plugin that fails to import or to register is reported
 by name and the others still load. An entry point may name a package that implements no hook
 itself: each of its modules is then a plugin, found by the package (the built-ins are four such
-packages: a new built-in strategy is a module in `strategies/`, nothing else). `register_plugin` adds one from code through the same hooks.
+packages: a new built-in strategy is a module in `strategies/`, nothing else). `register_plugin`
+adds one from code through the same hooks.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from cachekit.adapter import Adapter
 from cachekit.errors import PluginError, UnknownEstimatorError, UnknownStrategyError, UnsupportedModelError
 from cachekit.estimator import Estimator
 from cachekit.metric import Metric
-from cachekit.policy import CachePolicy
-from cachekit.schemas import PolicyConfig
+from cachekit.schemas.configs import StrategyConfig
 from cachekit.schemas.estimators import EstimatorConfig, PluginEstimatorConfig
 from cachekit.schemas.files import SUFFIXES, read_table
+from cachekit.strategy import Strategy
 
 ENTRY_POINT_GROUP = "cachekit"
 
@@ -44,7 +45,7 @@ class Registry:
     def __init__(self) -> None:
         self._plugins = pluggy.PluginManager(ENTRY_POINT_GROUP)
         self._plugins.add_hookspecs(hookspecs)
-        self.strategies: dict[str, type[CachePolicy[Any]]] = {}
+        self.strategies: dict[str, type[Strategy[Any]]] = {}
         self.adapters: dict[str, type[Adapter]] = {}
         self.estimators: dict[str, type[Estimator[Any]]] = {}
         self.metrics: dict[str, type[Metric]] = {}
@@ -102,17 +103,17 @@ class Registry:
                 except Exception as exc:
                     self._fail(name, f"{hook_name} raised {exc!r}")
 
-    def _add_strategy(self, plugin: str, policy: type[CachePolicy[Any]]) -> None:
-        if not (isinstance(policy, type) and issubclass(policy, CachePolicy)):
-            raise PluginError(f"registered {policy!r}, which is not a CachePolicy subclass")
-        if not issubclass(getattr(policy, "config_class", object), PolicyConfig):
-            raise PluginError(f"{policy.__name__}.config_class must be a PolicyConfig subclass")
-        if not isinstance(policy.config_class.model_fields["strategy"].default, str):
+    def _add_strategy(self, plugin: str, strategy: type[Strategy[Any]]) -> None:
+        if not (isinstance(strategy, type) and issubclass(strategy, Strategy)):
+            raise PluginError(f"registered {strategy!r}, which is not a Strategy subclass")
+        if not issubclass(getattr(strategy, "config_class", object), StrategyConfig):
+            raise PluginError(f"{strategy.__name__}.config_class must be a StrategyConfig subclass")
+        if not isinstance(strategy.config_class.model_fields["strategy"].default, str):
             raise PluginError(
-                f"{policy.config_class.__name__} must fix its strategy name: strategy: Literal['my_name'] = 'my_name'"
+                f"{strategy.config_class.__name__} must fix its strategy name: strategy: Literal['my_name'] = 'my_name'"
             )
-        self._claim("strategy", policy.name(), plugin)
-        self.strategies[policy.name()] = policy
+        self._claim("strategy", strategy.name(), plugin)
+        self.strategies[strategy.name()] = strategy
 
     def _add_adapter(self, plugin: str, adapter: type[Adapter]) -> None:
         if not (isinstance(adapter, type) and issubclass(adapter, Adapter)):
@@ -195,7 +196,7 @@ def plugin_errors() -> dict[str, str]:
     return dict(registry().errors)
 
 
-def get_strategy(name: str) -> type[CachePolicy[Any]]:
+def get_strategy(name: str) -> type[Strategy[Any]]:
     strategies = registry().strategies
     if name not in strategies:
         raise UnknownStrategyError(
@@ -230,10 +231,10 @@ def resolve_adapter(model: nn.Module) -> type[Adapter]:
     return min(candidates, key=lambda adapter: mro.index(adapter.model_class))
 
 
-def make_config(config: PolicyConfig | Mapping[str, Any] | str | os.PathLike[str]) -> PolicyConfig:
+def make_config(config: StrategyConfig | Mapping[str, Any] | str | os.PathLike[str]) -> StrategyConfig:
     """A validated config from a config object, a dict with a ``strategy`` key, a JSON or TOML
     file, or a bare strategy name (its defaults); its estimator validated against the registry."""
-    if isinstance(config, PolicyConfig):
+    if isinstance(config, StrategyConfig):
         expected = get_strategy(config.strategy).config_class
         if not isinstance(config, expected):
             raise TypeError(f"strategy {config.strategy!r} takes a {expected.__name__}, got {type(config).__name__}")
@@ -245,16 +246,16 @@ def make_config(config: PolicyConfig | Mapping[str, Any] | str | os.PathLike[str
     if isinstance(config, Mapping):
         if "strategy" not in config:
             raise ValueError(
-                f"a policy config needs a 'strategy' key; known strategies: {', '.join(list_strategies())}"
+                f"a strategy config needs a 'strategy' key; known strategies: {', '.join(list_strategies())}"
             )
         return make_config(get_strategy(config["strategy"]).config_class.model_validate(dict(config)))
     raise TypeError(
-        f"a policy config must be a PolicyConfig, a dict with a 'strategy' key, a .json/.toml path "
+        f"a strategy config must be a StrategyConfig, a dict with a 'strategy' key, a .json/.toml path "
         f"or a strategy name, got {type(config).__name__}"
     )
 
 
-def _with_registered_estimator(config: PolicyConfig) -> PolicyConfig:
+def _with_registered_estimator(config: StrategyConfig) -> StrategyConfig:
     """`config` with its estimator validated by the config class its kind registered."""
     estimator = config.estimator
     expected = get_estimator(estimator.kind).config_class
@@ -267,5 +268,5 @@ def _with_registered_estimator(config: PolicyConfig) -> PolicyConfig:
 
 def _read_config_file(path: Path) -> dict[str, Any]:
     if path.suffix not in SUFFIXES:
-        raise ValueError(f"{path}: a policy config file must end in .json or .toml")
+        raise ValueError(f"{path}: a strategy config file must end in .json or .toml")
     return read_table(path)

@@ -1,4 +1,4 @@
-"""The reductions policies compute their signals with, so every policy measures change alike,
+"""The reductions strategies compute their signals with, so every strategy measures change alike,
 alike on every rank, and at the cost of one host sync per decision at most.
 
 A signal may come as one tensor or as several (one per segment of the span); several count as one
@@ -8,7 +8,7 @@ tokens: while a transformer call runs in a context-parallel group, the sums behi
 reduced over that group, so every rank gets the value one process would and makes the same
 decision. Without a group no collective runs.
 
-`mean_abs` and `relative_l1` read their value back to the host (one sync each). A policy that
+`mean_abs` and `relative_l1` read their value back to the host (one sync each). A strategy that
 combines several signals into one decision keeps them on the device (`*_on_device`) and reads the
 combination once with `read`.
 """

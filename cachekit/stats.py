@@ -1,4 +1,4 @@
-"""What a policy did: calls, computed and reused per site kind, per branch, per generation."""
+"""What a strategy did: calls, computed and reused per site kind, per branch, per generation."""
 
 from __future__ import annotations
 
@@ -30,14 +30,14 @@ class BranchStats:
     sites: dict[str, SiteCounts] = field(default_factory=dict)
     #: The span decision of each call in order: True computed, False reused.
     span_schedule: list[bool] = field(default_factory=list)
-    #: Per call, how many attention/MLP module sites computed (for module-level policies).
+    #: Per call, how many attention/MLP module sites computed (for module-level strategies).
     module_schedule: list[int] = field(default_factory=list)
     #: Bytes of tensors the estimator keeps for this branch (residuals, outputs, their history):
     #: now, and the most at any point of the generation.
     kept_bytes: int = 0
     peak_kept_bytes: int = 0
-    #: Bytes of tensors the policy's own state holds (TeaCache's previous probe, FBCache's reference).
-    policy_bytes: int = 0
+    #: Bytes of tensors the strategy's own state holds (TeaCache's previous probe, FBCache's reference).
+    strategy_bytes: int = 0
     #: The name of the pipeline's cache context for this branch ("cond", "uncond"), when it gives one.
     context: str | None = None
 
@@ -57,8 +57,8 @@ class BranchStats:
             lines.append("modules computed per call " + " ".join(str(count) for count in self.module_schedule))
         if self.peak_kept_bytes:
             lines.append(f"kept at most {self.peak_kept_bytes / 2**20:.2f} MiB")
-        if self.policy_bytes:
-            lines.append(f"policy state {self.policy_bytes / 2**20:.2f} MiB")
+        if self.strategy_bytes:
+            lines.append(f"strategy state {self.strategy_bytes / 2**20:.2f} MiB")
         return ", ".join(lines)
 
 
@@ -73,27 +73,27 @@ class GenerationStats:
 
 @dataclass
 class CacheStats:
-    """Everything counted since the policy was applied; `last` is the latest generation."""
+    """Everything counted since the strategy was applied; `last` is the latest generation."""
 
     strategy: str
     adapter: str
     generations: list[GenerationStats] = field(default_factory=list)
-    #: Facts about the attached policy worth reporting (e.g. a preset it picked).
+    #: Facts about the attached strategy worth reporting (e.g. a preset it picked).
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def last(self) -> GenerationStats:
         if not self.generations:
-            raise LookupError("no generation has run under this policy yet")
+            raise LookupError("no generation has run under this strategy yet")
         return self.generations[-1]
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        """What the policy did, as the peers print it: per CFG branch of the latest generation the
+        """What the strategy did, as the peers print it: per CFG branch of the latest generation the
         computed and reused counts per site and the span's schedule (C computed, . reused), and the
-        facts the policy reported (the preset and threshold it took)."""
+        facts the strategy reported (the preset and threshold it took)."""
         lines = [f"{self.strategy} on {self.adapter}"]
         lines += [f"  {key}: {value}" for key, value in self.info.items()]
         if not self.generations:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from cachekit.errors import StepCountError
-from cachekit.policy import Step
+from cachekit.strategy import Step
 
 #: How far a call's timestep may sit from the schedule's and still be on its scale (bf16 keeps 8 bits).
 SCALE_TOLERANCE = 1e-2
@@ -174,8 +174,8 @@ class StepTracker:
         if branch >= MOST_BRANCHES:
             raise StepCountError(
                 f"the transformer was called {branch + 1} times in step {index} without the pipeline's scheduler "
-                "stepping: a loop that does not step the scheduler of the pipeline the policy was applied to drives "
-                "it. Apply the policy to the transformer itself (steps then come from its timesteps), or run it "
+                "stepping: a loop that does not step the scheduler of the pipeline the strategy was applied to drives "
+                "it. Apply the strategy to the transformer itself (steps then come from its timesteps), or run it "
                 "through that pipeline"
             )
         return index, branch, False, None
@@ -199,7 +199,7 @@ class StepTracker:
                 raise StepCountError(
                     f"the transformer was called for step {self._index + 2} (timestep {timestep:g}) of a generation "
                     f"of {self.num_steps} steps: a pipeline whose scheduler cachekit does not watch drives it (a "
-                    "transformer shared by two pipelines? apply the policy to the pipeline that runs it), the loop "
+                    "transformer shared by two pipelines? apply the strategy to the pipeline that runs it), the loop "
                     "runs more steps than num_inference_steps says, or a new generation started lower than the "
                     "last one ended (call handle.reset() between generations)"
                 )
@@ -216,7 +216,7 @@ class StepTracker:
         self._warned = True
         warnings.warn(
             f"steps {index - 1} and {index} were called at the same timestep ({timestep:g}), as bf16 timesteps "
-            "round: cachekit counts them as consecutive steps of one generation. Apply the policy to the pipeline "
+            "round: cachekit counts them as consecutive steps of one generation. Apply the strategy to the pipeline "
             "(its scheduler gives the steps) to make that certain",
             UserWarning,
             stacklevel=5,

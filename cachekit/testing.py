@@ -2,7 +2,7 @@
 
 For tests of cachekit and of plugins: real diffusers classes, so every hook and call path is the
 one a full-size model takes. The pipelines need `transformers` (the ``pipelines`` extra). Random
-weights have no denoising dynamics: use them to test plumbing, never to rank policies. Also two
+weights have no denoising dynamics: use them to test plumbing, never to rank strategies. Also two
 ways of looking at a model from the outside, independently of cachekit: `module_state` and
 `RunCounter`.
 """
@@ -354,7 +354,7 @@ def _masks(tensor: Any, index: Any, *_: Any) -> bool:
 @contextlib.contextmanager
 def meta_reads() -> Iterator[None]:
     """Host reads of meta tensors (which hold no values) answer zeros, so a model on the meta
-    device (full-size shapes, no memory) runs under a policy whose signals read one value."""
+    device (full-size shapes, no memory) runs under a strategy whose signals read one value."""
     originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__float__", "__bool__")}
 
     def reader(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""Tune a policy's main knob to a target: a share of computed transformer calls, or a PSNR floor
+"""Tune a strategy's main knob to a target: a share of computed transformer calls, or a PSNR floor
 against the uncached output, measured on held-out seeds."""
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import torch
 from tqdm import tqdm
 
 import cachekit
+from cachekit.counting import WorkCounter
 from cachekit.metrics.fidelity import psnr
-from cachekit.schemas import TeaCachePreset
+from cachekit.registry import get_strategy, list_strategies, resolve_adapter
 from cachekit.schemas.files import read_table
+from cachekit.schemas.teacache import TeaCachePreset
+from cachekit.strategy import Knob
 from cachekit.study.models import StudyModel
 
-#: The knob searched per strategy; larger values reuse more.
-KNOBS = {"teacache": "rel_l1_thresh", "uniform": "interval"}
 BISECTIONS = 14
 
 
@@ -32,10 +33,19 @@ class Trial:
     psnr: float  # mean over the held-out generations
 
 
+def knob_of(base: dict[str, Any]) -> Knob:
+    """The knob the strategy of `base` declares; a strategy without one is refused by name."""
+    name = base.get("strategy")
+    knob = get_strategy(name).knob if isinstance(name, str) else None
+    if knob is None:
+        tunable = [strategy for strategy in list_strategies() if get_strategy(strategy).knob is not None]
+        raise ValueError(f"strategy {name!r} declares no knob to tune; strategies with one: {', '.join(tunable)}")
+    return knob
+
+
 def check_target(base: dict[str, Any], ratio: float | None = None, min_psnr: float | None = None) -> None:
     """Refuse a strategy without a knob or a target outside its range, before anything runs."""
-    if base.get("strategy") not in KNOBS:
-        raise ValueError(f"tune knows the knobs of {', '.join(KNOBS)}; got strategy {base.get('strategy')!r}")
+    knob_of(base)
     if ratio is not None and not 0 < ratio <= 1:
         raise ValueError(f"the computed-call ratio must be in (0, 1], got {ratio}")
     if min_psnr is not None and not min_psnr > 0:
@@ -44,19 +54,19 @@ def check_target(base: dict[str, Any], ratio: float | None = None, min_psnr: flo
 
 @dataclass
 class TuneResult:
-    knob: str
+    knob: Knob
     chosen: Trial
     trials: list[Trial] = field(default_factory=list)
     met: bool = True  # whether the chosen setting meets the target
     missed: str = ""  # by how much, where it does not
 
     def config(self, base: dict[str, Any]) -> dict[str, Any]:
-        value = int(self.chosen.value) if self.knob == "interval" else self.chosen.value
-        return {**base, self.knob: value}
+        value = int(self.chosen.value) if self.knob.integer else self.chosen.value
+        return {**base, self.knob.field: value}
 
 
 class Tuner:
-    """Measures settings of one policy on fixed held-out (seed, condition) pairs; `progress`: a bar
+    """Measures settings of one strategy on fixed held-out (seed, condition) pairs; `progress`: a bar
     over every generation of the search (the references, then each trial's), with its ETA."""
 
     def __init__(
@@ -65,9 +75,9 @@ class Tuner:
         check_target(base)
         self.model = model
         self.base = base
-        self.knob = KNOBS[base["strategy"]]
+        self.knob = knob_of(base)
         self.pairs = [(seed, condition) for seed in seeds for condition in conditions]
-        trials = model.spec.steps if self.knob == "interval" else BISECTIONS
+        trials = model.spec.steps if self.knob.integer else BISECTIONS
         self.bar = tqdm(total=len(self.pairs) * (1 + trials), desc="tuning", unit="generation", disable=not progress)
         self.references = {pair: self._generate(pair) for pair in self.pairs}
 
@@ -77,18 +87,24 @@ class Tuner:
         return output
 
     def measure(self, value: float) -> Trial:
-        config = {**self.base, self.knob: int(value) if self.knob == "interval" else value}
-        outputs, computed, calls, steps = [], 0, 0, []
-        self.bar.set_postfix_str(f"{self.knob}={value:.4g}")
-        with cachekit.apply(self.model.target, config) as handle:
-            for pair in self.pairs:
-                outputs.append(self._generate(pair))
-                for branch in handle.stats.last.branches.values():
-                    computed += branch.sites["span"].computed
-                    calls += branch.calls
-                    steps.append(branch.sites["span"].computed)
+        """The knob at `value`: the share of block executions (counted from the outside, as
+        studies count them, whatever the strategy's level) and the PSNR over the held-out pairs."""
+        config = {**self.base, self.knob.field: int(value) if self.knob.integer else value}
+        outputs, shares, steps = [], [], []
+        self.bar.set_postfix_str(f"{self.knob.field}={value:.4g}")
+        transformer = self.model.transformer
+        counter = WorkCounter(transformer, resolve_adapter(transformer)(transformer))
+        try:
+            with cachekit.apply(self.model.target, config):
+                for pair in self.pairs:
+                    counter.reset()
+                    outputs.append(self._generate(pair))
+                    shares.append(counter.work.block_share)
+                    steps.append(counter.work.block_share * self.model.spec.steps)
+        finally:
+            counter.close()
         references = torch.cat([self.references[pair] for pair in self.pairs])
-        return Trial(value, computed / calls, statistics.fmean(steps), psnr(torch.cat(outputs), references))
+        return Trial(value, statistics.fmean(shares), statistics.fmean(steps), psnr(torch.cat(outputs), references))
 
     def to_ratio(self, target: float, tolerance: float = 0.05) -> TuneResult:
         """The setting whose computed-call share is closest to `target` (0-1]; not met when even
@@ -120,28 +136,30 @@ class Tuner:
 
     def _search(self, reuse_more: Callable[[Trial], bool], best: Callable[[list[Trial]], Trial]) -> TuneResult:
         trials: list[Trial] = []
-        if self.knob == "interval":  # intervals 1, 2, ... until reusing more is not wanted
+        knob = self.knob
+        if knob.integer:  # intervals 1, 2, ... until reusing more is not wanted
             for interval in range(1, self.model.spec.steps + 1):
                 trials.append(self.measure(interval))
                 if not reuse_more(trials[-1]):
                     break
             self.bar.total = self.bar.n  # the search ended before the last interval
-        else:  # thresholds: bisection on a log scale, larger reuses more
-            low, high = math.log(1e-4), math.log(10.0)
+        else:  # thresholds: bisection on a log scale
+            low, high = math.log(knob.low), math.log(knob.high)
             for _ in range(BISECTIONS):
                 middle = (low + high) / 2
                 trials.append(self.measure(math.exp(middle)))
-                low, high = (middle, high) if reuse_more(trials[-1]) else (low, middle)
+                further = reuse_more(trials[-1]) == (knob.reuses_more == "higher")
+                low, high = (middle, high) if further else (low, middle)
         self.bar.close()
         return TuneResult(self.knob, best(trials), trials)
 
 
 def preset_file(base: dict[str, Any]) -> Path:
-    """The calibrated preset file a TeaCache policy reads, where `--write` stores the threshold."""
+    """The calibrated preset file a TeaCache strategy reads, where `--write` stores the threshold."""
     preset = base.get("preset")
     if base.get("strategy") != "teacache" or not isinstance(preset, str) or not preset.endswith(".json"):
         raise ValueError(
-            "--write stores the tuned threshold in the policy's preset file: give a TeaCache policy whose preset is "
+            "--write stores the tuned threshold in the strategy's preset file: give a TeaCache config whose preset is "
             'a calibrated .json file, e.g. \'{"strategy": "teacache", "preset": "my-model.json"}\''
         )
     if not Path(preset).is_file():
@@ -150,7 +168,7 @@ def preset_file(base: dict[str, Any]) -> Path:
 
 
 def write_threshold(base: dict[str, Any], result: TuneResult, target: str) -> Path:
-    """Store the chosen threshold in the policy's preset file as its first, so
+    """Store the chosen threshold in the strategy's preset file as its first, so
     `TeaCacheConfig(preset=...)` takes it; the preset's notes say what it was tuned to."""
     path = preset_file(base)
     preset = TeaCachePreset.model_validate(read_table(path))

@@ -10,8 +10,8 @@ import torch
 
 from cachekit.estimator import Estimator
 from cachekit.hookspecs import hookimpl
-from cachekit.policy import Step
 from cachekit.schemas.estimators import CopyConfig
+from cachekit.strategy import Step
 
 
 @dataclass

@@ -20,8 +20,8 @@ import torch
 
 from cachekit.estimator import Estimator
 from cachekit.hookspecs import hookimpl
-from cachekit.policy import Step
 from cachekit.schemas.estimators import FoCaConfig
+from cachekit.strategy import Step
 
 #: Beyond this many steps from the last computed one, the corrected step is damped.
 DAMPING_AFTER = 3

@@ -1,4 +1,4 @@
-"""Attach each built-in cache policy to a diffusers pipeline, generate, and read what it did.
+"""Attach each built-in cache strategy to a diffusers pipeline, generate, and read what it did.
 
 Runs offline on a tiny Flux pipeline with random weights: the numbers show the plumbing
 (what was computed and reused, wall time), not image quality.
@@ -22,7 +22,7 @@ print(f"strategies: {cachekit.list_strategies()}  estimators: {cachekit.list_est
 print(f"adapters: {cachekit.list_adapters()}")
 print(f"uncached: {time.perf_counter() - start:.3f} s for {STEPS} steps with true CFG")
 
-policies = [
+strategies = [
     UniformConfig(interval=3),
     TeaCacheConfig(preset="flux-dev", rel_l1_thresh=0.4),
     # when: TeaCache's rule; how: a second-order Taylor forecast of the skipped residual
@@ -30,7 +30,7 @@ policies = [
     FBCacheConfig(threshold=0.2),
     PABConfig(),
 ]
-for config in policies:
+for config in strategies:
     with cachekit.apply(pipe, config) as handle:
         start = time.perf_counter()
         cached = run_flux(pipe, steps=STEPS)
@@ -38,5 +38,5 @@ for config in policies:
     print(f"\n{config!r}\n  {seconds:.3f} s, max |cached - uncached| = {(cached - reference).abs().max().item():.4f}")
     print(handle.stats)  # per CFG branch: computed and reused per site, the schedule, the preset taken
 
-assert torch.equal(run_flux(pipe, steps=STEPS), reference), "removing a policy must restore the pipeline"
+assert torch.equal(run_flux(pipe, steps=STEPS), reference), "removing a strategy must restore the pipeline"
 print("\nafter removal: output identical to the uncached pipeline")

@@ -1,54 +1,45 @@
-"""Pure-data models of cachekit (no torch): policy configs and presets."""
+"""Pure-data models of cachekit (no torch): strategy and estimator configs, presets, specs.
 
-from cachekit.schemas.adapter import AdapterSpec
-from cachekit.schemas.calibration import CalibrationSpec
-from cachekit.schemas.configs import PolicyConfig, UniformConfig
-from cachekit.schemas.easycache import EasyCacheConfig
-from cachekit.schemas.estimators import CopyConfig, EstimatorConfig, FoCaConfig, TaylorConfig
-from cachekit.schemas.fbcache import FBCacheConfig
-from cachekit.schemas.magcache import MagCacheConfig, MagCachePreset, load_magcache_preset, magcache_presets
-from cachekit.schemas.pab import (
-    PAB_DEFAULTS,
-    PAB_FALLBACK,
-    PAB_GATED,
-    PAB_MLP_DEFAULTS,
-    Broadcast,
-    MLPBroadcast,
-    MLPBroadcastAt,
-    PABConfig,
-)
-from cachekit.schemas.seacache import SeaCacheConfig
-from cachekit.schemas.taylorseer import TaylorSeerConfig
-from cachekit.schemas.teacache import TeaCacheConfig, TeaCachePreset, load_preset, presets_for, teacache_presets
+Every module's public names are exported here (its `__all__`, else the classes and functions it
+defines), found on first use: a new strategy's config is one module in this folder, nothing else.
 
-__all__ = [
-    "PAB_DEFAULTS",
-    "PAB_FALLBACK",
-    "PAB_GATED",
-    "PAB_MLP_DEFAULTS",
-    "AdapterSpec",
-    "Broadcast",
-    "CalibrationSpec",
-    "CopyConfig",
-    "EasyCacheConfig",
-    "EstimatorConfig",
-    "FBCacheConfig",
-    "FoCaConfig",
-    "MLPBroadcast",
-    "MLPBroadcastAt",
-    "MagCacheConfig",
-    "MagCachePreset",
-    "PABConfig",
-    "PolicyConfig",
-    "SeaCacheConfig",
-    "TaylorConfig",
-    "TaylorSeerConfig",
-    "TeaCacheConfig",
-    "TeaCachePreset",
-    "UniformConfig",
-    "load_magcache_preset",
-    "load_preset",
-    "magcache_presets",
-    "presets_for",
-    "teacache_presets",
-]
+    from cachekit.schemas import UniformConfig, TeaCacheConfig
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from typing import Any
+
+
+def _exports() -> dict[str, Any]:
+    """Name -> object, over every module of the package."""
+    found: dict[str, Any] = {}
+    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        names = getattr(module, "__all__", None) or [
+            name
+            for name, value in vars(module).items()
+            if not name.startswith("_")
+            and (inspect.isclass(value) or callable(value))
+            and getattr(value, "__module__", None) == module.__name__
+        ]
+        for name in names:
+            if name in found and found[name] is not getattr(module, name):
+                raise ImportError(f"cachekit.schemas: {name!r} is defined in two modules; rename one")
+            found[name] = getattr(module, name)
+    return found
+
+
+def __getattr__(name: str) -> Any:
+    exports = _exports()
+    if name not in exports:
+        raise AttributeError(f"module 'cachekit.schemas' has no attribute {name!r}")
+    globals().update(exports)
+    return exports[name]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_exports()})

@@ -1,7 +1,7 @@
-"""Policy configs: what a user writes to choose and tune a cache policy.
+"""Strategy configs: what a user writes to choose and tune a cache strategy.
 
 Pure data (no torch), so a config file can be validated anywhere. Every strategy, built-in or
-plugin, brings a subclass of `PolicyConfig` whose `strategy` field is a fixed literal naming it.
+plugin, brings a subclass of `StrategyConfig` whose `strategy` field is a fixed literal naming it.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from cachekit.schemas.estimators import CopyConfig, EstimatorConfig, parse_estim
 Estimator = Annotated[SerializeAsAny[EstimatorConfig], BeforeValidator(parse_estimator)]
 
 
-class PolicyConfig(BaseModel):
-    """Fields every policy shares. Unknown fields are rejected, values are immutable."""
+class StrategyConfig(BaseModel):
+    """Fields every strategy shares. Unknown fields are rejected, values are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -26,7 +26,7 @@ class PolicyConfig(BaseModel):
         default=None,
         ge=1,
         description=(
-            "Steps in one generation. Needed only on a bare transformer by policies that must "
+            "Steps in one generation. Needed only on a bare transformer by strategies that must "
             "know the last step; on a pipeline it is read from the scheduler."
         ),
     )
@@ -38,7 +38,7 @@ class PolicyConfig(BaseModel):
     max_kept_bytes: int | None = Field(
         default=None,
         ge=0,
-        description="The most the policy may keep (cached values and their history, over every CFG branch). "
+        description="The most the strategy may keep (cached values and their history, over every CFG branch). "
         "Checked from the first computed call, before the device runs out; on CUDA the device's free memory "
         "is checked too.",
     )
@@ -49,7 +49,7 @@ class PolicyConfig(BaseModel):
         return str(cls.model_fields["strategy"].default)
 
 
-class UniformConfig(PolicyConfig):
+class UniformConfig(StrategyConfig):
     """Compute every `interval`-th step, the first `warmup` steps and the last step; reuse the
     residual of the last computed step in between."""
 

@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field
 
-from cachekit.schemas.configs import PolicyConfig
+from cachekit.schemas.configs import StrategyConfig
 
 
-class EasyCacheConfig(PolicyConfig):
+class EasyCacheConfig(StrategyConfig):
     """EasyCache (arXiv 2507.02860): the model's output changes in proportion to its input, at a
     rate k measured between the last two computed steps; the block stack is skipped while the
     accumulated predicted change of the output, k * |x_t - x_t-1| / |v|, stays below `threshold`.

@@ -1,6 +1,6 @@
-"""Estimator configs: how a policy's skipped values are produced (copy, Taylor forecast, FoCa).
+"""Estimator configs: how a strategy's skipped values are produced (copy, Taylor forecast, FoCa).
 
-Every policy config has an ``estimator`` field. A built-in kind is validated here; a kind a plugin
+Every strategy config has an ``estimator`` field. A built-in kind is validated here; a kind a plugin
 registers is kept as given and validated by cachekit when the config is made, against the config
 class the plugin registered.
 
@@ -59,7 +59,7 @@ class FoCaConfig(EstimatorConfig):
 
 
 class PluginEstimatorConfig(EstimatorConfig):
-    """An estimator kind no built-in config knows: a plugin's, checked when the policy is made."""
+    """An estimator kind no built-in config knows: a plugin's, checked when the strategy is made."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 

@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field
 
-from cachekit.schemas.configs import PolicyConfig
+from cachekit.schemas.configs import StrategyConfig
 
 
-class FBCacheConfig(PolicyConfig):
+class FBCacheConfig(StrategyConfig):
     """Always run the first `first_blocks` (Fn) and the last `last_blocks` (Bn) blocks; skip the
     blocks between while the first blocks' residual has changed by at most `threshold` (relative
     L1) since the last call that computed them (First-Block Cache at Fn = 1, Bn = 0; DBCache).

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cachekit.schemas.configs import PolicyConfig
+from cachekit.schemas.configs import StrategyConfig
 from cachekit.schemas.files import SUFFIXES, parse_table, read_table
 
 Ratios = Annotated[tuple[Annotated[float, Field(gt=0)], ...], Field(min_length=2)]
@@ -64,7 +64,7 @@ def load_magcache_preset(reference: str) -> MagCachePreset:
     )
 
 
-class MagCacheConfig(PolicyConfig):
+class MagCacheConfig(StrategyConfig):
     """MagCache (arXiv 2506.09045): skip the block stack while the error accumulated from the
     product of per-step magnitude ratios stays within `threshold`, at most `max_skip_steps` in a
     row, never in the first `retention_ratio` of the steps; the ratios are measured once per model

@@ -7,7 +7,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from cachekit.schemas.configs import PolicyConfig
+from cachekit.schemas.configs import StrategyConfig
+
+__all__ = [
+    "PAB_DEFAULTS",
+    "PAB_FALLBACK",
+    "PAB_GATED",
+    "PAB_MLP_DEFAULTS",
+    "Broadcast",
+    "MLPBroadcast",
+    "MLPBroadcastAt",
+    "PABConfig",
+]
 
 
 class Broadcast(BaseModel):
@@ -77,7 +88,7 @@ def _mlp_kind(value: Any) -> str | None:
     return "MLPBroadcast" if isinstance(value, (dict, MLPBroadcast)) else None
 
 
-class PABConfig(PolicyConfig):
+class PABConfig(StrategyConfig):
     """Pyramid Attention Broadcast (arXiv 2408.12588): per attention kind, reuse each attention
     module's output between recomputations, inside a timestep window; each CFG branch keeps its
     own outputs. Kinds left unset take the model family's published default."""

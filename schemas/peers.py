@@ -1,11 +1,11 @@
-"""diffusers' own caching methods as study policies: the baselines cachekit's methods are compared with.
+"""diffusers' own caching methods as study strategies: the baselines cachekit's methods are compared with.
 
 Each config mirrors the fields of the diffusers config it stands for (diffusers 0.42.1), under a
 ``strategy`` named ``diffusers.<method>``; cachekit runs it through diffusers' hooks, giving them
 the cache context (branch, step, sigma) they need from the model's own calls, so a study puts them
 beside cachekit's methods on the same cells.
 
-    [[policies]]
+    [[strategies]]
     strategy = "diffusers.first_block_cache"
     sweep.threshold = [0.05, 0.1]
 """

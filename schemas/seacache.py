@@ -6,11 +6,11 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field
 
-from cachekit.schemas.configs import Estimator, PolicyConfig
+from cachekit.schemas.configs import Estimator, StrategyConfig
 from cachekit.schemas.estimators import TaylorConfig
 
 
-class SeaCacheConfig(PolicyConfig):
+class SeaCacheConfig(StrategyConfig):
     """SeaCache (arXiv 2602.18993): the noisy latent, filtered towards its clean content by a
     spectral prior (power law of exponent `power_exp`, weighed against the noise level), is
     compared with the previous step's; the block stack is skipped while the accumulated relative

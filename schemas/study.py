@@ -1,13 +1,13 @@
-"""Study specs: a grid of (model, policy setting, seed, prompt) cells compared under one protocol.
+"""Study specs: a grid of (model, strategy setting, seed, prompt) cells compared under one protocol.
 
-A policy entry is a config dict (with its ``strategy``) plus an optional ``sweep`` table whose
+A strategy entry is a config dict (with its ``strategy``) plus an optional ``sweep`` table whose
 lists expand into one setting per combination; the uncached reference is always part of a study.
 
     models = ["flux-digits"]
     labels = [3, 7]
     seeds = [0, 1]
 
-    [[policies]]
+    [[strategies]]
     strategy = "teacache"
     coefficients = [1.0, 0.0]
     sweep.rel_l1_thresh = [0.05, 0.1, 0.2]
@@ -22,8 +22,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
-class PolicyEntry(BaseModel):
-    """One policy of a study (a cachekit strategy, or a diffusers method as ``diffusers.<name>``),
+class StrategyEntry(BaseModel):
+    """One strategy of a study (a cachekit strategy, or a diffusers method as ``diffusers.<name>``),
     with the fields it sweeps; `name` names the method in reports (default: the strategy, and
     the estimator where it is not the strategy's own)."""
 
@@ -44,7 +44,7 @@ class PolicyEntry(BaseModel):
         return sweep
 
     @model_validator(mode="after")
-    def _swept_fields_are_not_also_fixed(self) -> PolicyEntry:
+    def _swept_fields_are_not_also_fixed(self) -> StrategyEntry:
         repeated = sorted(set(self.sweep) & {"strategy", *self.fixed()})
         if repeated:
             raise ValueError(f"fields {repeated} are both swept and set directly")
@@ -167,13 +167,13 @@ MetricEntry = str | dict[str, Any]
 
 
 class StudySpec(Generation):
-    """What to compare and how: every model x policy setting x seed x prompt (or label)."""
+    """What to compare and how: every model x strategy setting x seed x prompt (or label)."""
 
     name: str = Field(default="study", min_length=1)
     models: list[ModelEntry] = Field(
         min_length=1, description="Testbed names, diffusers pipeline ids or folders; or tables with per-model settings."
     )
-    policies: list[PolicyEntry] = Field(min_length=1)
+    strategies: list[StrategyEntry] = Field(min_length=1)
     repeats: int = Field(default=3, ge=1, le=100, description="Timed generations per cell (median reported).")
     warmup: int = Field(default=1, ge=0, le=10, description="Untimed generations before timing.")
     metrics: list[MetricEntry] | None = Field(

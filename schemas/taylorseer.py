@@ -6,11 +6,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from cachekit.schemas.configs import Estimator, PolicyConfig
+from cachekit.schemas.configs import Estimator, StrategyConfig
 from cachekit.schemas.estimators import TaylorConfig
 
 
-class TaylorSeerConfig(PolicyConfig):
+class TaylorSeerConfig(StrategyConfig):
     """TaylorSeer (arXiv 2503.06923): compute the first `warmup_steps` steps, then every
     `interval`-th step after the first forecast one (steps warmup + 1, warmup + 1 + interval, ...),
     and every step from `cooldown_from` on; forecast the rest. `level` says what is forecast: the

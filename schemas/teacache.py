@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cachekit.schemas.configs import PolicyConfig
+from cachekit.schemas.configs import StrategyConfig
 from cachekit.schemas.files import SUFFIXES, parse_table, read_table
 
 #: The signal TeaCache measures: block 0's modulated input, the timestep embedding the blocks get,
@@ -96,7 +96,7 @@ def presets_for(adapter: str, config: Mapping[str, Any]) -> list[TeaCachePreset]
     return [preset for preset in teacache_presets().values() if preset.auto and preset.fits(adapter, config)]
 
 
-class TeaCacheConfig(PolicyConfig):
+class TeaCacheConfig(StrategyConfig):
     """Skip the block stack while the accumulated, rescaled change of the probe stays below
     `rel_l1_thresh`; re-apply the last computed residual instead (TeaCache, arXiv 2411.19108).
 

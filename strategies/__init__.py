@@ -1,1 +1,1 @@
-"""Built-in cache policies, one module each, each registered as a ``cachekit`` plugin."""
+"""Built-in cache strategies, one module each, each registered as a ``cachekit`` plugin."""

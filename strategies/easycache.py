@@ -18,9 +18,9 @@ import torch
 
 from cachekit.adapter import Point
 from cachekit.hookspecs import hookimpl
-from cachekit.policy import CachePolicy, ExampleConfigs, Signals, Step
-from cachekit.schemas import EasyCacheConfig
+from cachekit.schemas.easycache import EasyCacheConfig
 from cachekit.signals import mean_abs_on_device, read
+from cachekit.strategy import ExampleConfigs, Knob, Signals, Step, Strategy
 
 #: Keeps the ratios finite when a latent or an output does not change at all.
 TINY = 1e-12
@@ -37,8 +37,9 @@ class _BranchState:
     accumulated: torch.Tensor | float = 0.0
 
 
-class EasyCachePolicy(CachePolicy[EasyCacheConfig]):
+class EasyStrategy(Strategy[EasyCacheConfig]):
     config_class = EasyCacheConfig
+    knob = Knob("threshold")
     rank_consistent = True  # decides from the step and cachekit.signals alone
     requires = frozenset({Point.STEP, Point.SPAN, Point.LATENT, Point.OUTPUT})
 
@@ -86,5 +87,5 @@ class EasyCachePolicy(CachePolicy[EasyCacheConfig]):
 
 
 @hookimpl
-def cachekit_register_strategies(register: Callable[[type[CachePolicy[Any]]], None]) -> None:
-    register(EasyCachePolicy)
+def cachekit_register_strategies(register: Callable[[type[Strategy[Any]]], None]) -> None:
+    register(EasyStrategy)

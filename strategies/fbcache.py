@@ -19,9 +19,9 @@ import torch
 
 from cachekit.adapter import Point
 from cachekit.hookspecs import hookimpl
-from cachekit.policy import CachePolicy, ExampleConfigs, Signals, Step
-from cachekit.schemas import FBCacheConfig
+from cachekit.schemas.fbcache import FBCacheConfig
 from cachekit.signals import relative_l1
+from cachekit.strategy import ExampleConfigs, Knob, Signals, Step, Strategy
 
 
 @dataclass
@@ -31,8 +31,9 @@ class _BranchState:
     consecutive: int = 0
 
 
-class FBCachePolicy(CachePolicy[FBCacheConfig]):
+class FBStrategy(Strategy[FBCacheConfig]):
     config_class = FBCacheConfig
+    knob = Knob("threshold")
     rank_consistent = True  # decides from the step and cachekit.signals alone
     requires = frozenset({Point.STEP, Point.SPAN})
 
@@ -74,5 +75,5 @@ class FBCachePolicy(CachePolicy[FBCacheConfig]):
 
 
 @hookimpl
-def cachekit_register_strategies(register: Callable[[type[CachePolicy[Any]]], None]) -> None:
-    register(FBCachePolicy)
+def cachekit_register_strategies(register: Callable[[type[Strategy[Any]]], None]) -> None:
+    register(FBStrategy)

@@ -16,8 +16,8 @@ from typing import Any
 
 from cachekit.adapter import Adapter, Point
 from cachekit.hookspecs import hookimpl
-from cachekit.policy import CachePolicy, ExampleConfigs, Signals, Step
-from cachekit.schemas import MagCacheConfig, MagCachePreset, load_magcache_preset, magcache_presets
+from cachekit.schemas.magcache import MagCacheConfig, MagCachePreset, load_magcache_preset, magcache_presets
+from cachekit.strategy import ExampleConfigs, Knob, Signals, Step, Strategy
 
 
 @dataclass
@@ -36,8 +36,9 @@ def resample(ratios: tuple[float, ...], steps: int) -> tuple[float, ...]:
     return tuple(ratios[round(index * scale)] for index in range(steps))
 
 
-class MagCachePolicy(CachePolicy[MagCacheConfig]):
+class MagStrategy(Strategy[MagCacheConfig]):
     config_class = MagCacheConfig
+    knob = Knob("threshold")
     rank_consistent = True  # decides from the step and cachekit.signals alone
     requires = frozenset({Point.STEP, Point.SPAN})
     needs_num_steps = True
@@ -114,5 +115,5 @@ class MagCachePolicy(CachePolicy[MagCacheConfig]):
 
 
 @hookimpl
-def cachekit_register_strategies(register: Callable[[type[CachePolicy[Any]]], None]) -> None:
-    register(MagCachePolicy)
+def cachekit_register_strategies(register: Callable[[type[Strategy[Any]]], None]) -> None:
+    register(MagStrategy)

@@ -13,8 +13,7 @@ from typing import Any
 
 from cachekit.adapter import Adapter, ModuleSite, Point, SiteKind
 from cachekit.hookspecs import hookimpl
-from cachekit.policy import CachePolicy, ExampleConfigs, Step
-from cachekit.schemas import (
+from cachekit.schemas.pab import (
     PAB_DEFAULTS,
     PAB_FALLBACK,
     PAB_GATED,
@@ -24,12 +23,13 @@ from cachekit.schemas import (
     MLPBroadcastAt,
     PABConfig,
 )
+from cachekit.strategy import ExampleConfigs, Step, Strategy
 
 #: Key of a branch's state once a listed MLP timestep was reached in the generation.
 LISTED_TIMESTEP_SEEN = "listed timestep seen"
 
 
-class PABPolicy(CachePolicy[PABConfig]):
+class PABStrategy(Strategy[PABConfig]):
     config_class = PABConfig
     rank_consistent = True  # decides from the step and cachekit.signals alone
 
@@ -143,5 +143,5 @@ class PABPolicy(CachePolicy[PABConfig]):
 
 
 @hookimpl
-def cachekit_register_strategies(register: Callable[[type[CachePolicy[Any]]], None]) -> None:
-    register(PABPolicy)
+def cachekit_register_strategies(register: Callable[[type[Strategy[Any]]], None]) -> None:
+    register(PABStrategy)

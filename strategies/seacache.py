@@ -19,9 +19,9 @@ import torch
 
 from cachekit.adapter import Point
 from cachekit.hookspecs import hookimpl
-from cachekit.policy import CachePolicy, ExampleConfigs, Signals, Step
-from cachekit.schemas import SeaCacheConfig
+from cachekit.schemas.seacache import SeaCacheConfig
 from cachekit.signals import read, relative_l1_on_device
+from cachekit.strategy import ExampleConfigs, Knob, Signals, Step, Strategy
 
 #: Keeps the divisions of the filter and the distance finite.
 EPS = 1e-16
@@ -53,8 +53,9 @@ class _BranchState:
     consecutive: int = 0
 
 
-class SeaCachePolicy(CachePolicy[SeaCacheConfig]):
+class SeaStrategy(Strategy[SeaCacheConfig]):
     config_class = SeaCacheConfig
+    knob = Knob("threshold")
     rank_consistent = True  # decides from the step and cachekit.signals alone
     requires = frozenset({Point.STEP, Point.SPAN, Point.LATENT})
     needs_num_steps = True
@@ -96,5 +97,5 @@ class SeaCachePolicy(CachePolicy[SeaCacheConfig]):
 
 
 @hookimpl
-def cachekit_register_strategies(register: Callable[[type[CachePolicy[Any]]], None]) -> None:
-    register(SeaCachePolicy)
+def cachekit_register_strategies(register: Callable[[type[Strategy[Any]]], None]) -> None:
+    register(SeaStrategy)

@@ -12,8 +12,8 @@ from typing import Any
 
 from cachekit.adapter import ModuleSite, Point
 from cachekit.hookspecs import hookimpl
-from cachekit.policy import CachePolicy, ExampleConfigs, Signals, Step
-from cachekit.schemas import TaylorSeerConfig
+from cachekit.schemas.taylorseer import TaylorSeerConfig
+from cachekit.strategy import ExampleConfigs, Knob, Signals, Step, Strategy
 
 _LEVELS = {
     "span": frozenset({Point.STEP, Point.SPAN}),
@@ -22,8 +22,9 @@ _LEVELS = {
 }
 
 
-class TaylorSeerPolicy(CachePolicy[TaylorSeerConfig]):
+class TaylorSeerStrategy(Strategy[TaylorSeerConfig]):
     config_class = TaylorSeerConfig
+    knob = Knob("interval", integer=True)
     rank_consistent = True  # decides from the step and cachekit.signals alone
 
     @classmethod
@@ -55,5 +56,5 @@ class TaylorSeerPolicy(CachePolicy[TaylorSeerConfig]):
 
 
 @hookimpl
-def cachekit_register_strategies(register: Callable[[type[CachePolicy[Any]]], None]) -> None:
-    register(TaylorSeerPolicy)
+def cachekit_register_strategies(register: Callable[[type[Strategy[Any]]], None]) -> None:
+    register(TaylorSeerStrategy)

@@ -19,9 +19,9 @@ import torch
 
 from cachekit.adapter import Adapter, Point
 from cachekit.hookspecs import hookimpl
-from cachekit.policy import CachePolicy, ExampleConfigs, Signals, Step
-from cachekit.schemas import TeaCacheConfig, TeaCachePreset, load_preset, presets_for, teacache_presets
+from cachekit.schemas.teacache import TeaCacheConfig, TeaCachePreset, load_preset, presets_for, teacache_presets
 from cachekit.signals import relative_l1
+from cachekit.strategy import ExampleConfigs, Knob, Signals, Step, Strategy
 
 #: The point each probe kind is read from, and the field of `Signals` it arrives in.
 _SIGNALS = {
@@ -38,8 +38,9 @@ class _BranchState:
     accumulated: float = 0.0
 
 
-class TeaCachePolicy(CachePolicy[TeaCacheConfig]):
+class TeaStrategy(Strategy[TeaCacheConfig]):
     config_class = TeaCacheConfig
+    knob = Knob("rel_l1_thresh")
     rank_consistent = True  # decides from the step and cachekit.signals alone
 
     def __init__(self, config: TeaCacheConfig) -> None:
@@ -95,7 +96,7 @@ class TeaCachePolicy(CachePolicy[TeaCacheConfig]):
                 "allow_other_model=True to use it anyway"
             )
         if self.threshold is None:
-            tune = " or find one with `cachekit tune <spec> --policy ... --ratio 0.4 --write`" if identity else ""
+            tune = " or find one with `cachekit tune <spec> --strategy ... --ratio 0.4 --write`" if identity else ""
             raise ValueError(
                 f"TeaCache preset {self.preset.name if self.preset else None!r} suggests no threshold: "
                 f"set rel_l1_thresh{tune}"
@@ -170,5 +171,5 @@ def _horner(coefficients: tuple[float, ...], x: float) -> float:
 
 
 @hookimpl
-def cachekit_register_strategies(register: Callable[[type[CachePolicy[Any]]], None]) -> None:
-    register(TeaCachePolicy)
+def cachekit_register_strategies(register: Callable[[type[Strategy[Any]]], None]) -> None:
+    register(TeaStrategy)

@@ -10,12 +10,13 @@ from typing import Any
 
 from cachekit.adapter import Point
 from cachekit.hookspecs import hookimpl
-from cachekit.policy import CachePolicy, ExampleConfigs, Signals, Step
-from cachekit.schemas import UniformConfig
+from cachekit.schemas.configs import UniformConfig
+from cachekit.strategy import ExampleConfigs, Knob, Signals, Step, Strategy
 
 
-class UniformPolicy(CachePolicy[UniformConfig]):
+class UniformStrategy(Strategy[UniformConfig]):
     config_class = UniformConfig
+    knob = Knob("interval", integer=True)
     rank_consistent = True  # decides from the step and cachekit.signals alone
     requires = frozenset({Point.STEP, Point.SPAN})
     needs_num_steps = True
@@ -29,5 +30,5 @@ class UniformPolicy(CachePolicy[UniformConfig]):
 
 
 @hookimpl
-def cachekit_register_strategies(register: Callable[[type[CachePolicy[Any]]], None]) -> None:
-    register(UniformPolicy)
+def cachekit_register_strategies(register: Callable[[type[Strategy[Any]]], None]) -> None:
+    register(UniformStrategy)

@@ -56,16 +56,16 @@ def fresh_registry(monkeypatch):
 
 
 @pytest.fixture
-def register_policy(fresh_registry):
-    """Register a policy class defined in a test, through the plugin hooks."""
+def register_strategy(fresh_registry):
+    """Register a strategy class defined in a test, through the plugin hooks."""
 
-    def register(policy):
+    def register(strategy):
         class Plugin:
             @hookimpl
             def cachekit_register_strategies(self, register):
-                register(policy)
+                register(strategy)
 
-        cachekit.register_plugin(Plugin(), f"test-{policy.name()}")
+        cachekit.register_plugin(Plugin(), f"test-{strategy.name()}")
         assert not fresh_registry.errors
 
     return register

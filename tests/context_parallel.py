@@ -120,7 +120,7 @@ def denoise(model_example: Any) -> torch.Tensor:
 
 
 def schedules(handle: Any) -> dict[int, list[Any]]:
-    """Per branch, what the policy decided at each call: the span, or how many modules computed."""
+    """Per branch, what the strategy decided at each call: the span, or how many modules computed."""
     return {
         branch: stats.span_schedule or stats.module_schedule for branch, stats in handle.stats.last.branches.items()
     }
@@ -156,8 +156,8 @@ def shard_changes(family: str, world: int) -> list[float]:
     ]
 
 
-def policy(name: str, changes: list[float]) -> Any:
-    """The policies checked, each reusing on the tiny models; TeaCache's threshold lies between the
+def strategy(name: str, changes: list[float]) -> Any:
+    """The strategies checked, each reusing on the tiny models; TeaCache's threshold lies between the
     two shards' changes, so deciding from a shard would split the ranks."""
     from cachekit.schemas import (
         Broadcast,
@@ -182,11 +182,11 @@ def policy(name: str, changes: list[float]) -> Any:
     }[name]()
 
 
-POLICIES = ("uniform", "pab", "teacache", "fbcache", "seacache", "easycache")
+STRATEGIES = ("uniform", "pab", "teacache", "fbcache", "seacache", "easycache")
 
 
 def check_decisions_agree(rank: int, world: int, kind: str, families: list[str], names: list[str]) -> None:
-    """For each family and policy, in both orders of `apply` and `enable_parallelism`: every rank's
+    """For each family and strategy, in both orders of `apply` and `enable_parallelism`: every rank's
     schedule equals the single-process schedule and its output the single-process cached output;
     after `.remove()` diffusers' parallel model still gives the uncached output."""
     import cachekit
@@ -196,7 +196,7 @@ def check_decisions_agree(rank: int, world: int, kind: str, families: list[str],
         uncached = denoise(single)
         changes = shard_changes(family, world)
         for name in names:
-            config = policy(name, changes)
+            config = strategy(name, changes)
             with cachekit.apply(single.model, config) as handle:
                 expected = denoise(single)
             expected_schedule = schedules(handle)
@@ -216,18 +216,18 @@ def check_decisions_agree(rank: int, world: int, kind: str, families: list[str],
 
 
 def check_divergence_is_named(rank: int, world: int) -> None:
-    """A plugin policy that decides from the rank: both ranks raise the named error at the same call."""
+    """A plugin strategy that decides from the rank: both ranks raise the named error at the same call."""
     from typing import Literal
 
     import cachekit
     from cachekit.errors import RankDivergenceError
     from cachekit.hookspecs import hookimpl
-    from cachekit.schemas import PolicyConfig
+    from cachekit.schemas import StrategyConfig
 
-    class ByRankConfig(PolicyConfig):
+    class ByRankConfig(StrategyConfig):
         strategy: Literal["by_rank"] = "by_rank"
 
-    class ByRank(cachekit.CachePolicy):  # type: ignore[type-arg]
+    class ByRank(cachekit.Strategy):  # type: ignore[type-arg]
         config_class = ByRankConfig
         requires = frozenset({cachekit.Point.SPAN})
 

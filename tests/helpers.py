@@ -1,6 +1,6 @@
 """Test helpers that look at models from the outside, independently of cachekit.
 
-`install_straight_line` is the reference every span-level policy is checked against: it swaps the
+`install_straight_line` is the reference every span-level strategy is checked against: it swaps the
 model's block list for one module that either runs every block in order and stores
 output - input for the call's CFG branch, or returns input + that residual. Steps and branches
 come from the call order (cond then uncond), the probe is rebuilt here from the block's inputs,
@@ -19,21 +19,21 @@ from cachekit.testing import RunCounter, module_state
 
 __all__ = ["RunCounter", "module_state"]
 
-#: The points whose values a policy decides from (besides the first blocks' residual).
+#: The points whose values a strategy decides from (besides the first blocks' residual).
 SIGNALS = {Point.PROBE, Point.LATENT, Point.OUTPUT, Point.TIMESTEP_EMBEDDING, Point.PROJECTED_TIMESTEP_EMBEDDING}
 
 
-def data_dependent(strategy: str) -> bool:
-    """Whether the strategy's example policy decides from values the model computes (then it
+def data_dependent(name: str) -> bool:
+    """Whether the strategy's reusing example decides from values the model computes (then it
     reads one per decision), not from the schedule alone."""
     from cachekit.registry import get_strategy
 
-    policy_class = get_strategy(strategy)
-    examples = policy_class.example_configs()
+    strategy_class = get_strategy(name)
+    examples = strategy_class.example_configs()
     if examples is None:
         return False
-    policy = policy_class(examples.reuses)
-    return bool(policy.required_points() & SIGNALS) or policy.always_computed() != (0, 0)
+    strategy = strategy_class(examples.reuses)
+    return bool(strategy.required_points() & SIGNALS) or strategy.always_computed() != (0, 0)
 
 
 class ExecutionCounter:

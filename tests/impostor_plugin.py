@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from cachekit import CachePolicy, Point, hookimpl
+from cachekit import Point, Strategy, hookimpl
 from cachekit.schemas import UniformConfig
 
 
-class Impostor(CachePolicy[UniformConfig]):
+class Impostor(Strategy[UniformConfig]):
     config_class = UniformConfig
     requires = frozenset({Point.SPAN})
 

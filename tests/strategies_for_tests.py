@@ -1,18 +1,18 @@
-"""Small policies used by the tests, defined outside cachekit as a user would."""
+"""Small strategies used by the tests, defined outside cachekit as a user would."""
 
 from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from cachekit import CachePolicy, Point
-from cachekit.schemas import PolicyConfig
+from cachekit import Point, Strategy
+from cachekit.schemas import StrategyConfig
 
 
-class EveryThirdConfig(PolicyConfig):
+class EveryThirdConfig(StrategyConfig):
     strategy: Literal["every_third"] = "every_third"
 
 
-class EveryThird(CachePolicy[EveryThirdConfig]):
+class EveryThird(Strategy[EveryThirdConfig]):
     """Computes steps 0, 3, 6, ... without knowing the generation length."""
 
     config_class = EveryThirdConfig
@@ -22,12 +22,12 @@ class EveryThird(CachePolicy[EveryThirdConfig]):
         return step.index % 3 == 0
 
 
-class NeverComputesConfig(PolicyConfig):
+class NeverComputesConfig(StrategyConfig):
     strategy: Literal["never_computes"] = "never_computes"
 
 
-class NeverComputes(CachePolicy[NeverComputesConfig]):
-    """A broken policy: asks to reuse the span before anything was computed."""
+class NeverComputes(Strategy[NeverComputesConfig]):
+    """A broken strategy: asks to reuse the span before anything was computed."""
 
     config_class = NeverComputesConfig
     requires = frozenset({Point.SPAN})
@@ -36,12 +36,12 @@ class NeverComputes(CachePolicy[NeverComputesConfig]):
         return False
 
 
-class NeverComputesAttentionConfig(PolicyConfig):
+class NeverComputesAttentionConfig(StrategyConfig):
     strategy: Literal["never_computes_attention"] = "never_computes_attention"
 
 
-class NeverComputesAttention(CachePolicy[NeverComputesAttentionConfig]):
-    """A broken policy: asks to reuse attention before anything was computed."""
+class NeverComputesAttention(Strategy[NeverComputesAttentionConfig]):
+    """A broken strategy: asks to reuse attention before anything was computed."""
 
     config_class = NeverComputesAttentionConfig
     requires = frozenset({Point.ATTENTION})
@@ -50,11 +50,11 @@ class NeverComputesAttention(CachePolicy[NeverComputesAttentionConfig]):
         return False
 
 
-class RecordSignalsConfig(PolicyConfig):
+class RecordSignalsConfig(StrategyConfig):
     strategy: Literal["record_signals"] = "record_signals"
 
 
-class RecordSignals(CachePolicy[RecordSignalsConfig]):
+class RecordSignals(Strategy[RecordSignalsConfig]):
     """Always computes, and keeps the probe it was handed at each call."""
 
     config_class = RecordSignalsConfig

@@ -23,12 +23,12 @@ def attention_inputs(module):
     return seen, module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def test_probe_equals_the_modulated_input_block_0_attends_to(family, register_policy):
+def test_probe_equals_the_modulated_input_block_0_attends_to(family, register_strategy):
     pipe, run, _ = family
     first = pipe.transformer.transformer_blocks[0] if run is run_flux else pipe.transformer.blocks[0]
     attention = first.attn if run is run_flux else first.attn1
     oracle, hook = attention_inputs(attention)
-    register_policy(RecordSignals)
+    register_strategy(RecordSignals)
     RecordSignals.seen.clear()
     with cachekit.apply(pipe, {"strategy": "record_signals"}):
         run(pipe, steps=3)
@@ -40,10 +40,10 @@ def test_probe_equals_the_modulated_input_block_0_attends_to(family, register_po
         torch.testing.assert_close(probe, expected, rtol=0, atol=0)
 
 
-def test_probe_is_not_computed_for_a_policy_that_does_not_ask(flux_pipe, register_policy, monkeypatch):
+def test_probe_is_not_computed_for_a_strategy_that_does_not_ask(flux_pipe, register_strategy, monkeypatch):
     calls = []
     monkeypatch.setattr(FluxAdapter, "probe", lambda self, args, kwargs: calls.append(1))
-    register_policy(EveryThird)
+    register_strategy(EveryThird)
     with cachekit.apply(flux_pipe, {"strategy": "every_third"}):
         run_flux(flux_pipe, steps=3)
     assert calls == []

@@ -19,8 +19,8 @@ from cachekit.errors import (
     AlreadyAttachedError,
     HandleRemovedError,
     MissingPointError,
-    PolicyError,
     StepCountError,
+    StrategyError,
     UnknownEstimatorError,
     UnknownStrategyError,
     UnsupportedModelError,
@@ -37,8 +37,8 @@ from cachekit.schemas import (
     MLPBroadcast,
     MLPBroadcastAt,
     PABConfig,
-    PolicyConfig,
     SeaCacheConfig,
+    StrategyConfig,
     TaylorSeerConfig,
     TeaCacheConfig,
     UniformConfig,
@@ -106,23 +106,23 @@ def run_spec(tmp: Path, text: str) -> None:
     run_study(load_spec(study_spec(tmp, BASE_STUDY + text)), tmp / "results.sqlite", progress=False)
 
 
-class _NoneDecision(PolicyConfig):
+class _NoneDecision(StrategyConfig):
     strategy: Literal["forgets_return"] = "forgets_return"
 
 
-def register_policy_class(config_class: type[PolicyConfig], decide: Any) -> None:
-    class Policy(cachekit.CachePolicy):  # type: ignore[type-arg]
+def register_strategy_class(config_class: type[StrategyConfig], decide: Any) -> None:
+    class Strategy(cachekit.Strategy):  # type: ignore[type-arg]
         requires = frozenset({cachekit.Point.SPAN})
 
         def decide_span(self, step, signals, state):
             return decide(step)
 
-    Policy.config_class = config_class
+    Strategy.config_class = config_class
 
     class Plugin:
         @hookimpl
         def cachekit_register_strategies(self, register):
-            register(Policy)
+            register(Strategy)
 
     cachekit.register_plugin(Plugin(), f"test-{config_class.strategy_name()}")
 
@@ -137,20 +137,20 @@ def plugin_warning(registers: Any, name: str) -> None:
 
 
 def _no_fixed_name(register: Any) -> None:
-    class Loose(PolicyConfig):
+    class Loose(StrategyConfig):
         strategy: str = Field(default=None)  # type: ignore[assignment]
 
-    class Policy(cachekit.CachePolicy):  # type: ignore[type-arg]
+    class Strategy(cachekit.Strategy):  # type: ignore[type-arg]
         config_class = Loose
 
-    register(Policy)
+    register(Strategy)
 
 
 from pydantic import Field  # noqa: E402  (used by the plugin defined above)
 
 #: (id, what to do (given tmp_path), error type, what the message must say)
 CASES: list[tuple[str, Any, type[BaseException] | tuple[type[BaseException], ...], str]] = [
-    # -- policy configs -------------------------------------------------------------------------
+    # -- strategy configs -------------------------------------------------------------------------
     ("uniform interval 0", lambda t: UniformConfig(interval=0), V, r"interval\n.*greater than or equal to 1"),
     ("uniform warmup 0", lambda t: UniformConfig(warmup=0), V, r"warmup\n.*greater than or equal to 1"),
     ("unknown field", lambda t: UniformConfig(intervall=2), V, r"intervall\n.*Extra inputs are not permitted"),
@@ -170,13 +170,13 @@ CASES: list[tuple[str, Any, type[BaseException] | tuple[type[BaseException], ...
         "config of another type",
         lambda t: cachekit.make_config(42),
         TypeError,
-        r"must be a PolicyConfig, a dict with a 'strategy' key, a \.json/\.toml path",
+        r"must be a StrategyConfig, a dict with a 'strategy' key, a \.json/\.toml path",
     ),
     (
         "config file suffix",
         lambda t: cachekit.make_config(Path(t / "p.yaml")),
         ValueError,
-        r"p\.yaml: a policy config file must end in \.json or \.toml",
+        r"p\.yaml: a strategy config file must end in \.json or \.toml",
     ),
     ("config file missing", lambda t: cachekit.make_config(Path(t / "p.json")), ValueError, r"p\.json: cannot read it"),
     (
@@ -487,7 +487,9 @@ CASES: list[tuple[str, Any, type[BaseException] | tuple[type[BaseException], ...
         "study testbed name typo",
         lambda t: plan(
             load_spec(
-                study_spec(t, BASE_STUDY.replace("flux-digits", "flux-digitz") + '[[policies]]\nstrategy = "uniform"\n')
+                study_spec(
+                    t, BASE_STUDY.replace("flux-digits", "flux-digitz") + '[[strategies]]\nstrategy = "uniform"\n'
+                )
             )
         ),
         StudySpecError,
@@ -495,7 +497,7 @@ CASES: list[tuple[str, Any, type[BaseException] | tuple[type[BaseException], ...
     ),
     (
         "study unknown diffusers method",
-        lambda t: plan(load_spec(study_spec(t, BASE_STUDY + '[[policies]]\nstrategy = "diffusers.fora"\n'))),
+        lambda t: plan(load_spec(study_spec(t, BASE_STUDY + '[[strategies]]\nstrategy = "diffusers.fora"\n'))),
         StudySpecError,
         r"unknown diffusers method 'diffusers\.fora'; known: diffusers\.first_block_cache",
     ),
@@ -506,23 +508,25 @@ CASES: list[tuple[str, Any, type[BaseException] | tuple[type[BaseException], ...
                 study_spec(
                     t,
                     BASE_STUDY
-                    + '[[policies]]\nstrategy = "uniform"\nname = "a"\n'
-                    + '[[policies]]\nstrategy = "teacache"\nname = "a"\n',
+                    + '[[strategies]]\nstrategy = "uniform"\nname = "a"\n'
+                    + '[[strategies]]\nstrategy = "teacache"\nname = "a"\n',
                 )
             )
         ),
         StudySpecError,
-        r"policies\[1\]: the name 'a' is already taken",
+        r"strategies\[1\]: the name 'a' is already taken",
     ),
     (
         "study setting twice",
         lambda t: plan(
             load_spec(
-                study_spec(t, BASE_STUDY + '[[policies]]\nstrategy = "uniform"\n[[policies]]\nstrategy = "uniform"\n')
+                study_spec(
+                    t, BASE_STUDY + '[[strategies]]\nstrategy = "uniform"\n[[strategies]]\nstrategy = "uniform"\n'
+                )
             )
         ),
         StudySpecError,
-        r"policies\[1\]: the setting uniform #2 appears twice",
+        r"strategies\[1\]: the setting uniform #2 appears twice",
     ),
     (
         "study spec not toml",
@@ -538,7 +542,7 @@ CASES: list[tuple[str, Any, type[BaseException] | tuple[type[BaseException], ...
     ),
     (
         "study setting that cannot run on the model",
-        lambda t: run_spec(t, '[[policies]]\nstrategy = "teacache"\n'),
+        lambda t: run_spec(t, '[[strategies]]\nstrategy = "teacache"\n'),
         StudySpecError,
         r"teacache cannot run on flux-digits: no TeaCache preset fits",
     ),
@@ -589,7 +593,8 @@ CASES: list[tuple[str, Any, type[BaseException] | tuple[type[BaseException], ...
         "tune a strategy without knob",
         lambda t: check_target({"strategy": "pab"}),
         ValueError,
-        r"tune knows the knobs of teacache, uniform; got strategy 'pab'",
+        r"strategy 'pab' declares no knob to tune; strategies with one: easycache, fbcache, magcache, seacache, "
+        "taylorseer, teacache, uniform",
     ),
 ]
 
@@ -609,8 +614,8 @@ def test_the_table_is_long_enough():
     [
         (
             lambda r: r(dict),
-            "not-a-policy",
-            r"'not-a-policy' failed to load: .*registered <class 'dict'>, which is not a CachePolicy",
+            "not-a-strategy",
+            r"'not-a-strategy' failed to load: .*registered <class 'dict'>, which is not a Strategy",
         ),
         (
             lambda r: r(cachekit.get_strategy("uniform")),
@@ -627,17 +632,17 @@ def test_bad_plugins_are_reported_by_name_and_the_others_load(fresh_registry, re
 
 
 def test_a_decision_that_is_not_a_bool_is_named(fresh_registry):
-    register_policy_class(_NoneDecision, lambda step: None if step.index else True)
+    register_strategy_class(_NoneDecision, lambda step: None if step.index else True)
     with pytest.raises(
-        PolicyError, match=r"decide_span returned None \(NoneType\); a decision must be True \(compute\) or False"
+        StrategyError, match=r"decide_span returned None \(NoneType\); a decision must be True \(compute\) or False"
     ):
         run_bare(tiny_flux_transformer(), {"strategy": "forgets_return"}, [1.0, 0.5])
 
 
-def test_handles_refuse_a_second_policy_and_use_after_removal():
+def test_handles_refuse_a_second_strategy_and_use_after_removal():
     model = tiny_flux_transformer()
     handle = cachekit.apply(model, UniformConfig(num_inference_steps=4))
-    with pytest.raises(AlreadyAttachedError, match=r"already has a cache policy attached .*remove that handle first"):
+    with pytest.raises(AlreadyAttachedError, match=r"already has a cache strategy attached .*remove that handle first"):
         cachekit.apply(model, "uniform")
     handle.remove()
     with pytest.raises(HandleRemovedError, match=r"this CacheHandle was removed; call cachekit\.apply"):
@@ -666,9 +671,9 @@ def test_cli_reports_mistakes_in_one_line(tmp_path):
     spec = tmp_path / "calibration.toml"
     spec.write_text('model = "flux-digits"\nlabels = [1]\nsteps = 4\norder = 2\n')
     cases = [
-        (["tune", str(spec), "--policy", "not json", "--ratio", "0.4"], r"--policy: not valid JSON"),
+        (["tune", str(spec), "--strategy", "not json", "--ratio", "0.4"], r"--strategy: not valid JSON"),
         (
-            ["tune", str(spec), "--policy", '{"strategy": "teacache"}', "--ratio", "0"],
+            ["tune", str(spec), "--strategy", '{"strategy": "teacache"}', "--ratio", "0"],
             r"cachekit: error: the computed-call ratio must be in \(0, 1\], got 0\.0",
         ),
         (["study", "report", str(tmp_path / "none.sqlite")], r"cachekit: error: no results database at"),

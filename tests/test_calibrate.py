@@ -84,16 +84,16 @@ def test_timestep_embedding_probe_is_recorded():
 
 
 @pytest.mark.parametrize(
-    ("policy", "target"),
+    ("strategy", "target"),
     [({"strategy": "teacache", "coefficients": [1.0, 0.0]}, 0.5), ({"strategy": "uniform"}, 0.35)],
 )
-def test_tuner_meets_a_computed_ratio_within_one_step(policy, target):
+def test_tuner_meets_a_computed_ratio_within_one_step(strategy, target):
     steps = 20
     model = TestbedModel("flux-digits", CalibrationSpec(model="flux-digits", labels=[5], steps=steps))
-    result = Tuner(model, policy, seeds=[1000], conditions=["5"]).to_ratio(target)
+    result = Tuner(model, strategy, seeds=[1000], conditions=["5"]).to_ratio(target)
     assert abs(result.chosen.computed_steps - target * steps) <= 1
     assert 0 < result.chosen.psnr < float("inf")
-    with cachekit.apply(model.target, result.config(policy)) as handle:  # the chosen setting reproduces
+    with cachekit.apply(model.target, result.config(strategy)) as handle:  # the chosen setting reproduces
         model.generate(1000, "5")
     assert handle.stats.last.branches[0].sites["span"].computed == result.chosen.computed_steps
 
@@ -109,7 +109,10 @@ def test_tuner_psnr_floor():
 
 def test_unknown_knob():
     model = TestbedModel("flux-digits", CalibrationSpec(model="flux-digits", labels=[5], steps=4, order=2))
-    with pytest.raises(ValueError, match="tune knows the knobs of teacache, uniform; got strategy 'pab'"):
+    with pytest.raises(
+        ValueError,
+        match="strategy 'pab' declares no knob to tune; strategies with one: easycache, fbcache, magcache, seacache, taylorseer, teacache, uniform",
+    ):
         Tuner(model, {"strategy": "pab"}, seeds=[7], conditions=["5"])
 
 
@@ -139,14 +142,14 @@ def test_calibrate_then_tune_then_use_closes_the_loop(tmp_path):
 
     calibrated = cli("calibrate", str(spec), "--out", "mine.json", "--quiet")
     assert calibrated.returncode == 0, calibrated.stderr
-    policy = '{"strategy": "teacache", "preset": "mine.json"}'
-    assert f"cachekit tune {spec} --policy '{policy}' --ratio 0.4 --write" in calibrated.stdout
+    strategy = '{"strategy": "teacache", "preset": "mine.json"}'
+    assert f"cachekit tune {spec} --strategy '{strategy}' --ratio 0.4 --write" in calibrated.stdout
     assert json.loads((tmp_path / "mine.json").read_text())["name"] == "mine"
     pipe = cachekit.testbed.load("flux-digits")
     with pytest.raises(ValueError, match=r"preset 'mine' suggests no threshold: set rel_l1_thresh or find one with"):
         cachekit.apply(pipe, TeaCacheConfig(preset=str(tmp_path / "mine.json")))
 
-    tuned = cli("tune", str(spec), "--policy", policy, "--ratio", "0.5", "--write")
+    tuned = cli("tune", str(spec), "--strategy", strategy, "--ratio", "0.5", "--write")
     assert tuned.returncode == 0, tuned.stderr
     chosen = float(re.search(r"now takes rel_l1_thresh (\S+)", tuned.stdout).group(1))
     preset = load_preset(str(tmp_path / "mine.json"))
@@ -159,10 +162,10 @@ def test_calibrate_then_tune_then_use_closes_the_loop(tmp_path):
     assert handle.stats.info["rel_l1_thresh"] == preset.thresholds[0]
 
     refused = cli(
-        "tune", str(spec), "--policy", '{"strategy": "teacache", "preset": "flux-dev"}', "--ratio", "0.5", "--write"
+        "tune", str(spec), "--strategy", '{"strategy": "teacache", "preset": "flux-dev"}', "--ratio", "0.5", "--write"
     )
     assert (
-        refused.returncode == 2 and "--write stores the tuned threshold in the policy's preset file" in refused.stderr
+        refused.returncode == 2 and "--write stores the tuned threshold in the strategy's preset file" in refused.stderr
     )
 
 

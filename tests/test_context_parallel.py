@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
-from context_parallel import POLICIES, check_decisions_agree, check_divergence_is_named, spawn
+from context_parallel import STRATEGIES, check_decisions_agree, check_divergence_is_named, spawn
 from helpers import data_dependent
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -19,15 +19,15 @@ from cachekit.testing import meta_reads
 
 
 def test_every_rank_decides_as_one_process_would_under_ulysses():
-    spawn(check_decisions_agree, 2, "ulysses", ["flux", "wan"], sorted(POLICIES))
+    spawn(check_decisions_agree, 2, "ulysses", ["flux", "wan"], sorted(STRATEGIES))
 
 
 @pytest.mark.slow
 def test_every_rank_decides_as_one_process_would_under_ring_attention():
-    spawn(check_decisions_agree, 2, "ring", ["flux", "wan"], sorted(POLICIES))
+    spawn(check_decisions_agree, 2, "ring", ["flux", "wan"], sorted(STRATEGIES))
 
 
-def test_a_rank_divergent_plugin_policy_gets_the_named_error_on_every_rank():
+def test_a_rank_divergent_plugin_strategy_gets_the_named_error_on_every_rank():
     spawn(check_divergence_is_named, 2)
 
 
@@ -69,7 +69,7 @@ def on_meta(value):
 def test_signals_and_votes_stay_on_the_device_and_in_the_signal_s_size(monkeypatch, family, strategy):
     """As on a GPU under NCCL (which takes device tensors only): the whole bf16 model on the meta
     device, a stand-in process group. Every tensor a collective gets is on the model's device, the
-    float64 sums never copy a signal whole, and the rank vote of a policy not rank-consistent
+    float64 sums never copy a signal whole, and the rank vote of a strategy not rank-consistent
     runs there too."""
     example = registry().adapters[family].example()
     model = example.model.to("meta", torch.bfloat16)
@@ -90,7 +90,7 @@ def test_signals_and_votes_stay_on_the_device_and_in_the_signal_s_size(monkeypat
 
     bare = generate()  # the model's own (rotary tables in float64)
     with cachekit.apply(model, config, process_group=group) as handle, meta_reads():
-        handle.policy.rank_consistent = False  # its decisions are voted on, too
+        handle.strategy.rank_consistent = False  # its decisions are voted on, too
         cached = generate()
     assert group.handed and {tensor.device.type for tensor in group.handed} == {"meta"}
     votes = [tensor for tensor in group.handed if tensor.shape == (2,) and tensor.dtype == torch.float32]

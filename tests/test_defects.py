@@ -22,7 +22,7 @@ import cachekit
 from cachekit import registry as registry_module
 from cachekit.errors import ConcurrentUseError, StepCountError, UnsupportedModelError
 from cachekit.registry import PluginWarning, Registry
-from cachekit.schemas import Broadcast, PABConfig, PolicyConfig, UniformConfig
+from cachekit.schemas import Broadcast, PABConfig, StrategyConfig, UniformConfig
 from cachekit.study import load_spec, run_study
 from cachekit.study.store import ResultStore, StoreError
 from cachekit.testing import run_flux, tiny_flux_pipeline, tiny_flux_transformer
@@ -160,28 +160,28 @@ def test_built_in_names_win_and_the_plugin_claiming_one_is_named(monkeypatch):
 STUDY = 'models = ["flux-digits"]\nlabels = [1]\nsteps = 4\nrepeats = 1\nwarmup = 0\n'
 
 
-class NumpyDecisionConfig(PolicyConfig):
+class NumpyDecisionConfig(StrategyConfig):
     strategy: Literal["numpy_decision"] = "numpy_decision"
 
 
-def test_a_numpy_bool_decision_runs_through_a_study(tmp_path, register_policy):
-    class NumpyDecision(cachekit.CachePolicy):
+def test_a_numpy_bool_decision_runs_through_a_study(tmp_path, register_strategy):
+    class NumpyDecision(cachekit.Strategy):
         config_class = NumpyDecisionConfig
         requires = frozenset({cachekit.Point.SPAN})
 
         def decide_span(self, step, signals, state):
             return np.bool_(step.index % 2 == 0)
 
-    register_policy(NumpyDecision)
+    register_strategy(NumpyDecision)
     spec = tmp_path / "spec.toml"
-    spec.write_text(STUDY + '[[policies]]\nstrategy = "numpy_decision"\n')
+    spec.write_text(STUDY + '[[strategies]]\nstrategy = "numpy_decision"\n')
     db = run_study(load_spec(spec), tmp_path / "r.sqlite", progress=False)
     row = next(r for r in ResultStore(db).rows() if r["strategy"] == "numpy_decision")
     assert json.loads(row["decisions"])["0"]["span"] == [True, False, True, False]
 
 
 def test_a_changed_protocol_is_refused_not_mixed(tmp_path):
-    text = 'name = "p"\n' + STUDY + '[[policies]]\nstrategy = "uniform"\n'
+    text = 'name = "p"\n' + STUDY + '[[strategies]]\nstrategy = "uniform"\n'
     spec = tmp_path / "spec.toml"
     spec.write_text(text)
     db = run_study(load_spec(spec), tmp_path / "r.sqlite", progress=False)
@@ -198,7 +198,7 @@ def test_two_study_processes_on_one_database_finish_every_cell_once(tmp_path):
     spec = tmp_path / "spec.toml"
     spec.write_text(
         'models = ["flux-digits"]\nlabels = [1, 2]\nsteps = 6\nrepeats = 1\nwarmup = 0\n'
-        '[[policies]]\nstrategy = "uniform"\nsweep.interval = [2, 3]\n'
+        '[[strategies]]\nstrategy = "uniform"\nsweep.interval = [2, 3]\n'
     )
     db = tmp_path / "r.sqlite"
     command = [sys.executable, "-m", "cachekit", "study", "run", str(spec), "--db", str(db), "--quiet"]

@@ -17,11 +17,11 @@ from cachekit.errors import (
     AlreadyAttachedError,
     HandleRemovedError,
     MissingPointError,
-    PolicyError,
+    StrategyError,
     UnknownStrategyError,
     UnsupportedModelError,
 )
-from cachekit.schemas import PolicyConfig, UniformConfig
+from cachekit.schemas import StrategyConfig, UniformConfig
 from cachekit.testing import run_flux, tiny_flux_transformer
 
 
@@ -64,7 +64,7 @@ def test_target_that_is_neither_pipeline_nor_module():
 
 def test_applying_twice_to_the_same_model(flux_pipe):
     handle = cachekit.apply(flux_pipe, UniformConfig())
-    with pytest.raises(AlreadyAttachedError, match=r"FluxTransformer2DModel already has a cache policy attached"):
+    with pytest.raises(AlreadyAttachedError, match=r"FluxTransformer2DModel already has a cache strategy attached"):
         cachekit.apply(flux_pipe.transformer, UniformConfig(num_inference_steps=4))
     handle.remove()
     cachekit.apply(flux_pipe, UniformConfig()).remove()  # allowed again once removed
@@ -86,7 +86,7 @@ def test_bare_transformer_needs_the_generation_length_for_uniform():
 
 
 def test_config_of_the_wrong_class_for_its_strategy(flux_pipe):
-    class Impostor(PolicyConfig):
+    class Impostor(StrategyConfig):
         strategy: Literal["uniform"] = "uniform"
 
     with pytest.raises(TypeError, match="strategy 'uniform' takes a UniformConfig, got Impostor"):
@@ -102,23 +102,23 @@ def test_missing_point_fails_at_attach_naming_point_and_model(monkeypatch, flux_
     assert "_diffusers_hook" not in vars(flux_pipe.transformer.transformer_blocks[0])
 
 
-def test_policy_that_reuses_before_computing_is_stopped(register_policy):
-    register_policy(NeverComputes)
+def test_strategy_that_reuses_before_computing_is_stopped(register_strategy):
+    register_strategy(NeverComputes)
     model = tiny_flux_transformer()
     with (
         cachekit.apply(model, {"strategy": "never_computes"}),
         pytest.raises(
-            PolicyError, match=r"'never_computes' chose to reuse the span at step 0 \(branch 0\) before computing"
+            StrategyError, match=r"'never_computes' chose to reuse the span at step 0 \(branch 0\) before computing"
         ),
     ):
         model(**flux_inputs())
 
 
-def test_policy_that_reuses_attention_before_computing_is_stopped(register_policy):
-    register_policy(NeverComputesAttention)
+def test_strategy_that_reuses_attention_before_computing_is_stopped(register_strategy):
+    register_strategy(NeverComputesAttention)
     model = tiny_flux_transformer()
     with (
         cachekit.apply(model, {"strategy": "never_computes_attention"}),
-        pytest.raises(PolicyError, match=r"reuse transformer_blocks.0.attn at step 0 \(branch 0\) before computing"),
+        pytest.raises(StrategyError, match=r"reuse transformer_blocks.0.attn at step 0 \(branch 0\) before computing"),
     ):
         model(**flux_inputs())

@@ -14,9 +14,9 @@ import cachekit
 from cachekit.errors import UnknownEstimatorError
 from cachekit.estimator import Kept
 from cachekit.hookspecs import hookimpl
-from cachekit.policy import Step
 from cachekit.registry import PluginWarning, get_estimator
 from cachekit.schemas import CopyConfig, FoCaConfig, TaylorConfig, TeaCacheConfig, UniformConfig
+from cachekit.strategy import Step
 from cachekit.testbed import load
 from cachekit.testing import tiny_flux_transformer
 
@@ -162,7 +162,7 @@ def test_taylor_forecast_beats_the_copy_on_the_trained_testbed():
     assert errors["taylor"] < errors["copy"] / 5, errors
 
 
-def test_any_policy_takes_an_estimator_by_name_or_dict():
+def test_any_strategy_takes_an_estimator_by_name_or_dict():
     config = cachekit.make_config(
         {"strategy": "teacache", "rel_l1_thresh": 0.1, "coefficients": [1, 0], "estimator": "foca"}
     )

@@ -1,4 +1,4 @@
-"""A policy that never reuses changes nothing, and removing it restores the model exactly."""
+"""A strategy that never reuses changes nothing, and removing it restores the model exactly."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import cachekit
 from cachekit.schemas import UniformConfig
 
 
-def test_never_reusing_policy_is_bitwise_exact_and_remove_restores(family):
+def test_never_reusing_strategy_is_bitwise_exact_and_remove_restores(family):
     pipe, run, _ = family
     reference = run(pipe)
     before = module_state(pipe.transformer)

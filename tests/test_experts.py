@@ -1,4 +1,4 @@
-"""Two-expert pipelines (Wan 2.2): each transformer gets its own policy state, on one step count."""
+"""Two-expert pipelines (Wan 2.2): each transformer gets its own strategy state, on one step count."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_each_expert_keeps_its_own_state_on_the_shared_step_count():
             assert branch.calls == len(steps)
 
 
-def test_module_policies_keep_outputs_per_expert():
+def test_module_strategies_keep_outputs_per_expert():
     pipe = tiny_wan_pipeline(two_experts=True)
     config = PABConfig(spatial={"range": 2, "window": (0.0, 1000.0)}, cross={"range": 2, "window": (0.0, 1000.0)})
     with cachekit.apply(pipe, config) as handle:

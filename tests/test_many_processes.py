@@ -27,16 +27,16 @@ steps = 6
 repeats = 1
 warmup = 0
 
-[[policies]]
+[[strategies]]
 strategy = "uniform"
 interval = 2
 
-[[policies]]
+[[strategies]]
 strategy = "teacache"
 coefficients = [1.0, 0.0]
 rel_l1_thresh = 0.1
 
-[[policies]]
+[[strategies]]
 strategy = "fbcache"
 threshold = 0.2
 """
@@ -298,7 +298,7 @@ def test_two_writers_with_400_mb_references_lose_nothing(tmp_path):
 
 
 def test_one_process_runs_no_collective(tmp_path, monkeypatch):
-    """Alone (no torchrun, no process group), neither the study nor the policies call torch.distributed."""
+    """Alone (no torchrun, no process group), neither the study nor the strategies call torch.distributed."""
     from cachekit.study import load_spec, run_study
 
     def refuse(*args, **kwargs):

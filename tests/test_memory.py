@@ -1,6 +1,6 @@
-"""What a policy keeps is known before the device runs out: from the first computed call, checked
+"""What a strategy keeps is known before the device runs out: from the first computed call, checked
 against `max_kept_bytes` and (on CUDA) the device's free memory; stored in a chosen dtype; the
-policy's own state reported beside the estimator's."""
+strategy's own state reported beside the estimator's."""
 
 from __future__ import annotations
 
@@ -90,15 +90,15 @@ def test_float32_forecasts_of_a_bf16_model_keep_float32_factors():
     assert handle.stats.last.branches[0].kept_bytes == 3 * residual_bytes(model, torch.float32)
 
 
-def test_the_policy_s_own_state_is_reported():
+def test_the_strategy_s_own_state_is_reported():
     """TeaCache keeps the previous probe: the first block's modulated input, per branch."""
     model = tiny_flux_transformer()
     config = TeaCacheConfig(rel_l1_thresh=0.1, coefficients=(1.0, 0.0), num_inference_steps=STEPS)
     with cachekit.apply(model, config) as handle:
         generate(model)
     probe = flux_inputs()["hidden_states"].shape[1] * model.inner_dim * 4
-    assert [branch.policy_bytes for branch in handle.stats.last.branches.values()] == [probe, probe]
-    assert "policy state" in str(handle.stats)
+    assert [branch.strategy_bytes for branch in handle.stats.last.branches.values()] == [probe, probe]
+    assert "strategy state" in str(handle.stats)
 
 
 def test_more_than_the_free_device_memory_is_refused(monkeypatch):

@@ -26,7 +26,7 @@ repeats = 1
 warmup = 0
 {metrics}
 
-[[policies]]
+[[strategies]]
 strategy = "uniform"
 interval = 2
 """

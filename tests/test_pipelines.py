@@ -1,5 +1,5 @@
 """Each family's real diffusers pipeline drives its transformer through the adapter's idea of the
-timestep: text encoders and VAE left out (prompt embeddings in, latents out), a uniform policy
+timestep: text encoders and VAE left out (prompt embeddings in, latents out), a uniform strategy
 must see one generation of exactly the scheduled steps, in order, per CFG branch. A timestep read
 on the wrong scale or in the wrong direction (Mochi and Lumina2 run theirs backwards) would
 split the loop into many generations or merge steps into branches. (Flux and Wan run whole

@@ -80,8 +80,8 @@ def test_plugin_strategy(monkeypatch):
     assert not registry.errors and "every_third" in registry.strategies
     (entry_point,) = tomllib.loads(block("# pyproject.toml"))["project"]["entry-points"]["cachekit"].items()
     assert entry_point == ("every_third", "my_cache")
-    policy = registry.strategies["every_third"](module.EveryThirdConfig())
-    assert [policy.decide_span(types.SimpleNamespace(index=i), None, None) for i in range(4)] == [
+    strategy = registry.strategies["every_third"](module.EveryThirdConfig())
+    assert [strategy.decide_span(types.SimpleNamespace(index=i), None, None) for i in range(4)] == [
         True,
         False,
         False,

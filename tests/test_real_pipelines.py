@@ -58,11 +58,11 @@ height = 16
 width = 16
 guidance_scale = 5.0
 
-[[policies]]
+[[strategies]]
 strategy = "uniform"
 interval = 2
 
-[[policies]]
+[[strategies]]
 strategy = "fbcache"
 threshold = 0.3
 """
@@ -211,7 +211,7 @@ prompts = ["a red cat"]
 steps = 4
 frames = 5
 
-[[policies]]
+[[strategies]]
 strategy = "teacache"
 preset = "flux-dev"
 rel_l1_thresh = 0.2

@@ -64,7 +64,7 @@ def test_failing_hook_and_duplicate_name_are_reported_by_plugin_name(fresh_regis
         def cachekit_register_strategies(self, register):
             register(cachekit.get_strategy("uniform"))
 
-    class NotAPolicy:
+    class NotAStrategy:
         @hookimpl
         def cachekit_register_strategies(self, register):
             register(dict)
@@ -75,10 +75,10 @@ def test_failing_hook_and_duplicate_name_are_reported_by_plugin_name(fresh_regis
         PluginWarning, match="plugin 'claims-uniform' registers strategy 'uniform', which plugin 'uniform' already"
     ):
         cachekit.register_plugin(ClaimsUniform(), "claims-uniform")
-    with pytest.warns(PluginWarning, match="not a CachePolicy subclass"):
-        cachekit.register_plugin(NotAPolicy(), "not-a-policy")
+    with pytest.warns(PluginWarning, match="not a Strategy subclass"):
+        cachekit.register_plugin(NotAStrategy(), "not-a-strategy")
     errors = cachekit.plugin_errors()
-    assert set(errors) == {"raises", "claims-uniform", "not-a-policy"}
+    assert set(errors) == {"raises", "claims-uniform", "not-a-strategy"}
     assert "uniform" in cachekit.list_strategies()  # the others still load
 
 
@@ -118,7 +118,7 @@ def test_installed_third_party_plugin_works_and_a_broken_one_is_reported(tmp_pat
             "adapters": cachekit.list_adapters(),
             "errors": cachekit.plugin_errors(),
             "schedule": handle.stats.last.branches[1].span_schedule,
-            "config": handle.policy.config.model_dump(),
+            "config": handle.strategy.config.model_dump(),
         }))
         """
     )

@@ -1,4 +1,4 @@
-"""Policy configs are pure data: validated, schema-exported, round-tripped, torch-free."""
+"""Strategy configs are pure data: validated, schema-exported, round-tripped, torch-free."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pydantic
 import pytest
 
 import cachekit
-from cachekit.schemas import PolicyConfig, UniformConfig
+from cachekit.schemas import StrategyConfig, UniformConfig
 
 
 def test_json_round_trip_and_schema():
@@ -35,7 +35,7 @@ def test_strategy_field_is_fixed():
 
 @pytest.mark.parametrize("suffix", [".json", ".toml"])
 def test_config_files_and_names(tmp_path, suffix):
-    path = tmp_path / f"policy{suffix}"
+    path = tmp_path / f"strategy{suffix}"
     if suffix == ".json":
         path.write_text(json.dumps({"strategy": "uniform", "interval": 4}))
     else:
@@ -46,16 +46,16 @@ def test_config_files_and_names(tmp_path, suffix):
 
 
 def test_unreadable_config_file_suffix(tmp_path):
-    path = tmp_path / "policy.yaml"
+    path = tmp_path / "strategy.yaml"
     path.write_text("strategy: uniform")
-    with pytest.raises(ValueError, match=r"policy.yaml: a policy config file must end in .json or .toml"):
+    with pytest.raises(ValueError, match=r"strategy.yaml: a strategy config file must end in .json or .toml"):
         cachekit.make_config(path)
 
 
-def test_every_registered_strategy_config_is_a_policy_config():
+def test_every_registered_strategy_config_is_a_strategy_config():
     for name in cachekit.list_strategies():
         config_class = cachekit.get_strategy(name).config_class
-        assert issubclass(config_class, PolicyConfig)
+        assert issubclass(config_class, StrategyConfig)
         assert config_class.strategy_name() == name
         assert config_class.model_json_schema()["properties"]["strategy"]["const"] == name
 

@@ -1,4 +1,4 @@
-"""Studies: same latents for every policy, resumable after a kill, validated up front, reported."""
+"""Studies: same latents for every strategy, resumable after a kill, validated up front, reported."""
 
 from __future__ import annotations
 
@@ -31,11 +31,11 @@ steps = 6
 repeats = 1
 warmup = 0
 
-[[policies]]
+[[strategies]]
 strategy = "uniform"
 sweep.interval = [2, 3]
 
-[[policies]]
+[[strategies]]
 strategy = "teacache"
 coefficients = [1.0, 0.0]
 rel_l1_thresh = 0.1
@@ -56,7 +56,7 @@ def finished(tmp_path_factory):
     return db, write_report(db, folder / "report")
 
 
-def test_every_policy_starts_from_the_same_latents(finished):
+def test_every_strategy_starts_from_the_same_latents(finished):
     db, _ = finished
     rows = ResultStore(db).rows("tiny")
     assert len(rows) == 2 * 2 * 4  # seeds x labels x (uncached + 3 settings)
@@ -67,7 +67,7 @@ def test_every_policy_starts_from_the_same_latents(finished):
     assert len({next(iter(shas)) for shas in fingerprints.values()}) == 2  # one per seed
 
 
-def test_uncached_cell_is_exact_and_policies_are_measured(finished):
+def test_uncached_cell_is_exact_and_strategies_are_measured(finished):
     db, _ = finished
     rows = ResultStore(db).rows("tiny")
     for row in rows:
@@ -192,12 +192,12 @@ def _count(db: Path) -> int:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (('strategy = "uniform"', 'strategy = "fora"'), r"policies\[0\].*unknown strategy 'fora'; known strategies"),
+        (('strategy = "uniform"', 'strategy = "fora"'), r"strategies\[0\].*unknown strategy 'fora'; known strategies"),
         (("seeds = [0, 1]", "seeds = []"), r"seeds\n.*at least 1 item"),
-        (("sweep.interval = [2, 3]", "sweep.interval = []"), r"policies\.0\.sweep\n.*sweep.interval is empty"),
+        (("sweep.interval = [2, 3]", "sweep.interval = []"), r"strategies\.0\.sweep\n.*sweep.interval is empty"),
         (
             ("sweep.interval = [2, 3]", "sweep.interval = [2, 0]"),
-            r"policies\[0\].*interval\n.*greater than or equal to 1",
+            r"strategies\[0\].*interval\n.*greater than or equal to 1",
         ),
         (('models = ["flux-digits"]', 'models = ["flux-digitz"]'), r"models\[0\]: unknown model 'flux-digitz'"),
         (("labels = [3, 7]", "labels = []"), r"give labels \(testbed models\) or prompts"),
@@ -245,15 +245,15 @@ steps = 12
 repeats = 1
 warmup = 0
 
-[[policies]]
+[[strategies]]
 strategy = "fbcache"
 sweep.threshold = [0.2, 0.5]
 
-[[policies]]
+[[strategies]]
 strategy = "diffusers.first_block_cache"
 sweep.threshold = [0.2, 0.5]
 
-[[policies]]
+[[strategies]]
 strategy = "uniform"
 name = "every third"
 interval = 3
@@ -307,11 +307,11 @@ steps = 40
 repeats = 1
 warmup = 0
 
-[[policies]]
+[[strategies]]
 strategy = "uniform"
 sweep.interval = [2, 3]
 
-[[policies]]
+[[strategies]]
 strategy = "teacache"
 coefficients = [1.0, 0.0]
 estimator = { kind = "taylor", order = 2 }
@@ -391,7 +391,7 @@ def test_references_kept_as_blobs_by_an_earlier_cachekit_move_to_files(tmp_path)
 def test_entries_of_one_strategy_that_differ_outside_their_sweep_keep_their_own_labels(tmp_path):
     """Two TeaCache entries without sweeps: both are planned, labelled apart, reported and drawn."""
     text = SPEC.replace("sweep.interval = [2, 3]", "interval = 2").replace("seeds = [0, 1]", "seeds = [0]")
-    text += '\n[[policies]]\nstrategy = "teacache"\ncoefficients = [2.0, 0.0]\nrel_l1_thresh = 0.1\n'
+    text += '\n[[strategies]]\nstrategy = "teacache"\ncoefficients = [2.0, 0.0]\nrel_l1_thresh = 0.1\n'
     spec = load_spec(write_spec(tmp_path, text))
     labels = [setting.label for setting in plan(spec).settings]
     assert labels == ["uncached", "uniform", "teacache", "teacache #3"]

@@ -1,5 +1,5 @@
 """Host syncs per transformer call, counted on the CPU (`cachekit.testing.SyncCounter`): what would
-make the host wait for the GPU. Schedule-only policies make none with any estimator; data-dependent
+make the host wait for the GPU. Schedule-only strategies make none with any estimator; data-dependent
 ones (reading the probe, the latent, the output or the first blocks' residual) make at most one,
 the read of their decision's signal. Real diffusers pipelines with CFG as two calls, two
 generations each: the first of a handle included."""
@@ -41,7 +41,7 @@ def test_host_syncs_per_call(pipeline, strategy, estimator):
         branch.sites["span" if "span" in branch.sites else next(iter(branch.sites))].reused
         for branch in handle.stats.last.branches.values()
     )
-    assert reused > 0  # the counts are of a policy that does skip work
+    assert reused > 0  # the counts are of a strategy that does skip work
     if data_dependent(strategy):
         assert max(counter.per_call) == 1, counter.per_call
     else:

@@ -182,7 +182,7 @@ def test_preset_without_a_threshold_asks_for_one(flux_pipe, tmp_path):
 
 
 def test_a_bare_transformer_forces_the_last_step_or_asks_for_the_length():
-    """The policy instance decides whether the length is needed (TeaCache sets it from its config
+    """The strategy instance decides whether the length is needed (TeaCache sets it from its config
     and preset): without it a bare transformer is refused; with it the last step computes."""
     model = tiny_flux_transformer()
     config = TeaCacheConfig(coefficients=[1.0, 0.0], rel_l1_thresh=1e9)

@@ -1,8 +1,8 @@
-"""The plumbing between one transformer, one policy and its estimator.
+"""The plumbing between one transformer, one strategy and its estimator.
 
 Hooks (diffusers' `ModelHook`s, so they stack with diffusers' own offloading and casting hooks)
 sit on the transformer, on the blocks of the residual span and on attention/MLP modules, only
-where the policy asked. Each concern is one module:
+where the strategy asked. Each concern is one module:
 
 - `framing`: each transformer call becomes a step and branch of a generation, with its state;
 - `span`: the span's blocks compute, or pass their inputs through and add the estimated residual;

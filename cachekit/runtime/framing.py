@@ -1,5 +1,5 @@
 """Framing a transformer call: the generation, step and CFG branch it belongs to, the state it runs
-with, and the policy's answers checked on the way.
+with, and the strategy's answers checked on the way.
 
 The step comes from the pipeline (see `cachekit.steps`): the call hook is a stateful diffusers hook,
 so a pipeline's `cache_context` reaches it, and diffusers' reset of stateful hooks at the end of a
@@ -21,13 +21,13 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
 
 from cachekit.adapter import Adapter, OutputSite, Point, Streams
-from cachekit.errors import ConcurrentUseError, PolicyError, RankDivergenceError
+from cachekit.errors import ConcurrentUseError, RankDivergenceError, StrategyError
 from cachekit.estimator import Kept
 from cachekit.hooks import context_parallel_group
-from cachekit.policy import CachePolicy, Step
 from cachekit.signals import read, reduced_over
 from cachekit.stats import BranchStats, CacheStats, GenerationStats, tensor_bytes
 from cachekit.steps import StepTracker
+from cachekit.strategy import Step, Strategy
 
 #: What a branch keeps, by site: ("span", segment) for the span's residuals, (module, run) for a module's outputs.
 Key = tuple[str, int]
@@ -38,7 +38,7 @@ class Branch:
     """What one CFG branch carries through a generation."""
 
     stats: BranchStats
-    state: Any  # the policy's
+    state: Any  # the strategy's
     kept: dict[Key, Kept] = field(default_factory=dict)  # the estimator's, by site
     segments: set[int] = field(default_factory=set)  # the span's segments when it last computed
     gates: dict[Key, torch.Tensor] = field(default_factory=dict)  # a re-gated site's gate when computed
@@ -72,7 +72,7 @@ class Frames:
         self,
         model: nn.Module,
         adapter: Adapter,
-        policy: CachePolicy[Any],
+        strategy: Strategy[Any],
         tracker: StepTracker,
         stats: CacheStats,
         process_group: Any = None,
@@ -82,7 +82,7 @@ class Frames:
     ) -> None:
         self.model = model
         self.adapter = adapter
-        self.policy = policy
+        self.strategy = strategy
         self.tracker = tracker  # shared by the experts of one pipeline
         self.stats = stats
         self.process_group = process_group  # None: the model's context-parallel group, if any
@@ -130,7 +130,7 @@ class Frames:
         branch = self._branches.get(step.branch)
         if branch is None:
             stats = self.stats.last.branch(step.branch)
-            branch = self._branches[step.branch] = Branch(stats, self.policy.new_state())
+            branch = self._branches[step.branch] = Branch(stats, self.strategy.new_state())
             name = getattr(context, "name", None)
             if name is not None:
                 stats.context = name
@@ -151,8 +151,8 @@ class Frames:
             if self.module_sites:
                 call.branch.stats.module_schedule.append(call.computed_modules)
             if self.wants_output and output is not None:
-                self.policy.observe(call.step, self.adapter.prediction(output), call.branch.state)
-            call.branch.stats.policy_bytes = tensor_bytes(call.branch.state)
+                self.strategy.observe(call.step, self.adapter.prediction(output), call.branch.state)
+            call.branch.stats.strategy_bytes = tensor_bytes(call.branch.state)
         finally:
             if self._reduction is not None:
                 self._reduction.__exit__(None, None, None)
@@ -170,22 +170,22 @@ class Frames:
 
     def _concurrent(self, when: str) -> str:
         return (
-            f"{type(self.model).__name__} was called from a second thread {when}: a policy follows one generation "
-            "at a time; give each thread its own transformer (or apply the policy per thread)"
+            f"{type(self.model).__name__} was called from a second thread {when}: a strategy follows one generation "
+            "at a time; give each thread its own transformer (or apply the strategy per thread)"
         )
 
     def decision(self, call: Call, decision: Any, method: str) -> bool:
-        """A policy's answer as a bool; anything else (a forgotten return, a tensor) is its mistake.
-        Under context parallelism a policy not declared rank-consistent has its answer compared
+        """A strategy's answer as a bool; anything else (a forgotten return, a tensor) is its mistake.
+        Under context parallelism a strategy not declared rank-consistent has its answer compared
         across the ranks: they must all compute or all skip, or each raises instead of hanging."""
         if not isinstance(decision, bool | np.bool_):
-            raise PolicyError(
-                f"{type(self.policy).__name__}.{method} returned {decision!r} ({type(decision).__name__}); "
+            raise StrategyError(
+                f"{type(self.strategy).__name__}.{method} returned {decision!r} ({type(decision).__name__}); "
                 "a decision must be True (compute) or False (skip)"
             )
-        if call.group is not None and not self.policy.rank_consistent and not agree(bool(decision), call):
+        if call.group is not None and not self.strategy.rank_consistent and not agree(bool(decision), call):
             raise RankDivergenceError(
-                f"{type(self.policy).__name__}.{method}: the ranks of the context-parallel group decided "
+                f"{type(self.strategy).__name__}.{method}: the ranks of the context-parallel group decided "
                 f"differently at step {call.step.index} (branch {call.step.branch}); compute its signals with "
                 "cachekit.signals (reduced over the group) and set rank_consistent = True"
             )
@@ -193,11 +193,11 @@ class Frames:
 
     def compute_first(self, what: str, step: Step) -> bool:
         """A reuse with nothing stored: the second expert of a pipeline starts mid-generation with
-        nothing of its own, so it computes; anywhere else the policy is at fault."""
+        nothing of its own, so it computes; anywhere else the strategy is at fault."""
         if self.joined_late:
             return True
-        raise PolicyError(
-            f"strategy {self.policy.name()!r} chose to reuse {what} at step {step.index} "
+        raise StrategyError(
+            f"strategy {self.strategy.name()!r} chose to reuse {what} at step {step.index} "
             f"(branch {step.branch}) before computing it once in this generation"
         )
 

@@ -1,7 +1,7 @@
 """What the estimator keeps, per branch and site: recorded, estimated and checked.
 
 The bytes a site will hold are known from its first value (the value's size times the tensors the
-estimator keeps of it), so after the first value of a generation cachekit knows what the policy
+estimator keeps of it), so after the first value of a generation cachekit knows what the strategy
 will keep and compares it with `max_kept_bytes` and with the device's free memory, before the
 device runs out. A reuse is made only from a value recorded for inputs shaped as the call's (a
 batch or token count that changed inside a generation computes instead of broadcasting), and every
@@ -52,7 +52,7 @@ class Memory:
             self._check(call)
 
     def must_compute(self, call: Call, key: Key, what: str, inputs: Sequence[Any] = ()) -> bool:
-        """Whether a call the policy would reuse must compute: nothing was kept for `key` yet, or
+        """Whether a call the strategy would reuse must compute: nothing was kept for `key` yet, or
         it was kept for inputs of other shapes (the batch or the tokens changed)."""
         kept = call.branch.kept.get(key)
         if kept is None:
@@ -87,9 +87,9 @@ class Memory:
             raise KeptMemoryError(self._message(total, branches, f"more than the {_size(free)} free on {device}"))
 
     def _message(self, total: int, branches: int, limit: str) -> str:
-        policy = self.frames.policy
+        strategy = self.frames.strategy
         return (
-            f"strategy {policy.name()!r} with the {self.estimator.name()!r} estimator would keep {_size(total)} "
+            f"strategy {strategy.name()!r} with the {self.estimator.name()!r} estimator would keep {_size(total)} "
             f"({_size(total // max(branches, 1))} per CFG branch x {branches}, at {self.sites} {self.where}), "
             f"{limit}. Keep less: the span level (one residual per branch instead of one output per module), "
             "fewer sites, or a storage dtype (estimator dtype='bfloat16'); max_kept_bytes sets the limit"

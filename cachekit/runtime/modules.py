@@ -1,9 +1,9 @@
 """Running attention and MLP module sites: a module computes, or returns the output the estimator
-gives for it. The policy decides once per decision key in a call (`CachePolicy.decision_key`: per
+gives for it. The strategy decides once per decision key in a call (`Strategy.decision_key`: per
 attention kind for PAB, once for a step-only schedule) at the first site of that key; a module run
 more than once in a call (once per token stream, say) keeps an output per run.
 
-A gated site whose policy reuses what the block added (`reuses_gated`) returns the kept output
+A gated site whose strategy reuses what the block added (`reuses_gated`) returns the kept output
 times the kept gate over the current gate, as the block multiplies by the current one.
 """
 
@@ -17,9 +17,9 @@ from diffusers.hooks import ModelHook
 from torch import nn
 
 from cachekit.adapter import Adapter, ModuleSite
-from cachekit.policy import CachePolicy
 from cachekit.runtime.framing import Call, Frames, Key
 from cachekit.runtime.memory import Memory
+from cachekit.strategy import Strategy
 
 #: A block's arguments in its current call, by block index: the source of its gates.
 BlockCalls = dict[int, tuple[tuple[Any, ...], Mapping[str, Any]]]
@@ -27,12 +27,12 @@ BlockCalls = dict[int, tuple[tuple[Any, ...], Mapping[str, Any]]]
 
 class Modules:
     def __init__(
-        self, frames: Frames, memory: Memory, adapter: Adapter, policy: CachePolicy[Any], regated: set[str]
+        self, frames: Frames, memory: Memory, adapter: Adapter, strategy: Strategy[Any], regated: set[str]
     ) -> None:
         self.frames = frames
         self.memory = memory
         self.adapter = adapter
-        self.policy = policy
+        self.strategy = strategy
         self.regated = regated
         self.block_calls: BlockCalls = {}
 
@@ -64,7 +64,7 @@ class Modules:
         call.module_runs[site.name] = run + 1
         compute = call.decisions.get(decides)
         if compute is None:
-            decision = self.policy.decide_module(call.step, site, call.branch.state)
+            decision = self.strategy.decide_module(call.step, site, call.branch.state)
             compute = call.decisions[decides] = self.frames.decision(call, decision, f"decide_module at {site.name}")
         key = (site.name, run)
         inputs = (args[0] if args else kwargs.get("hidden_states"),)

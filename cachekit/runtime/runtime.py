@@ -1,4 +1,4 @@
-"""The `Runtime`: one policy and its estimator on one transformer, from the policy's points to the
+"""The `Runtime`: one strategy and its estimator on one transformer, from the strategy's points to the
 hooks that serve them."""
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ import torch
 from torch import nn
 
 from cachekit.adapter import Adapter, BlockArgument, OutputSite, Point
-from cachekit.errors import PolicyError
+from cachekit.errors import StrategyError
 from cachekit.estimator import Estimator
-from cachekit.policy import CachePolicy
 from cachekit.runtime.framing import CallHook, EmbeddingHook, Frames
 from cachekit.runtime.installing import Installer, each_once
 from cachekit.runtime.memory import Memory
@@ -20,6 +19,7 @@ from cachekit.runtime.modules import BlockArgumentsHook, Modules
 from cachekit.runtime.span import Span, span_places
 from cachekit.stats import CacheStats
 from cachekit.steps import StepTracker
+from cachekit.strategy import Strategy
 
 GATE_HOOK_NAME = "cachekit-gate"  # on a block whose gated sites' values are re-gated
 
@@ -29,34 +29,34 @@ class Runtime:
         self,
         model: nn.Module,
         adapter: Adapter,
-        policy: CachePolicy[Any],
+        strategy: Strategy[Any],
         estimator: Estimator[Any],
         tracker: StepTracker,
         process_group: Any = None,
     ):
         self.model = model
         self.adapter = adapter
-        self.policy = policy
+        self.strategy = strategy
         self.estimator = estimator
         self.tracker = tracker
         info = {
-            **policy.attach(adapter),
-            "estimator": policy.config.estimator.model_dump(mode="json", exclude_none=True),
+            **strategy.attach(adapter),
+            "estimator": strategy.config.estimator.model_dump(mode="json", exclude_none=True),
         }
-        self.stats = CacheStats(strategy=policy.name(), adapter=adapter.name, info=info)
-        points = policy.required_points()  # after attach, which may settle what the policy reads
+        self.stats = CacheStats(strategy=strategy.name(), adapter=adapter.name, info=info)
+        points = strategy.required_points()  # after attach, which may settle what the strategy reads
         for point in sorted(points):
-            adapter.require(point, policy.name())
+            adapter.require(point, strategy.name())
         reads = {
             Point.TIMESTEP_EMBEDDING: adapter.timestep_embedding,
             Point.PROJECTED_TIMESTEP_EMBEDDING: adapter.projected_timestep_embedding,
         }
         self._embeddings = {point: read() for point, read in reads.items() if point in points}
-        self._places = span_places(adapter, policy) if Point.SPAN in points else []
+        self._places = span_places(adapter, strategy) if Point.SPAN in points else []
         block_arguments = {p: s for p, s in self._embeddings.items() if isinstance(s, BlockArgument)}
         if block_arguments and not self._places:
-            raise PolicyError(
-                f"strategy {policy.name()!r} reads {', '.join(block_arguments)} from the first block's arguments "
+            raise StrategyError(
+                f"strategy {strategy.name()!r} reads {', '.join(block_arguments)} from the first block's arguments "
                 f"on {type(model).__name__}, which it can only do when it also requires the span"
             )
         self._sites = [
@@ -65,11 +65,11 @@ class Runtime:
         ]
         each_once(model, [block for block, _ in self._places], "block")
         each_once(model, [site.module for site in self._sites], "attention/MLP module")
-        self._keeps = {site.name: policy.may_reuse(site) for site in self._sites}
+        self._keeps = {site.name: strategy.may_reuse(site) for site in self._sites}
         self.frames = Frames(
             model,
             adapter,
-            policy,
+            strategy,
             tracker,
             self.stats,
             process_group,
@@ -77,19 +77,19 @@ class Runtime:
             wants_output=Point.OUTPUT in points,
             module_sites=bool(self._sites),
         )
-        dtype = policy.config.estimator.dtype
+        dtype = strategy.config.estimator.dtype
         segments = len({place.segment for _, place in self._places if not place.head})
         self.memory = Memory(
             self.frames,
             estimator,
             sites=segments + sum(self._keeps.values()),
             where="sites (span segments and attention/MLP modules)" if self._sites else "segments of the span",
-            limit=policy.config.max_kept_bytes,
+            limit=strategy.config.max_kept_bytes,
             storage=getattr(torch, dtype) if dtype else None,
         )
-        self.span = Span(self.frames, self.memory, adapter, policy, Point.PROBE in points, block_arguments)
-        regated = {site.name for site in self._sites if site.gated and policy.reuses_gated(site)}
-        self.modules = Modules(self.frames, self.memory, adapter, policy, regated)
+        self.span = Span(self.frames, self.memory, adapter, strategy, Point.PROBE in points, block_arguments)
+        regated = {site.name for site in self._sites if site.gated and strategy.reuses_gated(site)}
+        self.modules = Modules(self.frames, self.memory, adapter, strategy, regated)
         self._installer = Installer(model)
         self._latent_hook: Any = None
 
@@ -108,7 +108,7 @@ class Runtime:
         for block, place in self._places:
             route(block, functools.partial(self.span.block, place))
         for site in self._sites:
-            decides, keeps = self.policy.decision_key(site), self._keeps[site.name]
+            decides, keeps = self.strategy.decision_key(site), self._keeps[site.name]
             route(site.module, functools.partial(self.modules.run, site, decides, keeps))
         blocks = adapter.blocks()
         for index in sorted({site.block for site in self._sites if site.name in self.modules.regated}):

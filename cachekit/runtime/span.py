@@ -1,6 +1,6 @@
-"""Running the residual span: its first decided block asks the policy; on reuse every block passes
+"""Running the residual span: its first decided block asks the strategy; on reuse every block passes
 its inputs through and the last block of each segment adds the residual the estimator gives for
-it. Blocks the policy keeps computed at the head of the span always run, and their residual is a
+it. Blocks the strategy keeps computed at the head of the span always run, and their residual is a
 signal; those at the tail are not hooked.
 """
 
@@ -14,15 +14,15 @@ import torch
 from torch import nn
 
 from cachekit.adapter import Adapter, BlockArgument, BlockStreams, Point, Segment
-from cachekit.errors import PolicyError
-from cachekit.policy import CachePolicy, Signals
+from cachekit.errors import StrategyError
 from cachekit.runtime.framing import Call, Frames
 from cachekit.runtime.memory import Memory
+from cachekit.strategy import Signals, Strategy
 
 
 @dataclass(frozen=True)
 class SpanPlace:
-    """Where a block sits in the residual span. The blocks the policy keeps computed at the head
+    """Where a block sits in the residual span. The blocks the strategy keeps computed at the head
     are numbered in segments of their own; the tail's are not hooked."""
 
     segment: int
@@ -30,7 +30,7 @@ class SpanPlace:
     closes: bool  # last block of its segment
     streams: BlockStreams
     head: bool = False  # always computed, before the decided span
-    decides: bool = False  # the first block of the decided span: the policy decides here
+    decides: bool = False  # the first block of the decided span: the strategy decides here
     first_block: bool = False  # block 0 of the model: the probe is read here
     #: Neither opens nor closes a segment, reads nothing, decides nothing: on reuse it only passes
     #: its inputs through.
@@ -41,15 +41,15 @@ class SpanPlace:
         object.__setattr__(self, "inner", inner)
 
 
-def span_places(adapter: Adapter, policy: CachePolicy[Any]) -> list[tuple[nn.Module, SpanPlace]]:
-    """Each block of the span the policy runs on, with its place: segments cut where the head
+def span_places(adapter: Adapter, strategy: Strategy[Any]) -> list[tuple[nn.Module, SpanPlace]]:
+    """Each block of the span the strategy runs on, with its place: segments cut where the head
     (always computed) ends and the tail (always computed, not hooked) begins."""
     segments = adapter.span().segments
     blocks = sum(len(segment) for segment in segments)
-    first, last = policy.always_computed()
+    first, last = strategy.always_computed()
     if first < 0 or last < 0 or first + last >= blocks:
         raise ValueError(
-            f"strategy {policy.name()!r} keeps {first} blocks at the head and {last} at the tail of the span always "
+            f"strategy {strategy.name()!r} keeps {first} blocks at the head and {last} at the tail of the span always "
             f"computed, but {type(adapter.model).__name__} has {blocks} blocks: at least one must remain to skip "
             f"(need 0 <= first + last < {blocks})"
         )
@@ -80,21 +80,21 @@ def span_places(adapter: Adapter, policy: CachePolicy[Any]) -> list[tuple[nn.Mod
 
 
 class Span:
-    """The span's blocks, run or passed through as the policy decides."""
+    """The span's blocks, run or passed through as the strategy decides."""
 
     def __init__(
         self,
         frames: Frames,
         memory: Memory,
         adapter: Adapter,
-        policy: CachePolicy[Any],
+        strategy: Strategy[Any],
         wants_probe: bool,
         block_arguments: dict[Point, BlockArgument],
     ) -> None:
         self.frames = frames
         self.memory = memory
         self.adapter = adapter
-        self.policy = policy
+        self.strategy = strategy
         self.wants_probe = wants_probe
         self.block_arguments = block_arguments
 
@@ -129,7 +129,7 @@ class Span:
         args: tuple[Any, ...],
         kwargs: Mapping[str, Any],
     ) -> Any:
-        """A block the policy keeps computed before the span it decides: runs, and its segment's
+        """A block the strategy keeps computed before the span it decides: runs, and its segment's
         residual on the first stream becomes a signal."""
         if place.opens:
             call.head_inputs[place.segment] = place.streams.read_inputs(args, kwargs)[0]
@@ -160,7 +160,7 @@ class Span:
             head_residual=tuple(call.head_residual) if call.head_residual else None,
         )
         frames, branch = self.frames, call.branch
-        call.compute = frames.decision(call, self.policy.decide_span(call.step, signals, branch.state), "decide_span")
+        call.compute = frames.decision(call, self.strategy.decide_span(call.step, signals, branch.state), "decide_span")
         if not call.compute:
             call.compute = self.memory.must_compute(
                 call, ("span", 0), "the span", place.streams.read_inputs(args, kwargs)
@@ -191,7 +191,7 @@ class Span:
         if not place.closes:
             return place.streams.pack(inputs)
         if place.segment not in call.branch.segments:
-            raise PolicyError(
+            raise StrategyError(
                 f"segment {place.segment} of the residual span ran while reusing, but not when the span was "
                 "last computed: the model took a different path through its blocks"
             )

@@ -1,4 +1,4 @@
-"""Fair comparison of cache policies: the same latents, the uncached reference, measured speed and
+"""Fair comparison of cache strategies: the same latents, the uncached reference, measured speed and
 quality, results in SQLite as each cell finishes."""
 
 from cachekit.study.plan import Cell, Plan, Setting, StudySpecError, load_spec, plan

@@ -1,6 +1,6 @@
 """What a study generates with: a testbed model or a diffusers pipeline, behind one interface.
 
-Both generate from (seed, condition) with the initial noise fixed by the seed, so every policy
+Both generate from (seed, condition) with the initial noise fixed by the seed, so every strategy
 of a study starts from the same latents. The arguments a spec passes to a pipeline's call are
 checked against that call's signature, from the pipeline folder's `model_index.json` before any
 model loads where it can be read, else once the pipeline is loaded.
@@ -199,7 +199,7 @@ class TestbedModel(StudyModel):
         self._latents: dict[int, torch.Tensor] = {}
 
     def generate(self, seed: int, condition: str, steps: int | None = None) -> torch.Tensor:
-        if seed not in self._latents:  # made once per seed, shared by every policy
+        if seed not in self._latents:  # made once per seed, shared by every strategy
             self._latents[seed] = self.target.prepare_latents(seed)
         return self.target(
             [int(condition)],

@@ -15,10 +15,11 @@ import pydantic
 from cachekit.errors import CachekitError
 from cachekit.metric import MetricError, Metrics, metrics_for
 from cachekit.registry import make_config
-from cachekit.schemas import EstimatorConfig, PolicyConfig
+from cachekit.schemas.configs import StrategyConfig
+from cachekit.schemas.estimators import EstimatorConfig
 from cachekit.schemas.files import SUFFIXES, parse_table, read_table
 from cachekit.schemas.peers import PEER_CONFIGS, PeerConfig
-from cachekit.schemas.study import Generation, PolicyEntry, StudySpec
+from cachekit.schemas.study import Generation, StrategyEntry, StudySpec
 from cachekit.study.models import CallSignature, PipelineArgumentError, call_arguments, pipeline_class
 from cachekit.study.store import UNCACHED
 
@@ -31,12 +32,12 @@ class StudySpecError(CachekitError, ValueError):
 
 @dataclass(frozen=True)
 class Setting:
-    """One policy setting of a study, or the uncached reference (config None)."""
+    """One strategy setting of a study, or the uncached reference (config None)."""
 
     key: str  # canonical JSON of the config: the identity of the setting in the results
     label: str  # short, for tables and plots: the method and the swept values
-    config: PolicyConfig | PeerConfig | None  # a cachekit policy, or a diffusers method
-    method: str = UNCACHED  # the policy entry it comes from, for tables per method
+    config: StrategyConfig | PeerConfig | None  # a cachekit strategy, or a diffusers method
+    method: str = UNCACHED  # the strategy entry it comes from, for tables per method
 
     @classmethod
     def uncached(cls) -> Setting:
@@ -94,23 +95,23 @@ def with_paths_from(data: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 def plan(spec: StudySpec) -> Plan:
     """Every cell of `spec`, after checking each model, its call arguments, the metrics and every
-    policy setting (no model is loaded)."""
+    strategy setting (no model is loaded)."""
     for index, model in enumerate(spec.models):
         check_model(model.name, spec.generation(model.name), f"models[{index}]", frozenset(model.overrides()))
     metrics = check_metrics(spec)
     settings = [Setting.uncached()]
     methods: set[str] = set()
-    for index, entry in enumerate(spec.policies):
+    for index, entry in enumerate(spec.strategies):
         method = None
         for values in entry.settings():
             try:
                 config = _config(values, spec)
             except (pydantic.ValidationError, LookupError, TypeError, ValueError) as error:
-                raise StudySpecError(f"policies[{index}] ({json.dumps(values)}): {error}") from None
+                raise StudySpecError(f"strategies[{index}] ({json.dumps(values)}): {error}") from None
             method = method or _method(entry, config, index, methods)
             setting = Setting(_key(config), _label(method, config, sorted(entry.sweep)), config, method)
             if setting.key in {s.key for s in settings}:
-                raise StudySpecError(f"policies[{index}]: the setting {setting.label} appears twice")
+                raise StudySpecError(f"strategies[{index}]: the setting {setting.label} appears twice")
             settings.append(setting)
         methods.add(str(method))
     cells = [
@@ -167,8 +168,8 @@ def _conditions(spec: StudySpec, model: str) -> list[str]:
     return [str(label) for label in spec.labels] if model in testbed.names() else list(spec.prompts)
 
 
-def _config(values: dict[str, object], spec: StudySpec) -> PolicyConfig | PeerConfig:
-    """A cachekit policy config, or a diffusers method's (which gets the study's step count)."""
+def _config(values: dict[str, object], spec: StudySpec) -> StrategyConfig | PeerConfig:
+    """A cachekit strategy config, or a diffusers method's (which gets the study's step count)."""
     strategy = str(values["strategy"])
     if not strategy.startswith("diffusers."):
         return make_config(values)
@@ -180,15 +181,15 @@ def _config(values: dict[str, object], spec: StudySpec) -> PolicyConfig | PeerCo
     return peer.model_validate(values)
 
 
-def _method(entry: PolicyEntry, config: PolicyConfig | PeerConfig, index: int, taken: set[str]) -> str:
+def _method(entry: StrategyEntry, config: StrategyConfig | PeerConfig, index: int, taken: set[str]) -> str:
     """The entry's name, else the strategy and the estimator where it is not the strategy's own;
     made unique with the entry's index where two entries would share it."""
     if entry.name is not None:
         if entry.name in taken:
-            raise StudySpecError(f"policies[{index}]: the name {entry.name!r} is already taken")
+            raise StudySpecError(f"strategies[{index}]: the name {entry.name!r} is already taken")
         return entry.name
     method = config.strategy
-    if isinstance(config, PolicyConfig):
+    if isinstance(config, StrategyConfig):
         default = type(config).model_fields["estimator"].default
         if config.estimator != default:
             method += "+" + estimator_label(config.estimator)
@@ -203,11 +204,11 @@ def estimator_label(estimator: EstimatorConfig) -> str:
     return f"taylor{fields['order']}" + ("@step" if fields["spacing"] == "step" else "")
 
 
-def _key(config: PolicyConfig | PeerConfig) -> str:
+def _key(config: StrategyConfig | PeerConfig) -> str:
     return json.dumps(config.model_dump(mode="json"), sort_keys=True)
 
 
-def _label(method: str, config: PolicyConfig | PeerConfig, swept: list[str]) -> str:
+def _label(method: str, config: StrategyConfig | PeerConfig, swept: list[str]) -> str:
     values = config.model_dump(mode="json")
     shown = [f"{name}={values[name] if name != 'estimator' else estimator_label(config.estimator)}" for name in swept]  # type: ignore[union-attr]
     return " ".join([method, *shown])

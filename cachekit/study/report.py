@@ -1,7 +1,7 @@
-"""A study's report: what was asked and where it ran, the table (one row per model x policy
+"""A study's report: what was asked and where it ran, the table (one row per model x strategy
 setting), per model the best quality each method reaches within each budget of block executions
 (and of attention calls), the quality-vs-work and speed-vs-quality frontiers, and a timeline of
-which steps each policy computed.
+which steps each strategy computed.
 
 Wall clock is the axis people want and the one that lies on a busy machine, so the report keeps
 the noise-free axes beside it (share of block executions, FLOPs saved), gives every latency's
@@ -33,7 +33,7 @@ SHOWN_FIRST = ("psnr", "ssim", "ms_ssim")
 
 @dataclass(frozen=True)
 class Summary:
-    """One model x policy setting, over its seeds and conditions."""
+    """One model x strategy setting, over its seeds and conditions."""
 
     model: str
     setting: str  # the setting's key
@@ -215,7 +215,7 @@ def write_report(db: str | Path, out: str | Path | None = None, study: str | Non
         f"Samples (PNG/MP4 and tensors) are in `{samples}`; `cachekit study export {Path(db).name}` lays them out "
         "one folder per setting.",
         "",
-        "Each row: one model and policy setting over its seeds and conditions. Latency: the median of every timed "
+        "Each row: one model and strategy setting over its seeds and conditions. Latency: the median of every timed "
         "generation, with the fastest and slowest; speedup: the uncached cells' median latency over the setting's "
         "(same seeds, conditions and initial latents); limit: the most its skipped work could give (1 over the "
         "smallest of its shares of FLOPs spent, blocks executed and attention calls computed), which a measured "
@@ -223,7 +223,7 @@ def write_report(db: str | Path, out: str | Path | None = None, study: str | Non
         "counted with plain torch hooks for every method alike (a block executes when its attention or MLP runs); "
         "quality is the mean over cells against the uncached output.",
         "",
-        "| model | policy | cells | latency (s) [min-max] | speedup | limit | calls computed | blocks executed "
+        "| model | strategy | cells | latency (s) [min-max] | speedup | limit | calls computed | blocks executed "
         "| attention computed | FLOPs saved | " + " | ".join(_METRIC_NAMES.get(m, m) for m in metrics) + " |",
         "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(metrics),
         *(_table_row(summary, metrics) for summary in summaries),
@@ -253,7 +253,7 @@ def write_report(db: str | Path, out: str | Path | None = None, study: str | Non
             else f"FLOPs (uncached FLOPs over FLOPs spent), as wall clock cannot be trusted here: {why_not}."
         ),
         "",
-        "![which steps each policy computed](timeline.png)",
+        "![which steps each strategy computed](timeline.png)",
         "",
         *(f"- {note}" for note in notes),
         *_asked_and_where(runs),
@@ -491,7 +491,7 @@ def _rings(axis: Any, spot: list[tuple[float, float, Any]]) -> None:
 
 def _timeline(rows: list[dict[str, Any]], summaries: list[Summary], path: Path) -> None:
     """Per model, setting and CFG branch, the share of work computed at each step, over all cells
-    (1: every cell computed that step; for module-level policies, the share of modules)."""
+    (1: every cell computed that step; for module-level strategies, the share of modules)."""
     plt = _pyplot()
     label_of = {(s.model, s.setting): s.label for s in summaries}
     shares: dict[tuple[str, str, str], list[list[float]]] = {}

@@ -32,7 +32,7 @@ from cachekit.errors import CachekitError, MissingPointError
 from cachekit.metric import Metrics, Sample
 from cachekit.peers import apply_peer
 from cachekit.registry import resolve_adapter
-from cachekit.schemas import PolicyConfig
+from cachekit.schemas.configs import StrategyConfig
 from cachekit.schemas.peers import PeerConfig
 from cachekit.schemas.study import StudySpec
 from cachekit.stats import GenerationStats
@@ -220,9 +220,9 @@ def check_settings(name: str, target: Any, settings: list[Setting]) -> None:
             raise StudySpecError(f"{setting.label} cannot run on {name}: {error}") from None
 
 
-def apply_setting(target: Any, config: PolicyConfig | PeerConfig) -> Any:
-    """A cachekit policy through `cachekit.apply`, a diffusers method through its own hooks."""
-    if isinstance(config, PolicyConfig):
+def apply_setting(target: Any, config: StrategyConfig | PeerConfig) -> Any:
+    """A cachekit strategy through `cachekit.apply`, a diffusers method through its own hooks."""
+    if isinstance(config, StrategyConfig):
         return cachekit.apply(target, config)
     return apply_peer(target, config)
 
@@ -259,7 +259,7 @@ def _run_and_store(
 def run_cell(
     spec: StudySpec, model: StudyModel, cell: Cell, costs: Costs, progress: bool = False
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Generate under the cell's policy: warm-up, then timed repeats; returns the output and the
+    """Generate under the cell's strategy: warm-up, then timed repeats; returns the output and the
     row. `progress`: a bar over the cell's transformer calls, with its ETA."""
     transformer = model.transformer
     counter = WorkCounter(transformer, resolve_adapter(transformer)(transformer), costs.modules)  # before any hook
@@ -321,7 +321,7 @@ def run_cell(
 
 def _counts(uncached: bool, last: GenerationStats | None, work: Work, costs: Costs) -> dict[str, Any]:
     """What ran (counted from the outside) and FLOPs; the calls that computed the span, from the
-    policy's stats (None where there are none: a diffusers method, a policy without a span)."""
+    strategy's stats (None where there are none: a diffusers method, a strategy without a span)."""
     span = [branch.sites["span"] for branch in last.branches.values() if "span" in branch.sites] if last else []
     attention = work.calls * work.attention_sites
     return {

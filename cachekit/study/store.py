@@ -47,13 +47,13 @@ COLUMNS = {
     "seed": "INTEGER NOT NULL",
     "condition": "TEXT NOT NULL",
     "label": "TEXT NOT NULL",
-    "method": "TEXT",  # the policy entry the setting comes from
+    "method": "TEXT",  # the strategy entry the setting comes from
     "strategy": "TEXT NOT NULL",
     "latency_s": "REAL",  # median of the timed repeats
     "latencies_s": "TEXT",  # JSON list of every timed repeat
     "speedup": "REAL",  # the uncached cell's median latency / this cell's
     "calls": "INTEGER",  # transformer calls
-    "computed_calls": "INTEGER",  # calls that ran the residual span, per the policy (NULL: it does not say)
+    "computed_calls": "INTEGER",  # calls that ran the residual span, per the strategy (NULL: it does not say)
     "reused_calls": "INTEGER",
     "block_executions": "INTEGER",  # blocks whose attention or MLP ran, counted from the outside
     "block_share": "REAL",  # block_executions / (calls x blocks)
@@ -64,7 +64,7 @@ COLUMNS = {
     "metrics": "TEXT",  # JSON: each quality metric's value by name (psnr: dB against the uncached cell, inf when equal)
     "latents_sha": "TEXT",  # fingerprint of the transformer's first input: the initial latents
     "decisions": "TEXT",  # JSON: per CFG branch, the span schedule and module sites computed per call
-    "stats": "TEXT",  # JSON: the handle's stats of the last generation, and the policy's info
+    "stats": "TEXT",  # JSON: the handle's stats of the last generation, and the strategy's info
     "notes": "TEXT",  # JSON list
     "finished_at": "TEXT",
     "process": "TEXT",  # which process of how many measured it, on which device

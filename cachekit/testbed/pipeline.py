@@ -36,7 +36,7 @@ class TestbedPipeline:
         return self
 
     def prepare_latents(self, seed: int, batch: int = 1) -> torch.Tensor:
-        """The initial noise for `batch` samples from `seed` (what a study shares across policies);
+        """The initial noise for `batch` samples from `seed` (what a study shares across strategies);
         drawn on the CPU, so a seed gives the same noise on every device."""
         generator = torch.Generator().manual_seed(seed)
         weight = next(self.transformer.parameters())

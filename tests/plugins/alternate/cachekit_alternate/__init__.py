@@ -4,16 +4,16 @@ from typing import Literal
 
 from pydantic import Field
 
-from cachekit import CachePolicy, Point, hookimpl
-from cachekit.schemas import PolicyConfig
+from cachekit import Point, Strategy, hookimpl
+from cachekit.schemas import StrategyConfig
 
 
-class AlternateConfig(PolicyConfig):
+class AlternateConfig(StrategyConfig):
     strategy: Literal["alternate"] = "alternate"
     offset: int = Field(default=0, ge=0, le=1)
 
 
-class AlternatePolicy(CachePolicy[AlternateConfig]):
+class AlternateStrategy(Strategy[AlternateConfig]):
     config_class = AlternateConfig
     requires = frozenset({Point.SPAN})
     needs_num_steps = True
@@ -28,4 +28,4 @@ class AlternatePolicy(CachePolicy[AlternateConfig]):
 
 @hookimpl
 def cachekit_register_strategies(register):
-    register(AlternatePolicy)
+    register(AlternateStrategy)

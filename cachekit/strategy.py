@@ -1,22 +1,22 @@
-"""The CachePolicy contract: a policy decides compute or reuse; it never plumbs.
+"""The Strategy contract: a strategy decides compute or reuse; it never plumbs.
 
-The runtime asks a policy at each site it declared (`requires`) and hands it the step, the
+The runtime asks a strategy at each site it declared (`requires`) and hands it the step, the
 signals it asked for, and a state object that belongs to one CFG branch of one generation. A
-policy never sees another branch's state, so cross-branch leaks cannot happen by construction.
+strategy never sees another branch's state, so cross-branch leaks cannot happen by construction.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
+from typing import Any, ClassVar, Generic, Literal, NamedTuple, TypeVar
 
 import torch
 
 from cachekit.adapter import Adapter, ModuleSite, Point
-from cachekit.schemas import PolicyConfig
+from cachekit.schemas.configs import StrategyConfig
 
-ConfigT = TypeVar("ConfigT", bound=PolicyConfig)
+ConfigT = TypeVar("ConfigT", bound=StrategyConfig)
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Step:
 
 @dataclass(frozen=True)
 class Signals:
-    """Values computed from the model for a decision; only those the policy requires are set."""
+    """Values computed from the model for a decision; only those the strategy requires are set."""
 
     probe: torch.Tensor | None = None
     timestep_embedding: torch.Tensor | None = None
@@ -47,14 +47,27 @@ class Signals:
     head_residual: tuple[torch.Tensor, ...] | None = None
 
 
+@dataclass(frozen=True)
+class Knob:
+    """The config field that trades compute for quality, which tuning searches: an integer
+    interval (tried 1, 2, ... up to the step count) or a threshold (bisected on a log scale
+    between `low` and `high`). `reuses_more`: the direction in which the strategy skips more."""
+
+    field: str
+    integer: bool = False
+    reuses_more: Literal["higher", "lower"] = "higher"
+    low: float = 1e-4
+    high: float = 10.0
+
+
 class ExampleConfigs(NamedTuple):
     """What the conformance tests run a strategy with, on every registered adapter."""
 
-    never_reuses: PolicyConfig  # output must equal the bare model's, bitwise
-    reuses: PolicyConfig  # reuses within a few steps on any model, random weights included
+    never_reuses: StrategyConfig  # output must equal the bare model's, bitwise
+    reuses: StrategyConfig  # reuses within a few steps on any model, random weights included
 
 
-class CachePolicy(Generic[ConfigT]):
+class Strategy(Generic[ConfigT]):
     """Base class of every strategy.
 
     Subclasses set `config_class` and `requires` (or override `required_points` where the config
@@ -63,7 +76,9 @@ class CachePolicy(Generic[ConfigT]):
     runtime keeps one per branch and drops them all when a generation starts.
     """
 
-    config_class: ClassVar[type[PolicyConfig]]
+    config_class: ClassVar[type[StrategyConfig]]
+    #: The field tuning searches (None: nothing to tune).
+    knob: ClassVar[Knob | None] = None
     requires: ClassVar[frozenset[Point]] = frozenset()
     #: True when every decision depends only on the step and on signals computed with
     #: `cachekit.signals` (which agree on every rank); otherwise, under context parallelism, the
@@ -85,7 +100,7 @@ class CachePolicy(Generic[ConfigT]):
         return None
 
     def required_points(self) -> frozenset[Point]:
-        """The points this policy needs from the model's adapter (and the signals it is handed)."""
+        """The points this strategy needs from the model's adapter (and the signals it is handed)."""
         return self.requires
 
     def attach(self, adapter: Adapter) -> dict[str, Any]:
@@ -112,7 +127,7 @@ class CachePolicy(Generic[ConfigT]):
 
     def decision_key(self, site: ModuleSite) -> Hashable:
         """Sites with the same key get one decision per call, asked at the first of them (the
-        default: one per site). A policy whose decision is the same for every site of a kind
+        default: one per site). A strategy whose decision is the same for every site of a kind
         returns the kind, so a call costs one decision per kind, not one per module."""
         return site.name
 
@@ -129,4 +144,4 @@ class CachePolicy(Generic[ConfigT]):
         return (0, 0)
 
     def observe(self, step: Step, output: torch.Tensor, state: Any) -> None:
-        """After each transformer call, its prediction; called for policies requiring Point.OUTPUT."""
+        """After each transformer call, its prediction; called for strategies requiring Point.OUTPUT."""
