@@ -383,6 +383,11 @@ def _fastest(call: Callable[[], Any], calls: int, rounds: int = 5) -> float:
     return best
 
 
+def strategies() -> list[str]:
+    """Every installed strategy with example configs: what the tables cover."""
+    return [name for name in list_strategies() if get_strategy(name).example_configs() is not None]
+
+
 def speedup_settings(family: Family, steps: int) -> dict[str, Any]:
     teacache = {"strategy": "teacache", "preset": family.preset}
     settings: dict[str, Any] = {
@@ -416,10 +421,9 @@ def measure(
         passing_calls, _, _ = per_call(bench, None, repeats)
         passing_ops, _ = ops_per_call(bench, None)
     strategies: dict[str, Any] = {}
-    for name in only or list_strategies():
+    for name in only or strategies():
         examples = get_strategy(name).example_configs()
-        if examples is None:
-            continue
+        assert examples is not None
         never, reuses = (make_config({**config.model_dump(), "num_inference_steps": steps}) for config in examples)
         bare = functools.partial(applied, bench, None)
         overhead = side_by_side(bench, bare, functools.partial(applied, bench, never), repeats)

@@ -24,27 +24,25 @@ from cachekit.adapter import Adapter, BlockArgument, OutputSite, Point
 from cachekit.example import ModelExample
 from cachekit.testing import RunCounter, module_state
 
+
+def cells() -> list[tuple[str, str, str]]:
+    """(strategy, estimator, dtype) of the matrix, from what is installed: every strategy with a
+    copy and with a second-order Taylor forecast in float32, and with a copy in bfloat16 (the
+    precision users run: bf16 timesteps, inputs and weights); every other estimator (a plugin's
+    included) with a span-level and a module-level strategy."""
+    strategies, estimators = sorted(registry.registry().strategies), sorted(registry.registry().estimators)
+    others = [estimator for estimator in estimators if estimator not in ("copy", "taylor")]
+    return [
+        *((strategy, estimator, "float32") for strategy in strategies for estimator in ("copy", "taylor")),
+        *((strategy, estimator, "float32") for strategy in ("uniform", "pab") for estimator in others),
+        *((strategy, "copy", "bfloat16") for strategy in strategies),
+    ]
+
+
 ADAPTERS = sorted(registry.registry().adapters)
 STRATEGIES = sorted(registry.registry().strategies)
-ESTIMATORS = sorted(registry.registry().estimators)
-#: Every strategy with a copy and with a second-order Taylor forecast; every other estimator (a
-#: plugin's included) with a span-level and a module-level strategy.
-PAIRS = [
-    *((strategy, estimator) for strategy in STRATEGIES for estimator in ("copy", "taylor")),
-    *(
-        (strategy, estimator)
-        for strategy in ("uniform", "pab")
-        for estimator in ESTIMATORS
-        if estimator not in ("copy", "taylor")
-    ),
-]
+CELLS = cells()
 ESTIMATOR_CONFIGS = {"taylor": {"kind": "taylor", "order": 2}}
-#: The precisions cells run in: every strategy above in float32, and every strategy with a copy in
-#: bfloat16, the precision users run (bf16 timesteps, inputs and weights).
-CELLS = [
-    *((strategy, estimator, "float32") for strategy, estimator in PAIRS),
-    *((strategy, "copy", "bfloat16") for strategy in STRATEGIES),
-]
 STEPS = 6
 #: 0-1000 timesteps of the loop, noisy to clean, as a flow-matching pipeline would run them.
 TIMESTEPS = [1000.0 * (1 - i / STEPS) for i in range(STEPS)]

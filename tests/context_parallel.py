@@ -157,21 +157,14 @@ def shard_changes(family: str, world: int) -> list[float]:
 
 
 def strategy(name: str, changes: list[float]) -> Any:
-    """The strategies checked, each reusing on the tiny models; TeaCache's threshold lies between the
-    two shards' changes, so deciding from a shard would split the ranks."""
-    from cachekit.schemas import (
-        Broadcast,
-        EasyCacheConfig,
-        FBCacheConfig,
-        PABConfig,
-        SeaCacheConfig,
-        TeaCacheConfig,
-        UniformConfig,
-    )
+    """The config each strategy is checked with: its reusing example, or where that would not tell
+    a shard's decision from the whole's, a sharper one: TeaCache's threshold lies between the two
+    shards' changes, so deciding from a shard would split the ranks."""
+    import cachekit
+    from cachekit.schemas import Broadcast, EasyCacheConfig, FBCacheConfig, PABConfig, SeaCacheConfig, TeaCacheConfig
 
     everywhere = Broadcast(range=2, window=(0, 1000))
-    return {
-        "uniform": lambda: UniformConfig(interval=2, num_inference_steps=STEPS),
+    sharper = {
         "pab": lambda: PABConfig(spatial=everywhere, cross=everywhere),
         "teacache": lambda: TeaCacheConfig(
             coefficients=(1.0, 0.0), rel_l1_thresh=sum(changes) / len(changes), num_inference_steps=STEPS
@@ -179,10 +172,18 @@ def strategy(name: str, changes: list[float]) -> Any:
         "fbcache": lambda: FBCacheConfig(threshold=0.3),
         "seacache": lambda: SeaCacheConfig(threshold=0.5, num_inference_steps=STEPS),
         "easycache": lambda: EasyCacheConfig(warmup_steps=2, threshold=0.5, num_inference_steps=STEPS),
-    }[name]()
+    }
+    if name in sharper:
+        return sharper[name]()
+    example = cachekit.get_strategy(name).example_configs().reuses
+    return example.model_copy(update={"num_inference_steps": STEPS})
 
 
-STRATEGIES = ("uniform", "pab", "teacache", "fbcache", "seacache", "easycache")
+def strategies() -> list[str]:
+    """Every installed strategy that ships example configs (the registry's, a plugin's included)."""
+    import cachekit
+
+    return [name for name in cachekit.list_strategies() if cachekit.get_strategy(name).example_configs() is not None]
 
 
 def check_decisions_agree(rank: int, world: int, kind: str, families: list[str], names: list[str]) -> None:

@@ -13,25 +13,39 @@ from cachekit.schemas import (
     FBCacheConfig,
     MagCacheConfig,
     PABConfig,
-    SeaCacheConfig,
+    StrategyConfig,
     TaylorSeerConfig,
     TeaCacheConfig,
     UniformConfig,
 )
 
 TAYLOR = {"kind": "taylor", "order": 2}
-CONFIGS = {
-    "uniform": UniformConfig(interval=2),
+#: Where a strategy's reusing example would not exercise what compiling must survive; every other
+#: installed strategy runs its reusing example.
+SHARPER = {
     "teacache": TeaCacheConfig(coefficients=[1.0, 0.0], rel_l1_thresh=0.05),
-    "teacache+taylor": TeaCacheConfig(coefficients=[1.0, 0.0], rel_l1_thresh=0.1, estimator=TAYLOR),
-    "pab": PABConfig(),
-    "pab+foca": PABConfig(estimator="foca"),
     "fbcache": FBCacheConfig(threshold=0.1, first_blocks=2, last_blocks=1),
     "magcache": MagCacheConfig(interpolate=True, threshold=0.2),
     "taylorseer": TaylorSeerConfig(interval=3, level="modules"),
-    "seacache": SeaCacheConfig(),
     "easycache": EasyCacheConfig(warmup_steps=4),
 }
+EXTRA = {
+    "teacache+taylor": TeaCacheConfig(coefficients=[1.0, 0.0], rel_l1_thresh=0.1, estimator=TAYLOR),
+    "pab+foca": PABConfig(estimator="foca"),
+}
+
+
+def compiled_configs() -> dict[str, StrategyConfig]:
+    """Every installed strategy (from the registry), and a forecast on a span and a module level."""
+    configs = {}
+    for name in cachekit.list_strategies():
+        examples = cachekit.get_strategy(name).example_configs()
+        if name in SHARPER or examples is not None:
+            configs[name] = SHARPER.get(name) or examples.reuses
+    return {**configs, **EXTRA}
+
+
+CONFIGS = compiled_configs()
 
 
 @pytest.mark.slow

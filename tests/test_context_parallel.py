@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
-from context_parallel import STRATEGIES, check_decisions_agree, check_divergence_is_named, spawn
+from context_parallel import check_decisions_agree, check_divergence_is_named, spawn, strategies
 from helpers import data_dependent
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -19,12 +19,12 @@ from cachekit.testing import meta_reads
 
 
 def test_every_rank_decides_as_one_process_would_under_ulysses():
-    spawn(check_decisions_agree, 2, "ulysses", ["flux", "wan"], sorted(STRATEGIES))
+    spawn(check_decisions_agree, 2, "ulysses", ["flux", "wan"], strategies())
 
 
 @pytest.mark.slow
 def test_every_rank_decides_as_one_process_would_under_ring_attention():
-    spawn(check_decisions_agree, 2, "ring", ["flux", "wan"], sorted(STRATEGIES))
+    spawn(check_decisions_agree, 2, "ring", ["flux", "wan"], strategies())
 
 
 def test_a_rank_divergent_plugin_strategy_gets_the_named_error_on_every_rank():

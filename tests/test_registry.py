@@ -15,7 +15,7 @@ import pytest
 import cachekit
 from cachekit.errors import UnknownStrategyError
 from cachekit.hookspecs import hookimpl
-from cachekit.registry import PluginWarning
+from cachekit.registry import PluginWarning, Registry
 from cachekit.schemas import UniformConfig
 from cachekit.testing import run_flux
 
@@ -154,3 +154,89 @@ def test_a_plugin_author_runs_the_shipped_conformance_matrix_without_a_checkout(
     result = subprocess.run([*command, "-k", "damped and (flux or wan)"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:]
     assert re.search(r"\b[1-9]\d* passed", result.stdout) and "failed" not in result.stdout
+
+
+EVERY_FOURTH_CONFIG = '''
+from typing import Literal
+
+from pydantic import Field
+
+from cachekit.schemas.configs import StrategyConfig
+
+
+class EveryFourthConfig(StrategyConfig):
+    """Compute every fourth step."""
+
+    strategy: Literal["every_fourth"] = "every_fourth"
+    offset: int = Field(default=0, ge=0, le=3)
+'''
+
+EVERY_FOURTH = """
+from cachekit.adapter import Point
+from cachekit.hookspecs import hookimpl
+from cachekit.schemas import EveryFourthConfig
+from cachekit.strategy import ExampleConfigs, Knob, Strategy
+
+
+class EveryFourth(Strategy[EveryFourthConfig]):
+    config_class = EveryFourthConfig
+    knob = Knob("offset", integer=True)
+    requires = frozenset({Point.STEP, Point.SPAN})
+    rank_consistent = True
+
+    @classmethod
+    def example_configs(cls):
+        return ExampleConfigs(never_reuses=EveryFourthConfig(offset=0), reuses=EveryFourthConfig(offset=1))
+
+    def decide_span(self, step, signals, state):
+        return self.config.offset == 0 or step.index % 4 == self.config.offset - 1 or step.index == 0
+
+
+@hookimpl
+def cachekit_register_strategies(register):
+    register(EveryFourth)
+"""
+
+
+def test_a_built_in_method_is_one_strategy_module_and_one_schema_module(tmp_path, monkeypatch, request):
+    """Dropped into the two folders (here: folders added to the packages' paths), a method is a
+    strategy everywhere the project runs "every strategy": the registry, the schemas' exports,
+    the conformance matrix, the compile and context-parallel lists and the benchmarks."""
+    import sys
+
+    import cachekit.schemas
+    import cachekit.strategies
+    from cachekit import conformance
+    from cachekit import registry as registry_module
+
+    for package, name, code in [
+        (cachekit.schemas, "every_fourth_schema", EVERY_FOURTH_CONFIG),
+        (cachekit.strategies, "every_fourth", EVERY_FOURTH),
+    ]:
+        folder = tmp_path / package.__name__.rsplit(".", 1)[-1]
+        folder.mkdir()
+        (folder / f"{name}.py").write_text(code)
+        monkeypatch.setattr(package, "__path__", [*package.__path__, str(folder)])
+    @request.addfinalizer
+    def forget() -> None:  # the method is gone again after the test
+        for module in ("cachekit.schemas.every_fourth_schema", "cachekit.strategies.every_fourth"):
+            sys.modules.pop(module, None)
+        vars(cachekit.schemas).pop("EveryFourthConfig", None)
+
+    fresh = Registry()
+    fresh.load_entry_points()
+    monkeypatch.setattr(registry_module, "registry", lambda: fresh)
+    assert not fresh.errors
+
+    assert cachekit.schemas.EveryFourthConfig.strategy_name() == "every_fourth"
+    assert "every_fourth" in cachekit.list_strategies()
+    assert ("every_fourth", "copy", "float32") in conformance.cells()
+    assert ("every_fourth", "copy", "bfloat16") in conformance.cells()
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    import context_parallel
+    import gpu
+    import test_compile
+
+    assert "every_fourth" in test_compile.compiled_configs() and "every_fourth" in context_parallel.strategies()
+    assert "every_fourth" in gpu.strategies()
+    assert cachekit.get_strategy("every_fourth").knob.field == "offset"  # what `cachekit tune` searches
