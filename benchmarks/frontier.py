@@ -117,14 +117,14 @@ def _db(out: Path, model: str) -> Path:
 def _verdict(model: str, summaries: list) -> str:
     """Per budget: cachekit's best method against the best peer (diffusers' measured, cache-dit's figures)."""
     lines = [f"{model}: cachekit's best vs the best peer, PSNR (dB) within each share of block executions"]
-    ours = [s for s in summaries if not s.method.startswith("diffusers.")]
-    theirs = [s for s in summaries if s.method.startswith("diffusers.")]
+    ours = [s for s in summaries if not s.peer]
+    theirs = [s for s in summaries if s.peer]
     for budget in BUDGETS:
         best = best_within(ours, lambda s: s.blocks, budget)
         peer = best_within(theirs, lambda s: s.blocks, budget)
         cache_dit = CACHE_DIT[model].get(budget)
-        peers = [value for value in (peer.psnr if peer else None, cache_dit) if value is not None]
-        ahead = best is not None and all(best.psnr >= value for value in peers)
+        peers = [value for value in (peer.quality if peer else None, cache_dit) if value is not None]
+        ahead = best is not None and all((best.quality or 0.0) >= value for value in peers)
         lines.append(
             f"  <= {budget:.0%}: cachekit {_show(best)}; diffusers {_show(peer)}; cache-dit "
             f"{'—' if cache_dit is None else f'{cache_dit:.1f}'} -> {'cachekit ahead' if ahead else 'BEHIND'}"
@@ -133,7 +133,7 @@ def _verdict(model: str, summaries: list) -> str:
 
 
 def _show(summary: object) -> str:
-    return "—" if summary is None else f"{summary.psnr:.2f} ({summary.label}, {summary.blocks:.1%})"  # type: ignore[attr-defined]
+    return "—" if summary is None else f"{summary.quality:.2f} ({summary.label}, {summary.blocks:.1%})"  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

@@ -83,8 +83,13 @@ def _main(argv: list[str] | None) -> None:
         help='a strategy config as JSON, e.g. \'{"strategy": "uniform"}\'',
     )
     target = tune.add_mutually_exclusive_group(required=True)
-    target.add_argument("--ratio", type=float, help="the share of transformer calls to compute")
-    target.add_argument("--min-psnr", type=float, help="the PSNR floor against the uncached output (dB)")
+    target.add_argument("--ratio", type=float, help="the share of block executions to spend")
+    target.add_argument(
+        "--quality",
+        type=float,
+        help="the bound on the spec's primary metric against the uncached output: at least this PSNR (dB), at "
+        "most this LPIPS",
+    )
     tune.add_argument(
         "--write",
         action="store_true",
@@ -195,23 +200,27 @@ def _tune(args: argparse.Namespace) -> None:
 
     spec = _calibration_spec(args.spec)
     base = args.strategy
-    check_target(base, ratio=args.ratio, min_psnr=args.min_psnr)  # before any model loads
+    check_target(base, ratio=args.ratio)  # before any model loads
     if args.write:
         preset_file(base)
-    tuner = Tuner(load_model(spec.model, spec), base, spec.held_out_seeds, spec.conditions(), not args.quiet)
-    result = tuner.to_ratio(args.ratio) if args.ratio is not None else tuner.to_psnr(args.min_psnr)
+    model = load_model(spec.model, spec)
+    tuner = Tuner(model, base, spec.held_out_seeds, spec.conditions(), not args.quiet, spec.primary)
+    result = tuner.to_ratio(args.ratio) if args.ratio is not None else tuner.to_quality(args.quality)
     for trial in result.trials:
-        print(f"  {result.knob.field}={trial.value:.5g}: computed {trial.computed:.1%}, PSNR {trial.psnr:.2f} dB")
+        figures = f"computed {trial.computed:.1%}, {result.metric} {trial.quality:.4g}"
+        print(f"  {result.knob.field}={trial.value:.5g}: {figures}")
     chosen = result.chosen
     print(
         f"chosen {json.dumps(result.config(base))}: computed {chosen.computed:.1%} "
-        f"({chosen.computed_steps:.1f} of {spec.steps} steps), PSNR {chosen.psnr:.2f} dB on held-out seeds"
+        f"({chosen.computed_steps:.1f} of {spec.steps} steps), {result.metric} {chosen.quality:.4g} on held-out seeds"
     )
     if not result.met:
         print(f"warning: the target was not met; the setting above is the closest found ({result.missed})")
     if args.write and result.met:
         target = (
-            f"a computed share of {args.ratio}" if args.ratio is not None else f"a PSNR floor of {args.min_psnr} dB"
+            f"a computed share of {args.ratio}"
+            if args.ratio is not None
+            else f"{spec.primary} bounded by {args.quality}"
         )
         written = write_threshold(base, result, target)
         print(

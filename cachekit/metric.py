@@ -1,5 +1,7 @@
 """The metric contract: a quality figure of one generated sample, registered through the plugin
-hooks like strategies and estimators (`cachekit_register_metrics`).
+hooks like strategies and estimators (`cachekit_register_metrics`), and the helpers a metric may
+use (a model's local file, a sample as RGB bytes). Which metrics a study computes is the study's
+business (`cachekit.study.metrics`).
 
 A metric compares a cached output with the uncached one of the same seed and condition
 (`reference = True`: PSNR, SSIM, LPIPS, ...), or scores a sample on its own (CLIP score,
@@ -10,17 +12,13 @@ and never makes up a value.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
 
 from cachekit.errors import CachekitError
-
-#: The metric every study computes: the report ranks methods by it.
-PRIMARY = "psnr"
 
 
 class MetricError(CachekitError, ValueError):
@@ -46,6 +44,7 @@ class Metric:
 
     name: ClassVar[str]
     reference: ClassVar[bool] = True  # whether it compares with the uncached output
+    better: ClassVar[Literal["higher", "lower"]] = "higher"  # which values are better (LPIPS: lower)
 
     def unavailable(self) -> str | None:
         """Why it cannot run on this machine (a package or weights missing), or None."""
@@ -55,52 +54,23 @@ class Metric:
         raise NotImplementedError
 
 
-@dataclass
-class Metrics:
-    """The metrics a study computes, and those it skips with the reason."""
+def local_file(name: str, relative: str) -> Path | None:
+    """A model's file from its local folder, or from the Hugging Face cache (nothing is
+    downloaded); None where neither holds it."""
+    if Path(name).is_dir():
+        path = Path(name) / relative
+        return path if path.is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
 
-    active: list[Metric]
-    skipped: dict[str, str] = field(default_factory=dict)
-
-    def score(self, sample: Sample) -> tuple[dict[str, float | None], list[str]]:
-        """Every active metric's value (None where a metric skipped the sample) and notes."""
-        values: dict[str, float | None] = {}
-        notes = [f"{name} skipped: {reason}" for name, reason in self.skipped.items()]
-        for metric in self.active:
-            try:
-                values[metric.name] = float(metric(sample))
-            except MetricSkipped as why:
-                values[metric.name] = None
-                notes.append(f"{metric.name} skipped: {why}")
-        return values, notes
+        found = try_to_load_from_cache(name, relative)
+    except Exception:  # an id the hub would reject: the load names the problem
+        return None
+    return Path(found) if isinstance(found, str) else None
 
 
-def metrics_for(entries: Sequence[str | dict[str, Any]] | None) -> Metrics:
-    """The metrics a spec asks for (names, or tables with a `name` and options), PSNR always
-    first. None: every installed metric that can run here, the others skipped with the reason.
-    A metric named explicitly must be installed and able to run."""
-    from cachekit.registry import registry
-
-    known = registry().metrics
-    if entries is None:
-        everything = [known[PRIMARY](), *(metric() for name, metric in sorted(known.items()) if name != PRIMARY)]
-        why_not = {metric.name: metric.unavailable() for metric in everything}
-        active = [metric for metric in everything if why_not[metric.name] is None]
-        return Metrics(active, {name: str(why) for name, why in why_not.items() if why is not None})
-    chosen: dict[str, Metric] = {PRIMARY: known[PRIMARY]()}
-    for entry in entries:
-        options = dict(entry) if isinstance(entry, dict) else {"name": entry}
-        name = options.pop("name", None)
-        if name not in known:
-            raise MetricError(f"unknown metric {name!r}; installed metrics: {', '.join(sorted(known))}")
-        allowed = [p for p in inspect.signature(known[name]).parameters if p not in ("args", "kwargs")]
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            takes = f"takes {', '.join(allowed)}" if allowed else "takes no options"
-            raise MetricError(f"metric {name!r} {takes}; got {', '.join(unknown)}")
-        metric = known[name](**options)
-        why = metric.unavailable()
-        if why is not None:
-            raise MetricError(f"metric {name!r} cannot run on this machine: {why}")
-        chosen[name] = metric
-    return Metrics(list(chosen.values()))
+def rgb_bytes(x: torch.Tensor, channel_dim: int = 0) -> torch.Tensor:
+    """[-1, 1] values as 0-255 bytes, grey repeated into RGB along `channel_dim`: what image
+    files and image processors take."""
+    x = ((x.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.repeat_interleave(3, dim=channel_dim) if x.shape[channel_dim] == 1 else x

@@ -134,15 +134,11 @@ class Registry:
         self.estimators[estimator.name()] = estimator
 
     def _add_metric(self, plugin: str, metric: type[Metric]) -> None:
-        from cachekit.study.store import COLUMNS
-
         if not (isinstance(metric, type) and issubclass(metric, Metric)):
             raise PluginError(f"registered {metric!r}, which is not a Metric subclass")
         name = getattr(metric, "name", None)
         if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_.]*", name):
             raise PluginError(f"{metric.__name__}.name must be a lower-case name like 'clip_score', got {name!r}")
-        if name in COLUMNS:
-            raise PluginError(f"metric name {name!r} is a column of the study results; rename it")
         self._claim("metric", name, plugin)
         self.metrics[name] = metric
 

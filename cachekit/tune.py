@@ -1,5 +1,6 @@
-"""Tune a strategy's main knob to a target: a share of computed transformer calls, or a PSNR floor
-against the uncached output, measured on held-out seeds."""
+"""Tune a strategy's knob to a target: a share of block executions, or a bound on the primary
+quality metric against the uncached output (at least so much PSNR, at most so much LPIPS),
+measured on held-out seeds."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from tqdm import tqdm
 
 import cachekit
 from cachekit.counting import WorkCounter
-from cachekit.metrics.fidelity import psnr
+from cachekit.metric import Sample
 from cachekit.registry import get_strategy, list_strategies, resolve_adapter
 from cachekit.schemas.files import read_table
 from cachekit.schemas.teacache import TeaCachePreset
 from cachekit.strategy import Knob
+from cachekit.study.metrics import DEFAULT_PRIMARY, metrics_for
 from cachekit.study.models import StudyModel
 
 BISECTIONS = 14
@@ -30,7 +32,7 @@ class Trial:
     value: float
     computed: float  # share of transformer calls that ran the span
     computed_steps: float  # per generation and branch, on average
-    psnr: float  # mean over the held-out generations
+    quality: float  # the primary metric's mean over the held-out generations
 
 
 def knob_of(base: dict[str, Any]) -> Knob:
@@ -43,18 +45,17 @@ def knob_of(base: dict[str, Any]) -> Knob:
     return knob
 
 
-def check_target(base: dict[str, Any], ratio: float | None = None, min_psnr: float | None = None) -> None:
+def check_target(base: dict[str, Any], ratio: float | None = None) -> None:
     """Refuse a strategy without a knob or a target outside its range, before anything runs."""
     knob_of(base)
     if ratio is not None and not 0 < ratio <= 1:
-        raise ValueError(f"the computed-call ratio must be in (0, 1], got {ratio}")
-    if min_psnr is not None and not min_psnr > 0:
-        raise ValueError(f"the PSNR floor must be a positive number of dB, got {min_psnr}")
+        raise ValueError(f"the computed share must be in (0, 1], got {ratio}")
 
 
 @dataclass
 class TuneResult:
     knob: Knob
+    metric: str  # the primary metric trials were scored with
     chosen: Trial
     trials: list[Trial] = field(default_factory=list)
     met: bool = True  # whether the chosen setting meets the target
@@ -70,9 +71,17 @@ class Tuner:
     over every generation of the search (the references, then each trial's), with its ETA."""
 
     def __init__(
-        self, model: StudyModel, base: dict[str, Any], seeds: list[int], conditions: list[str], progress: bool = False
+        self,
+        model: StudyModel,
+        base: dict[str, Any],
+        seeds: list[int],
+        conditions: list[str],
+        progress: bool = False,
+        primary: str = DEFAULT_PRIMARY,
     ) -> None:
         check_target(base)
+        self.metric = metrics_for([], primary).active[0]
+        self.higher = self.metric.better == "higher"
         self.model = model
         self.base = base
         self.knob = knob_of(base)
@@ -103,8 +112,15 @@ class Tuner:
                     steps.append(counter.work.block_share * self.model.spec.steps)
         finally:
             counter.close()
-        references = torch.cat([self.references[pair] for pair in self.pairs])
-        return Trial(value, statistics.fmean(shares), statistics.fmean(steps), psnr(torch.cat(outputs), references))
+        scores = [
+            self.metric(Sample(output.cpu(), self.references[pair].cpu(), pair[1]))
+            for output, pair in zip(outputs, self.pairs, strict=True)
+        ]
+        return Trial(value, statistics.fmean(shares), statistics.fmean(steps), statistics.fmean(scores))
+
+    def meets(self, trial: Trial, bound: float) -> bool:
+        """Whether `trial`'s quality is on the right side of `bound` (at least it, or at most)."""
+        return trial.quality >= bound if self.higher else trial.quality <= bound
 
     def to_ratio(self, target: float, tolerance: float = 0.05) -> TuneResult:
         """The setting whose computed-call share is closest to `target` (0-1]; not met when even
@@ -119,19 +135,20 @@ class Tuner:
             result.missed = f"it computes {result.chosen.computed:.1%} of calls, the target {target:.1%}"
         return result
 
-    def to_psnr(self, floor: float) -> TuneResult:
-        """The most reusing setting whose PSNR stays at or above `floor` dB (else the best PSNR)."""
-
-        check_target(self.base, min_psnr=floor)
+    def to_quality(self, bound: float) -> TuneResult:
+        """The most reusing setting whose primary metric meets `bound` (else the best one)."""
 
         def best(trials: list[Trial]) -> Trial:
-            meeting = [trial for trial in trials if trial.psnr >= floor]
-            return min(meeting, key=lambda t: t.computed) if meeting else max(trials, key=lambda t: t.psnr)
+            meeting = [trial for trial in trials if self.meets(trial, bound)]
+            if meeting:
+                return min(meeting, key=lambda t: t.computed)
+            return max(trials, key=lambda t: t.quality if self.higher else -t.quality)
 
-        result = self._search(reuse_more=lambda trial: trial.psnr >= floor, best=best)
-        if result.chosen.psnr < floor:
+        result = self._search(reuse_more=lambda trial: self.meets(trial, bound), best=best)
+        if not self.meets(result.chosen, bound):
             result.met = False
-            result.missed = f"its PSNR is {result.chosen.psnr:.2f} dB, the floor {floor:.2f} dB"
+            side = "at least" if self.higher else "at most"
+            result.missed = f"its {self.metric.name} is {result.chosen.quality:.4g}, the target {side} {bound:.4g}"
         return result
 
     def _search(self, reuse_more: Callable[[Trial], bool], best: Callable[[list[Trial]], Trial]) -> TuneResult:
@@ -151,7 +168,7 @@ class Tuner:
                 further = reuse_more(trials[-1]) == (knob.reuses_more == "higher")
                 low, high = (middle, high) if further else (low, middle)
         self.bar.close()
-        return TuneResult(self.knob, best(trials), trials)
+        return TuneResult(self.knob, self.metric.name, best(trials), trials)
 
 
 def preset_file(base: dict[str, Any]) -> Path:
@@ -174,7 +191,7 @@ def write_threshold(base: dict[str, Any], result: TuneResult, target: str) -> Pa
     preset = TeaCachePreset.model_validate(read_table(path))
     value, chosen = result.chosen.value, result.chosen
     note = f"rel_l1_thresh {value:.5g} tuned to {target}: {chosen.computed:.1%} of calls computed, "
-    note += f"PSNR {chosen.psnr:.2f} dB on held-out seeds"
+    note += f"{result.metric} {chosen.quality:.4g} on held-out seeds"
     updated = preset.model_copy(
         update={
             "thresholds": (value, *(other for other in preset.thresholds if other != value)),

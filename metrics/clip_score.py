@@ -13,10 +13,8 @@ from typing import Any
 import torch
 
 from cachekit.hookspecs import hookimpl
-from cachekit.metric import Metric, Sample
+from cachekit.metric import Metric, Sample, local_file, rgb_bytes
 from cachekit.metrics.fidelity import colour_frames
-from cachekit.study.models import local_file
-from cachekit.study.samples import rgb_bytes
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
 

@@ -11,9 +11,8 @@ from typing import Any
 from PIL import Image
 
 from cachekit.hookspecs import hookimpl
-from cachekit.metric import Metric, Sample
+from cachekit.metric import Metric, Sample, local_file
 from cachekit.metrics.fidelity import colour_frames
-from cachekit.study.models import local_file
 from cachekit.study.samples import as_bytes
 
 CHECKPOINT = "ImageReward-v1.0"

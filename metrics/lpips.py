@@ -18,6 +18,7 @@ ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
 
 class LPIPS(Metric):
     name = "lpips"
+    better = "lower"
 
     def unavailable(self) -> str | None:
         if importlib.util.find_spec("torchvision") is None:

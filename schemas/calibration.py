@@ -15,6 +15,11 @@ class CalibrationSpec(Generation):
     order: int = Field(default=4, ge=1, le=9, description="Degree of the fitted polynomial.")
     probe: Probe = "modulated_input"
     held_out_seeds: list[int] = Field(default=[1000, 1001], min_length=1, description="Seeds the tuner measures on.")
+    primary: str = Field(
+        default="psnr",
+        min_length=1,
+        description="The metric `cachekit tune --quality` bounds (its direction, higher or lower better, is its own).",
+    )
     name: str | None = Field(default=None, description="The preset's name. Unset: '<model>-calibrated'.")
 
     def preset_name(self) -> str:

@@ -176,10 +176,16 @@ class StudySpec(Generation):
     strategies: list[StrategyEntry] = Field(min_length=1)
     repeats: int = Field(default=3, ge=1, le=100, description="Timed generations per cell (median reported).")
     warmup: int = Field(default=1, ge=0, le=10, description="Untimed generations before timing.")
+    primary: str = Field(
+        default="psnr",
+        min_length=1,
+        description="The metric the report ranks methods by and compares budgets with: any installed metric that "
+        "compares with the uncached output (its direction, higher or lower better, is the metric's own).",
+    )
     metrics: list[MetricEntry] | None = Field(
         default=None,
-        description="Quality metrics besides PSNR (always computed): names, or tables {name = ..., options}. "
-        "Unset: every installed metric that can run on this machine.",
+        description="Quality metrics besides the primary one (always computed): names, or tables "
+        "{name = ..., options}. Unset: every installed metric that can run on this machine.",
     )
     save_tensors: bool = Field(
         default=True,

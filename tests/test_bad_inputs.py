@@ -26,6 +26,7 @@ from cachekit.errors import (
     UnsupportedModelError,
 )
 from cachekit.hookspecs import hookimpl
+from cachekit.metric import MetricError
 from cachekit.registry import PluginWarning
 from cachekit.schemas import (
     AdapterSpec,
@@ -45,6 +46,7 @@ from cachekit.schemas import (
 )
 from cachekit.schemas.adapter import LatentSpec
 from cachekit.study import StudySpecError, load_spec, plan, run_study, write_report
+from cachekit.study.metrics import metrics_for
 from cachekit.study.store import ResultStore, StoreError
 from cachekit.testing import tiny_flux_transformer, tiny_wan_transformer
 from cachekit.tune import check_target
@@ -581,13 +583,13 @@ CASES: list[tuple[str, Any, type[BaseException] | tuple[type[BaseException], ...
         "tune ratio 0",
         lambda t: check_target({"strategy": "teacache"}, ratio=0),
         ValueError,
-        r"computed-call ratio must be in \(0, 1\], got 0",
+        r"computed share must be in \(0, 1\], got 0",
     ),
     (
-        "tune negative psnr",
-        lambda t: check_target({"strategy": "uniform"}, min_psnr=-3),
-        ValueError,
-        r"PSNR floor must be a positive number of dB, got -3",
+        "a primary metric that is not installed",
+        lambda t: metrics_for([], "psnx"),
+        MetricError,
+        r"unknown metric 'psnx'; installed metrics: .*psnr",
     ),
     (
         "tune a strategy without knob",
@@ -674,7 +676,7 @@ def test_cli_reports_mistakes_in_one_line(tmp_path):
         (["tune", str(spec), "--strategy", "not json", "--ratio", "0.4"], r"--strategy: not valid JSON"),
         (
             ["tune", str(spec), "--strategy", '{"strategy": "teacache"}', "--ratio", "0"],
-            r"cachekit: error: the computed-call ratio must be in \(0, 1\], got 0\.0",
+            r"cachekit: error: the computed share must be in \(0, 1\], got 0\.0",
         ),
         (["study", "report", str(tmp_path / "none.sqlite")], r"cachekit: error: no results database at"),
         (["study", "run", str(tmp_path / "nope.toml")], r"cachekit: error: .*nope\.toml: cannot read it"),

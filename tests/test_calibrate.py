@@ -92,7 +92,7 @@ def test_tuner_meets_a_computed_ratio_within_one_step(strategy, target):
     model = TestbedModel("flux-digits", CalibrationSpec(model="flux-digits", labels=[5], steps=steps))
     result = Tuner(model, strategy, seeds=[1000], conditions=["5"]).to_ratio(target)
     assert abs(result.chosen.computed_steps - target * steps) <= 1
-    assert 0 < result.chosen.psnr < float("inf")
+    assert 0 < result.chosen.quality < float("inf")
     with cachekit.apply(model.target, result.config(strategy)) as handle:  # the chosen setting reproduces
         model.generate(1000, "5")
     assert handle.stats.last.branches[0].sites["span"].computed == result.chosen.computed_steps
@@ -101,10 +101,10 @@ def test_tuner_meets_a_computed_ratio_within_one_step(strategy, target):
 def test_tuner_psnr_floor():
     model = TestbedModel("flux-digits", CalibrationSpec(model="flux-digits", labels=[5], steps=20))
     tuner = Tuner(model, {"strategy": "uniform"}, seeds=[1000], conditions=["5"])
-    result = tuner.to_psnr(40.0)
-    assert result.chosen.psnr >= 40.0
+    result = tuner.to_quality(40.0)
+    assert result.chosen.quality >= 40.0
     more_reuse = [t for t in result.trials if t.computed < result.chosen.computed]
-    assert all(t.psnr < 40.0 for t in more_reuse)
+    assert all(t.quality < 40.0 for t in more_reuse)
 
 
 def test_unknown_knob():
@@ -184,7 +184,7 @@ def test_calibrated_coefficients_beat_the_published_flux_ones_at_equal_compute()
             model, {"strategy": "teacache", "coefficients": list(coefficients)}, [1000, 1001], ["0", "4", "7"]
         )
         trials = sorted(tuner.to_ratio(target).trials, key=lambda trial: trial.computed)
-        psnr[name] = float(np.interp(target, [t.computed for t in trials], [t.psnr for t in trials]))
+        psnr[name] = float(np.interp(target, [t.computed for t in trials], [t.quality for t in trials]))
     print(f"PSNR at {target:.0%} of calls computed: {psnr}")
     assert psnr["calibrated"] >= psnr["flux-dev"]
 

@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 import cachekit
-from cachekit.metric import Metric, Sample, metrics_for
+from cachekit.metric import Metric, MetricError, Sample
 from cachekit.study import StudySpecError, load_spec, plan, run_study
+from cachekit.study.metrics import metrics_for
 from cachekit.study.store import ResultStore
 
 SPEC = """
@@ -162,11 +163,31 @@ def test_metrics_unset_means_every_one_that_can_run_here():
     assert chosen.skipped["image_reward"] == "the image-reward package is not installed"
 
 
+def test_a_metric_named_like_a_study_column_is_refused_where_a_study_would_use_it(fresh_registry):
+    """Its values would be stored under its name beside the study's columns."""
+
+    class Label(Metric):
+        name = "label"
+
+        def __call__(self, sample: Sample) -> float:
+            return 0.0
+
+    class Plugin:
+        @cachekit.hookimpl
+        def cachekit_register_metrics(self, register):
+            register(Label)
+
+    cachekit.register_plugin(Plugin(), "label-metric")
+    column = "its name is a column of the study results; rename the metric"
+    with pytest.raises(MetricError, match=f"metric 'label' cannot run on this machine: {column}"):
+        metrics_for(["label"])
+    assert metrics_for(None).skipped["label"] == column
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [
         ("Sharp Ness", r"Bad.name must be a lower-case name like 'clip_score', got 'Sharp Ness'"),
-        ("label", r"metric name 'label' is a column of the study results; rename it"),
         ("psnr", r"registers metric 'psnr', which plugin 'fidelity' already registered"),
     ],
 )

@@ -217,6 +217,7 @@ def test_a_built_in_method_is_one_strategy_module_and_one_schema_module(tmp_path
         folder.mkdir()
         (folder / f"{name}.py").write_text(code)
         monkeypatch.setattr(package, "__path__", [*package.__path__, str(folder)])
+
     @request.addfinalizer
     def forget() -> None:  # the method is gone again after the test
         for module in ("cachekit.schemas.every_fourth_schema", "cachekit.strategies.every_fourth"):

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from cachekit.errors import CachekitError
+from cachekit.metric import local_file
 from cachekit.schemas.study import Generation
 
 #: Spec fields and the pipeline argument each one sets.
@@ -153,21 +154,6 @@ def _diffusers_class(name: Any) -> Any:
     import diffusers
 
     return getattr(diffusers, str(name), None)
-
-
-def local_file(name: str, relative: str) -> Path | None:
-    """A model's file from its local folder, or from the Hugging Face cache (nothing is
-    downloaded); None where neither holds it."""
-    if Path(name).is_dir():
-        path = Path(name) / relative
-        return path if path.is_file() else None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(name, relative)
-    except Exception:  # an id the hub would reject: the load names the problem
-        return None
-    return Path(found) if isinstance(found, str) else None
 
 
 class StudyModel:

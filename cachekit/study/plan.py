@@ -13,13 +13,14 @@ from typing import Any
 import pydantic
 
 from cachekit.errors import CachekitError
-from cachekit.metric import MetricError, Metrics, metrics_for
+from cachekit.metric import MetricError
 from cachekit.registry import make_config
 from cachekit.schemas.configs import StrategyConfig
 from cachekit.schemas.estimators import EstimatorConfig
 from cachekit.schemas.files import SUFFIXES, parse_table, read_table
 from cachekit.schemas.peers import PEER_CONFIGS, PeerConfig
 from cachekit.schemas.study import Generation, StrategyEntry, StudySpec
+from cachekit.study.metrics import Metrics, metrics_for
 from cachekit.study.models import CallSignature, PipelineArgumentError, call_arguments, pipeline_class
 from cachekit.study.store import UNCACHED
 
@@ -157,7 +158,7 @@ def check_model(model: str, spec: Generation, where: str, own: frozenset[str] = 
 def check_metrics(spec: StudySpec) -> Metrics:
     """The metrics of the spec, each installed and able to run on this machine."""
     try:
-        return metrics_for(spec.metrics)
+        return metrics_for(spec.metrics, spec.primary)
     except MetricError as error:
         raise StudySpecError(f"metrics: {error}") from None
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cachekit.metric import PRIMARY
+from cachekit.schemas.peers import PEER_CONFIGS
+from cachekit.study.metrics import DEFAULT_PRIMARY
 from cachekit.study.store import UNCACHED, read_study
 
 #: Shares of the uncached work at which the report compares methods.
@@ -51,10 +52,22 @@ class Summary:
     attention_computed: float | None  # share of attention calls computed
     flops_saved: float  # share of the uncached FLOPs not spent
     metrics: dict[str, float | None] = field(default_factory=dict)  # mean over cells; PSNR inf for the reference
+    primary: str = DEFAULT_PRIMARY  # the metric methods are ranked by
+    higher: bool = True  # whether higher values of it are better
+    peer: bool = False  # one of diffusers' methods, run as a baseline
 
     @property
-    def psnr(self) -> float | None:
-        return self.metrics.get(PRIMARY)
+    def quality(self) -> float | None:
+        """The primary metric's mean (None for the uncached reference: it is what others are scored against)."""
+        return None if self.setting == UNCACHED else self.metrics.get(self.primary)
+
+    @property
+    def rank(self) -> float:
+        """The primary metric turned so that larger is better."""
+        quality = self.quality
+        if quality is None:
+            return -math.inf
+        return quality if self.higher else -quality
 
     @property
     def compute_limit(self) -> float:
@@ -78,7 +91,9 @@ def latency_spread(latencies: list[float]) -> float:
     return high / low if low > 0 else math.inf
 
 
-def summarize(rows: list[dict[str, Any]]) -> list[Summary]:
+def summarize(rows: list[dict[str, Any]], primary: str = DEFAULT_PRIMARY) -> list[Summary]:
+    """One summary per model x setting, ranked by `primary` in its own direction."""
+    higher = better(primary) == "higher"
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["setting"]), []).append(row)
@@ -112,6 +127,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[Summary]:
                 attention_computed=sum(r["attention_computed"] for r in group) / attention if attention else None,
                 flops_saved=1 - spent / total if total > 0 else 0.0,
                 metrics={name: _mean([r["metrics"].get(name) for r in group]) for name in names},
+                primary=primary,
+                higher=higher,
+                peer=group[0]["strategy"] in PEER_CONFIGS,
             )
         )
     return summaries
@@ -128,10 +146,19 @@ def wall_clock_trusted(summaries: list[Summary]) -> tuple[bool, str]:
     return True, ""
 
 
+def better(metric: str) -> str:
+    """Which values of `metric` are better: the installed metric's own direction ("higher" for a
+    metric no longer installed)."""
+    from cachekit.registry import registry
+
+    found = registry().metrics.get(metric)
+    return found.better if found is not None else "higher"
+
+
 def best_within(summaries: list[Summary], share: Any, budget: float) -> Summary | None:
-    """The setting of best mean PSNR among `summaries` whose `share(s)` is within `budget`."""
-    fitting = [s for s in summaries if s.psnr is not None and (value := share(s)) is not None and value <= budget]
-    return max(fitting, key=lambda s: s.psnr or 0.0, default=None)
+    """The setting of best primary metric among `summaries` whose `share(s)` is within `budget`."""
+    fitting = [s for s in summaries if s.quality is not None and (value := share(s)) is not None and value <= budget]
+    return max(fitting, key=lambda s: s.rank, default=None)
 
 
 def budget_tables(summaries: list[Summary], budgets: tuple[float, ...] = BUDGETS) -> list[str]:
@@ -150,7 +177,7 @@ def budget_tables(summaries: list[Summary], budgets: tuple[float, ...] = BUDGETS
     for model in dict.fromkeys(s.model for s in summaries):
         methods: dict[str, list[Summary]] = {}
         for summary in summaries:
-            if summary.model == model and summary.psnr not in (None, math.inf):
+            if summary.model == model and summary.quality not in (None, math.inf):
                 methods.setdefault(summary.method, []).append(summary)
         for axis, share, belongs in axes:
             chosen = {method: group for method, group in methods.items() if belongs(group)}
@@ -164,7 +191,7 @@ def budget_tables(summaries: list[Summary], budgets: tuple[float, ...] = BUDGETS
             winners = {
                 budget: max(
                     (method for method in chosen if best[(method, budget)] is not None),
-                    key=lambda method: best[(method, budget)].psnr or 0.0,  # type: ignore[union-attr]
+                    key=lambda method: best[(method, budget)].rank,  # type: ignore[union-attr]
                     default=None,
                 )
                 for budget in budgets
@@ -172,7 +199,7 @@ def budget_tables(summaries: list[Summary], budgets: tuple[float, ...] = BUDGETS
             if not any(winners.values()):  # no setting fits any budget: nothing to compare
                 continue
             lines += [
-                f"### {model}: best PSNR (dB) within a share of {axis}",
+                f"### {model}: best {metric_name(summaries[0].primary)} within a share of {axis}",
                 "",
                 "| method | " + " | ".join(f"≤ {budget:.0%}" for budget in budgets) + " |",
                 "|---|" + "---|" * len(budgets),
@@ -181,7 +208,7 @@ def budget_tables(summaries: list[Summary], budgets: tuple[float, ...] = BUDGETS
                 cells = []
                 for budget in budgets:
                     found = best[(method, budget)]
-                    text = "—" if found is None else f"{found.psnr:.2f}"
+                    text = "—" if found is None else _figure(found.primary, found.quality)
                     cells.append(f"**{text}**" if winners[budget] == method else text)
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
             lines += ["", "Winner: " + "; ".join(f"≤ {b:.0%} {w or '—'}" for b, w in winners.items()) + ".", ""]
@@ -199,7 +226,7 @@ def write_report(db: str | Path, out: str | Path | None = None, study: str | Non
     study, rows, runs, samples = records.name, records.rows, records.runs, records.samples
     out = Path(out) if out is not None else Path(db).with_name(f"{Path(db).stem}-report")
     out.mkdir(parents=True, exist_ok=True)
-    summaries = summarize(rows)
+    summaries = summarize(rows, runs[-1]["spec"].get("primary", DEFAULT_PRIMARY) if runs else DEFAULT_PRIMARY)
     trusted, why_not = wall_clock_trusted(summaries)
     _pareto(summaries, out / "pareto.png", trusted, why_not)
     plot_quality(summaries, out / "quality.png")
@@ -242,9 +269,10 @@ def write_report(db: str | Path, out: str | Path | None = None, study: str | Non
         "## Which method wins at each budget",
         "",
         *budget_tables(summaries),
-        "![PSNR vs share of block executions](quality.png)",
+        f"![{metric_name(summaries[0].primary if summaries else DEFAULT_PRIMARY)} vs share of block executions]"
+        "(quality.png)",
         "",
-        "![speedup vs PSNR](pareto.png)",
+        "![speedup vs quality](pareto.png)",
         "",
         "Speedup axis: "
         + (
@@ -264,6 +292,19 @@ def write_report(db: str | Path, out: str | Path | None = None, study: str | Non
 
 
 _METRIC_NAMES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "ms_ssim": "MS-SSIM", "lpips": "LPIPS"}
+
+
+def metric_name(metric: str) -> str:
+    """A metric as the report's headings and axes name it."""
+    return _METRIC_NAMES.get(metric, metric)
+
+
+def _figure(metric: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value == math.inf:
+        return "exact"
+    return f"{value:.2f}" if metric == "psnr" else f"{value:.4f}"
 
 
 def _progress(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[str]:
@@ -299,14 +340,6 @@ def _asked_and_where(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def _table_row(s: Summary, metrics: list[str]) -> str:
-    def figure(name: str) -> str:
-        value = s.metrics.get(name)
-        if value is None:
-            return "-"
-        if value == math.inf:
-            return "exact"
-        return f"{value:.2f}" if name == PRIMARY else f"{value:.4f}"
-
     cells = [
         s.model,
         s.label,
@@ -318,7 +351,7 @@ def _table_row(s: Summary, metrics: list[str]) -> str:
         f"{s.blocks:.1%}",
         "-" if s.attention_computed is None else f"{s.attention_computed:.1%}",
         f"{s.flops_saved:.1%}",
-        *(figure(name) for name in metrics),
+        *(_figure(name, s.metrics.get(name)) for name in metrics),
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -342,10 +375,10 @@ def _pareto(summaries: list[Summary], path: Path, trusted: bool, why_not: str) -
     figure, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
     to_label = []
     for axis, model in zip(axes[0], models, strict=True):
-        shown = [s for s in summaries if s.model == model and s.psnr is not None and s.psnr != math.inf]
+        shown = [s for s in summaries if s.model == model and s.quality is not None and s.quality != math.inf]
         methods = list(dict.fromkeys(s.method for s in shown))
         colour = _colours(plt, methods)
-        points = [(s.speedup if trusted else s.flops_speedup, s.psnr or 0.0, s) for s in shown]
+        points = [(s.speedup if trusted else s.flops_speedup, s.quality or 0.0, s) for s in shown]
         axis.scatter([x for x, _, _ in points], [y for _, y, _ in points], s=0)  # sets the limits
         frontier = sorted((x, y) for x, y, _ in points if not any(o[0] >= x and o[1] > y for o in points))
         if len(frontier) > 1:
@@ -358,7 +391,7 @@ def _pareto(summaries: list[Summary], path: Path, trusted: bool, why_not: str) -
             _rings(axis, [(x, y, colour[s.method]) for x, y, s in group])
             labelled.append((group[0][0], group[0][1], ", ".join(s.label for _, _, s in group)))
         xlabel = "speedup vs uncached (wall clock, ratio of medians)" if trusted else "speedup in FLOPs vs uncached"
-        axis.set(title=model, xlabel=xlabel, ylabel="PSNR vs uncached (dB)")
+        axis.set(title=model, xlabel=xlabel, ylabel=f"{metric_name(summaries[0].primary)} vs uncached")
         handles = [plt.Line2D([], [], marker="o", linestyle="", color=colour[method]) for method in methods]
         labels = list(methods)
         if len(frontier) > 1:
@@ -437,37 +470,36 @@ def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
 
 
 def plot_quality(summaries: list[Summary], path: Path) -> None:
-    """PSNR against the share of block executions, one line per method through its settings
+    """The primary metric against the share of block executions, one line per method through its settings
     (diffusers' methods dashed); methods that run every block are left to the budget tables.
     Settings of several methods on one spot (a method and its diffusers twin) are drawn as rings
     around each other, so none hides another."""
     plt = _pyplot()
     models = list(dict.fromkeys(s.model for s in summaries))
     figure, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5), squeeze=False)
-    methods = list(dict.fromkeys(s.method for s in summaries if s.psnr not in (None, math.inf) and s.blocks < 1))
+    methods = list(dict.fromkeys(s.method for s in summaries if s.quality not in (None, math.inf) and s.blocks < 1))
+    peers = {s.method for s in summaries if s.peer}
+    primary = metric_name(summaries[0].primary) if summaries else "quality"
     colour = _colours(plt, methods)
     for axis, model in zip(axes[0], models, strict=True):
         groups: dict[str, list[Summary]] = {}
         for s in summaries:
-            if s.model == model and s.psnr is not None and s.psnr != math.inf:
+            if s.model == model and s.quality is not None and s.quality != math.inf:
                 groups.setdefault(s.method, []).append(s)
         shown = {method: group for method, group in groups.items() if min(s.blocks for s in group) < 1}
         for method, group in shown.items():
             group.sort(key=lambda s: s.blocks)
-            style = "--" if method.startswith("diffusers.") else "-"
-            axis.plot([s.blocks for s in group], [s.psnr for s in group], style, color=colour[method], linewidth=1.2)
+            style = "--" if group[0].peer else "-"
+            axis.plot([s.blocks for s in group], [s.quality for s in group], style, color=colour[method], linewidth=1.2)
         for budget in BUDGETS:
             axis.axvline(budget, color="grey", linewidth=0.5)
         axis.margins(x=0.08, y=0.08)
-        axis.set(title=model, xlabel="share of block executions (counted)", ylabel="PSNR vs uncached (dB)")
+        axis.set(title=model, xlabel="share of block executions (counted)", ylabel=f"{primary} vs uncached")
         figure.canvas.draw()
-        points = [(s.blocks, s.psnr or 0.0, s) for group in shown.values() for s in group]
+        points = [(s.blocks, s.quality or 0.0, s) for group in shown.values() for s in group]
         for spot in _coincident(axis, points):
             _rings(axis, [(x, y, colour[s.method]) for x, y, s in spot])
-    handles = [
-        plt.Line2D([], [], color=colour[m], marker="o", linestyle="--" if m.startswith("diffusers.") else "-")
-        for m in methods
-    ]
+    handles = [plt.Line2D([], [], color=colour[m], marker="o", linestyle="--" if m in peers else "-") for m in methods]
     figure.legend(handles, methods, loc="lower center", ncol=min(len(methods), 5) or 1, fontsize=8, frameon=False)
     rows = -(-len(methods) // 5)
     figure.tight_layout(rect=(0, 0.05 * rows + 0.02, 1, 1))

@@ -29,13 +29,14 @@ from tqdm import tqdm
 import cachekit
 from cachekit.counting import Work, WorkCounter
 from cachekit.errors import CachekitError, MissingPointError
-from cachekit.metric import Metrics, Sample
+from cachekit.metric import Sample
 from cachekit.peers import apply_peer
 from cachekit.registry import resolve_adapter
 from cachekit.schemas.configs import StrategyConfig
 from cachekit.schemas.peers import PeerConfig
 from cachekit.schemas.study import StudySpec
 from cachekit.stats import GenerationStats
+from cachekit.study.metrics import Metrics
 from cachekit.study.models import StudyModel, load_model, on_device, skeleton
 from cachekit.study.plan import Cell, Plan, Setting, StudySpecError, plan
 from cachekit.study.store import Merged, ResultStore, StoreError

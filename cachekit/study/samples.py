@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from cachekit.metric import rgb_bytes
+
 IMAGE, VIDEO, TENSOR = ".png", ".mp4", ".safetensors"
 
 
@@ -28,13 +30,6 @@ def slug(text: str, limit: int = 80) -> str:
 def model_slug(model: str) -> str:
     """A model's folder name: the last part of its hub id or path."""
     return slug(model.rstrip("/").split("/")[-1])
-
-
-def rgb_bytes(x: torch.Tensor, channel_dim: int = 0) -> torch.Tensor:
-    """[-1, 1] values as 0-255 bytes, grey repeated into RGB along `channel_dim`: what image
-    files and image processors take."""
-    x = ((x.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.repeat_interleave(3, dim=channel_dim) if x.shape[channel_dim] == 1 else x
 
 
 def as_bytes(x: torch.Tensor) -> np.ndarray:
