@@ -206,3 +206,57 @@ def test_a_metric_plugin_with_a_bad_name_is_reported_by_name(fresh_registry, nam
     with pytest.warns(cachekit.registry.PluginWarning):
         cachekit.register_plugin(Plugin(), "bad-metric")
     assert re.search(message, fresh_registry.errors["bad-metric"])
+
+
+class Distance(Metric):
+    """Mean absolute difference to the uncached output: lower is better, as LPIPS."""
+
+    name = "distance"
+    better = "lower"
+
+    def __call__(self, sample: Sample) -> float:
+        return float((sample.output - sample.reference).abs().mean())
+
+
+@pytest.fixture
+def distance(fresh_registry):
+    class Plugin:
+        @cachekit.hookimpl
+        def cachekit_register_metrics(self, register):
+            register(Distance)
+
+    cachekit.register_plugin(Plugin(), "distance-metric")
+
+
+def test_a_lower_is_better_plugin_metric_as_the_primary_ranks_the_report(tmp_path, distance):
+    """The budget table's winner is the setting of least distance, computed here from the cells."""
+    from cachekit.study import write_report
+    from cachekit.study.report import budget_tables, summarize
+
+    spec = SPEC.format(metrics='primary = "distance"\nmetrics = []').replace("interval = 2", "sweep.interval = [2, 3]")
+    (tmp_path / "spec.toml").write_text(spec + '\n[[strategies]]\nstrategy = "taylorseer"\nlevel = "span"\n')
+    db = run_study(load_spec(tmp_path / "spec.toml"), tmp_path / "r.sqlite", progress=False)
+    rows = ResultStore(db).rows("metrics")
+    assert all(set(row["metrics"]) == {"distance"} for row in rows)  # the primary alone, first
+    summaries = summarize(rows, "distance")
+    cached = [s for s in summaries if s.setting != "uncached"]
+    best = min(cached, key=lambda s: s.metrics["distance"])
+    table = "\n".join(budget_tables(summaries, budgets=(1.0,)))
+    assert "best distance within a share of block executions" in table
+    assert f"| {best.method} | **{best.metrics['distance']:.4f}** |" in table
+    report = write_report(db, tmp_path / "report").read_text()
+    assert "best distance within" in report and "PSNR" not in report.split("## Which method wins")[1].split("!")[0]
+
+
+def test_tune_bounds_a_lower_is_better_primary_from_above(distance):
+    """At most the bound: the most reusing setting at or below it (an interval of 1 reuses nothing)."""
+    from cachekit.schemas import CalibrationSpec
+    from cachekit.study.models import TestbedModel
+    from cachekit.tune import Tuner
+
+    model = TestbedModel("flux-digits", CalibrationSpec(model="flux-digits", labels=[5], steps=6, order=2))
+    tuner = Tuner(model, {"strategy": "uniform"}, seeds=[1000], conditions=["5"], primary="distance")
+    result = tuner.to_quality(0.01)
+    assert result.metric == "distance" and result.trials[0].quality == 0.0  # interval 1: exact
+    assert result.met and result.chosen.quality <= 0.01
+    assert all(t.quality > 0.01 for t in result.trials if t.computed < result.chosen.computed)
