@@ -4,18 +4,16 @@ tokens joined (so they cache a residual of their own)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from diffusers import ChromaTransformer2DModel
 
-from cachekit.adapter import Adapter, call_arg
-from cachekit.declarative import DeclarativeAdapter
-from cachekit.example import ModelExample, example_of, image_ids
-from cachekit.hookspecs import hookimpl
+from cachekit.adapter import call_arg
+from cachekit.adapters.flux import FLUX_DOUBLE_BLOCKS
+from cachekit.declarative import DeclarativeAdapter, Example, image_ids, registering
 from cachekit.schemas.adapter import (
-    ENCODER,
     HIDDEN,
     IMAGE_ONLY,
     JOINT_TEXT,
@@ -35,13 +33,7 @@ CHROMA_SPEC = AdapterSpec(
     timestep_embedding=OutputSpec(module="distilled_guidance_layer"),
     latent=LatentSpec(layout="BNC", ids=Argument(name="img_ids", position=3)),
     blocks=[
-        BlockListSpec(
-            path="transformer_blocks",
-            streams=[HIDDEN, ENCODER],
-            returns=[1, 0],
-            attention={"attn": "spatial"},
-            mlp=["ff", "ff_context"],
-        ),
+        FLUX_DOUBLE_BLOCKS,
         BlockListSpec(
             path="single_transformer_blocks",
             streams=[HIDDEN],
@@ -60,6 +52,25 @@ CHROMA_SPEC = AdapterSpec(
 class ChromaAdapter(DeclarativeAdapter):
     spec = CHROMA_SPEC
     model_class = ChromaTransformer2DModel
+    example_model = Example(
+        config={
+            "patch_size": 1,
+            "in_channels": 4,
+            "num_layers": 1,
+            "num_single_layers": 2,
+            "attention_head_dim": 16,
+            "num_attention_heads": 2,
+            "joint_attention_dim": 32,
+            "axes_dims_rope": [4, 4, 8],
+            "approximator_hidden_dim": 32,
+            "approximator_layers": 1,
+            "approximator_num_channels": 16,
+        },
+        latents=(1, 16, 4),
+        conditions={"encoder_hidden_states": (1, 6, 32)},
+        constants={"img_ids": image_ids(4, 4), "txt_ids": torch.zeros(6, 3)},
+    )
+
     model: ChromaTransformer2DModel
 
     def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
@@ -68,33 +79,5 @@ class ChromaAdapter(DeclarativeAdapter):
         temb = call_arg(args, kwargs, TEMB.position, TEMB.name)
         return first.norm1(hidden_states, emb=temb[:, :6])[0]  # rows 0-5 modulate the image tokens
 
-    @classmethod
-    def example(cls) -> ModelExample:
-        def build() -> ChromaTransformer2DModel:
-            return ChromaTransformer2DModel(
-                patch_size=1,
-                in_channels=4,
-                num_layers=1,
-                num_single_layers=2,
-                attention_head_dim=16,
-                num_attention_heads=2,
-                joint_attention_dim=32,
-                axes_dims_rope=[4, 4, 8],
-                approximator_hidden_dim=32,
-                approximator_layers=1,
-                approximator_num_channels=16,
-            )
 
-        return example_of(
-            cls,
-            build,
-            (1, 16, 4),
-            {"encoder_hidden_states": (1, 6, 32)},
-            img_ids=image_ids(4, 4),
-            txt_ids=torch.zeros(6, 3),
-        )
-
-
-@hookimpl
-def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
-    register(ChromaAdapter)
+cachekit_register_adapters = registering(ChromaAdapter)

@@ -3,14 +3,9 @@ video and text tokens, which the blocks take and return separately."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from diffusers import CogVideoXTransformer3DModel
 
-from cachekit.adapter import Adapter
-from cachekit.declarative import DeclarativeAdapter
-from cachekit.example import ModelExample, example_of
-from cachekit.hookspecs import hookimpl
+from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import (
     ENCODER,
     FULL_3D,
@@ -48,32 +43,29 @@ COGVIDEOX_SPEC = AdapterSpec(
 )
 
 
-class CogVideoXAdapter(DeclarativeAdapter):
-    spec = COGVIDEOX_SPEC
-    model_class = CogVideoXTransformer3DModel
+CogVideoXAdapter = declare_adapter(
+    COGVIDEOX_SPEC,
+    CogVideoXTransformer3DModel,
+    Example(
+        config={
+            "num_attention_heads": 2,
+            "attention_head_dim": 8,
+            "in_channels": 4,
+            "out_channels": 4,
+            "time_embed_dim": 2,
+            "text_embed_dim": 8,
+            "num_layers": 2,
+            "sample_width": 8,
+            "sample_height": 8,
+            "sample_frames": 9,
+            "patch_size": 2,
+            "temporal_compression_ratio": 4,
+            "max_text_seq_length": 8,
+        },
+        latents=(1, 2, 4, 8, 8),
+        conditions={"encoder_hidden_states": (1, 8, 8)},
+    ),
+)
 
-    @classmethod
-    def example(cls) -> ModelExample:
-        def build() -> CogVideoXTransformer3DModel:
-            return CogVideoXTransformer3DModel(
-                num_attention_heads=2,
-                attention_head_dim=8,
-                in_channels=4,
-                out_channels=4,
-                time_embed_dim=2,
-                text_embed_dim=8,
-                num_layers=2,
-                sample_width=8,
-                sample_height=8,
-                sample_frames=9,
-                patch_size=2,
-                temporal_compression_ratio=4,
-                max_text_seq_length=8,
-            )
 
-        return example_of(cls, build, (1, 2, 4, 8, 8), {"encoder_hidden_states": (1, 8, 8)})
-
-
-@hookimpl
-def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
-    register(CogVideoXAdapter)
+cachekit_register_adapters = registering(CogVideoXAdapter)

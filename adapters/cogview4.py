@@ -3,15 +3,10 @@ tokens separately; the adaptive norm modulates both at once."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from diffusers import CogView4Transformer2DModel
 
-from cachekit.adapter import Adapter
-from cachekit.declarative import DeclarativeAdapter
-from cachekit.example import ModelExample, example_of
-from cachekit.hookspecs import hookimpl
+from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import (
     ENCODER,
     HIDDEN,
@@ -47,37 +42,30 @@ COGVIEW4_SPEC = AdapterSpec(
 )
 
 
-class CogView4Adapter(DeclarativeAdapter):
-    spec = COGVIEW4_SPEC
-    model_class = CogView4Transformer2DModel
-
-    @classmethod
-    def example(cls) -> ModelExample:
-        def build() -> CogView4Transformer2DModel:
-            return CogView4Transformer2DModel(
-                patch_size=2,
-                in_channels=4,
-                num_layers=2,
-                attention_head_dim=4,
-                num_attention_heads=4,
-                out_channels=4,
-                text_embed_dim=8,
-                time_embed_dim=8,
-                condition_dim=4,
-            )
-
-        size = torch.tensor([[32, 32]])
-        return example_of(
-            cls,
-            build,
-            (1, 4, 8, 8),
-            {"encoder_hidden_states": (1, 6, 8)},
-            original_size=size,
-            target_size=size,
-            crop_coords=torch.tensor([[0, 0]]),
-        )
+CogView4Adapter = declare_adapter(
+    COGVIEW4_SPEC,
+    CogView4Transformer2DModel,
+    Example(
+        config={
+            "patch_size": 2,
+            "in_channels": 4,
+            "num_layers": 2,
+            "attention_head_dim": 4,
+            "num_attention_heads": 4,
+            "out_channels": 4,
+            "text_embed_dim": 8,
+            "time_embed_dim": 8,
+            "condition_dim": 4,
+        },
+        latents=(1, 4, 8, 8),
+        conditions={"encoder_hidden_states": (1, 6, 8)},
+        constants={
+            "original_size": torch.tensor([[32, 32]]),
+            "target_size": torch.tensor([[32, 32]]),
+            "crop_coords": torch.tensor([[0, 0]]),
+        },
+    ),
+)
 
 
-@hookimpl
-def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
-    register(CogView4Adapter)
+cachekit_register_adapters = registering(CogView4Adapter)

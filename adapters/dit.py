@@ -3,15 +3,10 @@ class label in its own adaptive norm; block 0's embedder is the one the probe an
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from diffusers import DiTTransformer2DModel
 
-from cachekit.adapter import Adapter
-from cachekit.declarative import DeclarativeAdapter
-from cachekit.example import ModelExample, example_of
-from cachekit.hookspecs import hookimpl
+from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import (
     HIDDEN,
     IMAGE_ONLY,
@@ -42,31 +37,27 @@ DIT_SPEC = AdapterSpec(
 )
 
 
-class DiTAdapter(DeclarativeAdapter):
-    spec = DIT_SPEC
-    model_class = DiTTransformer2DModel
-
-    @classmethod
-    def example(cls) -> ModelExample:
-        def build() -> DiTTransformer2DModel:
-            return DiTTransformer2DModel(
-                sample_size=8,
-                num_layers=2,
-                patch_size=2,
-                attention_head_dim=8,
-                num_attention_heads=2,
-                in_channels=4,
-                out_channels=8,
-                activation_fn="gelu-approximate",
-                num_embeds_ada_norm=1000,
-                norm_type="ada_norm_zero",
-                norm_elementwise_affine=False,
-            )
-
-        labels = (torch.tensor([3]), torch.tensor([1000]))  # a class, and the null class of CFG
-        return example_of(cls, build, (1, 4, 8, 8), {}, branch_values={"class_labels": labels})
+DiTAdapter = declare_adapter(
+    DIT_SPEC,
+    DiTTransformer2DModel,
+    Example(
+        config={
+            "sample_size": 8,
+            "num_layers": 2,
+            "patch_size": 2,
+            "attention_head_dim": 8,
+            "num_attention_heads": 2,
+            "in_channels": 4,
+            "out_channels": 8,
+            "activation_fn": "gelu-approximate",
+            "num_embeds_ada_norm": 1000,
+            "norm_type": "ada_norm_zero",
+            "norm_elementwise_affine": False,
+        },
+        latents=(1, 4, 8, 8),
+        branch_values={"class_labels": (torch.tensor([3]), torch.tensor([1000]))},
+    ),
+)
 
 
-@hookimpl
-def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
-    register(DiTAdapter)
+cachekit_register_adapters = registering(DiTAdapter)

@@ -6,15 +6,12 @@ residual per stream covers all of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import torch
 from diffusers import FluxTransformer2DModel
 
-from cachekit.adapter import Adapter
-from cachekit.declarative import DeclarativeAdapter
-from cachekit.example import ModelExample, example_of, image_ids
-from cachekit.hookspecs import hookimpl
+from cachekit.declarative import Example, declare_adapter, image_ids, registering
 from cachekit.schemas.adapter import (
     ENCODER,
     HIDDEN,
@@ -31,6 +28,14 @@ from cachekit.schemas.adapter import (
 )
 
 # Both block kinds: (hidden_states, encoder_hidden_states, temb, ...) -> (encoder_hidden_states, hidden_states)
+#: The double-stream blocks (Chroma's too).
+FLUX_DOUBLE_BLOCKS = BlockListSpec(
+    path="transformer_blocks",
+    streams=[HIDDEN, ENCODER],
+    returns=[1, 0],
+    attention={"attn": "spatial"},
+    mlp=["ff", "ff_context"],
+)
 FLUX_SPEC = AdapterSpec(
     name="flux",
     # Flux pipelines pass t / 1000; the model multiplies it back.
@@ -39,13 +44,7 @@ FLUX_SPEC = AdapterSpec(
     # packed 2x2 patches, each token's (frame, row, column) in img_ids
     latent=LatentSpec(layout="BNC", ids=Argument(name="img_ids", position=4)),
     blocks=[
-        BlockListSpec(
-            path="transformer_blocks",
-            streams=[HIDDEN, ENCODER],
-            returns=[1, 0],
-            attention={"attn": "spatial"},
-            mlp=["ff", "ff_context"],
-        ),
+        FLUX_DOUBLE_BLOCKS,
         # single-stream: the MLP's input projection runs beside attention
         BlockListSpec(
             path="single_transformer_blocks",
@@ -63,24 +62,29 @@ FLUX_SPEC = AdapterSpec(
 )
 
 
-class FluxAdapter(DeclarativeAdapter):
-    spec = FLUX_SPEC
-    model_class = FluxTransformer2DModel
+#: Flux's blocks at toy size (`cachekit.testing.tiny_flux_transformer` builds it too).
+TINY_FLUX: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 4,
+    "num_layers": 1,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+    "axes_dims_rope": [4, 4, 8],
+}
 
-    @classmethod
-    def example(cls) -> ModelExample:
-        from cachekit.testing import tiny_flux_transformer
-
-        return example_of(
-            cls,
-            tiny_flux_transformer,
-            (1, 16, 4),  # 4x4 packed tokens
-            {"encoder_hidden_states": (1, 8, 32), "pooled_projections": (1, 32)},
-            img_ids=image_ids(4, 4),
-            txt_ids=torch.zeros(8, 3),
-        )
+FluxAdapter = declare_adapter(
+    FLUX_SPEC,
+    FluxTransformer2DModel,
+    Example(
+        config=TINY_FLUX,
+        latents=(1, 16, 4),
+        conditions={"encoder_hidden_states": (1, 8, 32), "pooled_projections": (1, 32)},
+        constants={"img_ids": image_ids(4, 4), "txt_ids": torch.zeros(8, 3)},
+    ),
+)
 
 
-@hookimpl
-def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
-    register(FluxAdapter)
+cachekit_register_adapters = registering(FluxAdapter)

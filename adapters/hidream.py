@@ -7,16 +7,14 @@ only the image tokens leave the model, and their residual is exact per list.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from diffusers import HiDreamImageTransformer2DModel
 
-from cachekit.adapter import Adapter, call_arg
-from cachekit.declarative import DeclarativeAdapter
-from cachekit.example import ModelExample, example_of
-from cachekit.hookspecs import hookimpl
+from cachekit.adapter import call_arg
+from cachekit.declarative import DeclarativeAdapter, Example, registering
 from cachekit.schemas.adapter import (
     HIDDEN,
     IMAGE_ONLY,
@@ -61,6 +59,31 @@ HIDREAM_SPEC = AdapterSpec(
 class HiDreamAdapter(DeclarativeAdapter):
     spec = HIDREAM_SPEC
     model_class = HiDreamImageTransformer2DModel
+    example_model = Example(
+        config={
+            "patch_size": 2,
+            "in_channels": 4,
+            "out_channels": 4,
+            "num_layers": 1,
+            "num_single_layers": 2,
+            "attention_head_dim": 8,
+            "num_attention_heads": 4,
+            "caption_channels": [8, 4],
+            "text_emb_dim": 8,
+            "num_routed_experts": 4,
+            "num_activated_experts": 2,
+            "axes_dims_rope": (4, 2, 2),
+            "max_resolution": (32, 32),
+            "llama_layers": (0, 1, 2),
+        },
+        latents=(1, 4, 8, 8),
+        conditions={
+            "encoder_hidden_states_t5": (1, 6, 8),
+            "encoder_hidden_states_llama3": (3, 1, 6, 4),
+            "pooled_embeds": (1, 8),
+        },
+    )
+
     model: HiDreamImageTransformer2DModel
 
     def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
@@ -70,30 +93,5 @@ class HiDreamAdapter(DeclarativeAdapter):
         shift, scale = first.adaLN_modulation(temb)[:, None].chunk(12, dim=-1)[:2]  # the image attention's
         return first.norm1_i(hidden_states).to(hidden_states.dtype) * (1 + scale) + shift
 
-    @classmethod
-    def example(cls) -> ModelExample:
-        def build() -> HiDreamImageTransformer2DModel:
-            return HiDreamImageTransformer2DModel(
-                patch_size=2,
-                in_channels=4,
-                out_channels=4,
-                num_layers=1,
-                num_single_layers=2,
-                attention_head_dim=8,
-                num_attention_heads=4,
-                caption_channels=[8, 4],
-                text_emb_dim=8,
-                num_routed_experts=4,
-                num_activated_experts=2,
-                axes_dims_rope=(4, 2, 2),
-                max_resolution=(32, 32),
-                llama_layers=(0, 1, 2),
-            )
 
-        conditions = {"encoder_hidden_states_t5": (1, 6, 8), "encoder_hidden_states_llama3": (3, 1, 6, 4)}
-        return example_of(cls, build, (1, 4, 8, 8), {**conditions, "pooled_embeds": (1, 8)})
-
-
-@hookimpl
-def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
-    register(HiDreamAdapter)
+cachekit_register_adapters = registering(HiDreamAdapter)

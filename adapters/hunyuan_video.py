@@ -4,15 +4,10 @@ all of them. Attention runs over all video and text tokens at once."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
 
-from cachekit.adapter import Adapter
-from cachekit.declarative import DeclarativeAdapter
-from cachekit.example import ModelExample, example_of
-from cachekit.hookspecs import hookimpl
+from cachekit.declarative import DeclarativeAdapter, Example, registering
 from cachekit.schemas.adapter import (
     ENCODER,
     FULL_3D,
@@ -58,6 +53,27 @@ HUNYUAN_VIDEO_SPEC = AdapterSpec(
 class HunyuanVideoAdapter(DeclarativeAdapter):
     spec = HUNYUAN_VIDEO_SPEC
     model_class = HunyuanVideoTransformer3DModel
+    example_model = Example(
+        config={
+            "in_channels": 4,
+            "out_channels": 4,
+            "num_attention_heads": 2,
+            "attention_head_dim": 10,
+            "num_layers": 1,
+            "num_single_layers": 2,
+            "num_refiner_layers": 1,
+            "patch_size": 1,
+            "patch_size_t": 1,
+            "guidance_embeds": True,
+            "text_embed_dim": 16,
+            "pooled_projection_dim": 8,
+            "rope_axes_dim": (2, 4, 4),
+        },
+        latents=(1, 4, 2, 4, 4),
+        conditions={"encoder_hidden_states": (1, 6, 16), "pooled_projections": (1, 8)},
+        constants={"encoder_attention_mask": torch.ones(1, 6), "guidance": torch.tensor([3000.0])},
+    )
+
     model: HunyuanVideoTransformer3DModel
 
     @classmethod
@@ -66,35 +82,5 @@ class HunyuanVideoAdapter(DeclarativeAdapter):
         condition = getattr(getattr(model, "config", None), "image_condition_type", None)
         return super().matches(model) and condition != "token_replace"
 
-    @classmethod
-    def example(cls) -> ModelExample:
-        def build() -> HunyuanVideoTransformer3DModel:
-            return HunyuanVideoTransformer3DModel(
-                in_channels=4,
-                out_channels=4,
-                num_attention_heads=2,
-                attention_head_dim=10,
-                num_layers=1,
-                num_single_layers=2,
-                num_refiner_layers=1,
-                patch_size=1,
-                patch_size_t=1,
-                guidance_embeds=True,
-                text_embed_dim=16,
-                pooled_projection_dim=8,
-                rope_axes_dim=(2, 4, 4),
-            )
 
-        return example_of(
-            cls,
-            build,
-            (1, 4, 2, 4, 4),
-            {"encoder_hidden_states": (1, 6, 16), "pooled_projections": (1, 8)},
-            encoder_attention_mask=torch.ones(1, 6),
-            guidance=torch.tensor([3000.0]),
-        )
-
-
-@hookimpl
-def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
-    register(HunyuanVideoAdapter)
+cachekit_register_adapters = registering(HunyuanVideoAdapter)

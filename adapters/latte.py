@@ -5,14 +5,9 @@ block and branch), decided once per call."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from diffusers import LatteTransformer3DModel
 
-from cachekit.adapter import Adapter
-from cachekit.declarative import DeclarativeAdapter
-from cachekit.example import ModelExample, example_of
-from cachekit.hookspecs import hookimpl
+from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import (
     HIDDEN,
     AdapterSpec,
@@ -57,35 +52,32 @@ LATTE_SPEC = AdapterSpec(
 )
 
 
-class LatteAdapter(DeclarativeAdapter):
-    spec = LATTE_SPEC
-    model_class = LatteTransformer3DModel
+LatteAdapter = declare_adapter(
+    LATTE_SPEC,
+    LatteTransformer3DModel,
+    Example(
+        config={
+            "sample_size": 8,
+            "num_layers": 2,
+            "patch_size": 2,
+            "attention_head_dim": 8,
+            "num_attention_heads": 2,
+            "caption_channels": 8,
+            "in_channels": 4,
+            "cross_attention_dim": 16,
+            "out_channels": 8,
+            "attention_bias": True,
+            "activation_fn": "gelu-approximate",
+            "num_embeds_ada_norm": 1000,
+            "norm_type": "ada_norm_single",
+            "norm_elementwise_affine": False,
+            "norm_eps": 1e-6,
+            "video_length": 2,
+        },
+        latents=(1, 4, 2, 8, 8),
+        conditions={"encoder_hidden_states": (1, 6, 8)},
+    ),
+)
 
-    @classmethod
-    def example(cls) -> ModelExample:
-        def build() -> LatteTransformer3DModel:
-            return LatteTransformer3DModel(
-                sample_size=8,
-                num_layers=2,
-                patch_size=2,
-                attention_head_dim=8,
-                num_attention_heads=2,
-                caption_channels=8,
-                in_channels=4,
-                cross_attention_dim=16,
-                out_channels=8,
-                attention_bias=True,
-                activation_fn="gelu-approximate",
-                num_embeds_ada_norm=1000,
-                norm_type="ada_norm_single",
-                norm_elementwise_affine=False,
-                norm_eps=1e-6,
-                video_length=2,
-            )
 
-        return example_of(cls, build, (1, 4, 2, 8, 8), {"encoder_hidden_states": (1, 6, 8)})
-
-
-@hookimpl
-def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
-    register(LatteAdapter)
+cachekit_register_adapters = registering(LatteAdapter)

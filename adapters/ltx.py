@@ -3,15 +3,10 @@ cross attention to the text, modulated per token by a table plus the projected t
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from diffusers import LTXVideoTransformer3DModel
 
-from cachekit.adapter import Adapter
-from cachekit.declarative import DeclarativeAdapter
-from cachekit.example import ModelExample, example_of
-from cachekit.hookspecs import hookimpl
+from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import (
     FULL_3D,
     HIDDEN,
@@ -52,37 +47,26 @@ LTX_SPEC = AdapterSpec(
 )
 
 
-class LTXAdapter(DeclarativeAdapter):
-    spec = LTX_SPEC
-    model_class = LTXVideoTransformer3DModel
-
-    @classmethod
-    def example(cls) -> ModelExample:
-        def build() -> LTXVideoTransformer3DModel:
-            return LTXVideoTransformer3DModel(
-                in_channels=4,
-                out_channels=4,
-                patch_size=1,
-                patch_size_t=1,
-                num_attention_heads=2,
-                attention_head_dim=8,
-                cross_attention_dim=16,
-                num_layers=2,
-                caption_channels=16,
-            )
-
-        return example_of(
-            cls,
-            build,
-            (1, 2 * 4 * 4, 4),  # packed tokens of 2 frames of 4x4
-            {"encoder_hidden_states": (1, 6, 16)},
-            encoder_attention_mask=torch.ones(1, 6),
-            num_frames=2,
-            height=4,
-            width=4,
-        )
+LTXAdapter = declare_adapter(
+    LTX_SPEC,
+    LTXVideoTransformer3DModel,
+    Example(
+        config={
+            "in_channels": 4,
+            "out_channels": 4,
+            "patch_size": 1,
+            "patch_size_t": 1,
+            "num_attention_heads": 2,
+            "attention_head_dim": 8,
+            "cross_attention_dim": 16,
+            "num_layers": 2,
+            "caption_channels": 16,
+        },
+        latents=(1, 2 * 4 * 4, 4),
+        conditions={"encoder_hidden_states": (1, 6, 16)},
+        constants={"encoder_attention_mask": torch.ones(1, 6), "num_frames": 2, "height": 4, "width": 4},
+    ),
+)
 
 
-@hookimpl
-def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
-    register(LTXAdapter)
+cachekit_register_adapters = registering(LTXAdapter)

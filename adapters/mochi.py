@@ -6,15 +6,10 @@ Mochi pipelines pass 1000 - t (the model runs from 0 at pure noise to 1000), map
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from diffusers import MochiTransformer3DModel
 
-from cachekit.adapter import Adapter
-from cachekit.declarative import DeclarativeAdapter
-from cachekit.example import ModelExample, example_of
-from cachekit.hookspecs import hookimpl
+from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import (
     ENCODER,
     FULL_3D,
@@ -51,36 +46,28 @@ MOCHI_SPEC = AdapterSpec(
 )
 
 
-class MochiAdapter(DeclarativeAdapter):
-    spec = MOCHI_SPEC
-    model_class = MochiTransformer3DModel
-
-    @classmethod
-    def example(cls) -> ModelExample:
-        def build() -> MochiTransformer3DModel:
-            return MochiTransformer3DModel(
-                patch_size=2,
-                num_attention_heads=2,
-                attention_head_dim=8,
-                num_layers=2,
-                pooled_projection_dim=16,
-                in_channels=4,
-                qk_norm="rms_norm",
-                text_embed_dim=16,
-                time_embed_dim=4,
-                activation_fn="swiglu",
-                max_sequence_length=16,
-            )
-
-        return example_of(
-            cls,
-            build,
-            (1, 4, 2, 8, 8),
-            {"encoder_hidden_states": (1, 6, 16)},
-            encoder_attention_mask=torch.ones(1, 6),
-        )
+MochiAdapter = declare_adapter(
+    MOCHI_SPEC,
+    MochiTransformer3DModel,
+    Example(
+        config={
+            "patch_size": 2,
+            "num_attention_heads": 2,
+            "attention_head_dim": 8,
+            "num_layers": 2,
+            "pooled_projection_dim": 16,
+            "in_channels": 4,
+            "qk_norm": "rms_norm",
+            "text_embed_dim": 16,
+            "time_embed_dim": 4,
+            "activation_fn": "swiglu",
+            "max_sequence_length": 16,
+        },
+        latents=(1, 4, 2, 8, 8),
+        conditions={"encoder_hidden_states": (1, 6, 16)},
+        constants={"encoder_attention_mask": torch.ones(1, 6)},
+    ),
+)
 
 
-@hookimpl
-def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
-    register(MochiAdapter)
+cachekit_register_adapters = registering(MochiAdapter)

@@ -3,16 +3,14 @@ modulation MLP (`img_mod`, `txt_mod`), which the block applies with its own `_mo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from diffusers import QwenImageTransformer2DModel
 
-from cachekit.adapter import Adapter, call_arg
-from cachekit.declarative import DeclarativeAdapter
-from cachekit.example import ModelExample, example_of
-from cachekit.hookspecs import hookimpl
+from cachekit.adapter import call_arg
+from cachekit.declarative import DeclarativeAdapter, Example, registering
 from cachekit.schemas.adapter import (
     ENCODER,
     HIDDEN,
@@ -49,6 +47,22 @@ QWENIMAGE_SPEC = AdapterSpec(
 class QwenImageAdapter(DeclarativeAdapter):
     spec = QWENIMAGE_SPEC
     model_class = QwenImageTransformer2DModel
+    example_model = Example(
+        config={
+            "patch_size": 2,
+            "in_channels": 16,
+            "out_channels": 4,
+            "num_layers": 2,
+            "attention_head_dim": 16,
+            "num_attention_heads": 3,
+            "joint_attention_dim": 16,
+            "axes_dims_rope": (8, 4, 4),
+        },
+        latents=(1, 16, 16),
+        conditions={"encoder_hidden_states": (1, 6, 16)},
+        constants={"encoder_hidden_states_mask": torch.ones(1, 6), "img_shapes": [(1, 4, 4)]},
+    )
+
     model: QwenImageTransformer2DModel
 
     def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
@@ -67,30 +81,5 @@ class QwenImageAdapter(DeclarativeAdapter):
         generated = tokens[:, : frames * height * width].transpose(1, 2)
         return generated.unflatten(-1, (frames, height, width))
 
-    @classmethod
-    def example(cls) -> ModelExample:
-        def build() -> QwenImageTransformer2DModel:
-            return QwenImageTransformer2DModel(
-                patch_size=2,
-                in_channels=16,
-                out_channels=4,
-                num_layers=2,
-                attention_head_dim=16,
-                num_attention_heads=3,
-                joint_attention_dim=16,
-                axes_dims_rope=(8, 4, 4),
-            )
 
-        return example_of(
-            cls,
-            build,
-            (1, 16, 16),
-            {"encoder_hidden_states": (1, 6, 16)},
-            encoder_hidden_states_mask=torch.ones(1, 6),
-            img_shapes=[(1, 4, 4)],
-        )
-
-
-@hookimpl
-def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
-    register(QwenImageAdapter)
+cachekit_register_adapters = registering(QwenImageAdapter)

@@ -6,14 +6,9 @@ SD3.5's dual-attention blocks have a second, image-only self-attention (`attn2`)
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from diffusers import SD3Transformer2DModel
 
-from cachekit.adapter import Adapter
-from cachekit.declarative import DeclarativeAdapter
-from cachekit.example import ModelExample, example_of
-from cachekit.hookspecs import hookimpl
+from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import (
     ENCODER,
     HIDDEN,
@@ -49,32 +44,27 @@ SD3_SPEC = AdapterSpec(
 )
 
 
-class SD3Adapter(DeclarativeAdapter):
-    spec = SD3_SPEC
-    model_class = SD3Transformer2DModel
-
-    @classmethod
-    def example(cls) -> ModelExample:
-        def build() -> SD3Transformer2DModel:
-            return SD3Transformer2DModel(
-                sample_size=8,
-                patch_size=1,
-                in_channels=4,
-                num_layers=2,
-                attention_head_dim=8,
-                num_attention_heads=2,
-                caption_projection_dim=16,
-                joint_attention_dim=16,
-                pooled_projection_dim=16,
-                out_channels=4,
-                dual_attention_layers=(0,),
-            )
-
-        return example_of(
-            cls, build, (1, 4, 8, 8), {"encoder_hidden_states": (1, 6, 16), "pooled_projections": (1, 16)}
-        )
+SD3Adapter = declare_adapter(
+    SD3_SPEC,
+    SD3Transformer2DModel,
+    Example(
+        config={
+            "sample_size": 8,
+            "patch_size": 1,
+            "in_channels": 4,
+            "num_layers": 2,
+            "attention_head_dim": 8,
+            "num_attention_heads": 2,
+            "caption_projection_dim": 16,
+            "joint_attention_dim": 16,
+            "pooled_projection_dim": 16,
+            "out_channels": 4,
+            "dual_attention_layers": (0,),
+        },
+        latents=(1, 4, 8, 8),
+        conditions={"encoder_hidden_states": (1, 6, 16), "pooled_projections": (1, 16)},
+    ),
+)
 
 
-@hookimpl
-def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
-    register(SD3Adapter)
+cachekit_register_adapters = registering(SD3Adapter)

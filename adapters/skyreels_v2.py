@@ -3,15 +3,10 @@ each frame has its own timestep, so the modulation (and the probe) is per token.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from diffusers import SkyReelsV2Transformer3DModel
 
-from cachekit.adapter import Adapter
-from cachekit.adapters.wan import WAN_BLOCKS
-from cachekit.declarative import DeclarativeAdapter
-from cachekit.example import ModelExample, example_of
-from cachekit.hookspecs import hookimpl
+from cachekit.adapters.wan import TINY_WAN, WAN_BLOCKS
+from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import FULL_3D, TEMB, AdapterSpec, OutputSpec, TableProbe, TimestepSpec
 
 SKYREELS_V2_SPEC = AdapterSpec(
@@ -25,20 +20,15 @@ SKYREELS_V2_SPEC = AdapterSpec(
 )
 
 
-class SkyReelsV2Adapter(DeclarativeAdapter):
-    spec = SKYREELS_V2_SPEC
-    model_class = SkyReelsV2Transformer3DModel
-
-    @classmethod
-    def example(cls) -> ModelExample:
-        from cachekit.testing import TINY_WAN_CONFIG
-
-        def build() -> SkyReelsV2Transformer3DModel:
-            return SkyReelsV2Transformer3DModel(**TINY_WAN_CONFIG, num_layers=2)
-
-        return example_of(cls, build, (1, 4, 2, 8, 8), {"encoder_hidden_states": (1, 8, 16)})
+SkyReelsV2Adapter = declare_adapter(
+    SKYREELS_V2_SPEC,
+    SkyReelsV2Transformer3DModel,
+    Example(
+        config=TINY_WAN,
+        latents=(1, 4, 2, 8, 8),
+        conditions={"encoder_hidden_states": (1, 8, 16)},
+    ),
+)
 
 
-@hookimpl
-def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
-    register(SkyReelsV2Adapter)
+cachekit_register_adapters = registering(SkyReelsV2Adapter)

@@ -6,14 +6,11 @@ is block 0's table modulation of the projected timestep, per sample or (Wan 2.2 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 from diffusers import WanTransformer3DModel
 
-from cachekit.adapter import Adapter
-from cachekit.declarative import DeclarativeAdapter
-from cachekit.example import ModelExample, example_of
-from cachekit.hookspecs import hookimpl
+from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import FULL_3D, AdapterSpec, Argument, BlockListSpec, OutputSpec, TableProbe, TimestepSpec
 
 # (hidden_states, encoder_hidden_states, temb, rotary_emb) -> hidden_states
@@ -36,17 +33,31 @@ WAN_SPEC = AdapterSpec(
 )
 
 
-class WanAdapter(DeclarativeAdapter):
-    spec = WAN_SPEC
-    model_class = WanTransformer3DModel
+#: Wan's blocks at toy size (SkyReels-V2 shares them; `cachekit.testing.tiny_wan_transformer`).
+TINY_WAN: dict[str, Any] = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "in_channels": 4,
+    "out_channels": 4,
+    "text_dim": 16,
+    "freq_dim": 256,
+    "ffn_dim": 32,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "rope_max_seq_len": 32,
+    "num_layers": 2,
+}
 
-    @classmethod
-    def example(cls) -> ModelExample:
-        from cachekit.testing import tiny_wan_transformer
+WanAdapter = declare_adapter(
+    WAN_SPEC,
+    WanTransformer3DModel,
+    Example(
+        config=TINY_WAN,
+        latents=(1, 4, 2, 8, 8),
+        conditions={"encoder_hidden_states": (1, 8, 16)},
+    ),
+)
 
-        return example_of(cls, tiny_wan_transformer, (1, 4, 2, 8, 8), {"encoder_hidden_states": (1, 8, 16)})
 
-
-@hookimpl
-def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
-    register(WanAdapter)
+cachekit_register_adapters = registering(WanAdapter)

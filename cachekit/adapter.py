@@ -13,15 +13,13 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from cachekit.errors import MissingPointError
-
-if TYPE_CHECKING:
-    from cachekit.example import ModelExample
+from cachekit.example import ModelExample
 
 Streams = tuple[torch.Tensor, ...]
 

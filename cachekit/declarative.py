@@ -1,7 +1,13 @@
 """Adapters built from an `AdapterSpec`: module paths and call conventions instead of code.
 
-Most DiTs differ only in where things are, so most built-in adapters are a spec plus a tiny
-example model; a family whose probe needs a formula of its own overrides `probe` and nothing else.
+Most DiTs differ only in where things are, so most built-in adapters are data: a spec, the model
+class and a tiny example (`Example`), declared and registered in two statements:
+
+    FluxAdapter = declare_adapter(FLUX_SPEC, FluxTransformer2DModel, Example(config={...}, latents=(1, 16, 4)))
+    cachekit_register_adapters = registering(FluxAdapter)
+
+A family whose probe needs a formula of its own subclasses the declared adapter and overrides
+`probe`, nothing else.
 """
 
 from __future__ import annotations
@@ -10,8 +16,8 @@ import inspect
 import os
 import sys
 import weakref
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
@@ -31,6 +37,8 @@ from cachekit.adapter import (
     SiteKind,
     call_arg,
 )
+from cachekit.example import ModelExample
+from cachekit.hookspecs import hookimpl
 from cachekit.schemas.adapter import (
     AdapterSpec,
     Argument,
@@ -54,10 +62,56 @@ class _Block:
     module: nn.Module
 
 
+@dataclass(frozen=True)
+class Example:
+    """A declared adapter's tiny example model, as data: the model class's `config` at a toy size
+    (or a function building the model), the latents' shape, random `conditions` of these shapes
+    drawn per CFG branch, values given per branch (`branch_values`: conditional, unconditional)
+    and `constants` passed to every call. The timestep goes in the way the spec reads it back."""
+
+    config: Mapping[str, Any] | Callable[[], nn.Module]
+    latents: tuple[int, ...]
+    conditions: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    branch_values: Mapping[str, tuple[Any, Any]] = field(default_factory=dict)
+    constants: Mapping[str, Any] = field(default_factory=dict)
+
+    def build(self, adapter: type[DeclarativeAdapter]) -> ModelExample:
+        torch.manual_seed(0)  # the weights
+        config = self.config
+        model = (config() if callable(config) else adapter.model_class(**config)).eval()
+        generator = torch.Generator().manual_seed(0)  # the inputs
+        spec = adapter.spec.timestep
+        per_branch = [
+            {name: torch.randn(shape, generator=generator) for name, shape in self.conditions.items()} for _ in range(2)
+        ]
+        for name, values in self.branch_values.items():
+            for branch, value in zip(per_branch, values, strict=True):
+                branch[name] = value
+        constants = dict(self.constants)
+
+        def inputs(latents: torch.Tensor, t: float, branch: int) -> dict[str, Any]:
+            timestep = torch.full((latents.shape[0],), (t - spec.offset) / spec.scale)
+            return {"hidden_states": latents, spec.argument.name: timestep, **constants, **per_branch[branch]}
+
+        return ModelExample(model, torch.randn(self.latents, generator=generator), inputs)
+
+
+def image_ids(height: int, width: int) -> torch.Tensor:
+    """Flux-style position ids (0, row, column) of a height x width grid of image tokens."""
+    grid = torch.meshgrid(torch.zeros(1), torch.arange(float(height)), torch.arange(float(width)), indexing="ij")
+    return torch.stack(grid).reshape(3, -1).T
+
+
 class DeclarativeAdapter(Adapter):
-    """An adapter whose points come from `spec`. Subclasses set `spec` and `model_class`."""
+    """An adapter whose points come from `spec`. Subclasses set `spec` and `model_class`, and
+    `example_model` to ship a tiny example (see `Example`)."""
 
     spec: ClassVar[AdapterSpec]
+    example_model: ClassVar[Example | None] = None
+
+    @classmethod
+    def example(cls) -> ModelExample | None:
+        return cls.example_model.build(cls) if cls.example_model is not None else None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -339,14 +393,18 @@ def _find(block: nn.Module, path: str) -> nn.Module | None:
 
 
 def declare_adapter(
-    spec: AdapterSpec | Mapping[str, Any] | str | os.PathLike[str], model_class: type[nn.Module]
+    spec: AdapterSpec | Mapping[str, Any] | str | os.PathLike[str],
+    model_class: type[nn.Module],
+    example: Example | None = None,
 ) -> type[DeclarativeAdapter]:
-    """An adapter class for `model_class` from a spec (object, dict, or TOML/JSON file).
+    """An adapter class for `model_class` from a spec (object, dict, or TOML/JSON file), with a
+    tiny `example` model for the conformance tests.
 
     Register it like any adapter: ``register(declare_adapter(spec, MyDiT))`` in a plugin's
-    ``cachekit_register_adapters`` hook, or ``cachekit.register_plugin``. A relative file path is
-    taken from the folder of the module that calls this (so a plugin package finds the spec it
-    ships wherever it is installed), else from the working directory.
+    ``cachekit_register_adapters`` hook (or ``cachekit_register_adapters = registering(...)``),
+    or ``cachekit.register_plugin``. A relative file path is taken from the folder of the module
+    that calls this (so a plugin package finds the spec it ships wherever it is installed), else
+    from the working directory.
     """
     if isinstance(spec, str | os.PathLike):
         path = Path(spec)
@@ -354,4 +412,21 @@ def declare_adapter(
         spec = read_table(beside_caller if not path.is_absolute() and beside_caller.is_file() else path)
     spec = AdapterSpec.model_validate(spec)
     class_name = "".join(part.title() for part in spec.name.split("_")) + "Adapter"
-    return type(class_name, (DeclarativeAdapter,), {"spec": spec, "model_class": model_class})
+    fields = {"spec": spec, "model_class": model_class, "example_model": example, "__module__": _caller_module()}
+    return type(class_name, (DeclarativeAdapter,), fields)
+
+
+def registering(*adapters: type[Adapter]) -> Callable[[Callable[[type[Adapter]], None]], None]:
+    """A module's `cachekit_register_adapters` hook registering `adapters`: assign it to that name."""
+
+    @hookimpl
+    def cachekit_register_adapters(register: Callable[[type[Adapter]], None]) -> None:
+        for adapter in adapters:
+            register(adapter)
+
+    return cachekit_register_adapters
+
+
+def _caller_module() -> str:
+    """The module that declared the adapter (two frames up), for its class's `__module__`."""
+    return str(sys._getframe(2).f_globals.get("__name__", __name__))

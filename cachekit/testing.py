@@ -33,41 +33,19 @@ def tiny_flux_transformer(
     seed: int = 0, num_layers: int = 1, num_single_layers: int = 2, **config: Any
 ) -> FluxTransformer2DModel:
     """`config` overrides or extends the tiny config (e.g. guidance_embeds=True)."""
+    from cachekit.adapters.flux import TINY_FLUX
+
     torch.manual_seed(seed)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=num_layers,
-        num_single_layers=num_single_layers,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        axes_dims_rope=[4, 4, 8],
-        **config,
-    ).eval()
-
-
-#: Wan's block structure at toy size (SkyReels-V2 shares it).
-TINY_WAN_CONFIG: dict[str, Any] = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 2,
-    "attention_head_dim": 12,
-    "in_channels": 4,
-    "out_channels": 4,
-    "text_dim": 16,
-    "freq_dim": 256,
-    "ffn_dim": 32,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "rope_max_seq_len": 32,
-}
+    layers = {"num_layers": num_layers, "num_single_layers": num_single_layers}
+    return FluxTransformer2DModel(**{**TINY_FLUX, **layers, **config}).eval()
 
 
 def tiny_wan_transformer(seed: int = 0, num_layers: int = 2, **config: Any) -> WanTransformer3DModel:
     """`config` overrides the tiny config (e.g. in_channels=12 for image-to-video)."""
     torch.manual_seed(seed)
-    return WanTransformer3DModel(**{**TINY_WAN_CONFIG, **config}, num_layers=num_layers).eval()
+    from cachekit.adapters.wan import TINY_WAN
+
+    return WanTransformer3DModel(**{**TINY_WAN, **config, "num_layers": num_layers}).eval()
 
 
 def _t5_tokenizer() -> Any:

@@ -221,3 +221,12 @@ TEMB = Argument(name="temb", position=2)
 IMAGE_ONLY = "an image model has no temporal attention"
 FULL_3D = "attention runs over all video tokens at once: there is no separate temporal attention"
 JOINT_TEXT = "joint attention over the image or video tokens and the text tokens: there is no separate cross attention"
+
+#: Blocks in `transformer_blocks` with self attention, cross attention to the text and an MLP, on
+#: the hidden states alone (PixArt, Sana, Allegro, Cosmos).
+SELF_CROSS_BLOCKS = BlockListSpec(
+    path="transformer_blocks",
+    streams=[HIDDEN],
+    attention={"attn1": "spatial", "attn2": "cross"},
+    mlp=["ff"],
+)

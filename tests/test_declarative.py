@@ -12,9 +12,8 @@ from pydantic import ValidationError
 
 import cachekit
 from cachekit import conformance
-from cachekit.declarative import declare_adapter
+from cachekit.declarative import Example, declare_adapter
 from cachekit.errors import MissingPointError
-from cachekit.example import ModelExample, example_of
 from cachekit.hookspecs import hookimpl
 from cachekit.schemas import TeaCacheConfig
 from cachekit.schemas.adapter import AdapterSpec
@@ -23,10 +22,11 @@ from cachekit.schemas.files import read_table
 SPEC_FILE = Path(__file__).parent / "data" / "tiny_video_dit.toml"
 
 
-class TinyVideoDiTAdapter(declare_adapter(SPEC_FILE, TinyVideoDiT)):
-    @classmethod
-    def example(cls) -> ModelExample:
-        return example_of(cls, TinyVideoDiT, (1, 3, 6, 4), {"encoder_hidden_states": (1, 5, 8)})
+TinyVideoDiTAdapter = declare_adapter(
+    SPEC_FILE,
+    TinyVideoDiT,
+    Example(config=TinyVideoDiT, latents=(1, 3, 6, 4), conditions={"encoder_hidden_states": (1, 5, 8)}),
+)
 
 
 @pytest.fixture

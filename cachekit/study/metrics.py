@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cachekit.metric import Metric, MetricError, MetricSkipped, Sample
 from cachekit import registry as registries
+from cachekit.metric import Metric, MetricError, MetricSkipped, Sample
 from cachekit.study.store import COLUMNS
 
 #: The primary metric where a spec names none.
