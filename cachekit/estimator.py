@@ -35,7 +35,7 @@ class Estimator(Generic[ConfigT]):
 
     @classmethod
     def name(cls) -> str:
-        return cls.config_class.kind_name()
+        return cls.config_class.registered_name()
 
     def new_state(self) -> Any:
         """State for one tensor of one site in one branch, before anything was computed."""

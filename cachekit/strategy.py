@@ -92,7 +92,7 @@ class Strategy(Generic[ConfigT]):
 
     @classmethod
     def name(cls) -> str:
-        return cls.config_class.strategy_name()
+        return cls.config_class.registered_name()
 
     @classmethod
     def example_configs(cls) -> ExampleConfigs | None:

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny
+from pydantic import BeforeValidator, Field, SerializeAsAny
 
 from cachekit.schemas.estimators import CopyConfig, EstimatorConfig, parse_estimator
+from cachekit.schemas.named import NamedConfig
 
 #: An estimator config, or its kind name, or a dict with its ``kind``.
 Estimator = Annotated[SerializeAsAny[EstimatorConfig], BeforeValidator(parse_estimator)]
 
 
-class StrategyConfig(BaseModel):
+class StrategyConfig(NamedConfig):
     """Fields every strategy shares. Unknown fields are rejected, values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+    name_field = "strategy"
     strategy: str
     num_inference_steps: int | None = Field(
         default=None,
@@ -42,11 +42,6 @@ class StrategyConfig(BaseModel):
         "Checked from the first computed call, before the device runs out; on CUDA the device's free memory "
         "is checked too.",
     )
-
-    @classmethod
-    def strategy_name(cls) -> str:
-        """The name this config's ``strategy`` field defaults to (its registry name)."""
-        return str(cls.model_fields["strategy"].default)
 
 
 class UniformConfig(StrategyConfig):

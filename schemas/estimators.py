@@ -11,25 +11,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from cachekit.schemas.named import NamedConfig
 
 
-class EstimatorConfig(BaseModel):
-    """Fields every estimator shares. Unknown fields are rejected, values are immutable."""
+class EstimatorConfig(NamedConfig):
+    """Fields every estimator shares."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+    name_field = "kind"
     kind: str
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         default=None,
         description="The dtype the kept values are stored in (None: the model's). 'bfloat16' halves what a "
         "float32 model keeps; 'float32' keeps a bf16 model's forecasts exact.",
     )
-
-    @classmethod
-    def kind_name(cls) -> str:
-        """The name this config's ``kind`` field defaults to (its registry name)."""
-        return str(cls.model_fields["kind"].default)
 
 
 class CopyConfig(EstimatorConfig):
@@ -68,7 +64,7 @@ class PluginEstimatorConfig(EstimatorConfig):
 
 
 BUILT_IN_ESTIMATORS: dict[str, type[EstimatorConfig]] = {
-    config.kind_name(): config for config in (CopyConfig, TaylorConfig, FoCaConfig)
+    config.registered_name(): config for config in (CopyConfig, TaylorConfig, FoCaConfig)
 }
 
 

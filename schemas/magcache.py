@@ -2,66 +2,40 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from cachekit.schemas.configs import StrategyConfig
-from cachekit.schemas.files import SUFFIXES, parse_table, read_table
+from cachekit.schemas.files import read_table
+from cachekit.schemas.presets import Preset, Presets
+
+__all__ = ["MAGCACHE_PRESETS", "MagCacheConfig", "MagCachePreset", "Ratios", "load_magcache_preset", "magcache_presets"]
 
 Ratios = Annotated[tuple[Annotated[float, Field(gt=0)], ...], Field(min_length=2)]
 
 
-class MagCachePreset(BaseModel):
+class MagCachePreset(Preset):
     """Per-step magnitude ratios of one model: mean over tokens of |r_t| / |r_t-1|, r the residual
     of the block stack (the first step 1.0), with where they come from."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    name: str
-    adapter: str = Field(description="The model family (adapter name) the ratios were measured on.")
-    match: dict[str, Any] = Field(
-        default_factory=dict, description="Transformer config values that identify the model, for picking it."
-    )
     mag_ratios: Ratios
-    identity: str | None = Field(default=None, description="The model a calibrated set was measured on.")
-    notes: str = ""
 
-    def fits(self, adapter: str, config: Mapping[str, Any]) -> bool:
-        """Whether a transformer of family `adapter` with `config` is the model this was measured on."""
-        return self.adapter == adapter and bool(self.match) and all(config.get(k) == v for k, v in self.match.items())
-
-
-@functools.cache
-def magcache_presets() -> dict[str, MagCachePreset]:
-    """Every shipped ratio set by name."""
-    data = parse_table(resources.files(__package__).joinpath("magcache_presets.toml").read_text(), ".toml")
-    return {name: MagCachePreset(name=name, **fields) for name, fields in data.items()}
+    @classmethod
+    def from_file(cls, path: Path) -> MagCachePreset:
+        """The ratios a file holds: a ratio set, or a calibrated TeaCache preset that measured them."""
+        data = read_table(path)
+        if not data.get("mag_ratios"):
+            raise ValueError(f"{path} holds no mag_ratios: calibrate the model (`cachekit calibrate`) to measure them")
+        shared = {name: data[name] for name in ("adapter", "identity", "notes") if data.get(name) is not None}
+        return cls(name=data.get("name", path.stem), mag_ratios=data["mag_ratios"], **shared)
 
 
-def load_magcache_preset(reference: str) -> MagCachePreset:
-    """A shipped set by name, or a file (.json/.toml) holding a `mag_ratios` list, e.g. a calibrated preset."""
-    if reference in magcache_presets():
-        return magcache_presets()[reference]
-    path = Path(reference)
-    if path.suffix not in SUFFIXES or not path.is_file():
-        raise ValueError(
-            f"unknown MagCache preset {reference!r}: neither a preset file (.json/.toml) nor one of "
-            f"{', '.join(magcache_presets())}"
-        )
-    data = read_table(path)
-    if not data.get("mag_ratios"):
-        raise ValueError(f"{path} holds no mag_ratios: calibrate the model (`cachekit calibrate`) to measure them")
-    return MagCachePreset(
-        name=data.get("name", path.stem),
-        adapter=data.get("adapter", ""),
-        mag_ratios=data["mag_ratios"],
-        identity=data.get("identity"),
-    )
+#: MagCache's ratio sets: those shipped (magcache_presets.toml) and calibrated files.
+MAGCACHE_PRESETS = Presets("MagCache", MagCachePreset, "magcache_presets.toml")
+magcache_presets = MAGCACHE_PRESETS.shipped
+load_magcache_preset = MAGCACHE_PRESETS.load
 
 
 class MagCacheConfig(StrategyConfig):

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from cachekit.schemas.magcache import Ratios
+from cachekit.schemas.named import NamedConfig
 
 
-class PeerConfig(BaseModel):
+class PeerConfig(NamedConfig):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    name_field = "strategy"
     strategy: str
-
-    @classmethod
-    def strategy_name(cls) -> str:
-        return str(cls.model_fields["strategy"].default)
 
 
 class DiffusersFirstBlockCache(PeerConfig):
@@ -93,6 +91,6 @@ class DiffusersPAB(PeerConfig):
 
 
 PEER_CONFIGS: dict[str, type[PeerConfig]] = {
-    config.strategy_name(): config
+    config.registered_name(): config
     for config in (DiffusersFirstBlockCache, DiffusersMagCache, DiffusersTaylorSeer, DiffusersSeaCache, DiffusersPAB)
 }

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping
-from importlib import resources
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from cachekit.schemas.configs import StrategyConfig
-from cachekit.schemas.files import SUFFIXES, parse_table, read_table
+from cachekit.schemas.presets import Preset, Presets
+
+__all__ = ["TEACACHE_PRESETS", "TeaCacheConfig", "TeaCachePreset", "load_preset", "presets_for", "teacache_presets"]
 
 #: The signal TeaCache measures: block 0's modulated input, the timestep embedding the blocks get,
 #: or its projection into the blocks' modulation parameters (Wan's `timestep_proj`, the "ret steps" variant).
@@ -21,18 +19,10 @@ Probe = Literal["modulated_input", "timestep_embedding", "projected_timestep_emb
 Coefficients = Annotated[tuple[float, ...], Field(min_length=2, max_length=10)]
 
 
-class TeaCachePreset(BaseModel):
+class TeaCachePreset(Preset):
     """Rescale coefficients for one model, with how they were fitted and where they apply."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    name: str
     adapter: str = Field(description="The model family (adapter name) the coefficients were fitted on.")
-    match: dict[str, Any] = Field(
-        default_factory=dict,
-        description='Transformer config values that identify the model ("none" matches a null value).',
-    )
-    auto: bool = Field(default=True, description="Whether the preset may be picked from the model alone.")
     coefficients: Coefficients
     probe: Probe = "modulated_input"
     warmup_steps: int = Field(default=1, ge=1, description="Steps always computed first.")
@@ -47,10 +37,6 @@ class TeaCachePreset(BaseModel):
         description="Models whose transformer config equals the one matched but for which no set is published: "
         "picking this preset for them is reported.",
     )
-    notes: str = ""
-    identity: str | None = Field(
-        default=None, description="The model a calibrated preset was fitted on (adapter and config fingerprint)."
-    )
     fit: dict[str, float] = Field(default_factory=dict, description="Calibration: rmse, r2, samples, order.")
     mag_ratios: tuple[float, ...] = Field(
         default=(),
@@ -64,36 +50,12 @@ class TeaCachePreset(BaseModel):
             raise ValueError(f"preset {self.name!r}: give warmup_steps or warmup_share, not both")
         return self
 
-    def fits(self, adapter: str, config: Mapping[str, Any]) -> bool:
-        """Whether a transformer of family `adapter` with `config` is the model this was fitted on."""
-        return self.adapter == adapter and all(
-            config.get(key) == (None if value == "none" else value) for key, value in self.match.items()
-        )
 
-
-@functools.cache
-def teacache_presets() -> dict[str, TeaCachePreset]:
-    """Every shipped preset by name."""
-    data = parse_table(resources.files(__package__).joinpath("teacache_presets.toml").read_text(), ".toml")
-    return {name: TeaCachePreset(name=name, **fields) for name, fields in data.items()}
-
-
-def load_preset(reference: str) -> TeaCachePreset:
-    """A shipped preset by name, or a preset file (.json/.toml, e.g. written by calibration)."""
-    if reference in teacache_presets():
-        return teacache_presets()[reference]
-    path = Path(reference)
-    if path.suffix not in SUFFIXES or not path.is_file():
-        raise ValueError(
-            f"unknown preset {reference!r}: neither a preset file (.json/.toml) nor one of "
-            f"{', '.join(teacache_presets())}"
-        )
-    return TeaCachePreset.model_validate(read_table(path))
-
-
-def presets_for(adapter: str, config: Mapping[str, Any]) -> list[TeaCachePreset]:
-    """The presets that may be picked automatically for a model."""
-    return [preset for preset in teacache_presets().values() if preset.auto and preset.fits(adapter, config)]
+#: TeaCache's presets: those shipped (teacache_presets.toml) and calibrated files.
+TEACACHE_PRESETS = Presets("TeaCache", TeaCachePreset, "teacache_presets.toml")
+teacache_presets = TEACACHE_PRESETS.shipped
+load_preset = TEACACHE_PRESETS.load
+presets_for = TEACACHE_PRESETS.fitting
 
 
 class TeaCacheConfig(StrategyConfig):

@@ -16,7 +16,13 @@ from typing import Any
 
 from cachekit.adapter import Adapter, Point
 from cachekit.hookspecs import hookimpl
-from cachekit.schemas.magcache import MagCacheConfig, MagCachePreset, load_magcache_preset, magcache_presets
+from cachekit.schemas.magcache import (
+    MAGCACHE_PRESETS,
+    MagCacheConfig,
+    MagCachePreset,
+    load_magcache_preset,
+    magcache_presets,
+)
 from cachekit.strategy import ExampleConfigs, Knob, Signals, Step, Strategy
 
 
@@ -60,11 +66,8 @@ class MagStrategy(Strategy[MagCacheConfig]):
         if not self.ratios:
             self.preset = self._pick_preset(adapter)
             self.ratios = self.preset.mag_ratios
-        if self.preset is not None and self.preset.adapter and self.preset.adapter != adapter.name:
-            raise ValueError(
-                f"MagCache preset {self.preset.name!r} was measured on a {self.preset.adapter!r} model, not on this "
-                f"{type(adapter.model).__name__} ({adapter.name!r}); calibrate this model's ratios"
-            )
+        if self.preset is not None:
+            self.preset.check_model("MagCache", adapter.name, adapter.identity(), type(adapter.model).__name__)
         if self.config.num_inference_steps is not None:
             self.ratios_for(self.config.num_inference_steps)  # a bare transformer: check the count now
         return {"preset": self.preset.name if self.preset else None, "ratios": len(self.ratios)}
@@ -72,7 +75,7 @@ class MagStrategy(Strategy[MagCacheConfig]):
     @staticmethod
     def _pick_preset(adapter: Adapter) -> MagCachePreset:
         config = dict(getattr(adapter.model, "config", {}))
-        fitting = [preset for preset in magcache_presets().values() if preset.fits(adapter.name, config)]
+        fitting = MAGCACHE_PRESETS.fitting(adapter.name, config)
         if len(fitting) != 1:
             raise ValueError(
                 f"no MagCache ratio set is known for this {type(adapter.model).__name__} ({adapter.name!r}); shipped "

@@ -81,20 +81,10 @@ class TeaStrategy(Strategy[TeaCacheConfig]):
     def attach(self, adapter: Adapter) -> dict[str, Any]:
         if self.coefficients is None:
             self._settle(self._pick_preset(adapter))
-        preset = self.preset
-        if preset is not None and preset.adapter != adapter.name and not self.config.allow_other_model:
-            raise ValueError(
-                f"TeaCache preset {preset.name!r} was published for a {preset.adapter!r} model, not this "
-                f"{type(adapter.model).__name__} ({adapter.name!r}): its coefficients do not fit; choose a preset of "
-                f"this family, calibrate this model, or set allow_other_model=True to use it anyway"
-            )
+        model = type(adapter.model).__name__
+        if self.preset is not None:
+            self.preset.check_model("TeaCache", adapter.name, adapter.identity(), model, self.config.allow_other_model)
         identity = self.preset.identity if self.preset is not None else None
-        if identity is not None and identity != adapter.identity() and not self.config.allow_other_model:
-            raise ValueError(
-                f"TeaCache preset {self.preset.name!r} was calibrated on {identity}, not on this "  # type: ignore[union-attr]
-                f"{type(adapter.model).__name__} ({adapter.identity()}); calibrate this model, or set "
-                "allow_other_model=True to use it anyway"
-            )
         if self.threshold is None:
             tune = " or find one with `cachekit tune <spec> --strategy ... --ratio 0.4 --write`" if identity else ""
             raise ValueError(

@@ -126,7 +126,7 @@ def register_strategy_class(config_class: type[StrategyConfig], decide: Any) -> 
         def cachekit_register_strategies(self, register):
             register(Strategy)
 
-    cachekit.register_plugin(Plugin(), f"test-{config_class.strategy_name()}")
+    cachekit.register_plugin(Plugin(), f"test-{config_class.registered_name()}")
 
 
 def plugin_warning(registers: Any, name: str) -> None:
@@ -210,7 +210,7 @@ CASES: list[tuple[str, Any, type[BaseException] | tuple[type[BaseException], ...
         "teacache unknown preset",
         lambda t: TeaCacheConfig(preset="flux-deb"),
         V,
-        r"unknown preset 'flux-deb': neither a preset file .* flux-dev",
+        r"unknown TeaCache preset 'flux-deb': neither one of .*flux-dev.* nor a preset file",
     ),
     (
         "teacache preset and coefficients",
@@ -358,7 +358,7 @@ CASES: list[tuple[str, Any, type[BaseException] | tuple[type[BaseException], ...
         "teacache preset of another family",
         lambda t: cachekit.apply(tiny_flux_transformer(), TeaCacheConfig(preset="mochi", num_inference_steps=4)),
         ValueError,
-        r"preset 'mochi' was published for a 'mochi' model, not this FluxTransformer2DModel .*allow_other_model=True",
+        r"preset 'mochi' was made on a 'mochi' model, not this FluxTransformer2DModel .*allow_other_model=True",
     ),
     (
         "teacache no preset fits",

@@ -97,9 +97,25 @@ def test_magcache_needs_ratios_from_one_place_and_a_preset_of_its_family():
     with pytest.raises(pydantic.ValidationError, match=r"mag_ratios\.0\n.*greater than 0"):
         MagCacheConfig(mag_ratios=(0.0, 1.0))
     with pytest.raises(
-        ValueError, match=r"preset 'flux-dev' was measured on a 'flux' model, not on this WanTransformer3DModel"
+        ValueError, match=r"preset 'flux-dev' was made on a 'flux' model, not this WanTransformer3DModel"
     ):
         cachekit.apply(load("wan-moving-digits"), MagCacheConfig(preset="flux-dev", interpolate=True))
+
+
+def test_a_magcache_file_calibrated_on_another_model_of_the_family_is_refused(tmp_path):
+    """The same identity rule as TeaCache's: another model's ratios do not fit this one."""
+    import json
+
+    from cachekit.testing import tiny_flux_transformer as flux
+
+    other, model = flux(num_layers=2), flux()
+    identity = cachekit.resolve_adapter(other)(other).identity()
+    preset = tmp_path / "other.json"
+    preset.write_text(json.dumps({"name": "other", "adapter": "flux", "identity": identity, "mag_ratios": [1.0, 0.9]}))
+    config = MagCacheConfig(preset=str(preset), interpolate=True, num_inference_steps=4)
+    with pytest.raises(ValueError, match=rf"MagCache preset 'other' was calibrated on {identity}, not on this Flux"):
+        cachekit.apply(model, config)
+    cachekit.apply(other, config).remove()  # on its own model it is taken
 
 
 def test_magcache_skips_while_the_accumulated_error_stays_small():

@@ -315,7 +315,7 @@ def test_a_preset_of_another_family_is_refused():
 
     model = tiny_flux_transformer()
     with pytest.raises(
-        ValueError, match=r"preset 'wan2.1-t2v-1.3b' was published for a 'wan' model, not this FluxTransformer2DModel"
+        ValueError, match=r"preset 'wan2.1-t2v-1.3b' was made on a 'wan' model, not this FluxTransformer2DModel"
     ):
         cachekit.apply(model, TeaCacheConfig(preset="wan2.1-t2v-1.3b", num_inference_steps=4))
     handle = cachekit.apply(

@@ -219,7 +219,7 @@ rel_l1_thresh = 0.2
     )
     with pytest.raises(
         StudySpecError,
-        match=rf"teacache cannot run on {folder / 'wan'}: TeaCache preset 'flux-dev' was published for a 'flux' model",
+        match=rf"teacache cannot run on {folder / 'wan'}: TeaCache preset 'flux-dev' was made on a 'flux' model",
     ):
         run_study(load_spec(spec), tmp_path / "r.sqlite", progress=False)
     assert ResultStore(tmp_path / "r.sqlite").rows() == []

@@ -229,7 +229,7 @@ def test_a_built_in_method_is_one_strategy_module_and_one_schema_module(tmp_path
     monkeypatch.setattr(registry_module, "registry", lambda: fresh)
     assert not fresh.errors
 
-    assert cachekit.schemas.EveryFourthConfig.strategy_name() == "every_fourth"
+    assert cachekit.schemas.EveryFourthConfig.registered_name() == "every_fourth"
     assert "every_fourth" in cachekit.list_strategies()
     assert ("every_fourth", "copy", "float32") in conformance.cells()
     assert ("every_fourth", "copy", "bfloat16") in conformance.cells()

@@ -56,7 +56,7 @@ def test_every_registered_strategy_config_is_a_strategy_config():
     for name in cachekit.list_strategies():
         config_class = cachekit.get_strategy(name).config_class
         assert issubclass(config_class, StrategyConfig)
-        assert config_class.strategy_name() == name
+        assert config_class.registered_name() == name
         assert config_class.model_json_schema()["properties"]["strategy"]["const"] == name
 
 

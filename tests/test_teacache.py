@@ -121,7 +121,7 @@ def test_every_preset_validates_and_is_usable():
         ({"coefficients": [1.0, float("nan")], "rel_l1_thresh": 0.1}, r"coefficients\.1\n.*finite number"),
         ({"rel_l1_thresh": -0.1}, r"rel_l1_thresh\n.*greater than 0"),
         ({"rel_l1_thresh": 0}, r"rel_l1_thresh\n.*greater than 0"),
-        ({"preset": "flux"}, r"preset\n.*unknown preset 'flux': neither a preset file .* flux-dev"),
+        ({"preset": "flux"}, r"preset\n.*unknown TeaCache preset 'flux': neither one of .*flux-dev"),
         ({"preset": "flux-dev", "coefficients": [1.0, 0.0]}, r"either coefficients or preset, not both"),
         ({"coefficients": [1.0, 0.0]}, r"rel_l1_thresh is required with explicit coefficients"),
         ({"probe": "output"}, r"probe\n.*'modulated_input', 'timestep_embedding' or 'projected_timestep_embedding'"),
