@@ -17,6 +17,7 @@ import pkgutil
 import re
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,9 +33,64 @@ from cachekit.metric import Metric
 from cachekit.schemas.configs import StrategyConfig
 from cachekit.schemas.estimators import EstimatorConfig, PluginEstimatorConfig
 from cachekit.schemas.files import SUFFIXES, read_table
+from cachekit.schemas.named import NamedConfig
 from cachekit.strategy import Strategy
 
 ENTRY_POINT_GROUP = "cachekit"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of thing plugins register: its hook, base class, name and checks."""
+
+    word: str  # as errors name it
+    hook: str
+    base: type
+    table: str  # the registry's dict of them
+    name_of: Callable[[Any], str]
+    check: Callable[[Any], None]
+
+
+def _fixed_config(config_base: type[NamedConfig]) -> Callable[[Any], None]:
+    """A check that a registered class's `config_class` is a `config_base` whose name is fixed."""
+
+    def check(registered: Any) -> None:
+        config = getattr(registered, "config_class", object)
+        if not (isinstance(config, type) and issubclass(config, config_base)):
+            raise PluginError(f"{registered.__name__}.config_class must be a {config_base.__name__} subclass")
+        field = config.name_field
+        if not isinstance(config.model_fields[field].default, str):
+            raise PluginError(f"{config.__name__} must fix its {field}: {field}: Literal['my_name'] = 'my_name'")
+
+    return check
+
+
+def _metric_name(metric: Any) -> None:
+    name = getattr(metric, "name", None)
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_.]*", name):
+        raise PluginError(f"{metric.__name__}.name must be a lower-case name like 'clip_score', got {name!r}")
+
+
+KINDS = (
+    Kind(
+        "strategy",
+        "cachekit_register_strategies",
+        Strategy,
+        "strategies",
+        lambda s: s.name(),
+        _fixed_config(StrategyConfig),
+    ),
+    Kind("adapter", "cachekit_register_adapters", Adapter, "adapters", lambda a: a.name, lambda _: None),
+    Kind(
+        "estimator",
+        "cachekit_register_estimators",
+        Estimator,
+        "estimators",
+        lambda e: e.name(),
+        _fixed_config(EstimatorConfig),
+    ),
+    Kind("metric", "cachekit_register_metrics", Metric, "metrics", lambda m: m.name, _metric_name),
+)
 
 
 class PluginWarning(UserWarning):
@@ -88,59 +144,24 @@ class Registry:
         except Exception as exc:
             self._fail(name, str(exc))
             return
-        registrations: list[tuple[str, Callable[[Any], None]]] = [
-            ("cachekit_register_strategies", functools.partial(self._add_strategy, name)),
-            ("cachekit_register_adapters", functools.partial(self._add_adapter, name)),
-            ("cachekit_register_estimators", functools.partial(self._add_estimator, name)),
-            ("cachekit_register_metrics", functools.partial(self._add_metric, name)),
-        ]
-        for hook_name, register in registrations:
-            for impl in getattr(self._plugins.hook, hook_name).get_hookimpls():
+        for kind in KINDS:
+            for impl in getattr(self._plugins.hook, kind.hook).get_hookimpls():
                 if impl.plugin_name != name:
                     continue
                 try:
-                    impl.function(register=register)
+                    impl.function(register=functools.partial(self._add, kind, name))
                 except Exception as exc:
-                    self._fail(name, f"{hook_name} raised {exc!r}")
+                    self._fail(name, f"{kind.hook} raised {exc!r}")
 
-    def _add_strategy(self, plugin: str, strategy: type[Strategy[Any]]) -> None:
-        if not (isinstance(strategy, type) and issubclass(strategy, Strategy)):
-            raise PluginError(f"registered {strategy!r}, which is not a Strategy subclass")
-        if not issubclass(getattr(strategy, "config_class", object), StrategyConfig):
-            raise PluginError(f"{strategy.__name__}.config_class must be a StrategyConfig subclass")
-        if not isinstance(strategy.config_class.model_fields["strategy"].default, str):
-            raise PluginError(
-                f"{strategy.config_class.__name__} must fix its strategy name: strategy: Literal['my_name'] = 'my_name'"
-            )
-        self._claim("strategy", strategy.name(), plugin)
-        self.strategies[strategy.name()] = strategy
-
-    def _add_adapter(self, plugin: str, adapter: type[Adapter]) -> None:
-        if not (isinstance(adapter, type) and issubclass(adapter, Adapter)):
-            raise PluginError(f"registered {adapter!r}, which is not an Adapter subclass")
-        self._claim("adapter", adapter.name, plugin)
-        self.adapters[adapter.name] = adapter
-
-    def _add_estimator(self, plugin: str, estimator: type[Estimator[Any]]) -> None:
-        if not (isinstance(estimator, type) and issubclass(estimator, Estimator)):
-            raise PluginError(f"registered {estimator!r}, which is not an Estimator subclass")
-        if not issubclass(getattr(estimator, "config_class", object), EstimatorConfig):
-            raise PluginError(f"{estimator.__name__}.config_class must be an EstimatorConfig subclass")
-        if not isinstance(estimator.config_class.model_fields["kind"].default, str):
-            raise PluginError(
-                f"{estimator.config_class.__name__} must fix its kind: kind: Literal['my_kind'] = 'my_kind'"
-            )
-        self._claim("estimator", estimator.name(), plugin)
-        self.estimators[estimator.name()] = estimator
-
-    def _add_metric(self, plugin: str, metric: type[Metric]) -> None:
-        if not (isinstance(metric, type) and issubclass(metric, Metric)):
-            raise PluginError(f"registered {metric!r}, which is not a Metric subclass")
-        name = getattr(metric, "name", None)
-        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_.]*", name):
-            raise PluginError(f"{metric.__name__}.name must be a lower-case name like 'clip_score', got {name!r}")
-        self._claim("metric", name, plugin)
-        self.metrics[name] = metric
+    def _add(self, kind: Kind, plugin: str, thing: Any) -> None:
+        """`thing`, registered by `plugin` as one of `kind`, checked and claimed under its name."""
+        if not (isinstance(thing, type) and issubclass(thing, kind.base)):
+            base = kind.base.__name__
+            raise PluginError(f"registered {thing!r}, which is not {'an' if base[0] in 'AEIOU' else 'a'} {base} subclass")
+        kind.check(thing)
+        name = kind.name_of(thing)
+        self._claim(kind.word, name, plugin)
+        getattr(self, kind.table)[name] = thing
 
     def _claim(self, kind: str, name: str, plugin: str) -> None:
         owner = self._origin.setdefault((kind, name), plugin)
