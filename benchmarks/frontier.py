@@ -117,8 +117,8 @@ def _db(out: Path, model: str) -> Path:
 def _verdict(model: str, summaries: list) -> str:
     """Per budget: cachekit's best method against the best peer (diffusers' measured, cache-dit's figures)."""
     lines = [f"{model}: cachekit's best vs the best peer, PSNR (dB) within each share of block executions"]
-    ours = [s for s in summaries if not s.peer]
-    theirs = [s for s in summaries if s.peer]
+    ours = [s for s in summaries if not s.diffusers]
+    theirs = [s for s in summaries if s.diffusers]
     for budget in BUDGETS:
         best = best_within(ours, lambda s: s.blocks, budget)
         peer = best_within(theirs, lambda s: s.blocks, budget)

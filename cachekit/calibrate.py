@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from cachekit.adapter import Adapter, BlockArgument
-from cachekit.hooks import context_parallel_group
 from cachekit.registry import resolve_adapter
+from cachekit.runtime.placement import context_parallel_group
 from cachekit.schemas.calibration import CalibrationSpec
 from cachekit.schemas.teacache import Probe, TeaCachePreset
 from cachekit.signals import mean_abs, reduced_over, relative_l1

@@ -122,8 +122,8 @@ def _main(argv: list[str] | None) -> None:
 
 def _list() -> None:
     import cachekit
+    from cachekit.schemas.diffusers_methods import DIFFUSERS_METHODS
     from cachekit.schemas.magcache import magcache_presets
-    from cachekit.schemas.peers import PEER_CONFIGS
     from cachekit.schemas.teacache import teacache_presets
 
     print("strategies:", ", ".join(cachekit.list_strategies()))
@@ -131,7 +131,7 @@ def _list() -> None:
     print("adapters:  ", ", ".join(cachekit.list_adapters()))
     print("metrics:   ", ", ".join(cachekit.list_metrics()))
     print("presets:   ", "teacache:", ", ".join(teacache_presets()), "| magcache:", ", ".join(magcache_presets()))
-    print("diffusers methods for studies:", ", ".join(sorted(PEER_CONFIGS)))
+    print("diffusers methods for studies:", ", ".join(sorted(DIFFUSERS_METHODS)))
     for plugin, reason in cachekit.plugin_errors().items():
         print(f"plugin {plugin!r} failed to load: {reason}")
 

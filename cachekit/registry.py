@@ -157,7 +157,9 @@ class Registry:
         """`thing`, registered by `plugin` as one of `kind`, checked and claimed under its name."""
         if not (isinstance(thing, type) and issubclass(thing, kind.base)):
             base = kind.base.__name__
-            raise PluginError(f"registered {thing!r}, which is not {'an' if base[0] in 'AEIOU' else 'a'} {base} subclass")
+            raise PluginError(
+                f"registered {thing!r}, which is not {'an' if base[0] in 'AEIOU' else 'a'} {base} subclass"
+            )
         kind.check(thing)
         name = kind.name_of(thing)
         self._claim(kind.word, name, plugin)

@@ -14,10 +14,10 @@ from diffusers.hooks.sea_cache import _apply_sea_filter
 
 import cachekit
 from cachekit import testbed
-from cachekit.peers import apply_peer
 from cachekit.schemas import magcache_presets
 from cachekit.strategies.magcache import resample
 from cachekit.strategies.seacache import sea_filter
+from cachekit.study.diffusers_methods import apply_diffusers_method
 from cachekit.testing import run_flux, run_wan, tiny_flux_pipeline, tiny_wan_pipeline
 
 #: diffusers' TaylorSeer hooks modules by name: the attention modules cachekit's attention sites are.
@@ -154,7 +154,7 @@ def test_equals_diffusers_hooks_on_the_trained_testbed(model):
         watched = first_attention(pipe.transformer) if ours["strategy"] == "taylorseer" else None
         with cachekit.apply(pipe, ours):
             mine = scheduled(pipe.transformer, generate, watched)
-        with apply_peer(pipe, theirs):
+        with apply_diffusers_method(pipe, theirs):
             expected = scheduled(pipe.transformer, generate, watched)
         assert_same(mine, expected, reference)
 

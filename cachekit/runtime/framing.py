@@ -23,7 +23,7 @@ from torch import nn
 from cachekit.adapter import Adapter, OutputSite, Point, Streams
 from cachekit.errors import ConcurrentUseError, RankDivergenceError, StrategyError
 from cachekit.estimator import Kept
-from cachekit.hooks import context_parallel_group
+from cachekit.runtime.placement import context_parallel_group
 from cachekit.signals import read, reduced_over
 from cachekit.stats import BranchStats, CacheStats, GenerationStats, tensor_bytes
 from cachekit.steps import StepTracker

@@ -18,7 +18,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 from cachekit.errors import UnsupportedModelError
-from cachekit.hooks import register_beneath_context_parallel, remove_keeping_the_rest
+from cachekit.runtime.placement import register_beneath_context_parallel, remove_keeping_the_rest
 
 HOOK_NAME = "cachekit"
 

@@ -16,9 +16,9 @@ from cachekit.errors import CachekitError
 from cachekit.metric import MetricError
 from cachekit.registry import make_config
 from cachekit.schemas.configs import StrategyConfig
+from cachekit.schemas.diffusers_methods import DIFFUSERS_METHODS, DiffusersMethodConfig
 from cachekit.schemas.estimators import EstimatorConfig
 from cachekit.schemas.files import SUFFIXES, parse_table, read_table
-from cachekit.schemas.peers import PEER_CONFIGS, PeerConfig
 from cachekit.schemas.study import Generation, StrategyEntry, StudySpec
 from cachekit.study.metrics import Metrics, metrics_for
 from cachekit.study.models import CallSignature, PipelineArgumentError, call_arguments, pipeline_class
@@ -37,7 +37,7 @@ class Setting:
 
     key: str  # canonical JSON of the config: the identity of the setting in the results
     label: str  # short, for tables and plots: the method and the swept values
-    config: StrategyConfig | PeerConfig | None  # a cachekit strategy, or a diffusers method
+    config: StrategyConfig | DiffusersMethodConfig | None  # a cachekit strategy, or a diffusers method
     method: str = UNCACHED  # the strategy entry it comes from, for tables per method
 
     @classmethod
@@ -169,20 +169,20 @@ def _conditions(spec: StudySpec, model: str) -> list[str]:
     return [str(label) for label in spec.labels] if model in testbed.names() else list(spec.prompts)
 
 
-def _config(values: dict[str, object], spec: StudySpec) -> StrategyConfig | PeerConfig:
+def _config(values: dict[str, object], spec: StudySpec) -> StrategyConfig | DiffusersMethodConfig:
     """A cachekit strategy config, or a diffusers method's (which gets the study's step count)."""
     strategy = str(values["strategy"])
     if not strategy.startswith("diffusers."):
         return make_config(values)
-    if strategy not in PEER_CONFIGS:
-        raise LookupError(f"unknown diffusers method {strategy!r}; known: {', '.join(sorted(PEER_CONFIGS))}")
-    peer = PEER_CONFIGS[strategy]
+    if strategy not in DIFFUSERS_METHODS:
+        raise LookupError(f"unknown diffusers method {strategy!r}; known: {', '.join(sorted(DIFFUSERS_METHODS))}")
+    peer = DIFFUSERS_METHODS[strategy]
     if "num_inference_steps" in peer.model_fields and values.get("num_inference_steps") is None:
         values = {**values, "num_inference_steps": spec.steps}
     return peer.model_validate(values)
 
 
-def _method(entry: StrategyEntry, config: StrategyConfig | PeerConfig, index: int, taken: set[str]) -> str:
+def _method(entry: StrategyEntry, config: StrategyConfig | DiffusersMethodConfig, index: int, taken: set[str]) -> str:
     """The entry's name, else the strategy and the estimator where it is not the strategy's own;
     made unique with the entry's index where two entries would share it."""
     if entry.name is not None:
@@ -205,11 +205,11 @@ def estimator_label(estimator: EstimatorConfig) -> str:
     return f"taylor{fields['order']}" + ("@step" if fields["spacing"] == "step" else "")
 
 
-def _key(config: StrategyConfig | PeerConfig) -> str:
+def _key(config: StrategyConfig | DiffusersMethodConfig) -> str:
     return json.dumps(config.model_dump(mode="json"), sort_keys=True)
 
 
-def _label(method: str, config: StrategyConfig | PeerConfig, swept: list[str]) -> str:
+def _label(method: str, config: StrategyConfig | DiffusersMethodConfig, swept: list[str]) -> str:
     values = config.model_dump(mode="json")
     shown = [f"{name}={values[name] if name != 'estimator' else estimator_label(config.estimator)}" for name in swept]  # type: ignore[union-attr]
     return " ".join([method, *shown])

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cachekit.schemas.peers import PEER_CONFIGS
+from cachekit.schemas.diffusers_methods import DIFFUSERS_METHODS
 from cachekit.study.metrics import DEFAULT_PRIMARY
 from cachekit.study.store import UNCACHED, read_study
 
@@ -54,7 +54,7 @@ class Summary:
     metrics: dict[str, float | None] = field(default_factory=dict)  # mean over cells; PSNR inf for the reference
     primary: str = DEFAULT_PRIMARY  # the metric methods are ranked by
     higher: bool = True  # whether higher values of it are better
-    peer: bool = False  # one of diffusers' methods, run as a baseline
+    diffusers: bool = False  # one of diffusers' methods, run as a baseline
 
     @property
     def quality(self) -> float | None:
@@ -129,7 +129,7 @@ def summarize(rows: list[dict[str, Any]], primary: str = DEFAULT_PRIMARY) -> lis
                 metrics={name: _mean([r["metrics"].get(name) for r in group]) for name in names},
                 primary=primary,
                 higher=higher,
-                peer=group[0]["strategy"] in PEER_CONFIGS,
+                diffusers=group[0]["strategy"] in DIFFUSERS_METHODS,
             )
         )
     return summaries
@@ -478,7 +478,7 @@ def plot_quality(summaries: list[Summary], path: Path) -> None:
     models = list(dict.fromkeys(s.model for s in summaries))
     figure, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5), squeeze=False)
     methods = list(dict.fromkeys(s.method for s in summaries if s.quality not in (None, math.inf) and s.blocks < 1))
-    peers = {s.method for s in summaries if s.peer}
+    peers = {s.method for s in summaries if s.diffusers}
     primary = metric_name(summaries[0].primary) if summaries else "quality"
     colour = _colours(plt, methods)
     for axis, model in zip(axes[0], models, strict=True):
@@ -489,7 +489,7 @@ def plot_quality(summaries: list[Summary], path: Path) -> None:
         shown = {method: group for method, group in groups.items() if min(s.blocks for s in group) < 1}
         for method, group in shown.items():
             group.sort(key=lambda s: s.blocks)
-            style = "--" if group[0].peer else "-"
+            style = "--" if group[0].diffusers else "-"
             axis.plot([s.blocks for s in group], [s.quality for s in group], style, color=colour[method], linewidth=1.2)
         for budget in BUDGETS:
             axis.axvline(budget, color="grey", linewidth=0.5)

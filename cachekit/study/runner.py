@@ -30,12 +30,12 @@ import cachekit
 from cachekit.counting import Work, WorkCounter
 from cachekit.errors import CachekitError, MissingPointError
 from cachekit.metric import Sample
-from cachekit.peers import apply_peer
 from cachekit.registry import resolve_adapter
 from cachekit.schemas.configs import StrategyConfig
-from cachekit.schemas.peers import PeerConfig
+from cachekit.schemas.diffusers_methods import DiffusersMethodConfig
 from cachekit.schemas.study import StudySpec
 from cachekit.stats import GenerationStats
+from cachekit.study.diffusers_methods import apply_diffusers_method
 from cachekit.study.metrics import Metrics
 from cachekit.study.models import StudyModel, load_model, on_device, skeleton
 from cachekit.study.plan import Cell, Plan, Setting, StudySpecError, plan
@@ -221,11 +221,11 @@ def check_settings(name: str, target: Any, settings: list[Setting]) -> None:
             raise StudySpecError(f"{setting.label} cannot run on {name}: {error}") from None
 
 
-def apply_setting(target: Any, config: StrategyConfig | PeerConfig) -> Any:
+def apply_setting(target: Any, config: StrategyConfig | DiffusersMethodConfig) -> Any:
     """A cachekit strategy through `cachekit.apply`, a diffusers method through its own hooks."""
     if isinstance(config, StrategyConfig):
         return cachekit.apply(target, config)
-    return apply_peer(target, config)
+    return apply_diffusers_method(target, config)
 
 
 def _run_and_store(

@@ -26,32 +26,32 @@ from torch import nn
 
 from cachekit.adapter import Adapter
 from cachekit.registry import resolve_adapter
-from cachekit.schemas.magcache import load_magcache_preset
-from cachekit.schemas.peers import (
-    PEER_CONFIGS,
+from cachekit.schemas.diffusers_methods import (
+    DIFFUSERS_METHODS,
     DiffusersFirstBlockCache,
     DiffusersMagCache,
+    DiffusersMethodConfig,
     DiffusersPAB,
     DiffusersSeaCache,
     DiffusersTaylorSeer,
-    PeerConfig,
 )
+from cachekit.schemas.magcache import load_magcache_preset
 from cachekit.steps import StepTracker, watch_scheduler
 
 CONTEXT_HOOK = "cachekit_peer_context"
 
 
-def make_peer_config(values: PeerConfig | dict[str, Any]) -> PeerConfig:
-    """A validated peer config from a config or a dict with its ``strategy``."""
-    if isinstance(values, PeerConfig):
+def make_diffusers_method_config(values: DiffusersMethodConfig | dict[str, Any]) -> DiffusersMethodConfig:
+    """A validated diffusers-method config from a config or a dict with its ``strategy``."""
+    if isinstance(values, DiffusersMethodConfig):
         return values
     strategy = values.get("strategy")
-    if strategy not in PEER_CONFIGS:
-        raise LookupError(f"unknown diffusers method {strategy!r}; known: {', '.join(sorted(PEER_CONFIGS))}")
-    return PEER_CONFIGS[strategy].model_validate(values)
+    if strategy not in DIFFUSERS_METHODS:
+        raise LookupError(f"unknown diffusers method {strategy!r}; known: {', '.join(sorted(DIFFUSERS_METHODS))}")
+    return DIFFUSERS_METHODS[strategy].model_validate(values)
 
 
-def diffusers_config(config: PeerConfig, adapter: Adapter, tracker: StepTracker) -> Any:
+def diffusers_config(config: DiffusersMethodConfig, adapter: Adapter, tracker: StepTracker) -> Any:
     """The diffusers config `config` stands for, on the model `adapter` reads."""
     fields = config.model_dump(exclude={"strategy"})
     if isinstance(config, DiffusersFirstBlockCache):
@@ -76,7 +76,7 @@ def diffusers_config(config: PeerConfig, adapter: Adapter, tracker: StepTracker)
     raise TypeError(f"no diffusers method for {type(config).__name__}")
 
 
-class PeerHandle:
+class DiffusersMethodHandle:
     """A diffusers method enabled on a transformer; `.remove()` disables it again."""
 
     stats = None  # diffusers' hooks count nothing a study could read; studies count executions themselves
@@ -92,16 +92,16 @@ class PeerHandle:
         if self._unwatch is not None:
             self._unwatch()
 
-    def __enter__(self) -> PeerHandle:
+    def __enter__(self) -> DiffusersMethodHandle:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
 
 
-def apply_peer(target: Any, config: PeerConfig | dict[str, Any]) -> PeerHandle:
+def apply_diffusers_method(target: Any, config: DiffusersMethodConfig | dict[str, Any]) -> DiffusersMethodHandle:
     """Enable the diffusers method `config` names on a pipeline's transformer (or a transformer)."""
-    config = make_peer_config(config)
+    config = make_diffusers_method_config(config)
     transformer: Any = target if isinstance(target, nn.Module) else target.transformer
     scheduler = None if isinstance(target, nn.Module) else getattr(target, "scheduler", None)
     adapter = resolve_adapter(transformer)(transformer)
@@ -110,7 +110,7 @@ def apply_peer(target: Any, config: PeerConfig | dict[str, Any]) -> PeerHandle:
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     registry.register_hook(_ContextHook(adapter, tracker), CONTEXT_HOOK)  # registered last: outermost
     unwatch = watch_scheduler(scheduler, tracker, adapter) if scheduler is not None else None
-    return PeerHandle(transformer, registry, unwatch)
+    return DiffusersMethodHandle(transformer, registry, unwatch)
 
 
 class _ContextHook(ModelHook):

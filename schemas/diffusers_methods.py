@@ -20,21 +20,21 @@ from cachekit.schemas.magcache import Ratios
 from cachekit.schemas.named import NamedConfig
 
 
-class PeerConfig(NamedConfig):
+class DiffusersMethodConfig(NamedConfig):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name_field = "strategy"
     strategy: str
 
 
-class DiffusersFirstBlockCache(PeerConfig):
+class DiffusersFirstBlockCache(DiffusersMethodConfig):
     """diffusers' FirstBlockCacheConfig."""
 
     strategy: Literal["diffusers.first_block_cache"] = "diffusers.first_block_cache"
     threshold: float = Field(default=0.05, ge=0)
 
 
-class DiffusersMagCache(PeerConfig):
+class DiffusersMagCache(DiffusersMethodConfig):
     """diffusers' MagCacheConfig; `mag_ratios` or a cachekit MagCache `preset`."""
 
     strategy: Literal["diffusers.mag_cache"] = "diffusers.mag_cache"
@@ -52,7 +52,7 @@ class DiffusersMagCache(PeerConfig):
         return self
 
 
-class DiffusersTaylorSeer(PeerConfig):
+class DiffusersTaylorSeer(DiffusersMethodConfig):
     """diffusers' TaylorSeerCacheConfig (factors stored in `taylor_factors_dtype`)."""
 
     strategy: Literal["diffusers.taylorseer_cache"] = "diffusers.taylorseer_cache"
@@ -66,7 +66,7 @@ class DiffusersTaylorSeer(PeerConfig):
     use_lite_mode: bool = False
 
 
-class DiffusersSeaCache(PeerConfig):
+class DiffusersSeaCache(DiffusersMethodConfig):
     """diffusers' SeaCacheConfig; the latent it filters is the adapter's, so it runs on every adapter."""
 
     strategy: Literal["diffusers.sea_cache"] = "diffusers.sea_cache"
@@ -78,7 +78,7 @@ class DiffusersSeaCache(PeerConfig):
     power_exp: float = Field(default=3.0, gt=0)
 
 
-class DiffusersPAB(PeerConfig):
+class DiffusersPAB(DiffusersMethodConfig):
     """diffusers' PyramidAttentionBroadcastConfig (None: that kind is not broadcast)."""
 
     strategy: Literal["diffusers.pyramid_attention_broadcast"] = "diffusers.pyramid_attention_broadcast"
@@ -90,7 +90,7 @@ class DiffusersPAB(PeerConfig):
     cross_attention_timestep_skip_range: tuple[float, float] = (100, 800)
 
 
-PEER_CONFIGS: dict[str, type[PeerConfig]] = {
+DIFFUSERS_METHODS: dict[str, type[DiffusersMethodConfig]] = {
     config.registered_name(): config
     for config in (DiffusersFirstBlockCache, DiffusersMagCache, DiffusersTaylorSeer, DiffusersSeaCache, DiffusersPAB)
 }
