@@ -14,7 +14,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "cachekit.adapter": ["Adapter", "BlockStreams", "ModuleSite", "OutputSite", "Point", "ResidualSpan", "SiteKind"],
+    "cachekit.adapter": [
+        "Adapter",
+        "BlockStreams",
+        "CallSignal",
+        "FirstBlockSignal",
+        "ModuleSite",
+        "OutputSite",
+        "Place",
+        "ResidualSpan",
+        "SiteKind",
+    ],
     "cachekit.declarative": ["DeclarativeAdapter", "declare_adapter"],
     "cachekit.errors": [
         "AlreadyAttachedError",
@@ -82,7 +92,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from cachekit.adapter import Adapter, BlockStreams, ModuleSite, OutputSite, Point, ResidualSpan, SiteKind
+    from cachekit.adapter import (
+        Adapter,
+        BlockStreams,
+        CallSignal,
+        FirstBlockSignal,
+        ModuleSite,
+        OutputSite,
+        Place,
+        ResidualSpan,
+        SiteKind,
+    )
     from cachekit.declarative import DeclarativeAdapter, declare_adapter
     from cachekit.errors import (
         AlreadyAttachedError,

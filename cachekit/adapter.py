@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -24,19 +24,21 @@ from cachekit.example import ModelExample
 Streams = tuple[torch.Tensor, ...]
 
 
-class Point(StrEnum):
-    """A place in the model a strategy can ask for."""
+class Place(StrEnum):
+    """Where in the model a strategy can skip work."""
 
-    STEP = "step"  # the timestep of each transformer call
-    LATENT = "latent"  # the noisy latent each transformer call is made on
-    OUTPUT = "output"  # the prediction each transformer call returns
-    PROBE = "probe"  # the first block's timestep-modulated input
-    TIMESTEP_EMBEDDING = "timestep_embedding"  # the timestep embedding the blocks are conditioned on
-    PROJECTED_TIMESTEP_EMBEDDING = "projected_timestep_embedding"  # it, projected into modulation parameters
     SPAN = "span"  # the run of blocks whose residual can be cached
     ATTENTION = "attention"  # attention modules with their kind
     MLP = "mlp"  # the blocks' feed-forward modules
-    BLOCKS = "blocks"  # the blocks themselves
+
+
+#: The signals every adapter exposes where its model has them, by name: what a strategy decides
+#: from. An adapter may expose more (`Adapter.signals`); a strategy asks for any by name.
+PROBE = "probe"  # the first block's timestep-modulated input
+TIMESTEP_EMBEDDING = "timestep_embedding"  # the timestep embedding the blocks are conditioned on
+PROJECTED_TIMESTEP_EMBEDDING = "projected_timestep_embedding"  # it, projected into modulation parameters
+LATENT = "latent"  # the noisy latent of the call, laid out (batch, channels, frames, height, width)
+OUTPUT = "output"  # the prediction the call returns, handed to `Strategy.observe`
 
 
 class SiteKind(StrEnum):
@@ -82,8 +84,26 @@ class BlockArgument:
         return call_arg(args, kwargs, self.position, self.name)
 
 
+@dataclass(frozen=True)
+class FirstBlockSignal:
+    """A signal computed from the first block's call arguments, before the block runs (the probe)."""
+
+    read: Callable[[tuple[Any, ...], Mapping[str, Any]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CallSignal:
+    """A signal read from the transformer call's own arguments, before any diffusers hook splits
+    them (the latent)."""
+
+    read: Callable[[tuple[Any, ...], Mapping[str, Any]], torch.Tensor]
+
+
 #: Where an embedding signal comes from.
 SignalSite = OutputSite | BlockArgument
+#: Where any signal comes from: a module's output, a first block's argument or a value made from
+#: its arguments, or the call's arguments.
+SignalSource = OutputSite | BlockArgument | FirstBlockSignal | CallSignal
 
 
 def call_arg(args: tuple[Any, ...], kwargs: Mapping[str, Any], position: int | None, name: str) -> Any:
@@ -172,7 +192,8 @@ class Adapter:
 
     name: ClassVar[str]
     model_class: ClassVar[type[nn.Module]]
-    missing: ClassVar[Mapping[Point, str]] = {}
+    #: Places and signals the model lacks, by name, each with the reason.
+    missing: ClassVar[Mapping[str, str]] = {}
     missing_attention: ClassVar[Mapping[SiteKind, str]] = {}
     #: How pipelines' scheduler timesteps relate to the model's (`timestep`): "timestep" they are the
     #: same, "argument" they are what the model is called with (`scheduled` maps them), "call"
@@ -188,7 +209,8 @@ class Adapter:
         return isinstance(model, cls.model_class)
 
     @classmethod
-    def provides(cls, point: Point) -> bool:
+    def provides(cls, point: str) -> bool:
+        """Whether the model has the place or signal `point` (the adapter does not list it missing)."""
         return point not in cls.missing
 
     def identity(self) -> str:
@@ -202,14 +224,29 @@ class Adapter:
         text = json.dumps(config, sort_keys=True, default=str)
         return f"{self.name}:{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
-    def require(self, point: Point, strategy_name: str) -> None:
-        """Fail with a message naming the point, the model and the strategy if `point` is missing."""
-        if point in self.missing:
+    def require(self, point: str, strategy_name: str) -> None:
+        """Fail with a message naming the place or signal, the model and the strategy if the
+        adapter does not expose `point`."""
+        reason = self.missing.get(point)
+        if reason is None and point not in (*Place, OUTPUT) and point not in self.signals():
+            reason = f"it exposes no such signal; its signals: {', '.join(self.signals()) or 'none'}"
+        if reason is not None:
             raise MissingPointError(
-                f"strategy {strategy_name!r} needs the {point.value!r} point, which the "
-                f"{self.name!r} adapter does not provide for {type(self.model).__name__}: "
-                f"{self.missing[point]}"
+                f"strategy {strategy_name!r} needs the {str(point)!r} point, which the {self.name!r} adapter does not "
+                f"provide for {type(self.model).__name__}: {reason}"
             )
+
+    def signals(self) -> dict[str, SignalSource]:
+        """The signals the model exposes, by name: the built-in ones it has (from `probe`,
+        `timestep_embedding`, `projected_timestep_embedding` and `latent`). A new signal is an
+        entry here (or in a declared adapter's spec), read by the strategy that asks for it."""
+        sources: dict[str, Any] = {
+            PROBE: lambda: FirstBlockSignal(self.probe),
+            TIMESTEP_EMBEDDING: self.timestep_embedding,
+            PROJECTED_TIMESTEP_EMBEDDING: self.projected_timestep_embedding,
+            LATENT: lambda: CallSignal(self.latent),
+        }
+        return {name: source() for name, source in sources.items() if name not in self.missing}
 
     @classmethod
     def example(cls) -> ModelExample | None:

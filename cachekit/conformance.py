@@ -20,7 +20,15 @@ import torch
 
 import cachekit
 from cachekit import registry
-from cachekit.adapter import Adapter, BlockArgument, OutputSite, Point
+from cachekit.adapter import (
+    PROBE,
+    PROJECTED_TIMESTEP_EMBEDDING,
+    TIMESTEP_EMBEDDING,
+    Adapter,
+    BlockArgument,
+    OutputSite,
+    Place,
+)
 from cachekit.example import ModelExample
 from cachekit.testing import RunCounter, module_state
 
@@ -97,7 +105,7 @@ def configs(adapter_name: str, strategy_name: str, estimator: str | None = None)
     for config in pair:
         for point in sorted(strategy_class(config).required_points()):
             if not adapter.provides(point):
-                pytest.skip(f"{adapter_name} has no {point.value!r}: {adapter.missing[point]}")
+                pytest.skip(f"{adapter_name} has no {str(point)!r}: {adapter.missing[point]}")
     update: dict[str, object] = {"num_inference_steps": STEPS}
     if estimator is not None:
         update["estimator"] = ESTIMATOR_CONFIGS.get(estimator, {"kind": estimator})
@@ -132,10 +140,10 @@ def test_reusing_with_cfg_runs_and_counts_match_executions(adapter_name, strateg
     model = example(adapter_name, dtype)
     adapter = cachekit.resolve_adapter(model.model)(model.model)
     blocks = adapter.blocks()
-    sites = [*adapter.attention_sites(), *adapter.mlp_sites()] if adapter.provides(Point.ATTENTION) else []
+    sites = [*adapter.attention_sites(), *adapter.mlp_sites()] if adapter.provides(Place.ATTENTION) else []
     # Under a span strategy a block runs when its attention does (its norm alone may run for the probe).
     strategy = registry.registry().strategies[strategy_name](reuses)
-    spans = Point.SPAN in strategy.required_points()
+    spans = Place.SPAN in strategy.required_points()
     attention = {
         block: [site.module for site in adapter.attention_sites() if site.block == i] for i, block in enumerate(blocks)
     }
@@ -187,12 +195,12 @@ def test_adapter_provides_every_point_it_does_not_declare_missing(adapter_name):
 
     blocks = adapter.blocks()
     assert blocks and all(any(block is module for module in names.values()) for block in blocks)
-    if adapter.provides(Point.SPAN):
+    if adapter.provides(Place.SPAN):
         assert [block for block, _ in adapter.span().blocks] == blocks
-    for point, sites in [(Point.ATTENTION, adapter.attention_sites), (Point.MLP, adapter.mlp_sites)]:
+    for point, sites in [(Place.ATTENTION, adapter.attention_sites), (Place.MLP, adapter.mlp_sites)]:
         if adapter.provides(point):
             found = sites()
-            assert found, f"{adapter_name} provides {point.value} but lists no site"
+            assert found, f"{adapter_name} provides {point} but lists no site"
             assert all(names[site.name] is site.module for site in found)
             assert all(0 <= site.block < len(blocks) for site in found)
             assert all(any(m is site.module for m in blocks[site.block].modules()) for site in found)
@@ -203,11 +211,11 @@ def test_adapter_provides_every_point_it_does_not_declare_missing(adapter_name):
     )
 
     seen = _signals(adapter, model)
-    if adapter.provides(Point.PROBE):
+    if adapter.provides(PROBE):
         assert seen["probe"].ndim == 3 and torch.isfinite(seen["probe"]).all()  # batch, tokens, channels
-    for point in (Point.TIMESTEP_EMBEDDING, Point.PROJECTED_TIMESTEP_EMBEDDING):
+    for point in (TIMESTEP_EMBEDDING, PROJECTED_TIMESTEP_EMBEDDING):
         if adapter.provides(point):
-            assert isinstance(seen[point.value], torch.Tensor) and torch.isfinite(seen[point.value]).all()
+            assert isinstance(seen[point], torch.Tensor) and torch.isfinite(seen[point]).all()
     torch.testing.assert_close(seen["timestep"], torch.tensor(500.0))
 
 
@@ -216,10 +224,10 @@ def _signals(adapter: Adapter, model: ModelExample) -> dict[str, torch.Tensor]:
     seen: dict[str, torch.Tensor] = {}
     first = adapter.blocks()[0]
     embeddings = {
-        point.value: read()
+        point: read()
         for point, read in [
-            (Point.TIMESTEP_EMBEDDING, adapter.timestep_embedding),
-            (Point.PROJECTED_TIMESTEP_EMBEDDING, adapter.projected_timestep_embedding),
+            (TIMESTEP_EMBEDDING, adapter.timestep_embedding),
+            (PROJECTED_TIMESTEP_EMBEDDING, adapter.projected_timestep_embedding),
         ]
         if adapter.provides(point)
     }
@@ -228,7 +236,7 @@ def _signals(adapter: Adapter, model: ModelExample) -> dict[str, torch.Tensor]:
         seen["timestep"] = adapter.timestep(args, kwargs).float().max()
 
     def on_first_block(_, args, kwargs):
-        if adapter.provides(Point.PROBE) and "probe" not in seen:
+        if adapter.provides(PROBE) and "probe" not in seen:
             seen["probe"] = adapter.probe(args, kwargs)
         for name, site in embeddings.items():
             if isinstance(site, BlockArgument):
@@ -264,9 +272,9 @@ def test_reuse_at_a_nearly_identical_call_reproduces_the_computed_output(adapter
     with torch.no_grad():
         expected = model(model.latents, 499.999)
     strategies = []
-    if adapter.provides(Point.SPAN):
+    if adapter.provides(Place.SPAN):
         strategies.append({"strategy": "uniform", "interval": 2, "num_inference_steps": 4})
-    if adapter.provides(Point.ATTENTION):
+    if adapter.provides(Place.ATTENTION):
         every = {"range": 2, "window": (0.0, 1000.0)}
         kinds = {kind: every for kind in ("spatial", "temporal", "cross") if kind not in adapter.missing_attention}
         strategies.append({"strategy": "pab", **kinds})
@@ -303,8 +311,8 @@ def test_probe_is_the_modulated_input_block_0_attends_to(adapter_name):
     """The oracle: block 0's first attention module is called on exactly the timestep-modulated
     input, so the probe, computed before the block runs, must equal what that module receives."""
     adapter_class = registry.registry().adapters[adapter_name]
-    if not adapter_class.provides(Point.PROBE):
-        pytest.skip(f"{adapter_name} has no 'probe': {adapter_class.missing[Point.PROBE]}")
+    if not adapter_class.provides(PROBE):
+        pytest.skip(f"{adapter_name} has no 'probe': {adapter_class.missing[PROBE]}")
     model = example(adapter_name)
     adapter = adapter_class(model.model)
     attention = next(site.module for site in adapter.attention_sites() if site.block == 0)

@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from cachekit.adapter import Adapter, ModuleSite, Point
+from cachekit.adapter import Adapter, ModuleSite, Place
 
 
 @dataclass
@@ -62,8 +62,8 @@ class WorkCounter:
         flops = flops or {}
         blocks = adapter.blocks()
         sites = [
-            *(adapter.attention_sites() if adapter.provides(Point.ATTENTION) else []),
-            *(adapter.mlp_sites() if adapter.provides(Point.MLP) else []),
+            *(adapter.attention_sites() if adapter.provides(Place.ATTENTION) else []),
+            *(adapter.mlp_sites() if adapter.provides(Place.MLP) else []),
         ]
         self.work = Work(blocks=len(blocks), attention_sites=sum(site.kind.value != "mlp" for site in sites))
         self._handles: list[RemovableHandle] = [model.register_forward_pre_hook(self._call)]

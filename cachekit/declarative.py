@@ -25,15 +25,18 @@ import torch
 from torch import nn
 
 from cachekit.adapter import (
+    PROBE,
+    PROJECTED_TIMESTEP_EMBEDDING,
+    TIMESTEP_EMBEDDING,
     Adapter,
     BlockArgument,
     BlockStreams,
     ModuleSite,
     OutputSite,
-    Point,
     ResidualSpan,
     Segment,
     SignalSite,
+    SignalSource,
     SiteKind,
     call_arg,
 )
@@ -120,15 +123,15 @@ class DeclarativeAdapter(Adapter):
             return
         cls.name = spec.name
         cls.schedule_timesteps = spec.timestep.schedule
-        cls.missing = {Point(point): reason for point, reason in spec.missing.items()}
+        cls.missing = dict(spec.missing)
         cls.missing_attention = {SiteKind(kind): reason for kind, reason in spec.missing_attention.items()}
         own_probe = cls.probe is not DeclarativeAdapter.probe
-        if spec.probe is None and not own_probe and Point.PROBE not in cls.missing:
+        if spec.probe is None and not own_probe and PROBE not in cls.missing:
             raise TypeError(f"adapter {spec.name!r}: give a probe (spec or method) or a reason in missing['probe']")
-        if spec.timestep_embedding is None and Point.TIMESTEP_EMBEDDING not in cls.missing:
+        if spec.timestep_embedding is None and TIMESTEP_EMBEDDING not in cls.missing:
             raise TypeError(f"adapter {spec.name!r}: give timestep_embedding or a reason in missing")
-        if spec.projected_timestep_embedding is None and Point.PROJECTED_TIMESTEP_EMBEDDING not in cls.missing:
-            cls.missing = {**cls.missing, Point.PROJECTED_TIMESTEP_EMBEDDING: NO_PROJECTION}
+        if spec.projected_timestep_embedding is None and PROJECTED_TIMESTEP_EMBEDDING not in cls.missing:
+            cls.missing = {**cls.missing, PROJECTED_TIMESTEP_EMBEDDING: NO_PROJECTION}
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -163,9 +166,9 @@ class DeclarativeAdapter(Adapter):
         spec, model, first = self.spec, self.model, self._blocks[0]
         _has_argument(model, spec.timestep.argument, f"{self.name}: timestep")
         _has_argument(model, spec.latent.argument, f"{self.name}: latent")
-        for signal in (spec.timestep_embedding, spec.projected_timestep_embedding):
+        for signal in (spec.timestep_embedding, spec.projected_timestep_embedding, *spec.signals.values()):
             if isinstance(signal, OutputSpec):
-                self._module(model, signal.module, "timestep embedding module")
+                self._module(model, signal.module, "signal module")
             elif isinstance(signal, Argument):
                 _has_argument(first.module, signal, f"{self.name}: first block's")
         for block in {id(b.spec): b for b in self._blocks}.values():
@@ -252,6 +255,10 @@ class DeclarativeAdapter(Adapter):
 
     def latent(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
         return _laid_out(self.spec.latent, self.latent_input(args, kwargs), args, kwargs, self.name)
+
+    def signals(self) -> dict[str, SignalSource]:
+        """The built-in signals, and those the spec declares."""
+        return {**super().signals(), **{name: self._signal_site(spec) for name, spec in self.spec.signals.items()}}
 
     def timestep_embedding(self) -> SignalSite:
         return self._signal_site(self.spec.timestep_embedding)

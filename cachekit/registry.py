@@ -60,7 +60,7 @@ def _fixed_config(config_base: type[NamedConfig]) -> Callable[[Any], None]:
             raise PluginError(f"{registered.__name__}.config_class must be a {config_base.__name__} subclass")
         field = config.name_field
         if not isinstance(config.model_fields[field].default, str):
-            raise PluginError(f"{config.__name__} must fix its {field}: {field}: Literal['my_name'] = 'my_name'")
+            raise PluginError(f"{config.__name__} must fix its {field} name: {field}: Literal['my_name'] = 'my_name'")
 
     return check
 

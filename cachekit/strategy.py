@@ -7,13 +7,13 @@ strategy never sees another branch's state, so cross-branch leaks cannot happen 
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Literal, NamedTuple, TypeVar
 
 import torch
 
-from cachekit.adapter import Adapter, ModuleSite, Point
+from cachekit.adapter import Adapter, ModuleSite
 from cachekit.schemas.configs import StrategyConfig
 
 ConfigT = TypeVar("ConfigT", bound=StrategyConfig)
@@ -33,18 +33,33 @@ class Step:
         return self.num_steps is not None and self.index == self.num_steps - 1
 
 
-@dataclass(frozen=True)
-class Signals:
-    """Values computed from the model for a decision; only those the strategy requires are set."""
+class Signals(Mapping[str, Any]):
+    """The values a decision is made from, by the name the adapter exposes each under (`probe`,
+    `timestep_embedding`, `latent`, ... or a signal of its own), and, where the strategy keeps
+    blocks computed at the head of the span, `head_residual`: their residual (output - input) on
+    the first stream, one tensor per run of blocks between which the model leaves the tokens alone.
+    Only the signals the strategy requires are set; `signals.probe` reads `signals["probe"]` (None
+    where it is not set)."""
 
-    probe: torch.Tensor | None = None
-    timestep_embedding: torch.Tensor | None = None
-    projected_timestep_embedding: torch.Tensor | None = None
-    #: The transformer's noisy input, (batch, channels, frames, height, width) (Point.LATENT).
-    latent: torch.Tensor | None = None
-    #: With blocks always computed at the head of the span: their residual (output - input) on the
-    #: first stream, one tensor per run of blocks between which the model leaves the tokens alone.
-    head_residual: tuple[torch.Tensor, ...] | None = None
+    def __init__(self, values: Mapping[str, Any] | None = None) -> None:
+        self._values = dict(values or {})
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self._values.get(name)
+
+    def __repr__(self) -> str:
+        return f"Signals({', '.join(self._values)})"
 
 
 @dataclass(frozen=True)
@@ -79,7 +94,9 @@ class Strategy(Generic[ConfigT]):
     config_class: ClassVar[type[StrategyConfig]]
     #: The field tuning searches (None: nothing to tune).
     knob: ClassVar[Knob | None] = None
-    requires: ClassVar[frozenset[Point]] = frozenset()
+    #: The places it decides (`Place.SPAN`, `Place.ATTENTION`, `Place.MLP`) and the signals it
+    #: decides from, by name (`"probe"`, `"latent"`, `"output"`, ...: what the adapter exposes).
+    requires: ClassVar[frozenset[str]] = frozenset()
     #: True when every decision depends only on the step and on signals computed with
     #: `cachekit.signals` (which agree on every rank); otherwise, under context parallelism, the
     #: ranks' decisions are compared at every call and a disagreement is an error.
@@ -99,7 +116,7 @@ class Strategy(Generic[ConfigT]):
         """Configs for the conformance tests; None leaves the strategy out of them."""
         return None
 
-    def required_points(self) -> frozenset[Point]:
+    def required_points(self) -> frozenset[str]:
         """The points this strategy needs from the model's adapter (and the signals it is handed)."""
         return self.requires
 
@@ -144,4 +161,4 @@ class Strategy(Generic[ConfigT]):
         return (0, 0)
 
     def observe(self, step: Step, output: torch.Tensor, state: Any) -> None:
-        """After each transformer call, its prediction; called for strategies requiring Point.OUTPUT."""
+        """After each transformer call, its prediction; called for strategies requiring "output"."""

@@ -11,17 +11,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+#: The places and built-in signals an adapter may declare missing (a signal of its own it declares
+#: given, in `signals`).
 PointName = Literal[
-    "step",
-    "latent",
-    "output",
-    "probe",
-    "timestep_embedding",
-    "projected_timestep_embedding",
-    "span",
-    "attention",
-    "mlp",
-    "blocks",
+    "span", "attention", "mlp", "probe", "timestep_embedding", "projected_timestep_embedding", "latent", "output"
 ]
 AttentionKind = Literal["spatial", "temporal", "cross"]
 
@@ -187,8 +180,15 @@ class AdapterSpec(_Spec):
         default=False, description="The lists' blocks run alternately (list 0 block 0, list 1 block 0, ...)."
     )
     probe: Annotated[NormProbe | TableProbe, Field(discriminator="kind")] | None = None
+    signals: dict[str, OutputSpec | Argument] = Field(
+        default_factory=dict,
+        description="Further signals the model exposes, by name: a module's output, or an argument of the first "
+        "block's calls. A strategy asks for one by its name.",
+    )
     missing: dict[PointName, str] = Field(
-        default_factory=dict, description="Points the model does not have, each with the reason."
+        default_factory=dict,
+        description="Places (span, attention, mlp) and signals (probe, timestep_embedding, latent, ...) the model "
+        "does not have, each with the reason.",
     )
     missing_attention: dict[AttentionKind, str] = Field(
         default_factory=dict, description="Attention kinds the model does not have, each with the reason."

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from cachekit.adapter import Point
+from cachekit.adapter import LATENT, OUTPUT, Place
 from cachekit.hookspecs import hookimpl
 from cachekit.schemas.easycache import EasyCacheConfig
 from cachekit.signals import mean_abs_on_device, read
@@ -41,7 +41,7 @@ class EasyStrategy(Strategy[EasyCacheConfig]):
     config_class = EasyCacheConfig
     knob = Knob("threshold")
     rank_consistent = True  # decides from the step and cachekit.signals alone
-    requires = frozenset({Point.STEP, Point.SPAN, Point.LATENT, Point.OUTPUT})
+    requires = frozenset({Place.SPAN, LATENT, OUTPUT})
 
     def __init__(self, config: EasyCacheConfig) -> None:
         super().__init__(config)

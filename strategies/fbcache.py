@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from cachekit.adapter import Point
+from cachekit.adapter import Place
 from cachekit.hookspecs import hookimpl
 from cachekit.schemas.fbcache import FBCacheConfig
 from cachekit.signals import relative_l1
@@ -35,7 +35,7 @@ class FBStrategy(Strategy[FBCacheConfig]):
     config_class = FBCacheConfig
     knob = Knob("threshold")
     rank_consistent = True  # decides from the step and cachekit.signals alone
-    requires = frozenset({Point.STEP, Point.SPAN})
+    requires = frozenset({Place.SPAN})
 
     def __init__(self, config: FBCacheConfig) -> None:
         super().__init__(config)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cachekit.adapter import Adapter, Point
+from cachekit.adapter import Adapter, Place
 from cachekit.hookspecs import hookimpl
 from cachekit.schemas.magcache import (
     MAGCACHE_PRESETS,
@@ -46,7 +46,7 @@ class MagStrategy(Strategy[MagCacheConfig]):
     config_class = MagCacheConfig
     knob = Knob("threshold")
     rank_consistent = True  # decides from the step and cachekit.signals alone
-    requires = frozenset({Point.STEP, Point.SPAN})
+    requires = frozenset({Place.SPAN})
     needs_num_steps = True
 
     def __init__(self, config: MagCacheConfig) -> None:

@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from cachekit.adapter import Adapter, ModuleSite, Point, SiteKind
+from cachekit.adapter import Adapter, ModuleSite, Place, SiteKind
 from cachekit.hookspecs import hookimpl
 from cachekit.schemas.pab import (
     PAB_DEFAULTS,
@@ -50,10 +50,10 @@ class PABStrategy(Strategy[PABConfig]):
             reuses=PABConfig(mlp=MLPBroadcast(range=2, blocks=(0,), window=everywhere)),
         )
 
-    def required_points(self) -> frozenset[Point]:
-        points = {Point.STEP, Point.ATTENTION}
+    def required_points(self) -> frozenset[str]:
+        points = {Place.ATTENTION}
         if self.mlp is not None:
-            points.add(Point.MLP)
+            points.add(Place.MLP)
         return frozenset(points)
 
     def attach(self, adapter: Adapter) -> dict[str, Any]:
@@ -63,14 +63,14 @@ class PABStrategy(Strategy[PABConfig]):
             self.settings[SiteKind(kind)] = chosen
         blocks = len(adapter.blocks())
         published = PAB_MLP_DEFAULTS.get(adapter.name)
-        if self.config.mlp is None and published is not None and adapter.provides(Point.MLP):
+        if self.config.mlp is None and published is not None and adapter.provides(Place.MLP):
             self.mlp = published  # on the blocks this model has
             self.mlp_blocks = frozenset(block for block in published.blocks if block < blocks)
         if self.mlp is not None and max(self.mlp_blocks) >= blocks:
             raise ValueError(f"mlp.blocks {sorted(self.mlp_blocks)} out of range: the model has {blocks} blocks")
         defaults_from = adapter.name if adapter.name in PAB_DEFAULTS else "fallback"
         self.gated = (self.config.reuse or ("gated" if adapter.name in PAB_GATED else "output")) == "gated"
-        sites = [*adapter.attention_sites(), *(adapter.mlp_sites() if adapter.provides(Point.MLP) else [])]
+        sites = [*adapter.attention_sites(), *(adapter.mlp_sites() if adapter.provides(Place.MLP) else [])]
         ungated = self.gated and not any(site.gated for site in sites)
         return {
             **(

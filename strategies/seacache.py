@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from cachekit.adapter import Point
+from cachekit.adapter import LATENT, Place
 from cachekit.hookspecs import hookimpl
 from cachekit.schemas.seacache import SeaCacheConfig
 from cachekit.signals import read, relative_l1_on_device
@@ -57,7 +57,7 @@ class SeaStrategy(Strategy[SeaCacheConfig]):
     config_class = SeaCacheConfig
     knob = Knob("threshold")
     rank_consistent = True  # decides from the step and cachekit.signals alone
-    requires = frozenset({Point.STEP, Point.SPAN, Point.LATENT})
+    requires = frozenset({Place.SPAN, LATENT})
     needs_num_steps = True
 
     @classmethod

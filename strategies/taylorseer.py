@@ -10,15 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cachekit.adapter import ModuleSite, Point
+from cachekit.adapter import ModuleSite, Place
 from cachekit.hookspecs import hookimpl
 from cachekit.schemas.taylorseer import TaylorSeerConfig
 from cachekit.strategy import ExampleConfigs, Knob, Signals, Step, Strategy
 
 _LEVELS = {
-    "span": frozenset({Point.STEP, Point.SPAN}),
-    "attention": frozenset({Point.STEP, Point.ATTENTION}),
-    "modules": frozenset({Point.STEP, Point.ATTENTION, Point.MLP}),
+    "span": frozenset({Place.SPAN}),
+    "attention": frozenset({Place.ATTENTION}),
+    "modules": frozenset({Place.ATTENTION, Place.MLP}),
 }
 
 
@@ -34,7 +34,7 @@ class TaylorSeerStrategy(Strategy[TaylorSeerConfig]):
             reuses=TaylorSeerConfig(interval=2, warmup_steps=2, level="modules"),
         )
 
-    def required_points(self) -> frozenset[Point]:
+    def required_points(self) -> frozenset[str]:
         return _LEVELS[self.config.level]
 
     def computes(self, step: Step) -> bool:

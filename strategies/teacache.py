@@ -17,19 +17,18 @@ from typing import Any
 
 import torch
 
-from cachekit.adapter import Adapter, Point
+from cachekit.adapter import PROBE, PROJECTED_TIMESTEP_EMBEDDING, TIMESTEP_EMBEDDING, Adapter, Place
 from cachekit.hookspecs import hookimpl
 from cachekit.schemas.teacache import TeaCacheConfig, TeaCachePreset, load_preset, presets_for, teacache_presets
 from cachekit.signals import relative_l1
 from cachekit.strategy import ExampleConfigs, Knob, Signals, Step, Strategy
 
-#: The point each probe kind is read from, and the field of `Signals` it arrives in.
+#: The signal each probe kind is read from.
 _SIGNALS = {
-    "modulated_input": Point.PROBE,
-    "timestep_embedding": Point.TIMESTEP_EMBEDDING,
-    "projected_timestep_embedding": Point.PROJECTED_TIMESTEP_EMBEDDING,
+    "modulated_input": PROBE,
+    "timestep_embedding": TIMESTEP_EMBEDDING,
+    "projected_timestep_embedding": PROJECTED_TIMESTEP_EMBEDDING,
 }
-_SIGNAL_FIELDS = {"modulated_input": "probe", **{kind: kind for kind in _SIGNALS if kind != "modulated_input"}}
 
 
 @dataclass
@@ -75,8 +74,8 @@ class TeaStrategy(Strategy[TeaCacheConfig]):
             reuses=TeaCacheConfig(rel_l1_thresh=1000.0, coefficients=(1.0, 0.0)),
         )
 
-    def required_points(self) -> frozenset[Point]:
-        return frozenset({Point.STEP, Point.SPAN, _SIGNALS[self.probe]})
+    def required_points(self) -> frozenset[str]:
+        return frozenset({Place.SPAN, _SIGNALS[self.probe]})
 
     def attach(self, adapter: Adapter) -> dict[str, Any]:
         if self.coefficients is None:
@@ -137,7 +136,7 @@ class TeaStrategy(Strategy[TeaCacheConfig]):
         return step.index < self.warmup_steps
 
     def decide_span(self, step: Step, signals: Signals, state: _BranchState) -> bool:
-        probe = getattr(signals, _SIGNAL_FIELDS[self.probe])
+        probe = signals[_SIGNALS[self.probe]]
         assert probe is not None and self.coefficients is not None and self.threshold is not None
         previous, state.previous = state.previous, probe
         forced = self.warming_up(step) or (self.compute_last_step and step.is_last)

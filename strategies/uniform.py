@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cachekit.adapter import Point
+from cachekit.adapter import Place
 from cachekit.hookspecs import hookimpl
 from cachekit.schemas.configs import UniformConfig
 from cachekit.strategy import ExampleConfigs, Knob, Signals, Step, Strategy
@@ -18,7 +18,7 @@ class UniformStrategy(Strategy[UniformConfig]):
     config_class = UniformConfig
     knob = Knob("interval", integer=True)
     rank_consistent = True  # decides from the step and cachekit.signals alone
-    requires = frozenset({Point.STEP, Point.SPAN})
+    requires = frozenset({Place.SPAN})
     needs_num_steps = True
 
     @classmethod

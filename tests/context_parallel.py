@@ -230,7 +230,7 @@ def check_divergence_is_named(rank: int, world: int) -> None:
 
     class ByRank(cachekit.Strategy):  # type: ignore[type-arg]
         config_class = ByRankConfig
-        requires = frozenset({cachekit.Point.SPAN})
+        requires = frozenset({cachekit.Place.SPAN})
 
         def decide_span(self, step, signals, state):
             return step.index == 0 or dist.get_rank() == 0  # rank 1 skips what rank 0 computes

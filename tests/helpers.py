@@ -14,13 +14,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from cachekit.adapter import Point
+from cachekit.adapter import LATENT, OUTPUT, PROBE, PROJECTED_TIMESTEP_EMBEDDING, TIMESTEP_EMBEDDING
 from cachekit.testing import RunCounter, module_state
 
 __all__ = ["RunCounter", "module_state"]
 
 #: The points whose values a strategy decides from (besides the first blocks' residual).
-SIGNALS = {Point.PROBE, Point.LATENT, Point.OUTPUT, Point.TIMESTEP_EMBEDDING, Point.PROJECTED_TIMESTEP_EMBEDDING}
+SIGNALS = {PROBE, LATENT, OUTPUT, TIMESTEP_EMBEDDING, PROJECTED_TIMESTEP_EMBEDDING}
 
 
 def data_dependent(name: str) -> bool:

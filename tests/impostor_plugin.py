@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from cachekit import Point, Strategy, hookimpl
+from cachekit import Strategy, hookimpl
+from cachekit.adapter import Place
 from cachekit.schemas import UniformConfig
 
 
 class Impostor(Strategy[UniformConfig]):
     config_class = UniformConfig
-    requires = frozenset({Point.SPAN})
+    requires = frozenset({Place.SPAN})
 
     def decide_span(self, step, signals, state):
         return True

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from cachekit import Point, Strategy
+from cachekit import Strategy
+from cachekit.adapter import PROBE, Place
 from cachekit.schemas import StrategyConfig
 
 
@@ -16,7 +17,7 @@ class EveryThird(Strategy[EveryThirdConfig]):
     """Computes steps 0, 3, 6, ... without knowing the generation length."""
 
     config_class = EveryThirdConfig
-    requires = frozenset({Point.SPAN})
+    requires = frozenset({Place.SPAN})
 
     def decide_span(self, step, signals, state):
         return step.index % 3 == 0
@@ -30,7 +31,7 @@ class NeverComputes(Strategy[NeverComputesConfig]):
     """A broken strategy: asks to reuse the span before anything was computed."""
 
     config_class = NeverComputesConfig
-    requires = frozenset({Point.SPAN})
+    requires = frozenset({Place.SPAN})
 
     def decide_span(self, step, signals, state):
         return False
@@ -44,7 +45,7 @@ class NeverComputesAttention(Strategy[NeverComputesAttentionConfig]):
     """A broken strategy: asks to reuse attention before anything was computed."""
 
     config_class = NeverComputesAttentionConfig
-    requires = frozenset({Point.ATTENTION})
+    requires = frozenset({Place.ATTENTION})
 
     def decide_module(self, step, site, state):
         return False
@@ -58,7 +59,7 @@ class RecordSignals(Strategy[RecordSignalsConfig]):
     """Always computes, and keeps the probe it was handed at each call."""
 
     config_class = RecordSignalsConfig
-    requires = frozenset({Point.SPAN, Point.PROBE})
+    requires = frozenset({Place.SPAN, PROBE})
     seen: ClassVar[list] = []
 
     def decide_span(self, step, signals, state):

@@ -114,7 +114,7 @@ class _NoneDecision(StrategyConfig):
 
 def register_strategy_class(config_class: type[StrategyConfig], decide: Any) -> None:
     class Strategy(cachekit.Strategy):  # type: ignore[type-arg]
-        requires = frozenset({cachekit.Point.SPAN})
+        requires = frozenset({cachekit.Place.SPAN})
 
         def decide_span(self, step, signals, state):
             return decide(step)
@@ -419,7 +419,7 @@ CASES: list[tuple[str, Any, type[BaseException] | tuple[type[BaseException], ...
         "spec unknown point",
         lambda t: AdapterSpec(name="x", blocks=[FLUX_BLOCKS], missing={"probes": "x"}),
         V,
-        r"missing\.probes\.\[key\]\n.*'step', 'latent'",
+        r"missing\.probes\.\[key\]\n.*'span', 'attention', 'mlp', 'probe'",
     ),
     (
         "spec latent ids without packed layout",
@@ -455,7 +455,7 @@ CASES: list[tuple[str, Any, type[BaseException] | tuple[type[BaseException], ...
         "spec embedding module not there",
         lambda t: declare(timestep_embedding={"module": "time_embed"}),
         ValueError,
-        r"has no timestep embedding module 'time_embed'; its children are .*time_text_embed",
+        r"has no signal module 'time_embed'; its children are .*time_text_embed",
     ),
     (
         "spec probe norm not there",

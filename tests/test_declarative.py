@@ -91,7 +91,7 @@ def test_a_point_the_spec_declares_missing_fails_at_attach_naming_it(fresh_regis
     del table["probe"]
     table["missing"] = {"probe": "the modulation is fused into the attention kernel"}
     adapter = declare_adapter(table, TinyVideoDiT)
-    assert not adapter.provides(cachekit.Point.PROBE)
+    assert not adapter.provides("probe")
     cachekit.register_plugin(
         type("Plugin", (), {"cachekit_register_adapters": hookimpl(lambda register: register(adapter))})
     )

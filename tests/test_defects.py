@@ -167,7 +167,7 @@ class NumpyDecisionConfig(StrategyConfig):
 def test_a_numpy_bool_decision_runs_through_a_study(tmp_path, register_strategy):
     class NumpyDecision(cachekit.Strategy):
         config_class = NumpyDecisionConfig
-        requires = frozenset({cachekit.Point.SPAN})
+        requires = frozenset({cachekit.Place.SPAN})
 
         def decide_span(self, step, signals, state):
             return np.bool_(step.index % 2 == 0)

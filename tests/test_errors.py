@@ -11,7 +11,7 @@ from strategies_for_tests import NeverComputes, NeverComputesAttention
 from torch import nn
 
 import cachekit
-from cachekit import Point
+from cachekit.adapter import Place
 from cachekit.adapters.flux import FluxAdapter
 from cachekit.errors import (
     AlreadyAttachedError,
@@ -94,7 +94,7 @@ def test_config_of_the_wrong_class_for_its_strategy(flux_pipe):
 
 
 def test_missing_point_fails_at_attach_naming_point_and_model(monkeypatch, flux_pipe):
-    monkeypatch.setattr(FluxAdapter, "missing", {Point.SPAN: "its blocks are fused"})
+    monkeypatch.setattr(FluxAdapter, "missing", {Place.SPAN: "its blocks are fused"})
     with pytest.raises(
         MissingPointError, match=r"'uniform' needs the 'span' point, .*FluxTransformer2DModel: its blocks"
     ):

@@ -172,7 +172,7 @@ class EveryFourthConfig(StrategyConfig):
 '''
 
 EVERY_FOURTH = """
-from cachekit.adapter import Point
+from cachekit.adapter import Place
 from cachekit.hookspecs import hookimpl
 from cachekit.schemas import EveryFourthConfig
 from cachekit.strategy import ExampleConfigs, Knob, Strategy
@@ -181,7 +181,7 @@ from cachekit.strategy import ExampleConfigs, Knob, Strategy
 class EveryFourth(Strategy[EveryFourthConfig]):
     config_class = EveryFourthConfig
     knob = Knob("offset", integer=True)
-    requires = frozenset({Point.STEP, Point.SPAN})
+    requires = frozenset({Place.SPAN})
     rank_consistent = True
 
     @classmethod

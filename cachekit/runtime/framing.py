@@ -20,7 +20,7 @@ from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
 
-from cachekit.adapter import Adapter, OutputSite, Point, Streams
+from cachekit.adapter import Adapter, CallSignal, OutputSite, Streams
 from cachekit.errors import ConcurrentUseError, RankDivergenceError, StrategyError
 from cachekit.estimator import Kept
 from cachekit.runtime.placement import context_parallel_group
@@ -52,9 +52,7 @@ class Call:
     branch: Branch
     group: Any = None  # the process group the ranks' decisions must agree over
     device: torch.device | None = None  # where the call's latent lives
-    latent: torch.Tensor | None = None
-    probe: torch.Tensor | None = None
-    embeddings: dict[Point, Any] = field(default_factory=dict)  # embedding signals seen in this call
+    signals: dict[str, Any] = field(default_factory=dict)  # the signals seen in this call, by name
     inputs: dict[int, Streams] = field(default_factory=dict)  # segment -> its streams on entry
     head_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # head segment -> first stream on entry
     head_residual: list[torch.Tensor] = field(default_factory=list)
@@ -76,7 +74,7 @@ class Frames:
         tracker: StepTracker,
         stats: CacheStats,
         process_group: Any = None,
-        wants_latent: bool = False,
+        call_signals: Mapping[str, CallSignal] | None = None,
         wants_output: bool = False,
         module_sites: bool = False,
     ) -> None:
@@ -86,11 +84,11 @@ class Frames:
         self.tracker = tracker  # shared by the experts of one pipeline
         self.stats = stats
         self.process_group = process_group  # None: the model's context-parallel group, if any
-        self.wants_latent = wants_latent
+        self.call_signals = dict(call_signals or {})  # read from the call's arguments, before it runs
         self.wants_output = wants_output
         self.module_sites = module_sites
         self.call: Call | None = None
-        self.latent: torch.Tensor | None = None  # the latent of the call about to run, whole
+        self._seen: dict[str, Any] = {}  # the call signals of the call about to run, whole
         self._generation = -1  # the tracker's generation the branches belong to
         self.joined_late = False  # this transformer's first call of the generation came after step 0
         self._branches: dict[int, Branch] = {}
@@ -138,8 +136,9 @@ class Frames:
         call = Call(step, branch, group=self.group(), device=sample.device)
         self._reduction = reduced_over(call.group)
         self._reduction.__enter__()
-        if self.wants_latent:
-            call.latent, self.latent = self.latent, None
+        if self._seen:
+            call.signals.update(self._seen)
+            self._seen = {}
         self.call = call
         return call
 
@@ -162,6 +161,11 @@ class Frames:
     def branches(self) -> list[Branch]:
         """The branches of the current generation so far."""
         return list(self._branches.values())
+
+    @torch.compiler.disable
+    def see_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Before the call (and any diffusers hook that splits its arguments): its call signals."""
+        self._seen = {name: source.read(args, kwargs) for name, source in self.call_signals.items()}
 
     def generation_ended(self) -> None:
         """The pipeline call is over: the next transformer call opens a new generation."""
@@ -244,10 +248,11 @@ class CallHook(ModelHook):
         return module
 
 
-class EmbeddingHook(ModelHook):
-    """On the timestep embedder: hands its output (or items of it) to the call's signals."""
+class OutputSignalHook(ModelHook):
+    """On a module whose output is a signal (the timestep embedder): hands its output (or items of
+    it) to the call's signals."""
 
-    def __init__(self, frames: Frames, sites: list[tuple[Point, OutputSite]]) -> None:
+    def __init__(self, frames: Frames, sites: list[tuple[str, OutputSite]]) -> None:
         super().__init__()
         self.frames = frames
         self.sites = sites
@@ -255,6 +260,6 @@ class EmbeddingHook(ModelHook):
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         call = self.frames.call
         if call is not None:
-            for point, site in self.sites:
-                call.embeddings[point] = site.read(output)
+            for name, site in self.sites:
+                call.signals[name] = site.read(output)
         return output

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from cachekit.adapter import Adapter, BlockArgument, OutputSite, Point
+from cachekit.adapter import OUTPUT, Adapter, BlockArgument, CallSignal, FirstBlockSignal, OutputSite, Place
 from cachekit.errors import StrategyError
 from cachekit.estimator import Estimator
-from cachekit.runtime.framing import CallHook, EmbeddingHook, Frames
+from cachekit.runtime.framing import CallHook, Frames, OutputSignalHook
 from cachekit.runtime.installing import Installer, each_once
 from cachekit.runtime.memory import Memory
 from cachekit.runtime.modules import BlockArgumentsHook, Modules
@@ -47,21 +47,18 @@ class Runtime:
         points = strategy.required_points()  # after attach, which may settle what the strategy reads
         for point in sorted(points):
             adapter.require(point, strategy.name())
-        reads = {
-            Point.TIMESTEP_EMBEDDING: adapter.timestep_embedding,
-            Point.PROJECTED_TIMESTEP_EMBEDDING: adapter.projected_timestep_embedding,
-        }
-        self._embeddings = {point: read() for point, read in reads.items() if point in points}
-        self._places = span_places(adapter, strategy) if Point.SPAN in points else []
-        block_arguments = {p: s for p, s in self._embeddings.items() if isinstance(s, BlockArgument)}
-        if block_arguments and not self._places:
+        exposed = adapter.signals() if points - {*Place, OUTPUT} else {}
+        self._signals = {name: exposed[name] for name in sorted(points - {*Place, OUTPUT})}
+        self._places = span_places(adapter, strategy) if Place.SPAN in points else []
+        first_block = {n: s for n, s in self._signals.items() if isinstance(s, BlockArgument | FirstBlockSignal)}
+        if first_block and not self._places:
             raise StrategyError(
-                f"strategy {strategy.name()!r} reads {', '.join(block_arguments)} from the first block's arguments "
+                f"strategy {strategy.name()!r} reads {', '.join(first_block)} from the first block's arguments "
                 f"on {type(model).__name__}, which it can only do when it also requires the span"
             )
         self._sites = [
-            *(adapter.attention_sites() if Point.ATTENTION in points else []),
-            *(adapter.mlp_sites() if Point.MLP in points else []),
+            *(adapter.attention_sites() if Place.ATTENTION in points else []),
+            *(adapter.mlp_sites() if Place.MLP in points else []),
         ]
         each_once(model, [block for block, _ in self._places], "block")
         each_once(model, [site.module for site in self._sites], "attention/MLP module")
@@ -73,8 +70,8 @@ class Runtime:
             tracker,
             self.stats,
             process_group,
-            wants_latent=Point.LATENT in points,
-            wants_output=Point.OUTPUT in points,
+            call_signals={n: s for n, s in self._signals.items() if isinstance(s, CallSignal)},
+            wants_output=OUTPUT in points,
             module_sites=bool(self._sites),
         )
         dtype = strategy.config.estimator.dtype
@@ -87,23 +84,23 @@ class Runtime:
             limit=strategy.config.max_kept_bytes,
             storage=getattr(torch, dtype) if dtype else None,
         )
-        self.span = Span(self.frames, self.memory, adapter, strategy, Point.PROBE in points, block_arguments)
+        self.span = Span(self.frames, self.memory, strategy, first_block)
         regated = {site.name for site in self._sites if site.gated and strategy.reuses_gated(site)}
         self.modules = Modules(self.frames, self.memory, adapter, strategy, regated)
         self._installer = Installer(model)
-        self._latent_hook: Any = None
+        self._call_hook: Any = None
 
     def install(self) -> None:
         hook, frames, adapter = self._installer.hook, self.frames, self.adapter
         hook(self.model, CallHook(frames))
-        if frames.wants_latent:  # a torch hook: it sees the call's arguments before any diffusers hook splits them
-            self._latent_hook = self.model.register_forward_pre_hook(self._see_latent, with_kwargs=True)
-        by_module: dict[nn.Module, list[tuple[Point, OutputSite]]] = {}
-        for point, source in self._embeddings.items():
+        if frames.call_signals:  # a torch hook: it sees the call's arguments before any diffusers hook splits them
+            self._call_hook = self.model.register_forward_pre_hook(frames.see_call, with_kwargs=True)
+        by_module: dict[nn.Module, list[tuple[str, OutputSite]]] = {}
+        for name, source in self._signals.items():
             if isinstance(source, OutputSite):
-                by_module.setdefault(source.module, []).append((point, source))
+                by_module.setdefault(source.module, []).append((name, source))
         for module, sites in by_module.items():
-            hook(module, EmbeddingHook(frames, sites))
+            hook(module, OutputSignalHook(frames, sites))
         route = self._installer.route  # blocks and modules: called by the dozen, routed cheaply
         for block, place in self._places:
             route(block, functools.partial(self.span.block, place))
@@ -117,11 +114,7 @@ class Runtime:
 
     def uninstall(self) -> None:
         """Remove every hook, leaving the modules as found."""
-        if self._latent_hook is not None:
-            self._latent_hook.remove()
-            self._latent_hook = None
+        if self._call_hook is not None:
+            self._call_hook.remove()
+            self._call_hook = None
         self._installer.uninstall()
-
-    @torch.compiler.disable
-    def _see_latent(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self.frames.latent = self.adapter.latent(args, kwargs)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cachekit.adapter import Adapter, BlockArgument, BlockStreams, Point, Segment
+from cachekit.adapter import Adapter, BlockArgument, BlockStreams, FirstBlockSignal, Segment
 from cachekit.errors import StrategyError
 from cachekit.runtime.framing import Call, Frames
 from cachekit.runtime.memory import Memory
@@ -86,17 +86,13 @@ class Span:
         self,
         frames: Frames,
         memory: Memory,
-        adapter: Adapter,
         strategy: Strategy[Any],
-        wants_probe: bool,
-        block_arguments: dict[Point, BlockArgument],
+        first_block: dict[str, BlockArgument | FirstBlockSignal],
     ) -> None:
         self.frames = frames
         self.memory = memory
-        self.adapter = adapter
         self.strategy = strategy
-        self.wants_probe = wants_probe
-        self.block_arguments = block_arguments
+        self.first_block = first_block  # signals read from the first block's arguments
 
     def block(
         self, place: SpanPlace, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
@@ -106,7 +102,7 @@ class Span:
             return forward(*args, **kwargs)
         if not call.compute and place.inner:  # most blocks of a reused call
             return place.streams.passed(args, kwargs)
-        if place.first_block and (self.wants_probe or self.block_arguments):
+        if place.first_block and self.first_block:
             self._keep_first_block_signals(call, args, kwargs)
         if place.head:
             return self._head_block(call, place, forward, args, kwargs)
@@ -140,10 +136,8 @@ class Span:
 
     @torch.compiler.disable
     def _keep_first_block_signals(self, call: Call, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        if self.wants_probe:
-            call.probe = self.adapter.probe(args, kwargs)
-        for point, site in self.block_arguments.items():
-            call.embeddings[point] = site.read(args, kwargs)
+        for name, source in self.first_block.items():
+            call.signals[name] = source.read(args, kwargs)
 
     @torch.compiler.disable
     def _keep_head_residual(self, call: Call, place: SpanPlace, output: Any) -> None:
@@ -151,14 +145,10 @@ class Span:
 
     @torch.compiler.disable
     def _decide(self, call: Call, place: SpanPlace, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        embeddings = call.embeddings
-        signals = Signals(
-            probe=call.probe,
-            timestep_embedding=embeddings.get(Point.TIMESTEP_EMBEDDING),
-            projected_timestep_embedding=embeddings.get(Point.PROJECTED_TIMESTEP_EMBEDDING),
-            latent=call.latent,
-            head_residual=tuple(call.head_residual) if call.head_residual else None,
-        )
+        values = call.signals
+        if call.head_residual:
+            values = {**values, "head_residual": tuple(call.head_residual)}
+        signals = Signals(values)
         frames, branch = self.frames, call.branch
         call.compute = frames.decision(call, self.strategy.decide_span(call.step, signals, branch.state), "decide_span")
         if not call.compute:

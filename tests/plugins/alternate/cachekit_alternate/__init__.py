@@ -4,7 +4,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from cachekit import Point, Strategy, hookimpl
+from cachekit import Strategy, hookimpl
+from cachekit.adapter import Place
 from cachekit.schemas import StrategyConfig
 
 
@@ -15,7 +16,7 @@ class AlternateConfig(StrategyConfig):
 
 class AlternateStrategy(Strategy[AlternateConfig]):
     config_class = AlternateConfig
-    requires = frozenset({Point.SPAN})
+    requires = frozenset({Place.SPAN})
     needs_num_steps = True
 
     def new_state(self):
