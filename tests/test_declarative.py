@@ -22,11 +22,8 @@ from cachekit.schemas.files import read_table
 SPEC_FILE = Path(__file__).parent / "data" / "tiny_video_dit.toml"
 
 
-TinyVideoDiTAdapter = declare_adapter(
-    SPEC_FILE,
-    TinyVideoDiT,
-    Example(config=TinyVideoDiT, latents=(1, 3, 6, 4), conditions={"encoder_hidden_states": (1, 5, 8)}),
-)
+EXAMPLE = Example(config=TinyVideoDiT, latents=(1, 3, 6, 4), conditions={"encoder_hidden_states": (1, 5, 8)})
+TinyVideoDiTAdapter = declare_adapter(SPEC_FILE, TinyVideoDiT, EXAMPLE)
 
 
 @pytest.fixture
@@ -139,3 +136,46 @@ def test_a_plugin_finds_its_spec_file_beside_its_module_wherever_it_is_run(tmp_p
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     assert module.Adapter.spec == AdapterSpec.model_validate(read_table(SPEC_FILE))
+
+
+def test_a_new_signal_is_an_adapter_declaration_and_the_strategy_that_reads_it(fresh_registry):
+    """The spec declares the text projection's output as a signal; a strategy asks for it by
+    name and gets, at each call, what the module returned (watched here with a plain torch hook)."""
+    from strategies_for_tests import EveryThirdConfig
+
+    from cachekit.adapter import Place
+    from cachekit.strategy import Strategy
+
+    table = read_table(SPEC_FILE)
+    table["name"] = "tiny_video_dit_text"
+    table["signals"] = {"text": {"module": "text"}}
+    adapter = declare_adapter(table, TinyVideoDiT, EXAMPLE)
+    seen, expected = [], []
+
+    class ReadsText(Strategy[EveryThirdConfig]):
+        config_class = EveryThirdConfig
+        requires = frozenset({Place.SPAN, "text"})
+
+        def decide_span(self, step, signals, state):
+            seen.append(signals["text"])
+            return True
+
+    class Plugin:
+        @hookimpl
+        def cachekit_register_adapters(self, register):
+            register(adapter)
+
+        @hookimpl
+        def cachekit_register_strategies(self, register):
+            register(ReadsText)
+
+    cachekit.register_plugin(Plugin(), "text-signal")
+    example = EXAMPLE.build(adapter)
+    example.model.text.register_forward_hook(lambda module, args, output: expected.append(output))
+    with cachekit.apply(example.model, {"strategy": "every_third"}):
+        for t in (900.0, 500.0):
+            example(example.latents, t)
+    assert len(seen) == len(expected) == 2 and all(a is b for a, b in zip(seen, expected, strict=True))
+    with pytest.raises(MissingPointError, match=r"needs the 'texts' point.*exposes no such signal; its signals: "):
+        ReadsText.requires = frozenset({Place.SPAN, "texts"})
+        cachekit.apply(example.model, {"strategy": "every_third"})
