@@ -1,4 +1,4 @@
-"""Project tasks. `nox` runs the checks CI runs: tests, lint, typecheck."""
+"""Project tasks. `nox` runs the checks CI runs: tests, lint, typecheck, docs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import nox
 
 ROOT = Path(__file__).parent
 
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
 nox.options.default_venv_backend = "venv"
 
 # The CPU build; an unpinned torch would pull the multi-GB CUDA build.
@@ -56,6 +56,17 @@ def typecheck(session: nox.Session) -> None:
     config = str(ROOT / "pyproject.toml")
     session.chdir(session.create_tmp())
     session.run("mypy", "--config-file", config, "-p", "cachekit")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The docs site from docs/ (mkdocs, material theme), built strictly: a broken link fails it.
+    `nox -s docs -- serve` serves it instead."""
+    session.install("mkdocs-material")
+    if session.posargs[:1] == ["serve"]:
+        session.run("mkdocs", "serve", *session.posargs[1:])
+        return
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(Path(session.create_tmp()) / "site"))
 
 
 @nox.session

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-def _main(argv: list[str] | None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line: its commands and their options."""
     parser = argparse.ArgumentParser(prog="cachekit", description="Training-free caching for diffusion transformers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -98,7 +99,11 @@ def _main(argv: list[str] | None) -> None:
     tune.add_argument("--quiet", action="store_true", help="no progress bar")
     calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _main(argv: list[str] | None) -> None:
+    args = parser().parse_args(argv)
     if args.command == "list":
         _list()
     elif args.command == "calibrate":

@@ -1,7 +1,9 @@
-"""Every code block of the README runs, or is checked, as written: each block is matched to how it
-is tested here (or to the test that runs it), and a block nobody handles fails the test. Only
-what cannot run offline on a CPU is substituted, and each substitution is listed below: a hub
-model becomes the tiny offline pipeline of its class, `cuda` the CPU, and 50-step studies 6."""
+"""Every code block of the README and of the docs site runs, or is checked, as written: each block
+is matched to how it is tested here (or to the test that runs it), and a block nobody handles
+fails the test. Only what cannot run offline on a CPU is substituted, and each substitution is
+listed below: a hub model becomes the tiny offline pipeline of its class, `cuda` the CPU, and
+50-step studies 6. The README stays a front door (at most 150 lines), and the site's home page is
+the README with its links made relative."""
 
 from __future__ import annotations
 
@@ -20,12 +22,22 @@ from cachekit.study import load_spec, plan
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PLUGINS = ROOT / "tests" / "plugins"
 
 
 def blocks() -> list[tuple[str, str]]:
-    """(language, code) of every fenced block, in order."""
-    return re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
+    """(language, code) of every fenced block of the README and the docs, each once."""
+    found = [block for page in PAGES for block in re.findall(r"```(\w+)\n(.*?)```", page.read_text(), flags=re.S)]
+    return list(dict.fromkeys(found))
+
+
+def test_the_readme_is_a_front_door_and_the_site_s_home_page():
+    assert len(README.splitlines()) <= 150
+    assert (ROOT / "docs" / "index.md").read_text() == README.replace("](docs/", "](")
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)", README))
+    nav = (ROOT / "mkdocs.yml").read_text()
+    assert linked and all(page in nav and (ROOT / "docs" / page).is_file() for page in linked)
 
 
 def block(first_line: str) -> str:
@@ -53,14 +65,34 @@ def run_python(code: str, cwd: Path) -> str:
     return result.stdout
 
 
-def test_use(tmp_path):
-    code = block("import torch\nfrom diffusers import FluxPipeline")
-    code = code.replace(  # the hub model, on a GPU -> the tiny FluxPipeline, on the CPU
+def on_the_cpu(code: str) -> str:
+    """The hub's FLUX.1-dev on a GPU -> the tiny FluxPipeline on the CPU, at its size."""
+    code = code.replace(
         'FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16).to("cuda")',
         "__import__('cachekit.testing').testing.tiny_flux_pipeline()",
     ).replace("num_inference_steps=28)", "num_inference_steps=28, height=32, width=32, max_sequence_length=16)")
     assert "tiny_flux_pipeline" in code and "height=32" in code
-    printed = run_python(code, tmp_path)
+    return code
+
+
+def test_front_door(tmp_path):
+    printed = run_python(on_the_cpu(block("import torch\nfrom diffusers import FluxPipeline")), tmp_path)
+    assert "teacache on flux" in printed and "  preset: flux-dev\n" in printed and "rel_l1_thresh: 0.4" in printed
+    assert "branch 0 (cond): 28 calls" in printed
+
+
+def test_study_command():
+    """The front door's study command is one the CLI takes (the studies page runs them)."""
+    from cachekit.cli import parser
+
+    (line,) = commands("cachekit study run default --report")
+    args = parser().parse_args(line.split()[3:])
+    assert (args.command, args.action, str(args.spec), args.report) == ("study", "run", "default", True)
+
+
+def test_use(tmp_path):
+    code = block("# a config object, and the counts of one site")
+    printed = run_python(on_the_cpu(code), tmp_path)
     assert "SiteCounts(computed=15, reused=13)" in printed  # what the block's comment says
     assert "uniform on flux" in printed and "schedule C.C.C.C.C.C.C.C.C.C.C.C.C.CC" in printed
 
@@ -142,15 +174,32 @@ def test_calibration_commands(tmp_path):
 
 
 def test_setup_commands_name_real_sessions():
-    """`nox` is what CI runs; `nox -s demo` and the sessions the README names exist."""
+    """`nox` is what CI runs; `nox -s demo` and the sessions the pages name exist; the install
+    lines install from the checkout (cachekit is not on PyPI)."""
     noxfile = (ROOT / "noxfile.py").read_text()
-    for session in re.findall(r"nox -s (\w+)", README):
-        assert f"def {session}(session" in noxfile, session
+    for page in PAGES:
+        for session in re.findall(r"nox -s (\w+)", page.read_text()):
+            assert f"def {session}(session" in noxfile, (page.name, session)
     install = commands("pip install torch")
-    assert (
-        install[1] == 'pip install "dit-cachekit[pipelines]"'
-        and "pipelines = [" in (ROOT / "pyproject.toml").read_text()
+    assert install[1] == 'pip install ".[pipelines]"' and install[2].endswith("-m cachekit --version")
+    assert "pipelines = [" in (ROOT / "pyproject.toml").read_text()
+
+
+def test_a_built_in_method_is_two_files():
+    """The plugins page's two files are the method tests/test_registry.py drops into the packages."""
+    from test_registry import EVERY_FOURTH, EVERY_FOURTH_CONFIG
+
+    documented = block("# strategies/every_fourth.py").split("\n", 1)[1]
+    assert _code(documented) == _code(
+        EVERY_FOURTH.replace("from cachekit.schemas import", "from cachekit.schemas.every_fourth import")
     )
+    assert _code(block("# schemas/every_fourth.py").split("\n", 1)[1]) == _code(EVERY_FOURTH_CONFIG)
+
+
+def _code(text: str) -> str:
+    """The code without comments and blank lines, for comparing a page's block with a test's module."""
+    lines = [line.split("  #")[0].rstrip() for line in text.splitlines()]
+    return "\n".join(line for line in lines if line.strip() and not line.lstrip().startswith("#"))
 
 
 def commands(first_line: str) -> list[str]:
@@ -162,7 +211,11 @@ def commands(first_line: str) -> list[str]:
 
 
 HANDLERS = {
-    "import torch\nfrom diffusers import FluxPipeline": test_use,
+    "import torch\nfrom diffusers import FluxPipeline": test_front_door,
+    "cachekit study run default --report": test_study_command,
+    "# a config object, and the counts of one site": test_use,
+    "# schemas/every_fourth.py": test_a_built_in_method_is_two_files,
+    "# strategies/every_fourth.py": test_a_built_in_method_is_two_files,
     "import torch\nfrom cachekit import testbed": test_testbed,
     "# my_cache/__init__.py": test_plugin_strategy,
     "# pyproject.toml": test_plugin_strategy,
