@@ -52,8 +52,6 @@ STRATEGIES = sorted(registry.registry().strategies)
 CELLS = cells()
 ESTIMATOR_CONFIGS = {"taylor": {"kind": "taylor", "order": 2}}
 STEPS = 6
-#: 0-1000 timesteps of the loop, noisy to clean, as a flow-matching pipeline would run them.
-TIMESTEPS = [1000.0 * (1 - i / STEPS) for i in range(STEPS)]
 
 
 @pytest.fixture(autouse=True)
@@ -84,14 +82,8 @@ def example(adapter_name: str, dtype: str = "float32") -> ModelExample:
     )
 
 
-def denoise(model: ModelExample, steps: int = STEPS, guidance: float = 3.0) -> torch.Tensor:
-    """A plain Euler loop with CFG as two calls per step (conditional first)."""
-    latents = model.latents.clone()
-    with torch.no_grad():
-        for t in TIMESTEPS[:steps]:
-            cond, uncond = model(latents, t, 0), model(latents, t, 1)
-            latents = latents - (uncond + guidance * (cond - uncond)) / steps
-    return latents
+def denoise(model: ModelExample, steps: int = STEPS) -> torch.Tensor:
+    return model.denoise(steps)
 
 
 def configs(adapter_name: str, strategy_name: str, estimator: str | None = None):

@@ -26,6 +26,17 @@ class ModelExample:
     latents: torch.Tensor
     inputs: Callable[[torch.Tensor, float, int], dict[str, Any]]
 
+    def denoise(self, steps: int = 6, guidance: float = 3.0) -> torch.Tensor:
+        """A plain Euler loop from the example's latents over `steps` timesteps from 1000 down,
+        with CFG as two calls per step (conditional first): what the tests drive a model with."""
+        latents = self.latents.clone()
+        with torch.no_grad():
+            for index in range(steps):
+                t = 1000.0 * (1 - index / steps)
+                cond, uncond = self(latents, t, 0), self(latents, t, 1)
+                latents = latents - (uncond + guidance * (cond - uncond)) / steps
+        return latents
+
     def __call__(self, latents: torch.Tensor, timestep: float, branch: int = 0) -> torch.Tensor:
         """The model's prediction, cut to the latents' channels (some models also predict a variance)."""
         output = self.model(**self.inputs(latents, timestep, branch), return_dict=False)[0]

@@ -101,7 +101,6 @@ def install_shims(world: int) -> None:
 # -- what the tests run in each process ----------------------------------------------------------
 
 STEPS = 6
-TIMESTEPS = [1000.0 * (1 - i / STEPS) for i in range(STEPS)]
 
 
 def example(family: str) -> Any:
@@ -111,12 +110,7 @@ def example(family: str) -> Any:
 
 
 def denoise(model_example: Any) -> torch.Tensor:
-    latents = model_example.latents.clone()
-    with torch.no_grad():
-        for t in TIMESTEPS:
-            cond, uncond = model_example(latents, t, 0), model_example(latents, t, 1)
-            latents = latents - (uncond + 3.0 * (cond - uncond)) / STEPS
-    return latents
+    return model_example.denoise(STEPS)
 
 
 def schedules(handle: Any) -> dict[int, list[Any]]:

@@ -10,6 +10,7 @@ and the decision is a plain function written in the test.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,7 +18,11 @@ from torch import nn
 from cachekit.adapter import LATENT, OUTPUT, PROBE, PROJECTED_TIMESTEP_EMBEDDING, TIMESTEP_EMBEDDING
 from cachekit.testing import RunCounter, module_state
 
-__all__ = ["RunCounter", "module_state"]
+__all__ = ["ROOT", "TESTS", "RunCounter", "module_state"]
+
+#: The tests folder (its data, plugin packages and helpers) and the checkout it is in.
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
 
 #: The points whose values a strategy decides from (besides the first blocks' residual).
 SIGNALS = {PROBE, LATENT, OUTPUT, TIMESTEP_EMBEDDING, PROJECTED_TIMESTEP_EMBEDDING}

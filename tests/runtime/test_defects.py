@@ -28,6 +28,7 @@ from cachekit.study.store import ResultStore, StoreError
 from cachekit.testing import run_flux, tiny_flux_pipeline, tiny_flux_transformer
 
 
+@pytest.mark.slow
 def test_the_model_identity_ignores_process_and_copy(tmp_path):
     """A calibrated preset names its model by a config fingerprint: it must not change with the
     process's hash seed (diffusers keeps an unordered list in the config) nor with the folder the

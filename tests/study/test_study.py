@@ -154,6 +154,7 @@ def test_a_speedup_above_the_compute_limit_is_flagged(tmp_path):
     assert "Timing flag" not in text and "Speedup axis: wall clock (ratio of median latencies)." in text
 
 
+@pytest.mark.slow
 def test_killed_study_resumes_without_recomputing(tmp_path):
     spec = write_spec(tmp_path, SPEC.replace("steps = 6", "steps = 12"))
     db = tmp_path / "results.sqlite"

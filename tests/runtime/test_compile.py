@@ -70,10 +70,7 @@ def test_second_generation_triggers_no_recompile_and_matches_eager(name):
 @pytest.mark.slow
 def test_a_compiled_transformer_is_unwrapped_and_runs_under_a_strategy():
     """torch.compile(model) returns a wrapper: cachekit hooks the model it wraps."""
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from helpers import flux_inputs
 
     from cachekit.testing import tiny_flux_transformer

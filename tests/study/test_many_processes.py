@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TESTS
 
 from cachekit.study.store import ResultStore
 
-TESTS = Path(__file__).parent
 SPEC = """
 name = "spread"
 models = ["flux-digits"]

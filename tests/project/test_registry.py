@@ -8,9 +8,9 @@ import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from helpers import ROOT, TESTS
 
 import cachekit
 from cachekit.errors import UnknownStrategyError
@@ -19,7 +19,7 @@ from cachekit.registry import PluginWarning, Registry
 from cachekit.schemas import UniformConfig
 from cachekit.testing import run_flux
 
-PLUGINS = Path(__file__).parent / "plugins"
+PLUGINS = TESTS / "plugins"
 
 
 def test_builtins_are_entry_point_plugins():
@@ -141,7 +141,7 @@ def test_installed_third_party_plugin_works_and_a_broken_one_is_reported(tmp_pat
 
 def test_the_documented_estimator_is_the_installable_test_plugin():
     """The plugins page's estimator is the package the conformance matrix installs, word for word."""
-    readme = (Path(__file__).parent.parent / "docs" / "plugins.md").read_text()
+    readme = (ROOT / "docs" / "plugins.md").read_text()
     start = readme.index("# cachekit_damped/__init__.py\n")
     snippet = readme[start : readme.index("```", start)].split("\n", 1)[1]
     assert snippet in (PLUGINS / "damped" / "cachekit_damped" / "__init__.py").read_text()
@@ -233,7 +233,7 @@ def test_a_built_in_method_is_one_strategy_module_and_one_schema_module(tmp_path
     assert "every_fourth" in cachekit.list_strategies()
     assert ("every_fourth", "copy", "float32") in conformance.cells()
     assert ("every_fourth", "copy", "bfloat16") in conformance.cells()
-    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     import context_parallel
     import gpu
     import test_compile

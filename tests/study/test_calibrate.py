@@ -131,6 +131,7 @@ def test_calibrate_cli(tmp_path):
     assert json.loads((tmp_path / "p.json").read_text())["identity"].startswith("flux:")
 
 
+@pytest.mark.slow
 def test_calibrate_then_tune_then_use_closes_the_loop(tmp_path):
     """The README's flow: calibrate names the preset after --out and says what to run next; the
     preset alone has no threshold until `tune --write` stores the one it chose."""

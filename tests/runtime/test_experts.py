@@ -60,13 +60,34 @@ def test_each_expert_keeps_its_own_state_on_the_shared_step_count():
 
 
 def test_module_strategies_keep_outputs_per_expert():
+    """Watched from the outside on each expert's first attention: every output a reused call gets is
+    the one that expert computed last for that branch, and the second expert's first call computes
+    (it has nothing of its own; it never borrows the first expert's)."""
     pipe = tiny_wan_pipeline(two_experts=True)
     config = PABConfig(spatial={"range": 2, "window": (0.0, 1000.0)}, cross={"range": 2, "window": (0.0, 1000.0)})
+    calls = {name: [] for name in ("transformer", "transformer_2")}  # (computed, output), in call order
+    hooks = []
+    for name, log in calls.items():
+        attention = getattr(pipe, name).blocks[0].attn1
+        ran = [False]
+        hooks.append(attention.to_q.register_forward_hook(lambda *_, ran=ran: ran.__setitem__(0, True)))
+        hooks.append(attention.register_forward_pre_hook(lambda *_, ran=ran: ran.__setitem__(0, False)))
+        hooks.append(attention.register_forward_hook(lambda _, __, out, log=log, ran=ran: log.append((ran[0], out))))
     with cachekit.apply(pipe, config) as handle:
-        output = run_wan(pipe, steps=STEPS)
-    assert torch.isfinite(output).all()
-    for stats in handle.stats_by_component.values():
-        assert sum(branch.sites["spatial"].reused for branch in stats.last.branches.values()) > 0
+        run_wan(pipe, steps=STEPS)
+    for hook in hooks:
+        hook.remove()
+    for name, log in calls.items():
+        assert log[0][0], name  # each expert's first call computes
+        last: dict[int, torch.Tensor] = {}
+        for index, (computed, output) in enumerate(log):
+            branch = index % 2  # cond, uncond
+            if computed:
+                last[branch] = output
+            else:
+                assert torch.equal(output, last[branch]), (name, index)
+        assert sum(not computed for computed, _ in log) > 0, name  # it did reuse
+    assert sorted(handle.stats_by_component) == ["transformer", "transformer_2"]
 
 
 def test_the_summary_tells_each_expert_apart():

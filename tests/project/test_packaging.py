@@ -5,9 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
-ROOT = Path(__file__).parent.parent
+from helpers import ROOT
 
 
 def test_wheel_has_only_the_cachekit_top_level_package(tmp_path):

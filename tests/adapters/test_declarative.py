@@ -3,11 +3,10 @@ conformance checks as the built-in adapters, and mistakes in a spec are named.""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from custom_dit import TinyVideoDiT
+from helpers import TESTS
 from pydantic import ValidationError
 
 import cachekit
@@ -19,7 +18,7 @@ from cachekit.schemas import TeaCacheConfig
 from cachekit.schemas.adapter import AdapterSpec
 from cachekit.schemas.files import read_table
 
-SPEC_FILE = Path(__file__).parent / "data" / "tiny_video_dit.toml"
+SPEC_FILE = TESTS / "data" / "tiny_video_dit.toml"
 
 
 EXAMPLE = Example(config=TinyVideoDiT, latents=(1, 3, 6, 4), conditions={"encoder_hidden_states": (1, 5, 8)})

@@ -15,12 +15,12 @@ import types
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 import cachekit
 from cachekit.schemas import AdapterSpec, CalibrationSpec
 from cachekit.study import load_spec, plan
 
-ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PLUGINS = ROOT / "tests" / "plugins"
@@ -152,6 +152,7 @@ def test_study_specs_plan(tmp_path):
     assert calibration.model == "flux-digits" and calibration.held_out_seeds == [1000, 1001]
 
 
+@pytest.mark.slow
 def test_study_commands(tmp_path):
     """The commands of the study section, on its study.toml at 6 steps."""
     (tmp_path / "study.toml").write_text(block("# study.toml").replace("steps = 50", "steps = 6\nrepeats = 1"))
@@ -162,6 +163,7 @@ def test_study_commands(tmp_path):
     assert (tmp_path / "results-export" / "flux-digits" / "uncached" / "3-1.png").is_file()
 
 
+@pytest.mark.slow
 def test_calibration_commands(tmp_path):
     """The calibrate and tune commands, on the README's calibration.toml cut to 1 label and 10 steps."""
     spec = block("# calibration.toml").replace("labels = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]", "labels = [3]")

@@ -1,0 +1,240 @@
+"""Adapter specs that are wrong are refused by name, as early as can be known, saying what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+from helpers import flux_inputs
+
+import cachekit
+from cachekit.errors import (
+    AlreadyAttachedError,
+    MissingPointError,
+)
+from cachekit.hookspecs import hookimpl
+from cachekit.schemas import (
+    AdapterSpec,
+    StrategyConfig,
+    TeaCacheConfig,
+)
+from cachekit.schemas.adapter import LatentSpec
+from cachekit.study import load_spec, run_study
+from cachekit.testing import tiny_flux_transformer
+
+V = pydantic.ValidationError
+FLUX_BLOCKS = {"path": "transformer_blocks", "streams": [{"name": "hidden_states", "position": 0}]}
+
+
+class VariantFlux(FluxTransformer2DModel):
+    """A subclass, so the spec's adapter (registered for it) wins over the built-in Flux one."""
+
+
+def declare(**changes: Any) -> Any:
+    """Register the adapter of a spec for a tiny Flux (one list: its double blocks) and make it."""
+    spec = {
+        "name": "flux_variant",
+        "timestep": {"argument": {"name": "timestep", "position": 3}, "scale": 1000},
+        "timestep_embedding": {"module": "time_text_embed"},
+        "blocks": [
+            {
+                "path": "transformer_blocks",
+                "streams": [{"name": "hidden_states", "position": 0}, {"name": "encoder_hidden_states", "position": 1}],
+                "returns": [1, 0],
+                "attention": {"attn": "spatial"},
+            }
+        ],
+        "probe": {"kind": "norm", "arguments": {"emb": {"name": "temb", "position": 2}}},
+        **changes,
+    }
+    adapter = cachekit.declare_adapter(spec, VariantFlux)
+
+    class Plugin:
+        @hookimpl
+        def cachekit_register_adapters(self, register):
+            register(adapter)
+
+    cachekit.register_plugin(Plugin(), f"variant-{id(adapter)}")
+    model = tiny_flux_transformer()
+    model.__class__ = VariantFlux
+    return adapter(model)
+
+
+def run_bare(model: torch.nn.Module, config: Any, timesteps: list[float]) -> None:
+    with cachekit.apply(model, config):
+        for timestep in timesteps:
+            model(**flux_inputs(timestep=timestep))
+
+
+def study_spec(tmp: Path, text: str) -> Path:
+    path = tmp / "spec.toml"
+    path.write_text(text)
+    return path
+
+
+BASE_STUDY = 'models = ["flux-digits"]\nlabels = [1]\nsteps = 4\nrepeats = 1\nwarmup = 0\n'
+
+
+def run_spec(tmp: Path, text: str) -> None:
+    run_study(load_spec(study_spec(tmp, BASE_STUDY + text)), tmp / "results.sqlite", progress=False)
+
+
+class _NoneDecision(StrategyConfig):
+    strategy: Literal["forgets_return"] = "forgets_return"
+
+
+def register_strategy_class(config_class: type[StrategyConfig], decide: Any) -> None:
+    class Strategy(cachekit.Strategy):  # type: ignore[type-arg]
+        requires = frozenset({cachekit.Place.SPAN})
+
+        def decide_span(self, step, signals, state):
+            return decide(step)
+
+    Strategy.config_class = config_class
+
+    class Plugin:
+        @hookimpl
+        def cachekit_register_strategies(self, register):
+            register(Strategy)
+
+    cachekit.register_plugin(Plugin(), f"test-{config_class.registered_name()}")
+
+
+def plugin_warning(registers: Any, name: str) -> None:
+    class Plugin:
+        @hookimpl
+        def cachekit_register_strategies(self, register):
+            registers(register)
+
+    cachekit.register_plugin(Plugin(), name)
+
+
+def _no_fixed_name(register: Any) -> None:
+    class Loose(StrategyConfig):
+        strategy: str = Field(default=None)  # type: ignore[assignment]
+
+    class Strategy(cachekit.Strategy):  # type: ignore[type-arg]
+        config_class = Loose
+
+    register(Strategy)
+
+
+from pydantic import Field  # noqa: E402  (used by the plugin defined above)
+
+CASES = [
+    (
+        "spec name",
+        lambda t: AdapterSpec(name="My DiT", blocks=[FLUX_BLOCKS]),
+        V,
+        r"name\n.*String should match pattern '\^\[a-z\]\[a-z0-9_\]\*\$'",
+    ),
+    (
+        "spec streams without returns",
+        lambda t: AdapterSpec(name="x", blocks=[{**FLUX_BLOCKS, "streams": [FLUX_BLOCKS["streams"][0]] * 2}]),
+        V,
+        r"a block carrying 2 streams must say where it returns each",
+    ),
+    (
+        "spec returns count",
+        lambda t: AdapterSpec(name="x", blocks=[{**FLUX_BLOCKS, "returns": [0, 1]}]),
+        V,
+        r"'returns' has 2 entries for 1 streams",
+    ),
+    (
+        "spec probe given and missing",
+        lambda t: AdapterSpec(name="x", blocks=[FLUX_BLOCKS], probe={"kind": "norm"}, missing={"probe": "none"}),
+        V,
+        r"'probe' is both given and listed as missing",
+    ),
+    (
+        "spec kind present and missing",
+        lambda t: AdapterSpec(
+            name="x", blocks=[{**FLUX_BLOCKS, "attention": {"attn": "spatial"}}], missing_attention={"spatial": "no"}
+        ),
+        V,
+        r"attention kind 'spatial' is both declared on a block list and listed as missing",
+    ),
+    (
+        "spec unknown point",
+        lambda t: AdapterSpec(name="x", blocks=[FLUX_BLOCKS], missing={"probes": "x"}),
+        V,
+        r"missing\.probes\.\[key\]\n.*'span', 'attention', 'mlp', 'probe'",
+    ),
+    (
+        "spec latent ids without packed layout",
+        lambda t: LatentSpec(ids={"name": "img_ids"}),
+        V,
+        r"ids and grid lay out packed tokens; give layout 'BNC' or 'BTNC'",
+    ),
+    (
+        "spec block list that is not there",
+        lambda t: declare(blocks=[{**FLUX_BLOCKS, "path": "blockz"}]),
+        ValueError,
+        r"VariantFlux has no block list 'blockz'; its children are .*transformer_blocks",
+    ),
+    (
+        "spec attention path no block has",
+        lambda t: declare(blocks=[{**FLUX_BLOCKS, "attention": {"atn": "spatial"}}]),
+        ValueError,
+        r"no block of 'transformer_blocks' has a module 'atn'",
+    ),
+    (
+        "spec timestep argument not a parameter",
+        lambda t: declare(timestep={"argument": {"name": "t", "position": 3}}),
+        ValueError,
+        r"timestep argument 't' is not a parameter of VariantFlux\.forward; its parameters: hidden_states",
+    ),
+    (
+        "spec argument at the wrong position",
+        lambda t: declare(timestep={"argument": {"name": "timestep", "position": 1}}),
+        ValueError,
+        r"timestep argument 'timestep' is parameter 3 of VariantFlux\.forward, not 1",
+    ),
+    (
+        "spec embedding module not there",
+        lambda t: declare(timestep_embedding={"module": "time_embed"}),
+        ValueError,
+        r"has no signal module 'time_embed'; its children are .*time_text_embed",
+    ),
+    (
+        "spec probe norm not there",
+        lambda t: declare(probe={"kind": "norm", "module": "norm0"}),
+        ValueError,
+        r"has no probe norm of the first block 'norm0'",
+    ),
+    (
+        "spec probe table not a tensor",
+        lambda t: declare(probe={"kind": "table", "table": "modulation", "embedding": {"name": "temb", "position": 2}}),
+        ValueError,
+        r"the probe's table 'modulation' is not a tensor of the first block",
+    ),
+    (
+        "spec file that does not parse",
+        lambda t: (t / "s.toml").write_text("name = ") and cachekit.declare_adapter(t / "s.toml", torch.nn.Module),
+        ValueError,
+        r"s\.toml: not a valid TOML table",
+    ),
+    (
+        "probe the adapter lacks",
+        lambda t: cachekit.apply(
+            declare(probe=None, missing={"probe": "not modulated"}).model,
+            TeaCacheConfig(coefficients=[1, 0], rel_l1_thresh=0.1, num_inference_steps=4),
+        ),
+        (MissingPointError, AlreadyAttachedError),
+        r"needs the 'probe' point, which the 'flux_variant' adapter does not provide .*not modulated|already",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "error", "message"), [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_bad_input_is_named(tmp_path, fresh_registry, make, error, message):
+    with pytest.raises(error, match=rf"(?s){message}"):
+        make(tmp_path)
+
+
+def test_the_table_keeps_its_cases():
+    assert len(CASES) >= 16  # the table the bad-input tests were split from held 77 cases in all

@@ -1,0 +1,280 @@
+"""Study, calibration and tuning input that is wrong is refused by name before anything runs, saying what is allowed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+from helpers import flux_inputs
+
+import cachekit
+from cachekit.hookspecs import hookimpl
+from cachekit.metric import MetricError
+from cachekit.schemas import (
+    CalibrationSpec,
+    StrategyConfig,
+)
+from cachekit.study import StudySpecError, load_spec, plan, run_study, write_report
+from cachekit.study.metrics import metrics_for
+from cachekit.study.store import ResultStore, StoreError
+from cachekit.testing import tiny_flux_transformer
+from cachekit.tune import check_target
+
+V = pydantic.ValidationError
+FLUX_BLOCKS = {"path": "transformer_blocks", "streams": [{"name": "hidden_states", "position": 0}]}
+
+
+class VariantFlux(FluxTransformer2DModel):
+    """A subclass, so the spec's adapter (registered for it) wins over the built-in Flux one."""
+
+
+def declare(**changes: Any) -> Any:
+    """Register the adapter of a spec for a tiny Flux (one list: its double blocks) and make it."""
+    spec = {
+        "name": "flux_variant",
+        "timestep": {"argument": {"name": "timestep", "position": 3}, "scale": 1000},
+        "timestep_embedding": {"module": "time_text_embed"},
+        "blocks": [
+            {
+                "path": "transformer_blocks",
+                "streams": [{"name": "hidden_states", "position": 0}, {"name": "encoder_hidden_states", "position": 1}],
+                "returns": [1, 0],
+                "attention": {"attn": "spatial"},
+            }
+        ],
+        "probe": {"kind": "norm", "arguments": {"emb": {"name": "temb", "position": 2}}},
+        **changes,
+    }
+    adapter = cachekit.declare_adapter(spec, VariantFlux)
+
+    class Plugin:
+        @hookimpl
+        def cachekit_register_adapters(self, register):
+            register(adapter)
+
+    cachekit.register_plugin(Plugin(), f"variant-{id(adapter)}")
+    model = tiny_flux_transformer()
+    model.__class__ = VariantFlux
+    return adapter(model)
+
+
+def run_bare(model: torch.nn.Module, config: Any, timesteps: list[float]) -> None:
+    with cachekit.apply(model, config):
+        for timestep in timesteps:
+            model(**flux_inputs(timestep=timestep))
+
+
+def study_spec(tmp: Path, text: str) -> Path:
+    path = tmp / "spec.toml"
+    path.write_text(text)
+    return path
+
+
+BASE_STUDY = 'models = ["flux-digits"]\nlabels = [1]\nsteps = 4\nrepeats = 1\nwarmup = 0\n'
+
+
+def run_spec(tmp: Path, text: str) -> None:
+    run_study(load_spec(study_spec(tmp, BASE_STUDY + text)), tmp / "results.sqlite", progress=False)
+
+
+class _NoneDecision(StrategyConfig):
+    strategy: Literal["forgets_return"] = "forgets_return"
+
+
+def register_strategy_class(config_class: type[StrategyConfig], decide: Any) -> None:
+    class Strategy(cachekit.Strategy):  # type: ignore[type-arg]
+        requires = frozenset({cachekit.Place.SPAN})
+
+        def decide_span(self, step, signals, state):
+            return decide(step)
+
+    Strategy.config_class = config_class
+
+    class Plugin:
+        @hookimpl
+        def cachekit_register_strategies(self, register):
+            register(Strategy)
+
+    cachekit.register_plugin(Plugin(), f"test-{config_class.registered_name()}")
+
+
+def plugin_warning(registers: Any, name: str) -> None:
+    class Plugin:
+        @hookimpl
+        def cachekit_register_strategies(self, register):
+            registers(register)
+
+    cachekit.register_plugin(Plugin(), name)
+
+
+def _no_fixed_name(register: Any) -> None:
+    class Loose(StrategyConfig):
+        strategy: str = Field(default=None)  # type: ignore[assignment]
+
+    class Strategy(cachekit.Strategy):  # type: ignore[type-arg]
+        config_class = Loose
+
+    register(Strategy)
+
+
+from pydantic import Field  # noqa: E402  (used by the plugin defined above)
+
+CASES = [
+    (
+        "study testbed name typo",
+        lambda t: plan(
+            load_spec(
+                study_spec(
+                    t, BASE_STUDY.replace("flux-digits", "flux-digitz") + '[[strategies]]\nstrategy = "uniform"\n'
+                )
+            )
+        ),
+        StudySpecError,
+        r"models\[0\]: unknown model 'flux-digitz'; did you mean the testbed model 'flux-digits'\?",
+    ),
+    (
+        "study unknown diffusers method",
+        lambda t: plan(load_spec(study_spec(t, BASE_STUDY + '[[strategies]]\nstrategy = "diffusers.fora"\n'))),
+        StudySpecError,
+        r"unknown diffusers method 'diffusers\.fora'; known: diffusers\.first_block_cache",
+    ),
+    (
+        "study name taken twice",
+        lambda t: plan(
+            load_spec(
+                study_spec(
+                    t,
+                    BASE_STUDY
+                    + '[[strategies]]\nstrategy = "uniform"\nname = "a"\n'
+                    + '[[strategies]]\nstrategy = "teacache"\nname = "a"\n',
+                )
+            )
+        ),
+        StudySpecError,
+        r"strategies\[1\]: the name 'a' is already taken",
+    ),
+    (
+        "study setting twice",
+        lambda t: plan(
+            load_spec(
+                study_spec(
+                    t, BASE_STUDY + '[[strategies]]\nstrategy = "uniform"\n[[strategies]]\nstrategy = "uniform"\n'
+                )
+            )
+        ),
+        StudySpecError,
+        r"strategies\[1\]: the setting uniform #2 appears twice",
+    ),
+    (
+        "study spec not toml",
+        lambda t: load_spec(study_spec(t, "models = [")),
+        StudySpecError,
+        r"invalid study spec .*spec\.toml",
+    ),
+    (
+        "study spec unknown name",
+        lambda t: load_spec("defualt"),
+        StudySpecError,
+        r"'defualt' is neither a \.toml/\.json study spec nor a shipped spec \(default\)",
+    ),
+    (
+        "study setting that cannot run on the model",
+        lambda t: run_spec(t, '[[strategies]]\nstrategy = "teacache"\n'),
+        StudySpecError,
+        r"teacache cannot run on flux-digits: no TeaCache preset fits",
+    ),
+    (
+        "study report of no database",
+        lambda t: write_report(t / "nothing.sqlite"),
+        StoreError,
+        r"no results database at .*nothing\.sqlite: run `cachekit study run`",
+    ),
+    (
+        "study database not writable",
+        lambda t: ResultStore("/proc/cachekit.sqlite"),
+        StoreError,
+        r"cannot use /proc/cachekit\.sqlite as a results database",
+    ),
+    (
+        "calibration order above the samples",
+        lambda t: CalibrationSpec(model="flux-digits", labels=[1], steps=3, order=4),
+        V,
+        r"order 4 needs more than 4 samples; seeds x conditions x \(steps - 1\) gives 2",
+    ),
+    (
+        "calibration held-out seeds",
+        lambda t: CalibrationSpec(model="flux-digits", labels=[1], seeds=[0], held_out_seeds=[0]),
+        V,
+        r"held_out_seeds \[0\] are also calibration seeds",
+    ),
+    (
+        "calibration without conditions",
+        lambda t: CalibrationSpec(model="flux-digits"),
+        V,
+        r"give labels \(testbed models\) or prompts",
+    ),
+    (
+        "tune ratio 0",
+        lambda t: check_target({"strategy": "teacache"}, ratio=0),
+        ValueError,
+        r"computed share must be in \(0, 1\], got 0",
+    ),
+    (
+        "a primary metric that is not installed",
+        lambda t: metrics_for([], "psnx"),
+        MetricError,
+        r"unknown metric 'psnx'; installed metrics: .*psnr",
+    ),
+    (
+        "tune a strategy without knob",
+        lambda t: check_target({"strategy": "pab"}),
+        ValueError,
+        r"strategy 'pab' declares no knob to tune; strategies with one: easycache, fbcache, magcache, seacache, "
+        "taylorseer, teacache, uniform",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "error", "message"), [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_bad_input_is_named(tmp_path, fresh_registry, make, error, message):
+    with pytest.raises(error, match=rf"(?s){message}"):
+        make(tmp_path)
+
+
+def test_the_table_keeps_its_cases():
+    assert len(CASES) >= 15  # the table the bad-input tests were split from held 77 cases in all
+
+
+def test_cli_reports_mistakes_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    spec = tmp_path / "calibration.toml"
+    spec.write_text('model = "flux-digits"\nlabels = [1]\nsteps = 4\norder = 2\n')
+    cases = [
+        (["tune", str(spec), "--strategy", "not json", "--ratio", "0.4"], r"--strategy: not valid JSON"),
+        (
+            ["tune", str(spec), "--strategy", '{"strategy": "teacache"}', "--ratio", "0"],
+            r"cachekit: error: the computed share must be in \(0, 1\], got 0\.0",
+        ),
+        (["study", "report", str(tmp_path / "none.sqlite")], r"cachekit: error: no results database at"),
+        (["study", "run", str(tmp_path / "nope.toml")], r"cachekit: error: .*nope\.toml: cannot read it"),
+    ]
+    for arguments, message in cases:
+        result = subprocess.run(
+            [sys.executable, "-m", "cachekit", *arguments], cwd=tmp_path, capture_output=True, text=True
+        )
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert __import__("re").search(message, result.stderr), result.stderr
+    assert not (tmp_path / "none.sqlite").exists()  # a report never creates the database it reads
+    version = subprocess.run(
+        [sys.executable, "-m", "cachekit", "--version"], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert version.stdout.startswith("cachekit ")
+    json.dumps(version.stdout)
