@@ -205,9 +205,9 @@ def test_adapter_provides_every_point_it_does_not_declare_missing(adapter_name):
     seen = _signals(adapter, model)
     if adapter.provides(PROBE):
         assert seen["probe"].ndim == 3 and torch.isfinite(seen["probe"]).all()  # batch, tokens, channels
-    for point in (TIMESTEP_EMBEDDING, PROJECTED_TIMESTEP_EMBEDDING):
-        if adapter.provides(point):
-            assert isinstance(seen[point], torch.Tensor) and torch.isfinite(seen[point]).all()
+    for signal in (TIMESTEP_EMBEDDING, PROJECTED_TIMESTEP_EMBEDDING):
+        if adapter.provides(signal):
+            assert isinstance(seen[signal], torch.Tensor) and torch.isfinite(seen[signal]).all()
     torch.testing.assert_close(seen["timestep"], torch.tensor(500.0))
 
 

@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import ROOT, TESTS
@@ -156,46 +158,8 @@ def test_a_plugin_author_runs_the_shipped_conformance_matrix_without_a_checkout(
     assert re.search(r"\b[1-9]\d* passed", result.stdout) and "failed" not in result.stdout
 
 
-EVERY_FOURTH_CONFIG = '''
-from typing import Literal
-
-from pydantic import Field
-
-from cachekit.schemas.configs import StrategyConfig
-
-
-class EveryFourthConfig(StrategyConfig):
-    """Compute every fourth step."""
-
-    strategy: Literal["every_fourth"] = "every_fourth"
-    offset: int = Field(default=0, ge=0, le=3)
-'''
-
-EVERY_FOURTH = """
-from cachekit.adapter import Place
-from cachekit.hookspecs import hookimpl
-from cachekit.schemas import EveryFourthConfig
-from cachekit.strategy import ExampleConfigs, Knob, Strategy
-
-
-class EveryFourth(Strategy[EveryFourthConfig]):
-    config_class = EveryFourthConfig
-    knob = Knob("offset", integer=True)
-    requires = frozenset({Place.SPAN})
-    rank_consistent = True
-
-    @classmethod
-    def example_configs(cls):
-        return ExampleConfigs(never_reuses=EveryFourthConfig(offset=0), reuses=EveryFourthConfig(offset=1))
-
-    def decide_span(self, step, signals, state):
-        return self.config.offset == 0 or step.index % 4 == self.config.offset - 1 or step.index == 0
-
-
-@hookimpl
-def cachekit_register_strategies(register):
-    register(EveryFourth)
-"""
+#: A method as the two files docs/plugins.md shows: its config and its strategy.
+EVERY_FOURTH = TESTS / "data" / "every_fourth"
 
 
 def test_a_built_in_method_is_one_strategy_module_and_one_schema_module(tmp_path, monkeypatch, request):
@@ -209,18 +173,13 @@ def test_a_built_in_method_is_one_strategy_module_and_one_schema_module(tmp_path
     from cachekit import conformance
     from cachekit import registry as registry_module
 
-    for package, name, code in [
-        (cachekit.schemas, "every_fourth_schema", EVERY_FOURTH_CONFIG),
-        (cachekit.strategies, "every_fourth", EVERY_FOURTH),
-    ]:
-        folder = tmp_path / package.__name__.rsplit(".", 1)[-1]
-        folder.mkdir()
-        (folder / f"{name}.py").write_text(code)
+    for package in (cachekit.schemas, cachekit.strategies):
+        folder = EVERY_FOURTH / package.__name__.rsplit(".", 1)[-1]
         monkeypatch.setattr(package, "__path__", [*package.__path__, str(folder)])
 
     @request.addfinalizer
     def forget() -> None:  # the method is gone again after the test
-        for module in ("cachekit.schemas.every_fourth_schema", "cachekit.strategies.every_fourth"):
+        for module in ("cachekit.schemas.every_fourth", "cachekit.strategies.every_fourth"):
             sys.modules.pop(module, None)
         vars(cachekit.schemas).pop("EveryFourthConfig", None)
 
@@ -236,8 +195,20 @@ def test_a_built_in_method_is_one_strategy_module_and_one_schema_module(tmp_path
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import context_parallel
     import gpu
-    import test_compile
+
+    test_compile = _module(TESTS / "runtime" / "test_compile.py")
 
     assert "every_fourth" in test_compile.compiled_configs() and "every_fourth" in context_parallel.strategies()
     assert "every_fourth" in gpu.strategies()
     assert cachekit.get_strategy("every_fourth").knob.field == "offset"  # what `cachekit tune` searches
+
+
+def _module(path: Path) -> Any:
+    """A test module by its path (the test folders are not packages)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_loaded_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
