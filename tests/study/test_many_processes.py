@@ -114,6 +114,7 @@ def alone(tmp_path_factory) -> tuple[Path, dict[tuple, tuple]]:
     return spec, measured(folder / "one.sqlite")
 
 
+@pytest.mark.slow
 def test_a_torchrun_study_runs_each_share_once_and_equals_one_process(alone, tmp_path):
     spec, expected = alone
     out = torchrun("study", "run", spec, "--db", tmp_path / "two.sqlite", "--quiet", "--report", cwd=tmp_path)
@@ -171,6 +172,7 @@ def test_a_calibration_over_two_processes_fits_what_one_process_fits(tmp_path):
     assert first == second
 
 
+@pytest.mark.slow
 def test_a_study_of_context_parallel_generations_decides_as_one_process(alone, tmp_path):
     """ulysses = 2 on two processes: one context group splits every generation of the study."""
     spec, expected = alone
