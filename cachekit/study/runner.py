@@ -39,7 +39,7 @@ from cachekit.study.diffusers_methods import apply_diffusers_method
 from cachekit.study.metrics import Metrics
 from cachekit.study.models import StudyModel, load_model, on_device, skeleton
 from cachekit.study.plan import Cell, Plan, Setting, StudySpecError, plan
-from cachekit.study.store import Merged, ResultStore, StoreError
+from cachekit.study.store import Merged, ResultStore, StoreError, protocol_differences
 from cachekit.study.workers import Workers, join
 
 
@@ -97,24 +97,45 @@ def process_db(db: str | Path, rank: int) -> Path:
 
 
 def merge(db: str | Path, sources: list[Path], fresh_study: str | None = None) -> dict[Path, Merged]:
-    """Gather the cells of `sources` into `db` (the first result of a cell stays)."""
+    """Gather the cells of `sources` into `db` (the first result of a cell stays). Every source's
+    protocols are checked against `db`'s and each other's before anything is merged."""
     missing = [str(source) for source in sources if not Path(source).is_file()]
     if missing:
         raise StoreError(f"nothing to merge from {', '.join(missing)}: no such database")
+    resolved = [Path(source).resolve() for source in sources]
+    if Path(db).resolve() in resolved:
+        raise StoreError(f"cannot merge {db} into itself: give the databases to take cells from, other than {db}")
+    twice = sorted({str(source) for source, path in zip(sources, resolved, strict=True) if resolved.count(path) > 1})
+    if twice:
+        raise StoreError(f"{', '.join(twice)} given more than once: give each database to merge once")
     target = ResultStore(db)
+    opened: list[ResultStore] = []
     try:
         if fresh_study is not None:
             target.clear(fresh_study)
-        merged = {}
-        for source in sources:
-            other = ResultStore(source, create=False)
-            try:
-                merged[Path(source)] = target.merge(other)
-            finally:
-                other.close()
-        return merged
+        opened = [ResultStore(source, create=False) for source in sources]
+        _check_protocols(target, sources, opened)
+        return {Path(source): target.merge(other) for source, other in zip(sources, opened, strict=True)}
     finally:
-        target.close()
+        for store in [target, *opened]:
+            store.close()
+
+
+def _check_protocols(target: ResultStore, sources: list[Path], opened: list[ResultStore]) -> None:
+    """Refuse a merge whose sources measured a study under another protocol than `target` or
+    than each other, before any cell moves."""
+    seen = {study: (str(target.path), protocol) for study, protocol in target.protocols().items()}
+    for source, store in zip(sources, opened, strict=True):
+        for study, protocol in store.protocols().items():
+            where, recorded = seen.get(study, (str(source), {}))
+            differences = protocol_differences(recorded, protocol)
+            if differences:
+                raise StoreError(
+                    f"{source} measured study {study!r} under another protocol than {where} ({differences}): "
+                    "nothing was merged; merge only databases of one protocol (merge the others into another "
+                    "database)"
+                )
+            seen[study] = (where, {**recorded, **protocol})
 
 
 def _run_share(

@@ -140,6 +140,10 @@ class ResultStore:
         query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
         return self._db.execute(query, (name,)).fetchone() is not None
 
+    def protocols(self) -> dict[str, dict[str, Any]]:
+        """The recorded protocol of each study, per model."""
+        return {study: json.loads(text) for study, text in self._db.execute("SELECT study, protocol FROM protocols")}
+
     def check_protocol(self, study: str, protocol: dict[str, Any]) -> None:
         """Record the protocol of `study`'s cells per model, or refuse one that differs from the
         recorded one for a model both know (a model new to the study is added)."""
@@ -147,15 +151,8 @@ class ResultStore:
             self._db.execute("BEGIN IMMEDIATE")
             found = self._db.execute("SELECT protocol FROM protocols WHERE study = ?", (study,)).fetchone()
             recorded = json.loads(found[0]) if found else {}
-            changed = {
-                f"{model}: {key}": (recorded[model].get(key), value)
-                for model, fields in protocol.items()
-                if model in recorded
-                for key, value in fields.items()
-                if recorded[model].get(key) != value
-            }
-            if changed:
-                differences = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in sorted(changed.items()))
+            differences = protocol_differences(recorded, protocol)
+            if differences:
                 raise StoreError(
                     f"{self.path} holds study {study!r} measured under another protocol ({differences}): its cells "
                     "cannot be mixed with new ones; run with --fresh to recompute them, or give another --db or "
@@ -246,14 +243,17 @@ class ResultStore:
         return load_file(path)["output"], found["latency_s"]
 
     def merge(self, other: ResultStore) -> Merged:
-        """Add the cells of `other` (a database of one process's cells) that this one lacks, with
-        their files; a study recorded here under another protocol is refused."""
+        """Add the cells and runs of `other` (a database of one process's cells) that this one
+        lacks, with their files. Protocols are the caller's to check first (`runner.merge` checks
+        every source before merging any): a study recorded here under another one is refused."""
         added = duplicates = 0
-        for study, text in other._db.execute("SELECT study, protocol FROM protocols").fetchall():
-            self.check_protocol(study, json.loads(text))
+        for study, protocol in other.protocols().items():
+            self.check_protocol(study, protocol)
         with self._db:
             for run in other._db.execute("SELECT * FROM runs ORDER BY rowid").fetchall():
-                self._db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?)", tuple(run))
+                same = " AND ".join(f"{name} = ?" for name in run.keys())
+                if self._db.execute(f"SELECT 1 FROM runs WHERE {same}", tuple(run)).fetchone() is None:
+                    self._db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?)", tuple(run))
         with self._staging() as staging:
             for row in other._db.execute("SELECT * FROM cells ORDER BY rowid").fetchall():
                 row = dict(row)
@@ -292,6 +292,18 @@ class ResultStore:
                     (self.samples / name).unlink(missing_ok=True)
             for table in ("cells", "protocols", "runs"):
                 self._db.execute(f"DELETE FROM {table} WHERE study = ?", (study,))
+
+
+def protocol_differences(recorded: dict[str, Any], protocol: dict[str, Any]) -> str:
+    """What differs between two protocols (per model) for the models both know; "" when nothing."""
+    changed = {
+        f"{model}: {key}": (recorded[model].get(key), value)
+        for model, fields in protocol.items()
+        if model in recorded
+        for key, value in fields.items()
+        if recorded[model].get(key) != value
+    }
+    return ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in sorted(changed.items()))
 
 
 def sample_stem(study: str, model: str, label: str, seed: int, condition: str) -> str:
