@@ -21,7 +21,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
 
 from cachekit.adapter import Adapter, CallSignal, OutputSite, Streams
-from cachekit.errors import ConcurrentUseError, RankDivergenceError, StrategyError
+from cachekit.errors import AlreadyAttachedError, ConcurrentUseError, RankDivergenceError, StrategyError
 from cachekit.estimator import Kept
 from cachekit.runtime.placement import context_parallel_group
 from cachekit.signals import read, reduced_over
@@ -113,6 +113,13 @@ class Frames:
 
     def _begin(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], context: Any) -> Call:
         adapter, tracker = self.adapter, self.tracker
+        enabled = getattr(self.model, "_cache_config", None)
+        if enabled is not None:
+            raise AlreadyAttachedError(
+                f"{type(self.model).__name__} had diffusers' {type(enabled).__name__} enabled (enable_cache) after "
+                "cachekit.apply: two caches would skip on top of each other; call its disable_cache() to keep "
+                "cachekit's, or handle.remove() to keep diffusers'"
+            )
         timestep = functools.partial(adapter.step_of, args, kwargs)  # read only where the pipeline gives no step
         sample = adapter.latent_input(args, kwargs)
         thread = threading.get_ident()

@@ -297,3 +297,21 @@ def test_easycache_computes_after_a_nan_instead_of_handing_it_out():
     schedule = handle.stats.last.branches[0].span_schedule
     assert schedule[4] and all(schedule[5:])  # the NaN's step computes; so do the ones its NaN rate follows
     assert all(torch.isfinite(output).all() for index, output in enumerate(outputs) if index != 4)
+
+
+def test_diffusers_cache_enabled_after_apply_is_refused_at_the_next_call():
+    from diffusers import FirstBlockCacheConfig
+
+    model = tiny_flux_transformer()
+    with cachekit.apply(model, UniformConfig(num_inference_steps=4)) as handle:
+        model(**flux_inputs(timestep=1.0))
+        model.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+        with pytest.raises(
+            cachekit.errors.AlreadyAttachedError,
+            match=r"had diffusers' FirstBlockCacheConfig enabled \(enable_cache\) after cachekit\.apply: two caches "
+            r"would skip on top of each other; call its disable_cache\(\) to keep cachekit's",
+        ):
+            model(**flux_inputs(timestep=0.75))
+        model.disable_cache()
+        model(**flux_inputs(timestep=0.75))  # cachekit's alone again
+    assert handle.stats.last.branches[0].calls == 2
