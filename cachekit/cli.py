@@ -65,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     laid_out = study.add_parser("export", help="lay the samples out per setting, as VBench and other tools read them")
     laid_out.add_argument("db", type=Path)
     laid_out.add_argument("--out", type=Path, help="folder (default: beside the database, <db>-export)")
+    laid_out.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     laid_out.add_argument("--study", help="which study in the database (default: the latest)")
     report = study.add_parser("report", help="write the Markdown report of a results database")
     report.add_argument("db", type=Path)
@@ -118,7 +119,7 @@ def _main(argv: list[str] | None) -> None:
         from cachekit.study.export import export
 
         out = args.out or args.db.with_name(f"{args.db.stem}-export")
-        print(f"samples: {out} (index: {export(args.db, out, args.study)})")
+        print(f"samples: {out} (index: {export(args.db, out, args.study, args.overwrite)})")
     else:
         from cachekit.study import write_report
 

@@ -21,10 +21,11 @@ IMAGE, VIDEO, TENSOR = ".png", ".mp4", ".safetensors"
 
 
 def slug(text: str, limit: int = 80) -> str:
-    """`text` as one file or folder name: spaces as underscores, nothing a file system refuses."""
+    """`text` as one file or folder name: spaces as underscores, nothing a file system refuses, at
+    most `limit` bytes (file systems count bytes: 80 CJK characters are 240)."""
     name = re.sub(r"\s+", "_", text.strip())
     name = re.sub(r"[^\w.=+@,-]", "-", name).strip(".") or "-"
-    return name[:limit]
+    return name.encode()[:limit].decode(errors="ignore")
 
 
 def model_slug(model: str) -> str:
