@@ -260,6 +260,11 @@ def make_config(config: StrategyConfig | Mapping[str, Any] | str | os.PathLike[s
         return _with_registered_estimator(config)
     if isinstance(config, os.PathLike) or (isinstance(config, str) and config.endswith((".json", ".toml"))):
         return make_config(_read_config_file(Path(config)))
+    if isinstance(config, str) and (Path(config).suffix or os.sep in config):
+        raise UnknownStrategyError(
+            f"{config!r} is neither a strategy name nor a config file cachekit reads: give a .json or .toml file, "
+            f"or a strategy name ({', '.join(list_strategies())})"
+        )
     if isinstance(config, str):
         return make_config(get_strategy(config).config_class.model_validate({"strategy": config}))
     if isinstance(config, Mapping):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from cachekit.schemas.checked import Checked
 
 #: The places and built-in signals an adapter may declare missing (a signal of its own it declares
 #: given, in `signals`).
@@ -19,7 +21,7 @@ PointName = Literal[
 AttentionKind = Literal["spatial", "temporal", "cross"]
 
 
-class _Spec(BaseModel):
+class _Spec(Checked):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 

@@ -77,4 +77,9 @@ def parse_estimator(value: Any) -> Any:
             raise ValueError(f"an estimator needs a 'kind'; built-in kinds: {', '.join(BUILT_IN_ESTIMATORS)}")
         config = BUILT_IN_ESTIMATORS.get(value["kind"], PluginEstimatorConfig)
         return config.model_validate(value)
+    if not isinstance(value, EstimatorConfig):
+        raise ValueError(
+            f"an estimator is a kind name, a dict with a 'kind' or an estimator config, got {value!r}; built-in "
+            f"kinds: {', '.join(BUILT_IN_ESTIMATORS)} (plugins add others: `cachekit list`)"
+        )
     return value

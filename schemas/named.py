@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
+
+from cachekit.schemas.checked import Checked
 
 
-class NamedConfig(BaseModel):
+class NamedConfig(Checked):
     """Unknown fields are rejected, values are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import warnings
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, model_validator
 
+from cachekit.schemas.checked import Checked
 from cachekit.schemas.configs import StrategyConfig
 
 __all__ = [
@@ -21,7 +22,7 @@ __all__ = [
 ]
 
 
-class Broadcast(BaseModel):
+class Broadcast(Checked):
     """Recompute a module every `range`-th call and reuse its output in between, but only while
     the timestep is strictly inside `window`; outside it, always compute."""
 
@@ -59,7 +60,7 @@ class MLPBroadcast(Broadcast):
         return self
 
 
-class MLPBroadcastAt(BaseModel):
+class MLPBroadcastAt(Checked):
     """Broadcast the MLP output of the chosen blocks as VideoSys does: at a call whose timestep is
     one of `timesteps` the MLP computes and its output is kept; the next `skip` calls reuse it. A
     listed timestep the schedule never reaches (within half a timestep) does nothing."""

@@ -11,12 +11,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from cachekit.schemas.checked import Checked
 from cachekit.schemas.files import SUFFIXES, parse_table, read_table
 
 
-class Preset(BaseModel):
+class Preset(Checked):
     """Fields every kind of preset shares: the model it belongs to and how it is picked."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)

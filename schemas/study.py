@@ -19,10 +19,12 @@ import itertools
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from cachekit.schemas.checked import Checked
 
 
-class StrategyEntry(BaseModel):
+class StrategyEntry(Checked):
     """One strategy of a study (a cachekit strategy, or a diffusers method as ``diffusers.<name>``),
     with the fields it sweeps; `name` names the method in reports (default: the strategy, and
     the estimator where it is not the strategy's own)."""
@@ -63,7 +65,7 @@ class StrategyEntry(BaseModel):
         ]
 
 
-class ContextParallel(BaseModel):
+class ContextParallel(Checked):
     """Split each generation's sequence over `ulysses` x `ring` processes with diffusers' context
     parallelism (for models too big or too slow for one GPU); the processes of a `torchrun` launch
     form (data x context) groups: each context group generates its share of the cells together."""
@@ -88,7 +90,7 @@ class ContextParallel(BaseModel):
 Device = Annotated[str, Field(pattern=r"^(cpu|cuda(:\d+)?)$")]
 
 
-class PipelineSettings(BaseModel):
+class PipelineSettings(Checked):
     """How a model is called: set for every model of a study at the top level, or per model.
 
     `height`, `width` and `frames` set at the top level apply to the models whose pipeline takes

@@ -65,9 +65,7 @@ def export(db: str | Path, out: str | Path, study: str | None = None, overwrite:
     out = Path(out)
     _prepare(out, overwrite)
     models = unique_names((row["model"] for row in rows), model_slug)
-    labels = {
-        model: unique_names((row["label"] for row in rows if row["model"] == model), slug) for model in models
-    }
+    labels = {model: unique_names((row["label"] for row in rows if row["model"] == model), slug) for model in models}
     prompts = unique_names((row["condition"] for row in rows), prompt_name)
     planned = runs[-1]["spec"]["seeds"] if runs else []
     seeds = [*planned, *sorted({row["seed"] for row in rows} - set(planned))]

@@ -251,7 +251,7 @@ class ResultStore:
             self.check_protocol(study, protocol)
         with self._db:
             for run in other._db.execute("SELECT * FROM runs ORDER BY rowid").fetchall():
-                same = " AND ".join(f"{name} = ?" for name in run.keys())
+                same = " AND ".join(f"{name} = ?" for name in run.keys())  # noqa: SIM118 (a Row iterates its values)
                 if self._db.execute(f"SELECT 1 FROM runs WHERE {same}", tuple(run)).fetchone() is None:
                     self._db.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?)", tuple(run))
         with self._staging() as staging:

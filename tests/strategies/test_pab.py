@@ -142,7 +142,7 @@ def test_pab_with_ranges_of_one_is_exact(flux_pipe):
         ({"cross": {"range": 2, "window": (800, 100)}}, r"cross\n.*0 <= low < high"),
         ({"mlp": {"range": 2, "blocks": ()}}, r"mlp\.MLPBroadcast\.blocks\n.*at least 1 item"),
         ({"mlp": {"range": 2, "blocks": (-1,)}}, r"mlp\.MLPBroadcast\n.*block indices >= 0"),
-        ({"temporal": {"range": 2, "every": 3}}, r"temporal\.every\n.*Extra inputs"),
+        ({"temporal": {"range": 2, "every": 3}}, r"temporal\.every\n  unknown field; Broadcast takes: range, window"),
     ],
 )
 def test_bad_pab_configs_name_the_field(fields, message):

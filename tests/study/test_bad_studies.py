@@ -138,6 +138,20 @@ CASES = [
         r"models\[0\]: unknown model 'flux-digitz'; did you mean the testbed model 'flux-digits'\?",
     ),
     (
+        "study field typo",
+        lambda t: load_spec(study_spec(t, BASE_STUDY + 'negative_promt = "blurry"\n')),
+        StudySpecError,
+        r"negative_promt\n  unknown field \(did you mean 'negative_prompt'\?\); StudySpec takes: .*negative_prompt",
+    ),
+    (
+        "study strategy field typo",
+        lambda t: plan(
+            load_spec(study_spec(t, BASE_STUDY + '[[strategies]]\nstrategy = "teacache"\nthreshold = 0.1\n'))
+        ),
+        StudySpecError,
+        r"threshold\n  unknown field \(did you mean 'rel_l1_thresh'\?\); TeaCacheConfig takes: ",
+    ),
+    (
         "study unknown diffusers method",
         lambda t: plan(load_spec(study_spec(t, BASE_STUDY + '[[strategies]]\nstrategy = "diffusers.fora"\n'))),
         StudySpecError,

@@ -20,8 +20,16 @@ def database(path):
     settings = [("uncached", "uncached"), ("{}", LONG_LABEL + " a"), ('{"b": 1}', LONG_LABEL + " b")]
     for value, (setting, label) in enumerate(settings):
         for number, condition in enumerate([LONG_PROMPT + "cat", LONG_PROMPT + "dog", "短い" * 60 + "猫"]):
-            row = {"study": "s", "model": "org/flux", "setting": setting, "seed": 0, "condition": condition,
-                   "label": label, "strategy": "x", "latency_s": 1.0}
+            row = {
+                "study": "s",
+                "model": "org/flux",
+                "setting": setting,
+                "seed": 0,
+                "condition": condition,
+                "label": label,
+                "strategy": "x",
+                "latency_s": 1.0,
+            }
             store.add(row, torch.full((1, 3, 4, 4), value / 3 + number / 10))
     store.close()
     return path

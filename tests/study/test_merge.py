@@ -14,8 +14,16 @@ def database(path, steps=4, cells=2, study="s"):
     store.check_protocol(study, {"flux-digits": {"steps": steps}})
     store.record_run(study, {"name": study, "steps": steps}, cells, {"torch": "x"})
     for seed in range(cells):
-        row = {"study": study, "model": "flux-digits", "setting": "uncached", "seed": seed, "condition": "c",
-               "label": "uncached", "strategy": "uncached", "latency_s": 1.0}
+        row = {
+            "study": study,
+            "model": "flux-digits",
+            "setting": "uncached",
+            "seed": seed,
+            "condition": "c",
+            "label": "uncached",
+            "strategy": "uncached",
+            "latency_s": 1.0,
+        }
         store.add(row, torch.full((1, 3, 4, 4), float(seed)))
     store.close()
     return path
