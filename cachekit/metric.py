@@ -25,6 +25,10 @@ class MetricError(CachekitError, ValueError):
     """A metric that is not installed, cannot run on this machine, or got options it does not take."""
 
 
+class MetricWarning(UserWarning):
+    """A metric failed on a sample or returned no number: its value is left empty, the cell kept."""
+
+
 class MetricSkipped(Exception):
     """Raised by a metric for a sample it cannot score (too small, wrong channels); says why."""
 

@@ -5,12 +5,16 @@ installed metric that can run here."""
 from __future__ import annotations
 
 import inspect
+import numbers
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from cachekit import registry as registries
-from cachekit.metric import Metric, MetricError, MetricSkipped, Sample
+from cachekit.metric import Metric, MetricError, MetricSkipped, MetricWarning, Sample
 from cachekit.study.store import COLUMNS
 
 #: The primary metric where a spec names none.
@@ -23,18 +27,56 @@ class Metrics:
 
     active: list[Metric]
     skipped: dict[str, str] = field(default_factory=dict)
+    failed: set[str] = field(default_factory=set)  # metrics that failed on a sample (warned once each)
 
     def score(self, sample: Sample) -> tuple[dict[str, float | None], list[str]]:
-        """Every active metric's value (None where a metric skipped the sample) and notes."""
+        """Every active metric's value and notes. A metric that skips the sample, fails on it or
+        returns no number gets None and a note: the cell (its generation) is kept either way."""
         values: dict[str, float | None] = {}
         notes = [f"{name} skipped: {reason}" for name, reason in self.skipped.items()]
         for metric in self.active:
+            values[metric.name] = None
             try:
-                values[metric.name] = float(metric(sample))
+                value = metric(sample)
             except MetricSkipped as why:
-                values[metric.name] = None
                 notes.append(f"{metric.name} skipped: {why}")
+                continue
+            except Exception as error:  # a plugin's bug must not cost the generation it scores
+                notes.append(self._failed(metric.name, f"raised {type(error).__name__}: {error}"))
+                continue
+            number = _number(value)
+            if number is None:
+                shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+                notes.append(
+                    self._failed(
+                        metric.name,
+                        f"returned {shown} ({type(value).__name__}); a metric returns a number (a float, or a "
+                        "one-element tensor) or raises MetricSkipped",
+                    )
+                )
+                continue
+            values[metric.name] = number
         return values, notes
+
+    def _failed(self, name: str, what: str) -> str:
+        note = f"metric {name!r} {what}"
+        if name not in self.failed:
+            self.failed.add(name)
+            warnings.warn(
+                f"{note}; its value is left empty and the cell kept (later failures are in the cells' notes)",
+                MetricWarning,
+                stacklevel=3,
+            )
+        return note
+
+
+def _number(value: Any) -> float | None:
+    """`value` as a float where it is a number (not a bool or a string), else None."""
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().reshape(()).item()) if value.numel() == 1 else None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 def metrics_for(entries: Sequence[str | dict[str, Any]] | None, primary: str = DEFAULT_PRIMARY) -> Metrics:

@@ -4,7 +4,9 @@ for and cannot compute. Values are checked against computations written here."""
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import cachekit
-from cachekit.metric import Metric, MetricError, Sample
+from cachekit.metric import Metric, MetricError, MetricWarning, Sample
 from cachekit.study import StudySpecError, load_spec, plan, run_study
 from cachekit.study.metrics import metrics_for
 from cachekit.study.store import ResultStore
@@ -260,3 +262,48 @@ def test_tune_bounds_a_lower_is_better_primary_from_above(distance):
     assert result.metric == "distance" and result.trials[0].quality == 0.0  # interval 1: exact
     assert result.met and result.chosen.quality <= 0.01
     assert all(t.quality > 0.01 for t in result.trials if t.computed < result.chosen.computed)
+
+
+class Wayward(Metric):
+    """A plugin metric with a bug: raises on cached cells, returns what is not a number on others."""
+
+    name = "wayward"
+    returns: object = None
+
+    def __call__(self, sample: Sample) -> float:
+        if not torch.equal(sample.output, sample.reference):
+            raise ZeroDivisionError("division by zero")
+        return self.returns  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    ("returns", "described"),
+    [
+        ("0.5", r"returned '0\.5' \(str\)"),
+        (None, r"returned None \(NoneType\)"),
+        (torch.ones(2), r"returned tensor\(\[1\., 1\.\]\) \(Tensor\)"),
+    ],
+)
+def test_a_metric_that_fails_or_returns_no_number_is_named_and_the_cells_kept(
+    tmp_path, fresh_registry, returns, described
+):
+    Wayward.returns = returns
+
+    class Plugin:
+        @cachekit.hookimpl
+        def cachekit_register_metrics(self, register):
+            register(Wayward)
+
+    cachekit.register_plugin(Plugin(), "wayward-metric")
+    with pytest.warns(MetricWarning) as warned:
+        db = run_study(load_spec(spec_file(tmp_path, 'metrics = ["wayward"]')), tmp_path / "r.sqlite", progress=False)
+    messages = [str(warning.message) for warning in warned if warning.category is MetricWarning]
+    assert len(messages) == 1 and re.match(rf"metric 'wayward' {described}; a metric returns a number", messages[0])
+    rows = {row["setting"]: row for row in ResultStore(db).rows("metrics")}
+    assert len(rows) == 2 and all(row["metrics"]["wayward"] is None for row in rows.values())
+    cached = next(row for setting, row in rows.items() if setting != "uncached")
+    assert (
+        cached["metrics"]["psnr"] > 0 and Path(db).with_suffix(".samples").joinpath(cached["sample"] + ".png").is_file()
+    )
+    assert "metric 'wayward' raised ZeroDivisionError: division by zero" in json.loads(cached["notes"])
+    assert any(re.match(rf"metric 'wayward' {described}", note) for note in json.loads(rows["uncached"]["notes"]))
