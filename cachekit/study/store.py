@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import tempfile
 import time
@@ -71,6 +72,7 @@ COLUMNS = {
     "sample": "TEXT",  # where its output lies, relative to the samples folder, without suffix
     "files": "TEXT",  # JSON list of its files (PNG/MP4, safetensors), relative to the samples folder
 }
+PARTIAL = ".partial"  # the samples folder's staging area
 KEY = ("study", "model", "setting", "seed", "condition")
 UNCACHED = "uncached"  # the setting (and label) of the reference cells
 
@@ -96,6 +98,7 @@ class ResultStore:
         self._db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, nor it them
         self._create_tables()
         self._move_blob_references()
+        self._remove_abandoned_staging()
 
     @property
     def samples(self) -> Path:
@@ -199,15 +202,33 @@ class ResultStore:
             written = []
             if output is not None:
                 keep_tensor = tensor or row["setting"] == UNCACHED
-                written = write_sample(output, Path(staging) / "sample", fps, keep_tensor)
+                try:
+                    written = write_sample(output, Path(staging) / "sample", fps, keep_tensor)
+                except OSError as error:
+                    raise StoreError(
+                        f"cannot write the output of {row['model']} {row['label']!r} seed={row['seed']} "
+                        f"{row['condition']!r} into {self.samples}: {error.strerror or error}; the cells finished "
+                        "before it are kept: free space (or fix the folder) and run again to go on"
+                    ) from None
             return self._insert(row, {path.name.removeprefix("sample"): path for path in written})
 
     def _staging(self) -> tempfile.TemporaryDirectory[str]:
         """A folder of its own in the samples folder (so files move into place without a copy),
-        for files written before their row's transaction; removed with what was not moved."""
-        parent = self.samples / ".partial"
+        for files written before their row's transaction; removed with what was not moved. Its
+        name says which process made it, so a killed writer's folder is removed later
+        (`_remove_abandoned_staging`)."""
+        parent = self.samples / PARTIAL
         parent.mkdir(parents=True, exist_ok=True)
-        return tempfile.TemporaryDirectory(dir=parent, ignore_cleanup_errors=True)
+        return tempfile.TemporaryDirectory(dir=parent, prefix=f"{_this_process()}-", ignore_cleanup_errors=True)
+
+    def _remove_abandoned_staging(self) -> None:
+        """Remove the staging folders of writers on this machine that are no longer running."""
+        parent = self.samples / PARTIAL
+        host = socket.gethostname()
+        for folder in parent.glob(f"{host}-*-*") if parent.is_dir() else []:
+            pid = folder.name.removeprefix(f"{host}-").split("-")[0]
+            if pid.isdigit() and not _running(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _insert(self, row: dict[str, Any], staged: dict[str, Path]) -> bool:
         """Insert the row; its files (`staged`, by what follows the stem: ".png", "-0.mp4", ...)
@@ -237,10 +258,22 @@ class ResultStore:
             "AND setting = ?"
         )
         found = self._db.execute(query, (study, model, seed, condition, UNCACHED)).fetchone()
-        path = self.samples / f"{found['sample']}{TENSOR}" if found is not None and found["sample"] else None
-        if path is None or not path.is_file():
-            raise LookupError(f"no uncached reference for {model} seed={seed} {condition!r} in study {study!r}")
-        return load_file(path)["output"], found["latency_s"]
+        cell = f"{model} seed={seed} {condition!r} in study {study!r}"
+        if found is None or not found["sample"]:
+            raise StoreError(f"no uncached reference for {cell} in {self.path}: run with --fresh to compute it")
+        path = self.samples / f"{found['sample']}{TENSOR}"
+        if not path.is_file():
+            raise StoreError(
+                f"the uncached reference for {cell} was recorded, but its file {path} is gone (the samples folder "
+                "moved or was deleted?): put it back, or run with --fresh to recompute the study"
+            )
+        try:
+            return load_file(path)["output"], found["latency_s"]
+        except Exception as error:  # safetensors raises its own errors for a truncated or foreign file
+            raise StoreError(
+                f"the uncached reference for {cell} cannot be read from {path} ({error}): the file is damaged "
+                "(a full disk, or a copy cut short?); run with --fresh to recompute the study"
+            ) from None
 
     def merge(self, other: ResultStore) -> Merged:
         """Add the cells and runs of `other` (a database of one process's cells) that this one
@@ -304,6 +337,20 @@ def protocol_differences(recorded: dict[str, Any], protocol: dict[str, Any]) -> 
         if recorded[model].get(key) != value
     }
     return ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in sorted(changed.items()))
+
+
+def _this_process() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def sample_stem(study: str, model: str, label: str, seed: int, condition: str) -> str:

@@ -122,6 +122,34 @@ def _no_fixed_name(register: Any) -> None:
     register(Strategy)
 
 
+def with_reference(tmp: Path, damage: Any) -> None:
+    """A database holding one uncached cell whose files `damage` changes; then read its reference."""
+    store = ResultStore(tmp / "r.sqlite")
+    row = {"study": "s", "model": "m", "setting": "uncached", "seed": 0, "condition": "c", "label": "uncached"}
+    store.add({**row, "strategy": "uncached", "latency_s": 1.0}, torch.zeros(1, 3, 4, 4))
+    damage(store.samples)
+    store.reference("s", "m", 0, "c")
+
+
+def truncate(samples: Path) -> None:
+    tensor = next(samples.rglob("*.safetensors"))
+    tensor.write_bytes(tensor.read_bytes()[:40])
+
+
+def full_disk(tmp: Path) -> None:
+    import errno
+
+    from cachekit.study import store
+
+    def no_space(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    row = {"study": "s", "model": "m", "setting": "uncached", "seed": 0, "condition": "c", "label": "uncached"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(store, "write_sample", no_space)
+        ResultStore(tmp / "r.sqlite").add({**row, "strategy": "uncached", "latency_s": 1.0}, torch.zeros(1, 3, 4, 4))
+
+
 from pydantic import Field  # noqa: E402  (used by the plugin defined above)
 
 CASES = [
@@ -136,6 +164,27 @@ CASES = [
         ),
         StudySpecError,
         r"models\[0\]: unknown model 'flux-digitz'; did you mean the testbed model 'flux-digits'\?",
+    ),
+    (
+        "study reference file truncated",
+        lambda t: with_reference(t, truncate),
+        StoreError,
+        r"uncached reference for m seed=0 'c' in study 's' cannot be read from \S+/r\.samples/s/m/uncached/"
+        r"c-seed0\.safetensors \(.*\): the file is damaged .*run with --fresh",
+    ),
+    (
+        "study samples folder deleted",
+        lambda t: with_reference(t, lambda samples: __import__("shutil").rmtree(samples)),
+        StoreError,
+        r"uncached reference for m seed=0 'c' in study 's' was recorded, but its file \S+c-seed0\.safetensors is "
+        r"gone .*put it back, or run with --fresh",
+    ),
+    (
+        "study disk full while writing a sample",
+        lambda t: full_disk(t),
+        StoreError,
+        r"cannot write the output of m 'uncached' seed=0 'c' into \S+r\.samples: No space left on device; the "
+        r"cells finished before it are kept",
     ),
     (
         "study field typo",

@@ -72,3 +72,21 @@ def test_a_protocol_mismatch_merges_nothing_and_names_what_merge_allows(tmp_path
     assert "nothing was merged" in message and "merge only databases of one protocol" in message
     assert "--fresh" not in message and "--db" not in message
     assert contents(target) == before
+
+
+def test_a_killed_writers_staging_folder_is_removed_and_a_running_ones_kept(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    database(tmp_path / "a.sqlite")
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    partial = tmp_path / "a.samples" / ".partial"
+    killed, running = partial / f"{host}-{finished.stdout.strip()}-x1", partial / f"{host}-{os.getpid()}-x2"
+    for folder in (killed, running):
+        folder.mkdir(parents=True)
+        (folder / "sample.png").write_bytes(b"half-written")
+    ResultStore(tmp_path / "a.sqlite").close()
+    assert not killed.exists() and (running / "sample.png").is_file()
