@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pydantic
+import torch
 
 from cachekit.errors import CachekitError
 from cachekit.metric import MetricError
@@ -130,11 +131,17 @@ def check_model(model: str, spec: Generation, where: str, own: frozenset[str] = 
     close to a testbed model's is taken for a typo, not sent to the hub. The call arguments are
     checked against the pipeline's where its class can be known without loading it."""
     from cachekit import testbed
+    from cachekit.testbed.models import CLASSES
 
+    check_device(spec.device)
     close = difflib.get_close_matches(model, testbed.names(), n=1, cutoff=0.75)
     if model in testbed.names():
         if not spec.labels:
             raise StudySpecError(f"labels: testbed model {model!r} ({where}) generates from class labels")
+        if not all(0 <= label < CLASSES for label in spec.labels):
+            raise StudySpecError(
+                f"labels {spec.labels}: testbed model {model!r} ({where}) generates the digits 0 to {CLASSES - 1}"
+            )
     elif close:
         raise StudySpecError(f"{where}: unknown model {model!r}; did you mean the testbed model {close[0]!r}?")
     elif Path(model).is_dir() or _HUB_ID.match(model):
@@ -153,6 +160,22 @@ def check_model(model: str, spec: Generation, where: str, own: frozenset[str] = 
             call_arguments(spec, CallSignature.of(pipeline), own, f"{where} ({model})")
         except PipelineArgumentError as error:
             raise StudySpecError(str(error)) from None
+
+
+def check_device(device: str) -> None:
+    """A CUDA device must be there: found before a database is made or a model loaded."""
+    if not device.startswith("cuda"):
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise StudySpecError(
+            f"device {device!r}: torch sees no CUDA device on this machine (torch {torch.__version__}, {build}); "
+            "set device = 'cpu', or run where a GPU is"
+        )
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        raise StudySpecError(f"device {device!r}: this machine has {count} CUDA devices (cuda:0 to cuda:{count - 1})")
 
 
 def check_metrics(spec: StudySpec) -> Metrics:

@@ -149,11 +149,17 @@ class ResultStore:
 
     def check_protocol(self, study: str, protocol: dict[str, Any]) -> None:
         """Record the protocol of `study`'s cells per model, or refuse one that differs from the
-        recorded one for a model both know (a model new to the study is added)."""
+        recorded one for a model with cells (a model new to the study, or one with no cell yet,
+        takes the new one)."""
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             found = self._db.execute("SELECT protocol FROM protocols WHERE study = ?", (study,)).fetchone()
-            recorded = json.loads(found[0]) if found else {}
+            measured = {
+                row[0] for row in self._db.execute("SELECT DISTINCT model FROM cells WHERE study = ?", (study,))
+            }
+            recorded = {
+                model: fields for model, fields in (json.loads(found[0]) if found else {}).items() if model in measured
+            }
             differences = protocol_differences(recorded, protocol)
             if differences:
                 raise StoreError(

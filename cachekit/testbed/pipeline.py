@@ -10,7 +10,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import nn
 
-from cachekit.testbed.models import NULL_CLASS, ClassConditioning, Spec
+from cachekit.testbed.models import CLASSES, NULL_CLASS, ClassConditioning, Spec
 
 SHIFT = 3.0
 
@@ -54,7 +54,10 @@ class TestbedPipeline:
     ) -> torch.Tensor:
         """Samples in [-1, 1] for the digit classes `labels`: (B, 1, 16, 16) images or
         (B, 1, frames, 16, 16) videos."""
-        labels = torch.as_tensor(labels).reshape(-1).to(next(self.transformer.parameters()).device)
+        labels = torch.as_tensor(labels).reshape(-1)
+        if labels.is_floating_point() or not all(0 <= label < CLASSES for label in labels.tolist()):
+            raise ValueError(f"labels {labels.tolist()}: the testbed models generate the digits 0 to {CLASSES - 1}")
+        labels = labels.to(next(self.transformer.parameters()).device)
         x = self.prepare_latents(seed, len(labels)) if latents is None else latents.clone()
         cond = self.conditioning(labels)
         uncond = self.conditioning(torch.full_like(labels, NULL_CLASS))

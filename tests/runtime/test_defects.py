@@ -195,6 +195,28 @@ def test_a_changed_protocol_is_refused_not_mixed(tmp_path):
     assert {row["calls"] for row in ResultStore(db).rows("p")} == {16}  # 8 steps x 2 branches, none stale
 
 
+def test_a_protocol_with_no_cell_measured_under_it_is_replaced_not_held_against_a_corrected_spec(tmp_path):
+    store = ResultStore(tmp_path / "r.sqlite")
+    store.check_protocol("p", {"flux-digits": {"steps": 4, "device": "cuda:0"}})  # a run that failed before a cell
+    store.check_protocol("p", {"flux-digits": {"steps": 4, "device": "cpu"}})
+    assert store.protocols() == {"p": {"flux-digits": {"steps": 4, "device": "cpu"}}}
+    row = {"study": "p", "model": "flux-digits", "setting": "uncached", "seed": 0, "condition": "1"}
+    store.add({**row, "label": "uncached", "strategy": "uncached", "latency_s": 1.0})
+    with pytest.raises(StoreError, match=r"flux-digits: device 'cpu' -> 'cuda:0'"):
+        store.check_protocol("p", {"flux-digits": {"steps": 4, "device": "cuda:0"}})
+
+
+def test_a_device_the_machine_lacks_is_refused_before_the_database_is_made(tmp_path, monkeypatch):
+    from cachekit.study import StudySpecError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    spec = tmp_path / "spec.toml"
+    spec.write_text('name = "p"\ndevice = "cuda"\n' + STUDY + '[[strategies]]\nstrategy = "uniform"\n')
+    with pytest.raises(StudySpecError, match=r"device 'cuda': torch sees no CUDA device on this machine"):
+        run_study(load_spec(spec), tmp_path / "r.sqlite", progress=False)
+    assert not (tmp_path / "r.sqlite").exists()
+
+
 def test_two_study_processes_on_one_database_finish_every_cell_once(tmp_path):
     spec = tmp_path / "spec.toml"
     spec.write_text(

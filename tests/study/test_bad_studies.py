@@ -187,6 +187,25 @@ CASES = [
         r"cells finished before it are kept",
     ),
     (
+        "study device without CUDA",
+        lambda t: run_spec(t, 'device = "cuda:99"\n[[strategies]]\nstrategy = "uniform"\n'),
+        StudySpecError,
+        r"device 'cuda:99': (torch sees no CUDA device on this machine \(torch .*\); set device = 'cpu'|this "
+        r"machine has \d+ CUDA devices)",
+    ),
+    (
+        "study label the testbed does not generate",
+        lambda t: plan(load_spec(study_spec(t, BASE_STUDY.replace("labels = [1]", "labels = [12]")))),
+        StudySpecError,
+        r"labels \[12\]: testbed model 'flux-digits' \(models\[0\]\) generates the digits 0 to 9",
+    ),
+    (
+        "testbed pipeline label out of range",
+        lambda t: cachekit.testbed.load("flux-digits", trained=False)(labels=[3, 12], num_inference_steps=2),
+        ValueError,
+        r"labels \[3, 12\]: the testbed models generate the digits 0 to 9",
+    ),
+    (
         "study field typo",
         lambda t: load_spec(study_spec(t, BASE_STUDY + 'negative_promt = "blurry"\n')),
         StudySpecError,
