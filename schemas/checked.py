@@ -76,7 +76,7 @@ def _reason(problem: Any, model: type[BaseModel], data: Any) -> str:
         hint = f" (did you mean {closest!r}?)" if closest else ""
         return f"unknown field{hint}; {owner.__name__} takes: {', '.join(fields)}"
     message = str(problem["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    if problem["type"] in ("value_error", "assertion_error") or "input" not in problem:
+    if problem["type"] in ("value_error", "assertion_error", "missing") or "input" not in problem:
         return message
     given = repr(problem["input"])
     return f"{message} (got {given if len(given) <= 80 else given[:77] + '...'})"

@@ -195,7 +195,9 @@ CASES = [
     ),
     (
         "study label the testbed does not generate",
-        lambda t: plan(load_spec(study_spec(t, BASE_STUDY.replace("labels = [1]", "labels = [12]")))),
+        lambda t: plan(
+            load_spec(study_spec(t, BASE_STUDY.replace("[1]", "[12]") + '[[strategies]]\nstrategy = "uniform"\n'))
+        ),
         StudySpecError,
         r"labels \[12\]: testbed model 'flux-digits' \(models\[0\]\) generates the digits 0 to 9",
     ),
