@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -154,12 +155,24 @@ def check_model(model: str, spec: Generation, where: str, own: frozenset[str] = 
             f"{where}: unknown model {model!r}: not a testbed model ({', '.join(testbed.names())}), "
             "a local pipeline folder, or a hub id like 'org/name'"
         )
+    if (spec.true_cfg_scale or 0) > 1 and spec.negative_prompt is None and "negative_prompt" not in spec.pipeline_kwargs:
+        warnings.warn(
+            f"{where} ({model}): true_cfg_scale = {spec.true_cfg_scale} without a negative_prompt: diffusers runs "
+            "true CFG only with a negative prompt, so these generations run without it; set negative_prompt "
+            '(even "" runs it)',
+            StudyWarning,
+            stacklevel=2,
+        )
     pipeline = pipeline_class(model)
     if pipeline is not None:
         try:
             call_arguments(spec, CallSignature.of(pipeline), own, f"{where} ({model})")
         except PipelineArgumentError as error:
             raise StudySpecError(str(error)) from None
+
+
+class StudyWarning(UserWarning):
+    """A study that will run, but not as its spec seems to ask."""
 
 
 def check_device(device: str) -> None:

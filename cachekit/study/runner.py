@@ -171,7 +171,7 @@ def _run_share(
                 workers.parallelize(model.transformer)
                 if entry.name not in checked:
                     settings = list({cell.setting.key: cell.setting for cell in model_cells}.values())
-                    check_settings(entry.name, model.target, settings)
+                    check_settings(entry.name, model.target, settings, spec.generation(entry.name).steps)
                 costs = measure_costs(model, model_cells[0], workers)
                 for cell in model_cells:
                     bar.set_description(f"{entry.name} seed={cell.seed} {cell.condition!r} {cell.setting.label}")
@@ -225,19 +225,23 @@ def check_before_loading(spec: StudySpec, the_plan: Plan) -> set[str]:
     for entry in spec.models:
         target = skeleton(entry.name)
         if target is not None:
-            check_settings(entry.name, target, the_plan.settings)
+            check_settings(entry.name, target, the_plan.settings, spec.generation(entry.name).steps)
             checked.add(entry.name)
     return checked
 
 
-def check_settings(name: str, target: Any, settings: list[Setting]) -> None:
-    """Apply and remove every setting on model `name` (loaded, or its skeleton), so one that cannot
-    run on it (no preset fits, a point it lacks) is named before its first cell, not hours in."""
+def check_settings(name: str, target: Any, settings: list[Setting], steps: int) -> None:
+    """Apply and remove every setting on model `name` (loaded, or its skeleton) as for a
+    generation of `steps` steps, so one that cannot run on it (no preset fits, a point it lacks,
+    per-step values for another step count) is named before its first cell, not hours in."""
     for setting in settings:
-        if setting.config is None:
+        config = setting.config
+        if config is None:
             continue
+        if isinstance(config, StrategyConfig) and config.num_inference_steps is None:
+            config = config.model_copy(update={"num_inference_steps": steps})
         try:
-            apply_setting(target, setting.config).remove()
+            apply_setting(target, config).remove()
         except (CachekitError, ValueError, TypeError) as error:
             raise StudySpecError(f"{setting.label} cannot run on {name}: {error}") from None
 

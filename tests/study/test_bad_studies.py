@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -208,6 +209,13 @@ CASES = [
         r"labels \[3, 12\]: the testbed models generate the digits 0 to 9",
     ),
     (
+        "study magcache ratios for another step count",
+        lambda t: run_spec(t, '[[strategies]]\nstrategy = "magcache"\nmag_ratios = [1.0, 0.9, 0.8]\n')
+        or pytest.fail("ran"),
+        StudySpecError,
+        r"magcache.* cannot run on flux-digits: MagCache has 3 magnitude ratios but the generation has 4 steps",
+    ),
+    (
         "study field typo",
         lambda t: load_spec(study_spec(t, BASE_STUDY + 'negative_promt = "blurry"\n')),
         StudySpecError,
@@ -362,3 +370,19 @@ def test_cli_reports_mistakes_in_one_line(tmp_path):
     )
     assert version.stdout.startswith("cachekit ")
     json.dumps(version.stdout)
+
+
+def test_true_cfg_without_a_negative_prompt_is_warned_and_with_one_is_not(tmp_path):
+    from cachekit.study.plan import StudyWarning
+
+    spec = 'name = "t"\nmodels = ["org/flux"]\nprompts = ["a cat"]\ntrue_cfg_scale = 3.0\n'
+    spec += '[[strategies]]\nstrategy = "uniform"\n'
+    with pytest.warns(
+        StudyWarning,
+        match=r"models\[0\] \(org/flux\): true_cfg_scale = 3\.0 without a negative_prompt: diffusers runs true CFG "
+        r"only with a negative prompt.*set negative_prompt",
+    ):
+        plan(load_spec(study_spec(tmp_path, spec)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StudyWarning)
+        plan(load_spec(study_spec(tmp_path, spec.replace("true_cfg_scale", 'negative_prompt = ""\ntrue_cfg_scale'))))
