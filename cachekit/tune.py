@@ -5,6 +5,7 @@ measured on held-out seeds."""
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -181,6 +182,11 @@ def preset_file(base: dict[str, Any]) -> Path:
         )
     if not Path(preset).is_file():
         raise ValueError(f"--write: the preset file {preset!r} does not exist (run `cachekit calibrate` first)")
+    if not os.access(preset, os.W_OK):
+        raise ValueError(
+            f"--write: the preset file {preset!r} is read-only: make it writable, or copy it and tune the copy "
+            "(checked before tuning, so no trial is lost)"
+        )
     return Path(preset)
 
 

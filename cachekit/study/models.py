@@ -110,7 +110,7 @@ def pipeline_class(name: str) -> type | None:
         from cachekit.testbed.pipeline import TestbedPipeline
 
         return TestbedPipeline
-    index = _model_index(name)
+    index = model_index(name)
     return None if index is None else _diffusers_class(index.get("_class_name"))
 
 
@@ -122,7 +122,7 @@ def skeleton(name: str) -> Any | None:
 
     if name in testbed.names():
         return testbed.load(name)
-    components = _model_index(name)
+    components = model_index(name)
     if components is None:
         return None
     parts: dict[str, Any] = {}
@@ -143,7 +143,7 @@ def skeleton(name: str) -> Any | None:
     return SimpleNamespace(**parts) if "transformer" in parts else None
 
 
-def _model_index(name: str) -> dict[str, Any] | None:
+def model_index(name: str) -> dict[str, Any] | None:
     """A pipeline's model_index.json (its class and components), where it can be read locally."""
     index = local_file(name, "model_index.json")
     return None if index is None else json.loads(index.read_text())

@@ -23,7 +23,7 @@ from cachekit.schemas.estimators import EstimatorConfig
 from cachekit.schemas.files import SUFFIXES, parse_table, read_table
 from cachekit.schemas.study import Generation, StrategyEntry, StudySpec
 from cachekit.study.metrics import Metrics, metrics_for
-from cachekit.study.models import CallSignature, PipelineArgumentError, call_arguments, pipeline_class
+from cachekit.study.models import CallSignature, PipelineArgumentError, call_arguments, model_index, pipeline_class
 from cachekit.study.store import UNCACHED
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -150,12 +150,23 @@ def check_model(model: str, spec: Generation, where: str, own: frozenset[str] = 
             raise StudySpecError(f"prompts: diffusers pipeline {model!r} ({where}) generates from prompts")
         if Path(model).is_dir() and not (Path(model) / "model_index.json").is_file():
             raise StudySpecError(f"{where}: {model!r} is a folder without model_index.json, not a diffusers pipeline")
+        components = model_index(model)
+        if components is not None and "transformer" not in components:
+            held = ", ".join(sorted(name for name in components if not name.startswith("_")))
+            raise StudySpecError(
+                f"{where}: {model!r} is a {components.get('_class_name', 'pipeline')} without a transformer (it holds "
+                f"{held}): cachekit caches diffusion transformers (DiT pipelines: Flux, Wan, SD3, ...), not UNets"
+            )
     else:
         raise StudySpecError(
             f"{where}: unknown model {model!r}: not a testbed model ({', '.join(testbed.names())}), "
             "a local pipeline folder, or a hub id like 'org/name'"
         )
-    if (spec.true_cfg_scale or 0) > 1 and spec.negative_prompt is None and "negative_prompt" not in spec.pipeline_kwargs:
+    if (
+        (spec.true_cfg_scale or 0) > 1
+        and spec.negative_prompt is None
+        and "negative_prompt" not in spec.pipeline_kwargs
+    ):
         warnings.warn(
             f"{where} ({model}): true_cfg_scale = {spec.true_cfg_scale} without a negative_prompt: diffusers runs "
             "true CFG only with a negative prompt, so these generations run without it; set negative_prompt "

@@ -151,6 +151,27 @@ def full_disk(tmp: Path) -> None:
         ResultStore(tmp / "r.sqlite").add({**row, "strategy": "uncached", "latency_s": 1.0}, torch.zeros(1, 3, 4, 4))
 
 
+def read_only_preset(tmp: Path) -> None:
+    from cachekit.tune import preset_file
+
+    (tmp / "mine.json").write_text("{}")
+    with pytest.MonkeyPatch.context() as patch:  # as root, chmod alone would not stop a write
+        patch.setattr("os.access", lambda path, mode: False)
+        preset_file({"strategy": "teacache", "preset": str(tmp / "mine.json")})
+
+
+def unet_study(tmp: Path) -> None:
+    folder = tmp / "sd15"
+    folder.mkdir()
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
+    (folder / "model_index.json").write_text(json.dumps({**index, "vae": ["diffusers", "AutoencoderKL"]}))
+    plan(
+        load_spec(
+            study_spec(tmp, f'models = ["{folder}"]\nprompts = ["a cat"]\n[[strategies]]\nstrategy = "uniform"\n')
+        )
+    )
+
+
 from pydantic import Field  # noqa: E402  (used by the plugin defined above)
 
 CASES = [
@@ -210,10 +231,25 @@ CASES = [
     ),
     (
         "study magcache ratios for another step count",
-        lambda t: run_spec(t, '[[strategies]]\nstrategy = "magcache"\nmag_ratios = [1.0, 0.9, 0.8]\n')
-        or pytest.fail("ran"),
+        lambda t: (
+            run_spec(t, '[[strategies]]\nstrategy = "magcache"\nmag_ratios = [1.0, 0.9, 0.8]\n') or pytest.fail("ran")
+        ),
         StudySpecError,
         r"magcache.* cannot run on flux-digits: MagCache has 3 magnitude ratios but the generation has 4 steps",
+    ),
+    (
+        "tune --write to a read-only preset",
+        read_only_preset,
+        ValueError,
+        r"--write: the preset file '\S+mine\.json' is read-only: make it writable, or copy it and tune the copy "
+        r"\(checked before tuning",
+    ),
+    (
+        "study of a UNet pipeline folder",
+        unet_study,
+        StudySpecError,
+        r"models\[0\]: '\S+sd15' is a StableDiffusionPipeline without a transformer \(it holds unet, vae\): "
+        r"cachekit caches diffusion transformers",
     ),
     (
         "study field typo",
