@@ -174,10 +174,11 @@ def _say(message: str) -> None:
 def _calibration_spec(path: Path) -> CalibrationSpec:
     from cachekit.schemas.calibration import CalibrationSpec
     from cachekit.schemas.files import read_table
-    from cachekit.study.plan import check_model
+    from cachekit.study.plan import check_device, check_model
 
     spec = CalibrationSpec.model_validate(read_table(path))
     check_model(spec.model, spec, "model")
+    check_device(spec.device)
     return spec
 
 

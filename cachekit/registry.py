@@ -10,6 +10,7 @@ adds one from code through the same hooks.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.metadata
 import os
@@ -94,7 +95,7 @@ KINDS = (
 
 
 class PluginWarning(UserWarning):
-    """A plugin failed to load; the others are unaffected."""
+    """A plugin failed to load, or adds nothing (a misspelt hook); the others are unaffected."""
 
 
 class Registry:
@@ -135,14 +136,18 @@ class Registry:
             except Exception as exc:
                 self._fail(module.name, f"import of {qualified!r} raised {exc!r}")
                 continue
-            self.add(plugin, module.name)
+            self.add(plugin, module.name, helpers_allowed=True)
 
-    def add(self, plugin: object, name: str) -> None:
-        """Register `plugin` under `name` and run its registration hooks."""
+    def add(self, plugin: object, name: str, helpers_allowed: bool = False) -> None:
+        """Register `plugin` under `name` and run its registration hooks. A plugin that implements
+        no hook is named (a misspelt hook, a missing `@hookimpl`), but for a package's helper
+        module (`helpers_allowed`) that defines no `cachekit_*` name at all."""
         try:
             self._plugins.register(plugin, name=name)
         except Exception as exc:
             self._fail(name, str(exc))
+            return
+        if not self._implements_a_hook(plugin, name, helpers_allowed):
             return
         for kind in KINDS:
             for impl in getattr(self._plugins.hook, kind.hook).get_hookimpls():
@@ -152,6 +157,27 @@ class Registry:
                     impl.function(register=functools.partial(self._add, kind, name))
                 except Exception as exc:
                     self._fail(name, f"{kind.hook} raised {exc!r}")
+
+    def _implements_a_hook(self, plugin: object, name: str, helpers_allowed: bool) -> bool:
+        """Whether `plugin` implements a hook; if not, say why not where it seems meant to."""
+        hooks = [kind.hook for kind in KINDS]
+        implemented = [hook for hook in hooks if any(i.plugin_name == name for i in self._hookimpls(hook))]
+        defined = sorted(a for a in dir(plugin) if a.startswith("cachekit_") and callable(getattr(plugin, a, None)))
+        for attribute in defined:
+            if attribute not in hooks:
+                close = difflib.get_close_matches(attribute, hooks, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self._fail(name, f"{attribute!r} is no cachekit hook{hint}; the hooks are: {', '.join(hooks)}")
+            elif attribute not in implemented:
+                self._fail(name, f"{attribute} is not marked @cachekit.hookimpl, so cachekit never calls it")
+        if not implemented and not (helpers_allowed and not defined):
+            if not defined:
+                self._fail(name, f"it implements no cachekit hook ({', '.join(hooks)}): it adds nothing")
+            return False
+        return True
+
+    def _hookimpls(self, hook: str) -> list[Any]:
+        return list(getattr(self._plugins.hook, hook).get_hookimpls())
 
     def _add(self, kind: Kind, plugin: str, thing: Any) -> None:
         """`thing`, registered by `plugin` as one of `kind`, checked and claimed under its name."""

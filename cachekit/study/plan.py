@@ -134,7 +134,6 @@ def check_model(model: str, spec: Generation, where: str, own: frozenset[str] = 
     from cachekit import testbed
     from cachekit.testbed.models import CLASSES
 
-    check_device(spec.device)
     close = difflib.get_close_matches(model, testbed.names(), n=1, cutoff=0.75)
     if model in testbed.names():
         if not spec.labels:

@@ -38,7 +38,7 @@ from cachekit.stats import GenerationStats
 from cachekit.study.diffusers_methods import apply_diffusers_method
 from cachekit.study.metrics import Metrics
 from cachekit.study.models import StudyModel, load_model, on_device, skeleton
-from cachekit.study.plan import Cell, Plan, Setting, StudySpecError, plan
+from cachekit.study.plan import Cell, Plan, Setting, StudySpecError, check_device, plan
 from cachekit.study.store import Merged, ResultStore, StoreError, protocol_differences
 from cachekit.study.workers import Workers, join
 
@@ -62,6 +62,8 @@ def run_study(
     each writes a database of its own beside `db` (`results.rank1.sqlite`, ...), merged into `db`
     once all are done."""
     the_plan = plan(spec)  # validates everything before any model loads
+    for entry in spec.models:
+        check_device(spec.generation(entry.name).device)  # before the database is made
     workers = join(spec)
     try:
         checked = check_before_loading(spec, the_plan)

@@ -140,3 +140,42 @@ def test_bad_plugins_are_reported_by_name_and_the_others_load(fresh_registry, re
     with pytest.warns(PluginWarning, match=message):
         plugin_warning(register, name)
     assert name in cachekit.plugin_errors() and "uniform" in cachekit.list_strategies()
+
+
+class _Misspelt:
+    @hookimpl
+    def cachekit_register_strategy(self, register):  # the hook is cachekit_register_strategies
+        raise AssertionError("never called")
+
+
+class _Unmarked:
+    def cachekit_register_strategies(self, register):  # no @hookimpl
+        raise AssertionError("never called")
+
+
+class _Empty:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("plugin", "message"),
+    [
+        (
+            _Misspelt(),
+            r"'misspelt' failed to load: 'cachekit_register_strategy' is no cachekit hook \(did you mean "
+            r"'cachekit_register_strategies'\?\); the hooks are: cachekit_register_strategies, ",
+        ),
+        (
+            _Unmarked(),
+            r"'unmarked' failed to load: cachekit_register_strategies is not marked @cachekit\.hookimpl, so "
+            r"cachekit never calls it",
+        ),
+        (_Empty(), r"'empty' failed to load: it implements no cachekit hook \(cachekit_register_strategies, .*\)"),
+    ],
+    ids=["misspelt hook", "hook without hookimpl", "no hook"],
+)
+def test_a_plugin_that_adds_nothing_is_named(fresh_registry, plugin, message):
+    name = type(plugin).__name__.strip("_").lower()
+    with pytest.warns(PluginWarning, match=message):
+        cachekit.register_plugin(plugin, name)
+    assert name in cachekit.plugin_errors() and "uniform" in cachekit.list_strategies()
