@@ -149,9 +149,31 @@ def _run(args: argparse.Namespace) -> None:
     cells = len(plan(spec).cells)
     db = args.db or DEFAULT_RESULTS / f"{spec.name}.sqlite"
     _say(f"study {spec.name!r}: {cells} cells -> {db}")
-    run_study(spec, db, fresh=args.fresh, progress=not args.quiet, db_per_process=args.db_per_process)
+    try:
+        run_study(spec, db, fresh=args.fresh, progress=not args.quiet, db_per_process=args.db_per_process)
+    except KeyboardInterrupt:
+        if _first_process():
+            print(
+                f"\ninterrupted: {_saved(db, spec.name)} of {cells} cells of study {spec.name!r} are saved in {db}; "
+                "run the same command again to go on from there (without --fresh)",
+                file=sys.stderr,
+            )
+        sys.exit(130)
     if args.report and _first_process():
         print(f"report: {write_report(db, study=spec.name)}")
+
+
+def _saved(db: Path, study: str) -> int:
+    from cachekit.study.store import ResultStore, StoreError
+
+    try:
+        store = ResultStore(db, create=False)
+    except StoreError:
+        return 0
+    try:
+        return len(store.finished(study))
+    finally:
+        store.close()
 
 
 def _merge(args: argparse.Namespace) -> None:

@@ -180,6 +180,23 @@ def test_killed_study_resumes_without_recomputing(tmp_path):
     assert len(ResultStore(db).rows("tiny")) == 16
 
 
+@pytest.mark.slow
+def test_ctrl_c_says_how_many_cells_are_saved_and_how_to_go_on(tmp_path):
+    spec = write_spec(tmp_path, SPEC.replace("steps = 6", "steps = 12"))
+    db = tmp_path / "results.sqlite"
+    command = [sys.executable, "-m", "cachekit", "study", "run", str(spec), "--db", str(db), "--quiet"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while _count(db) < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, errors = process.communicate(timeout=120)
+    saved = _count(db)
+    assert process.returncode == 130 and "Traceback" not in errors, errors
+    assert f"interrupted: {saved} of 16 cells of study 'tiny' are saved in {db}; run the same command again" in errors
+    assert 2 <= saved < 16
+
+
 def _count(db: Path) -> int:
     if not db.exists():
         return 0
