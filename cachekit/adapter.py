@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from cachekit.errors import MissingPointError
+from cachekit.errors import MissingPointError, UnsupportedModelError
 from cachekit.example import ModelExample
 
 Streams = tuple[torch.Tensor, ...]
@@ -132,7 +132,18 @@ class BlockStreams:
 
     def read_outputs(self, output: Any) -> Streams:
         if self.outputs is None:
+            if not isinstance(output, torch.Tensor):
+                raise UnsupportedModelError(
+                    f"a block returned a {type(output).__name__}, but its adapter says it returns its one stream as a "
+                    "tensor: give the position of each stream in what it returns (a spec's 'returns')"
+                )
             return (output,)
+        if not isinstance(output, tuple | list) or len(output) != len(self.outputs):
+            got = f"a tuple of {len(output)}" if isinstance(output, tuple | list) else f"a {type(output).__name__}"
+            raise UnsupportedModelError(
+                f"a block returned {got}, but its adapter says it returns a tuple of its {len(self.outputs)} streams "
+                f"(at {list(self.outputs)}): leave a spec's 'returns' unset for a block that returns its one stream"
+            )
         return tuple([output[index] for index in self.outputs])
 
     def passed(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:

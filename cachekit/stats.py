@@ -44,6 +44,18 @@ class BranchStats:
     def count(self, site: str, computed: bool) -> None:
         self.sites.setdefault(site, SiteCounts()).count(computed)
 
+    def mark(self) -> tuple[Any, ...]:
+        """What the counts are now, for `rewind` after a call that raised."""
+        sites = {site: (c.computed, c.reused) for site, c in self.sites.items()}
+        return self.calls, sites, len(self.span_schedule), len(self.module_schedule)
+
+    def rewind(self, mark: tuple[Any, ...]) -> None:
+        """Back to `mark`: a call that raised counts for nothing (its branch's kept values are dropped)."""
+        self.calls, sites, spans, modules = mark
+        self.sites = {site: SiteCounts(*counts) for site, counts in sites.items()}
+        del self.span_schedule[spans:], self.module_schedule[modules:]
+        self.kept_bytes = 0
+
     def keep(self, change: int) -> None:
         self.kept_bytes += change
         self.peak_kept_bytes = max(self.peak_kept_bytes, self.kept_bytes)

@@ -63,6 +63,13 @@ class StepTracker:
         self._scale_checked = False
         self._same_scale = True  # the calls' timesteps are the schedule's
 
+    def snapshot(self) -> dict[str, Any]:
+        """Where the tracker stands, for `restore` after a call that raised."""
+        return dict(vars(self))
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        vars(self).update(snapshot)
+
     @property
     def timestep(self) -> float | None:
         """The timestep of the latest call (None before the first)."""

@@ -103,6 +103,11 @@ class BlockListSpec(_Spec):
             )
         if self.returns is not None and len(self.returns) != len(self.streams):
             raise ValueError(f"{self.path}: 'returns' has {len(self.returns)} entries for {len(self.streams)} streams")
+        if self.returns is not None and sorted(self.returns) != list(range(len(self.returns))):
+            raise ValueError(
+                f"{self.path}: 'returns' {self.returns} must give each stream its own position in the returned "
+                f"tuple, 0 to {len(self.returns) - 1} (the block returns its streams and nothing else)"
+            )
         return self
 
 

@@ -60,6 +60,7 @@ class Call:
     decisions: dict[Any, bool] = field(default_factory=dict)  # a module decision key -> its decision in this call
     module_runs: dict[str, int] = field(default_factory=dict)  # site -> runs so far in this call
     computed_modules: int = 0
+    undo: Any = None  # what `Frames.end` restores if the call raises
 
 
 class Frames:
@@ -125,6 +126,7 @@ class Frames:
         thread = threading.get_ident()
         if self._owner not in (None, thread) and not tracker.opens_generation(timestep, sample, context):
             raise ConcurrentUseError(self._concurrent("in the middle of a generation another thread runs"))
+        before = (tracker.snapshot(), self._generation, self.joined_late)
         step = tracker.advance(timestep, sample, context)
         if tracker.generation != self._generation:
             self._owner = thread
@@ -139,8 +141,9 @@ class Frames:
             name = getattr(context, "name", None)
             if name is not None:
                 stats.context = name
+        undo = (*before, branch.stats.mark())
         branch.stats.calls += 1
-        call = Call(step, branch, group=self.group(), device=sample.device)
+        call = Call(step, branch, group=self.group(), device=sample.device, undo=undo)
         self._reduction = reduced_over(call.group)
         self._reduction.__enter__()
         if self._seen:
@@ -153,6 +156,8 @@ class Frames:
     def end(self, call: Call, output: Any) -> None:
         """The call is over (`output` None: it raised)."""
         self.call = None
+        if output is None:
+            self._undo(call)
         try:
             if self.module_sites:
                 call.branch.stats.module_schedule.append(call.computed_modules)
@@ -165,6 +170,20 @@ class Frames:
                 self._reduction = None
             self._busy.release()
 
+    def _undo(self, call: Call) -> None:
+        """A call that raised (out of memory, an interrupt) counts for nothing: the step tracker
+        and the counts go back to before it, and its branch starts over with nothing kept (its
+        state may be half updated), so the same step can be called again."""
+        tracker_state, generation, joined_late = call.undo[:3]
+        if self._generation != generation:  # it opened a generation: the retry opens it again
+            self.stats.generations.pop()
+            self._generation, self.joined_late = generation, joined_late
+        else:
+            call.branch.stats.rewind(call.undo[3])
+            self._branches.pop(call.step.branch, None)
+            self.joined_late = True  # the branch's next call computes whatever it would reuse
+        self.tracker.restore(tracker_state)
+
     def branches(self) -> list[Branch]:
         """The branches of the current generation so far."""
         return list(self._branches.values())
@@ -172,6 +191,8 @@ class Frames:
     @torch.compiler.disable
     def see_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Before the call (and any diffusers hook that splits its arguments): its call signals."""
+        if self.adapter.latent_input(args, kwargs).is_meta:
+            return
         self._seen = {name: source.read(args, kwargs) for name, source in self.call_signals.items()}
 
     def generation_ended(self) -> None:
@@ -241,6 +262,8 @@ class CallHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         frames = self.frames
+        if frames.adapter.latent_input(args, kwargs).is_meta:  # shapes only (a memory estimate): nothing to decide
+            return self.fn_ref.original_forward(*args, **kwargs)
         call = frames.begin(args, kwargs, self.context._context)
         try:
             output = self.fn_ref.original_forward(*args, **kwargs)

@@ -15,6 +15,7 @@ import cachekit
 from cachekit.errors import (
     AlreadyAttachedError,
     MissingPointError,
+    UnsupportedModelError,
 )
 from cachekit.hookspecs import hookimpl
 from cachekit.schemas import (
@@ -131,6 +132,30 @@ CASES = [
         lambda t: AdapterSpec(name="My DiT", blocks=[FLUX_BLOCKS]),
         V,
         r"name\n.*String should match pattern '\^\[a-z\]\[a-z0-9_\]\*\$'",
+    ),
+    (
+        "spec returns a position the block does not return",
+        lambda t: AdapterSpec(
+            name="x",
+            blocks=[
+                {**FLUX_BLOCKS, "streams": [FLUX_BLOCKS["streams"][0], {"name": "b", "position": 1}], "returns": [2, 0]}
+            ],
+        ),
+        V,
+        r"'returns' \[2, 0\] must give each stream its own position in the returned tuple, 0 to 1",
+    ),
+    (
+        "spec returns a tuple where the block returns a tensor",
+        lambda t: cachekit.BlockStreams(((0, "hidden_states"),), (0,)).read_outputs(torch.zeros(2, 3)),
+        UnsupportedModelError,
+        r"a block returned a Tensor, but its adapter says it returns a tuple of its 1 streams \(at \[0\]\): leave "
+        r"a spec's 'returns' unset",
+    ),
+    (
+        "spec returns a tensor where the block returns a tuple",
+        lambda t: cachekit.BlockStreams(((0, "hidden_states"),)).read_outputs((torch.zeros(2, 3), torch.zeros(2, 3))),
+        UnsupportedModelError,
+        r"a block returned a tuple, but its adapter says it returns its one stream as a tensor: give the position",
     ),
     (
         "spec streams without returns",

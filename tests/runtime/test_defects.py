@@ -337,3 +337,50 @@ def test_diffusers_cache_enabled_after_apply_is_refused_at_the_next_call():
         model.disable_cache()
         model(**flux_inputs(timestep=0.75))  # cachekit's alone again
     assert handle.stats.last.branches[0].calls == 2
+
+
+@pytest.mark.parametrize("failing_step", [0, 2])
+def test_a_step_retried_after_a_block_raised_runs_as_if_the_failure_never_happened(failing_step):
+    """Out of memory in a block, then the same step again: the failed call counts for nothing."""
+    model = tiny_flux_transformer()
+    block = model.transformer_blocks[0]
+    forward, fail = block.forward, {"now": False}
+
+    def failing(*args, **kwargs):
+        if fail["now"]:
+            fail["now"] = False
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return forward(*args, **kwargs)
+
+    block.forward = failing
+    timesteps = [1.0, 0.75, 0.5, 0.25]
+    with cachekit.apply(model, UniformConfig(num_inference_steps=4)) as handle:
+        outputs = []
+        for index, timestep in enumerate(timesteps):
+            if index == failing_step:
+                fail["now"] = True
+                with pytest.raises(RuntimeError, match="out of memory"):
+                    model(**flux_inputs(timestep=timestep))
+            outputs.append(model(**flux_inputs(timestep=timestep))[0])
+    with cachekit.apply(model, UniformConfig(num_inference_steps=4)) as clean:
+        expected = [model(**flux_inputs(timestep=timestep))[0] for timestep in timesteps]
+    assert all(torch.equal(output, reference) for output, reference in zip(outputs, expected, strict=True))
+    assert len(handle.stats.generations) == 1 and str(handle.stats.last) == str(clean.stats.last)
+
+
+@pytest.mark.parametrize("name", cachekit.list_strategies())
+def test_a_meta_device_forward_runs_uncached_for_its_shapes(name):
+    """A forward on the meta device (a memory or shape estimate) has no values to decide on."""
+    examples = cachekit.get_strategy(name).example_configs()
+    if examples is None:
+        pytest.skip(f"{name} has no example configs")
+    with torch.device("meta"):
+        model = tiny_flux_transformer()
+    inputs = {
+        key: value.to("meta") if isinstance(value, torch.Tensor) else value for key, value in flux_inputs().items()
+    }
+    expected = model(**inputs)[0]
+    with cachekit.apply(model, examples.reuses.model_copy(update={"num_inference_steps": 4})) as handle:
+        for _ in range(2):
+            output = model(**inputs)[0]
+    assert output.is_meta and output.shape == expected.shape and not handle.stats.generations
