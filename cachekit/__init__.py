@@ -42,7 +42,7 @@ _EXPORTS = {
     "cachekit.handle": ["CacheHandle", "apply"],
     "cachekit.hookspecs": ["hookimpl"],
     "cachekit.example": ["ModelExample"],
-    "cachekit.strategy": ["Strategy", "ExampleConfigs", "Signals", "Step"],
+    "cachekit.strategy": ["Strategy", "ExampleConfigs", "Knob", "Signals", "Step"],
     "cachekit.registry": [
         "get_estimator",
         "get_strategy",
@@ -133,4 +133,4 @@ if TYPE_CHECKING:
         resolve_adapter,
     )
     from cachekit.stats import BranchStats, CacheStats, GenerationStats, SiteCounts
-    from cachekit.strategy import ExampleConfigs, Signals, Step, Strategy
+    from cachekit.strategy import ExampleConfigs, Knob, Signals, Step, Strategy

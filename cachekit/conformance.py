@@ -4,8 +4,8 @@ estimator.
 
 Each adapter ships a tiny random instance of its model (`Adapter.example()`) and each strategy a
 never-reusing and a reusing config (`Strategy.example_configs()`), so a plugin joins the
-matrix by being installed. A cell is skipped only for a point or attention kind the adapter
-declares missing, with its declared reason. A plugin author runs it against everything installed
+matrix by being installed (a strategy without example configs fails it). A cell is skipped only
+for a point or attention kind the adapter declares missing, with its declared reason. A plugin author runs it against everything installed
 beside the plugin, without a checkout of cachekit (pytest and the ``pipelines`` extra needed):
 
     pytest --pyargs cachekit.conformance            # or -k my_strategy for the plugin's own cells
@@ -100,7 +100,11 @@ def configs(adapter_name: str, strategy_name: str, estimator: str | None = None)
     strategy_class = registry.registry().strategies[strategy_name]
     pair = strategy_class.example_configs()
     if pair is None:
-        pytest.skip(f"strategy {strategy_name!r} ships no example configs")
+        pytest.fail(
+            f"strategy {strategy_name!r} ships no example configs: give it example_configs() (an ExampleConfigs of a "
+            "config that never reuses and one that does), so the matrix can run it on every adapter",
+            pytrace=False,
+        )
     for config in pair:
         for point in sorted(strategy_class(config).required_points()):
             if not adapter.provides(point):
@@ -294,7 +298,11 @@ def test_full_pipeline_runs_under_each_strategy(modality, strategy_name):
 
     pair = registry.registry().strategies[strategy_name].example_configs()
     if pair is None:
-        pytest.skip(f"strategy {strategy_name!r} ships no example configs")
+        pytest.fail(
+            f"strategy {strategy_name!r} ships no example configs: give it example_configs() (an ExampleConfigs of a "
+            "config that never reuses and one that does), so the matrix can run it on every adapter",
+            pytrace=False,
+        )
     pipe, run = (tiny_flux_pipeline(), run_flux) if modality == "image" else (tiny_wan_pipeline(), run_wan)
     reference = run(pipe, steps=STEPS)
     with cachekit.apply(pipe, pair.never_reuses):

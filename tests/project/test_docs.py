@@ -7,6 +7,7 @@ the README with its links made relative."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -102,6 +103,18 @@ def test_testbed(tmp_path):
     assert re.search(r"Score\(accuracy=", printed), printed
 
 
+def install_plugin(site: Path, source: str, entry_points: str) -> dict[str, str]:
+    """`my_cache` installed in `site` as pip would leave it (the package and its dist-info with the
+    entry points), and the environment of a process that has `site` on its path."""
+    (site / "my_cache").mkdir(parents=True)
+    (site / "my_cache" / "__init__.py").write_text(source)
+    info = site / "my_cache-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-cache\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(entry_points)
+    return {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+
+
 def test_plugin_strategy(monkeypatch):
     module = types.ModuleType("my_cache")
     monkeypatch.setitem(sys.modules, "my_cache", module)  # as an installed package would be
@@ -109,16 +122,34 @@ def test_plugin_strategy(monkeypatch):
     registry = cachekit.registry.Registry()
     registry.load_entry_points()
     registry.add(module, "my_cache")
-    assert not registry.errors and "every_third" in registry.strategies
+    assert not registry.errors and "every_nth" in registry.strategies
     (entry_point,) = tomllib.loads(block("# pyproject.toml"))["project"]["entry-points"]["cachekit"].items()
-    assert entry_point == ("every_third", "my_cache")
-    strategy = registry.strategies["every_third"](module.EveryThirdConfig())
-    assert [strategy.decide_span(types.SimpleNamespace(index=i), None, None) for i in range(4)] == [
-        True,
-        False,
-        False,
-        True,
-    ]
+    assert entry_point == ("every_nth", "my_cache")
+    strategy = registry.strategies["every_nth"](module.EveryNthConfig())
+    steps = [types.SimpleNamespace(index=i, is_last=i == 6) for i in range(7)]
+    assert [strategy.decide_span(step, None, None) for step in steps] == [True, False, False, True, False, False, True]
+
+
+@pytest.mark.slow
+def test_the_plugin_strategy_installed_passes_the_shipped_conformance_matrix(tmp_path):
+    entry_points = "[cachekit]\nevery_nth = my_cache\n"
+    env = install_plugin(tmp_path / "site", block("# my_cache/__init__.py"), entry_points)
+    command = [sys.executable, "-m", "pytest", "--pyargs", "cachekit.conformance", "-q", "-p", "no:cacheprovider"]
+    result = subprocess.run([*command, "-k", "every_nth"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    passed = int(re.search(r"(\d+) passed", result.stdout).group(1))
+    assert passed >= 2 * 3 * 19 and "failed" not in result.stdout  # 2 tests x 3 cells x every adapter
+
+
+def test_a_plugin_strategy_without_example_configs_fails_the_matrix(tmp_path):
+    source = block("# my_cache/__init__.py")
+    start = source.index("    @classmethod")
+    source = source[:start] + source[source.index("    def decide_span") :]
+    env = install_plugin(tmp_path / "site", source, "[cachekit]\nevery_nth = my_cache\n")
+    command = [sys.executable, "-m", "pytest", "--pyargs", "cachekit.conformance", "-q", "-p", "no:cacheprovider"]
+    result = subprocess.run([*command, "-k", "every_nth and flux-"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 1 and "skipped" not in result.stdout, result.stdout[-3000:]
+    assert "strategy 'every_nth' ships no example configs: give it example_configs()" in result.stdout
 
 
 def test_plugin_metric_is_the_installed_test_plugin():
