@@ -20,6 +20,10 @@ def install(session: nox.Session, *extras: str) -> None:
     session.install(f".[{','.join(extras)}]" if extras else ".")
 
 
+# The tests and the testbed run tiny models: one thread each, as more only contend (10-25x slower on a
+# busy 2-core machine). Studies choose their own count (`threads`); this also covers what they spawn.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
 # Third-party plugins, installed as a user would: an estimator that joins the conformance matrix,
 # and a metric that studies compute.
 PLUGINS = [str(ROOT / "tests" / "plugins" / name) for name in ("damped", "sharpness")]
@@ -30,7 +34,7 @@ def tests(session: nox.Session) -> None:
     """The fast suite, against the installed package."""
     install(session, "test")
     session.install("--no-deps", "--no-build-isolation", *PLUGINS)
-    session.run("pytest", "-m", "not slow", *session.posargs, env={"CACHEKIT_INSTALLED_TESTS": "1"})
+    session.run("pytest", "-m", "not slow", *session.posargs, env={"CACHEKIT_INSTALLED_TESTS": "1", **ONE_THREAD})
 
 
 @nox.session
@@ -38,7 +42,7 @@ def slow(session: nox.Session) -> None:
     """Tests marked slow."""
     install(session, "test")
     session.install("--no-deps", "--no-build-isolation", *PLUGINS)
-    session.run("pytest", "-m", "slow", *session.posargs, success_codes=[0, 5])
+    session.run("pytest", "-m", "slow", *session.posargs, success_codes=[0, 5], env=ONE_THREAD)
 
 
 @nox.session
@@ -69,13 +73,14 @@ def docs(session: nox.Session) -> None:
     session.run("mkdocs", "build", "--strict", "--site-dir", str(Path(session.create_tmp()) / "site"))
 
 
-@nox.session
+@nox.session(reuse_venv=True)
 def demo(session: nox.Session) -> None:
     """The main job: the default study (every built-in strategy on the trained testbed models)
-    and its report, offline. `nox -s demo -- --fresh` recomputes finished cells."""
+    and its report, offline; a rerun reuses its environment and resumes. `nox -s demo -- --fresh`
+    recomputes finished cells."""
     install(session)
     db = ROOT / "cachekit-results" / "default.sqlite"
-    session.run("cachekit", "study", "run", "default", "--db", str(db), "--report", *session.posargs)
+    session.run("cachekit", "study", "run", "default", "--db", str(db), "--report", *session.posargs, env=ONE_THREAD)
 
 
 @nox.session
@@ -104,5 +109,10 @@ def frontier(session: nox.Session) -> None:
     each within 20-50% of block executions, per model (about 15 minutes on 2 cores)."""
     install(session)
     session.run(
-        "python", str(ROOT / "benchmarks" / "frontier.py"), "--out", str(ROOT / "frontier-results"), *session.posargs
+        "python",
+        str(ROOT / "benchmarks" / "frontier.py"),
+        "--out",
+        str(ROOT / "frontier-results"),
+        *session.posargs,
+        env=ONE_THREAD,
     )

@@ -26,6 +26,12 @@ def _json_strategy(text: str) -> dict[str, Any]:
     return value
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"give a whole number of threads, 1 or more, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run a command; a mistake in what the user asked for is one line on stderr (exit code 2),
     not a traceback."""
@@ -99,6 +105,13 @@ def parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--quiet", action="store_true", help="no progress bar")
     calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
+    for command in (run, calibrate, tune):
+        command.add_argument(
+            "--threads",
+            type=_positive,
+            help="CPU threads torch computes with (overrides the spec's `threads`; unset there: 1 for the testbed "
+            "models, torch's default for pipelines)",
+        )
 
     return parser
 
@@ -146,6 +159,8 @@ def _run(args: argparse.Namespace) -> None:
     from cachekit.study import load_spec, plan, run_study, write_report
 
     spec = load_spec(args.spec)
+    if args.threads is not None:
+        spec = spec.model_copy(update={"threads": args.threads})
     cells = len(plan(spec).cells)
     db = args.db or DEFAULT_RESULTS / f"{spec.name}.sqlite"
     _say(f"study {spec.name!r}: {cells} cells -> {db}")
@@ -193,21 +208,26 @@ def _say(message: str) -> None:
         print(message)
 
 
-def _calibration_spec(path: Path) -> CalibrationSpec:
+def _calibration_spec(path: Path, threads: int | None) -> CalibrationSpec:
+    """The spec, checked before any model loads, with torch's threads set for it."""
     from cachekit.schemas.calibration import CalibrationSpec
     from cachekit.schemas.files import read_table
     from cachekit.study.plan import check_device, check_model
+    from cachekit.study.workers import use_threads
 
     spec = CalibrationSpec.model_validate(read_table(path))
+    if threads is not None:
+        spec = spec.model_copy(update={"threads": threads})
     check_model(spec.model, spec, "model")
     check_device(spec.device)
+    use_threads(spec, [spec.model])
     return spec
 
 
 def _calibrate(args: argparse.Namespace) -> None:
     from cachekit.calibrate import calibrate, plot, write_preset
 
-    spec = _calibration_spec(args.spec)
+    spec = _calibration_spec(args.spec, args.threads)
     result = calibrate(spec, progress=not args.quiet)
     if not _first_process():
         return
@@ -227,7 +247,7 @@ def _tune(args: argparse.Namespace) -> None:
     from cachekit.study.models import load_model
     from cachekit.tune import Tuner, check_target, preset_file, write_threshold
 
-    spec = _calibration_spec(args.spec)
+    spec = _calibration_spec(args.spec, args.threads)
     base = args.strategy
     check_target(base, ratio=args.ratio)  # before any model loads
     if args.write:

@@ -3,10 +3,11 @@
 estimator.
 
 Each adapter ships a tiny random instance of its model (`Adapter.example()`) and each strategy a
-never-reusing and a reusing config (`Strategy.example_configs()`), so a plugin joins the
-matrix by being installed (a strategy without example configs fails it). A cell is skipped only
-for a point or attention kind the adapter declares missing, with its declared reason. A plugin author runs it against everything installed
-beside the plugin, without a checkout of cachekit (pytest and the ``pipelines`` extra needed):
+never-reusing and a reusing config (`Strategy.example_configs()`), so a plugin joins the matrix by
+being installed (a strategy without example configs fails it). A cell is skipped only for a point or
+attention kind the adapter declares missing, with its declared reason. A plugin author runs it
+against everything installed beside the plugin, without a checkout of cachekit (pytest and the
+``pipelines`` extra needed):
 
     pytest --pyargs cachekit.conformance            # or -k my_strategy for the plugin's own cells
 """

@@ -148,6 +148,12 @@ class Generation(PipelineSettings):
     context_parallel: ContextParallel | None = Field(
         default=None, description="Split each generation over processes (run under torchrun)."
     )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU threads torch computes with. Unset: 1 where every model is a testbed model (they are "
+        "tiny: more threads only contend, 10-25x slower on a busy 2-core machine), else torch's default.",
+    )
 
     def conditions(self) -> list[str]:
         """What one generation is conditioned on: the labels (as text), else the prompts."""

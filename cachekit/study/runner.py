@@ -40,7 +40,7 @@ from cachekit.study.metrics import Metrics
 from cachekit.study.models import StudyModel, load_model, on_device, skeleton
 from cachekit.study.plan import Cell, Plan, Setting, StudySpecError, check_device, plan
 from cachekit.study.store import Merged, ResultStore, StoreError, protocol_differences
-from cachekit.study.workers import Workers, join
+from cachekit.study.workers import Workers, join, use_threads
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,7 @@ def run_study(
     the_plan = plan(spec)  # validates everything before any model loads
     for entry in spec.models:
         check_device(spec.generation(entry.name).device)  # before the database is made
+    use_threads(spec, [entry.name for entry in spec.models])
     workers = join(spec)
     try:
         checked = check_before_loading(spec, the_plan)
@@ -185,14 +186,14 @@ def _run_share(
 
 def protocol(spec: StudySpec) -> dict[str, dict[str, Any]]:
     """Per model, what its cells' figures depend on besides the setting, seed and condition."""
-    return {
-        entry.name: {
-            **spec.generation(entry.name).model_dump(mode="json", exclude={"seeds", "labels", "prompts", "fps"}),
-            "repeats": spec.repeats,
-            "warmup": spec.warmup,
-        }
-        for entry in spec.models
-    }
+    protocols = {}
+    for entry in spec.models:
+        generation = spec.generation(entry.name)
+        fields = generation.model_dump(mode="json", exclude={"seeds", "labels", "prompts", "fps", "threads"})
+        if generation.device == "cpu":  # the threads the CPU computed with (set by `use_threads`)
+            fields["threads"] = torch.get_num_threads()
+        protocols[entry.name] = {**fields, "repeats": spec.repeats, "warmup": spec.warmup}
+    return protocols
 
 
 def environment(spec: StudySpec) -> dict[str, str]:

@@ -334,13 +334,14 @@ class ResultStore:
 
 
 def protocol_differences(recorded: dict[str, Any], protocol: dict[str, Any]) -> str:
-    """What differs between two protocols (per model) for the models both know; "" when nothing."""
+    """What differs between two protocols (per model) for the models both know, in the fields both
+    record (an earlier cachekit recorded fewer); "" when nothing."""
     changed = {
-        f"{model}: {key}": (recorded[model].get(key), value)
+        f"{model}: {key}": (recorded[model][key], value)
         for model, fields in protocol.items()
         if model in recorded
         for key, value in fields.items()
-        if recorded[model].get(key) != value
+        if key in recorded[model] and recorded[model][key] != value
     }
     return ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in sorted(changed.items()))
 

@@ -161,3 +161,16 @@ def join(spec: Generation) -> Workers:
             mesh_dim_names=("data", "ring", "ulysses"),
         )
     return Workers(rank, size, context, everyone, peers, mesh, owns, spec.device == "cuda")
+
+
+def use_threads(spec: Generation, models: list[str]) -> int:
+    """Set the CPU threads torch computes with for `models` under `spec` (see `Generation.threads`);
+    returns the count."""
+    from cachekit import testbed
+
+    threads = spec.threads
+    if threads is None and all(model in testbed.names() for model in models):
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()

@@ -147,7 +147,9 @@ def test_a_plugin_strategy_without_example_configs_fails_the_matrix(tmp_path):
     source = source[:start] + source[source.index("    def decide_span") :]
     env = install_plugin(tmp_path / "site", source, "[cachekit]\nevery_nth = my_cache\n")
     command = [sys.executable, "-m", "pytest", "--pyargs", "cachekit.conformance", "-q", "-p", "no:cacheprovider"]
-    result = subprocess.run([*command, "-k", "every_nth and flux-"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [*command, "-k", "every_nth and flux-"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert result.returncode == 1 and "skipped" not in result.stdout, result.stdout[-3000:]
     assert "strategy 'every_nth' ships no example configs: give it example_configs()" in result.stdout
 

@@ -392,6 +392,10 @@ def test_cli_reports_mistakes_in_one_line(tmp_path):
         ),
         (["study", "report", str(tmp_path / "none.sqlite")], r"cachekit: error: no results database at"),
         (["study", "run", str(tmp_path / "nope.toml")], r"cachekit: error: .*nope\.toml: cannot read it"),
+        (
+            ["study", "run", "default", "--threads", "0"],
+            r"--threads: give a whole number of threads, 1 or more, got '0'",
+        ),
     ]
     for arguments, message in cases:
         result = subprocess.run(

@@ -437,3 +437,22 @@ def test_two_settings_under_one_label_keep_their_samples_apart(tmp_path):
         assert sorted(json.loads(row["files"])) == [f"{row['sample']}.png", f"{row['sample']}.safetensors"]
         assert torch.equal(load_file(store.samples / f"{row['sample']}.safetensors")["output"], image)
     assert not list((store.samples / ".partial").iterdir())
+
+
+def test_the_testbed_computes_with_one_thread_unless_told_and_the_count_is_part_of_the_protocol(tmp_path):
+    from cachekit.study.store import StoreError
+
+    small = SPEC.replace("labels = [3, 7]", "labels = [3]").replace("seeds = [0, 1]", "seeds = [0]")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        db = run_study(load_spec(write_spec(tmp_path, small)), tmp_path / "r.sqlite", progress=False)
+        assert torch.get_num_threads() == 1
+        store = ResultStore(db)
+        assert store.protocols()["tiny"]["flux-digits"]["threads"] == 1
+        assert "1 threads" in store.runs("tiny")[-1]["environment"]["device"]
+        with pytest.raises(StoreError, match=r"another protocol \(flux-digits: threads 1 -> 2\)"):
+            run_study(load_spec(write_spec(tmp_path, "threads = 2\n" + small)), db, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
