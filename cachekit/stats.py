@@ -68,9 +68,9 @@ class BranchStats:
         if self.module_schedule:
             lines.append("modules computed per call " + " ".join(str(count) for count in self.module_schedule))
         if self.peak_kept_bytes:
-            lines.append(f"kept at most {self.peak_kept_bytes / 2**20:.2f} MiB")
+            lines.append(f"kept at most {readable_bytes(self.peak_kept_bytes)}")
         if self.strategy_bytes:
-            lines.append(f"strategy state {self.strategy_bytes / 2**20:.2f} MiB")
+            lines.append(f"strategy state {readable_bytes(self.strategy_bytes)}")
         return ", ".join(lines)
 
 
@@ -92,6 +92,8 @@ class CacheStats:
     generations: list[GenerationStats] = field(default_factory=list)
     #: Facts about the attached strategy worth reporting (e.g. a preset it picked).
     info: dict[str, Any] = field(default_factory=dict)
+    #: The strategy config's fields (but the estimator, in `info`), as set or defaulted.
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def last(self) -> GenerationStats:
@@ -107,17 +109,34 @@ class CacheStats:
         computed and reused counts per site and the span's schedule (C computed, . reused), and the
         facts the strategy reported (the preset and threshold it took)."""
         lines = [f"{self.strategy} on {self.adapter}"]
+        if self.settings:
+            lines.append("  settings: " + ", ".join(f"{key}={value}" for key, value in self.settings.items()))
         lines += [f"  {key}: {value}" for key, value in self.info.items()]
         if not self.generations:
             return "\n".join([*lines, "  no generation yet"])
         last = self.last
         steps = f", {last.num_steps} steps" if last.num_steps is not None else ""
         lines.append(f"  generation {len(self.generations)} of {len(self.generations)}{steps}:")
-        lines += [
-            f"    branch {index}{f' ({branch.context})' if branch.context else ''}: {branch}"
-            for index, branch in last.branches.items()
-        ]
+        for index, branch in last.branches.items():
+            lines.append(f"    branch {index}{_branch_role(index, branch, len(last.branches))}: {branch}")
         return "\n".join(lines)
+
+
+def _branch_role(index: int, branch: BranchStats, branches: int) -> str:
+    """Which CFG branch it is: the pipeline's name for it (cond, uncond), else its place in a step."""
+    if branch.context:
+        return f" ({branch.context})"
+    if branches > 1:
+        return f" (call {index + 1} of each step)"
+    return ""
+
+
+def readable_bytes(count: int) -> str:
+    """`count` bytes in KiB, MiB or GiB, whichever reads best."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count / 2**10:.1f} KiB"
 
 
 def tensor_bytes(value: Any) -> int:

@@ -43,7 +43,8 @@ class Runtime:
             **strategy.attach(adapter),
             "estimator": strategy.config.estimator.model_dump(mode="json", exclude_none=True),
         }
-        self.stats = CacheStats(strategy=strategy.name(), adapter=adapter.name, info=info)
+        settings = strategy.config.model_dump(mode="json", exclude={"strategy", "estimator"}, exclude_none=True)
+        self.stats = CacheStats(strategy=strategy.name(), adapter=adapter.name, info=info, settings=settings)
         points = strategy.required_points()  # after attach, which may settle what the strategy reads
         for point in sorted(points):
             adapter.require(point, strategy.name())

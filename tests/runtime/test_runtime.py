@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import pytest
 import torch
 from helpers import ExecutionCounter, flux_inputs
@@ -102,3 +103,28 @@ def test_exception_inside_a_call_leaves_the_runtime_usable():
     counter.close()
     assert counter.count == 2
     assert handle.stats.last.branches[0].span_schedule == [True]
+
+
+def test_the_summary_shows_the_settings_sizes_a_person_reads_and_which_branch_is_which():
+    from cachekit import testbed
+    from cachekit.testing import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    with cachekit.apply(pipe, {"strategy": "uniform", "interval": 3}) as handle:
+        pipe(
+            "a cat",
+            num_inference_steps=6,
+            height=32,
+            width=32,
+            max_sequence_length=16,
+            true_cfg_scale=2.0,
+            negative_prompt="blurry",
+        )
+    summary = handle.summary()
+    assert "  settings: interval=3, warmup=1\n" in summary
+    assert re.search(r"branch 0 \(cond\): 6 calls, .*kept at most \d+\.\d KiB", summary)
+    assert re.search(r"branch 1 \(uncond\): 6 calls", summary)
+    digits = testbed.load("flux-digits")
+    with cachekit.apply(digits, {"strategy": "uniform"}) as handle:
+        digits([3], num_inference_steps=4)
+    assert "branch 0 (call 1 of each step)" in handle.summary() and "branch 1 (call 2 of each step)" in handle.summary()
