@@ -12,6 +12,7 @@ generations; 1.0 at the first step).
 from __future__ import annotations
 
 import statistics
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,26 @@ class Fit:
     samples: int
 
 
+#: Below this R², a fit leaves too much of the accumulated change unexplained to decide steps by.
+WEAK_FIT = 0.8
+
+
+class CalibrationWarning(UserWarning):
+    """A calibration that ran but whose fit should not be trusted as is."""
+
+
+def check_fit(result: Fit) -> None:
+    """Warn where the fit explains little of what it was fitted to."""
+    if result.r2 < WEAK_FIT:
+        warnings.warn(
+            f"a weak fit: R² {result.r2:.2f} (below {WEAK_FIT}) over {result.samples} calls, so TeaCache would decide "
+            "from a poor estimate of the output's change; record more seeds or conditions, try another probe, or "
+            "compare against a study before using the preset",
+            CalibrationWarning,
+            stacklevel=3,
+        )
+
+
 def fit(x: list[float], y: list[float], order: int = 4) -> Fit:
     """Least-squares polynomial y ~ poly(x)."""
     if len(x) <= order:
@@ -208,7 +229,9 @@ def calibrate(spec: CalibrationSpec, model: StudyModel | None = None, progress: 
     for index in sorted(recorded):
         recording.extend(recorded[index])
     identity = resolve_adapter(model.transformer)(model.transformer).identity()
-    return Calibration(spec, identity, recording, fit(recording.x, recording.y, spec.order))
+    fitted = fit(recording.x, recording.y, spec.order)
+    check_fit(fitted)
+    return Calibration(spec, identity, recording, fitted)
 
 
 def write_preset(calibration: Calibration, path: str | Path) -> Path:

@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -225,12 +226,16 @@ def _calibration_spec(path: Path, threads: int | None) -> CalibrationSpec:
 
 
 def _calibrate(args: argparse.Namespace) -> None:
-    from cachekit.calibrate import calibrate, plot, write_preset
+    from cachekit.calibrate import CalibrationWarning, calibrate, plot, write_preset
 
     spec = _calibration_spec(args.spec, args.threads)
-    result = calibrate(spec, progress=not args.quiet)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always", CalibrationWarning)
+        result = calibrate(spec, progress=not args.quiet)
     if not _first_process():
         return
+    for warning in warned:
+        print(f"warning: {warning.message}", file=sys.stderr)
     preset = write_preset(result, args.out or Path(f"{spec.preset_name()}.json"))
     figure = plot(result, args.plot or preset.with_suffix(".png"))
     strategy = json.dumps({"strategy": "teacache", "preset": str(preset)})

@@ -26,6 +26,8 @@ from cachekit.study.metrics import DEFAULT_PRIMARY, metrics_for
 from cachekit.study.models import StudyModel
 
 BISECTIONS = 14
+#: A quality trial this close to its bound (relative) ends the search: reusing more would miss it.
+QUALITY_CLOSE = 0.01
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,11 @@ class Tuner:
         """The setting whose computed-call share is closest to `target` (0-1]; not met when even
         that one is further than `tolerance` from it."""
         check_target(self.base, ratio=target)
+        step_share = 1 / self.model.spec.steps  # what one more computed step changes the share by
         result = self._search(
             reuse_more=lambda trial: trial.computed > target,
             best=lambda trials: min(trials, key=lambda trial: abs(trial.computed - target)),
+            done=lambda trial: abs(trial.computed - target) <= min(step_share / 2, tolerance),
         )
         if abs(result.chosen.computed - target) > tolerance:
             result.met = False
@@ -145,29 +149,38 @@ class Tuner:
                 return min(meeting, key=lambda t: t.computed)
             return max(trials, key=lambda t: t.quality if self.higher else -t.quality)
 
-        result = self._search(reuse_more=lambda trial: self.meets(trial, bound), best=best)
+        def close(trial: Trial) -> bool:  # met, and no more than 1% from the bound: reusing more would miss it
+            return self.meets(trial, bound) and abs(trial.quality - bound) <= QUALITY_CLOSE * max(abs(bound), 1e-9)
+
+        result = self._search(reuse_more=lambda trial: self.meets(trial, bound), best=best, done=close)
         if not self.meets(result.chosen, bound):
             result.met = False
             side = "at least" if self.higher else "at most"
             result.missed = f"its {self.metric.name} is {result.chosen.quality:.4g}, the target {side} {bound:.4g}"
         return result
 
-    def _search(self, reuse_more: Callable[[Trial], bool], best: Callable[[list[Trial]], Trial]) -> TuneResult:
+    def _search(
+        self, reuse_more: Callable[[Trial], bool], best: Callable[[list[Trial]], Trial], done: Callable[[Trial], bool]
+    ) -> TuneResult:
+        """Try the knob's values (intervals in order, thresholds by bisection) until reusing more is
+        not wanted, or a trial is `done` (the target met as closely as the search can)."""
         trials: list[Trial] = []
         knob = self.knob
         if knob.integer:  # intervals 1, 2, ... until reusing more is not wanted
             for interval in range(1, self.model.spec.steps + 1):
                 trials.append(self.measure(interval))
-                if not reuse_more(trials[-1]):
+                if done(trials[-1]) or not reuse_more(trials[-1]):
                     break
-            self.bar.total = self.bar.n  # the search ended before the last interval
         else:  # thresholds: bisection on a log scale
             low, high = math.log(knob.low), math.log(knob.high)
             for _ in range(BISECTIONS):
                 middle = (low + high) / 2
                 trials.append(self.measure(math.exp(middle)))
+                if done(trials[-1]):
+                    break
                 further = reuse_more(trials[-1]) == (knob.reuses_more == "higher")
                 low, high = (middle, high) if further else (low, middle)
+        self.bar.total = self.bar.n  # the search may end before its last trial
         self.bar.close()
         return TuneResult(self.knob, self.metric.name, best(trials), trials)
 

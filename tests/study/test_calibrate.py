@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from cachekit.schemas import CalibrationSpec, TeaCacheConfig, load_preset
 from cachekit.signals import relative_l1
 from cachekit.study.models import TestbedModel
 from cachekit.testing import run_flux, tiny_flux_pipeline
-from cachekit.tune import Tuner
+from cachekit.tune import BISECTIONS, Tuner
 
 TRUTH = [3.0, -2.0, 0.5, 0.1, 0.01]
 
@@ -92,6 +93,8 @@ def test_tuner_meets_a_computed_ratio_within_one_step(strategy, target):
     model = TestbedModel("flux-digits", CalibrationSpec(model="flux-digits", labels=[5], steps=steps))
     result = Tuner(model, strategy, seeds=[1000], conditions=["5"]).to_ratio(target)
     assert abs(result.chosen.computed_steps - target * steps) <= 1
+    if strategy["strategy"] == "teacache":  # the bisection ends once met as closely as a step allows
+        assert len(result.trials) < BISECTIONS and abs(result.trials[-1].computed - target) <= 1 / (2 * steps)
     assert 0 < result.chosen.quality < float("inf")
     with cachekit.apply(model.target, result.config(strategy)) as handle:  # the chosen setting reproduces
         model.generate(1000, "5")
@@ -105,6 +108,18 @@ def test_tuner_psnr_floor():
     assert result.chosen.quality >= 40.0
     more_reuse = [t for t in result.trials if t.computed < result.chosen.computed]
     assert all(t.quality < 40.0 for t in more_reuse)
+
+
+def test_a_weak_calibration_fit_is_warned():
+    from cachekit.calibrate import CalibrationWarning, check_fit, fit
+
+    rng = np.random.default_rng(0)
+    x = list(np.linspace(0, 1, 40))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        check_fit(fit(x, [2 * v + 0.01 * rng.standard_normal() for v in x], order=2))  # a good fit: quiet
+    with pytest.warns(CalibrationWarning, match=r"a weak fit: R² 0\.\d\d \(below 0\.8\) over 40 calls"):
+        check_fit(fit(x, list(rng.standard_normal(40)), order=2))
 
 
 def test_unknown_knob():
