@@ -27,6 +27,13 @@ def _json_strategy(text: str) -> dict[str, Any]:
     return value
 
 
+def _strategy(text: str) -> Any:
+    """A strategy as `cachekit.apply` takes it: a JSON object, a config file or a name."""
+    if text.lstrip().startswith("{"):
+        return _json_strategy(text)
+    return text
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"give a whole number of threads, 1 or more, got {text!r}")
@@ -79,6 +86,32 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, help="folder (default: beside the database)")
     report.add_argument("--study", help="which study in the database (default: the latest)")
 
+    one = commands.add_parser(
+        "generate", help="one generation under a strategy beside the uncached one: the summary, speedup and PSNR"
+    )
+    one.add_argument("model", help="a testbed name, a diffusers pipeline folder or a hub id")
+    one.add_argument(
+        "--strategy",
+        required=True,
+        type=_strategy,
+        help='a strategy name, a JSON config (\'{"strategy": "uniform", "interval": 3}\') or a .json/.toml file',
+    )
+    condition = one.add_mutually_exclusive_group(required=True)
+    condition.add_argument("--prompt", help="what a diffusers pipeline generates")
+    condition.add_argument("--label", type=int, help="the digit a testbed model generates")
+    one.add_argument("--out", type=Path, help="where the cached output goes (.png for images, .mp4 for videos)")
+    one.add_argument("--seed", type=int, default=0)
+    one.add_argument("--steps", type=int, default=50)
+    one.add_argument("--negative-prompt")
+    one.add_argument("--guidance-scale", type=float)
+    one.add_argument("--true-cfg-scale", type=float)
+    one.add_argument("--height", type=int)
+    one.add_argument("--width", type=int)
+    one.add_argument("--frames", type=int, help="a video pipeline's num_frames")
+    one.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    one.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    one.add_argument("--warmup", type=int, default=1, help="untimed uncached generations first (default 1)")
+
     calibrate = commands.add_parser("calibrate", help="fit TeaCache's rescale polynomial to a model")
     calibrate.add_argument("spec", type=Path, help="a .toml/.json calibration spec")
     calibrate.add_argument("--out", type=Path, help="the preset file (default: <model>-calibrated.json)")
@@ -106,7 +139,7 @@ def parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--quiet", action="store_true", help="no progress bar")
     calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
-    for command in (run, calibrate, tune):
+    for command in (run, calibrate, tune, one):
         command.add_argument(
             "--threads",
             type=_positive,
@@ -121,6 +154,8 @@ def _main(argv: list[str] | None) -> None:
     args = parser().parse_args(argv)
     if args.command == "list":
         _list()
+    elif args.command == "generate":
+        _generate(args)
     elif args.command == "calibrate":
         _calibrate(args)
     elif args.command == "tune":
@@ -177,6 +212,32 @@ def _run(args: argparse.Namespace) -> None:
         sys.exit(130)
     if args.report and _first_process():
         print(f"report: {write_report(db, study=spec.name)}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from cachekit.generate import generate, save
+
+    settings = {
+        name: value
+        for name in (
+            "steps",
+            "negative_prompt",
+            "guidance_scale",
+            "true_cfg_scale",
+            "height",
+            "width",
+            "frames",
+            "device",
+            "dtype",
+            "threads",
+        )
+        if (value := getattr(args, name)) is not None
+    }
+    condition = args.prompt if args.prompt is not None else str(args.label)
+    result = generate(args.model, args.strategy, condition, seed=args.seed, warmup=args.warmup, **settings)
+    print(result.report())
+    if args.out is not None:
+        print(f"saved: {save(result.output, args.out)}")
 
 
 def _saved(db: Path, study: str) -> int:

@@ -228,6 +228,13 @@ def test_a_built_in_method_is_two_files():
         assert documented in (TESTS / "data" / "every_fourth" / folder / "every_fourth.py").read_text()
 
 
+def test_generate_command(tmp_path):
+    (command,) = commands("cachekit generate flux-digits")
+    result = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "x speedup, PSNR" in result.stdout and (tmp_path / "three.png").is_file()
+
+
 def commands(first_line: str) -> list[str]:
     """The command lines of the bash block starting with `first_line`, comments dropped; `cachekit`
     run by this Python (`python -m cachekit`, as the README says it may be)."""
@@ -239,6 +246,7 @@ def commands(first_line: str) -> list[str]:
 HANDLERS = {
     "import torch\nfrom diffusers import FluxPipeline": test_front_door,
     "cachekit study run default --report": test_study_command,
+    "cachekit generate flux-digits": test_generate_command,
     "# a config object, and the counts of one site": test_use,
     "# schemas/every_fourth.py": test_a_built_in_method_is_two_files,
     "# strategies/every_fourth.py": test_a_built_in_method_is_two_files,
