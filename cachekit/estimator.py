@@ -121,7 +121,8 @@ def _described(value: Any) -> str:
     if isinstance(value, tuple):
         shape, dtype, device = value
         return f"a tensor of shape {tuple(shape)}, {str(dtype).removeprefix('torch.')}, on {device}"
-    return f"{type(value).__name__} {value!r}"[:120]
+    text = f"{type(value).__name__} {value!r}"
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _dtypes(layout: Any) -> list[torch.dtype]:

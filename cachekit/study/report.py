@@ -139,7 +139,8 @@ def wall_clock_trusted(summaries: list[Summary]) -> tuple[bool, str]:
     """Whether the measured speedups can be plotted as they are, and why not."""
     above = [s.label for s in summaries if s.above_limit]
     if above:
-        return False, f"{len(above)} speedups above what their skipped work allows ({', '.join(above[:3])})"
+        shown = ", ".join(above[:3]) + (f", and {len(above) - 3} more" if len(above) > 3 else "")
+        return False, f"{len(above)} speedups above what their skipped work allows ({shown})"
     varied = max(summaries, key=lambda s: s.spread, default=None)
     if varied is not None and varied.spread > TRUSTED_SPREAD:
         return False, f"the timed generations of {varied.label} vary {varied.spread:.2f}x (upper over lower quartile)"
@@ -228,8 +229,9 @@ def write_report(db: str | Path, out: str | Path | None = None, study: str | Non
     out.mkdir(parents=True, exist_ok=True)
     summaries = summarize(rows, runs[-1]["spec"].get("primary", DEFAULT_PRIMARY) if runs else DEFAULT_PRIMARY)
     trusted, why_not = wall_clock_trusted(summaries)
-    _pareto(summaries, out / "pareto.png", trusted, why_not)
-    plot_quality(summaries, out / "quality.png")
+    colours = method_colours(summaries)  # one colour per method in every plot
+    _pareto(summaries, out / "pareto.png", trusted, why_not, colours)
+    plot_quality(summaries, out / "quality.png", colours)
     _timeline(rows, summaries, out / "timeline.png")
     metrics = [name for name in SHOWN_FIRST if any(name in s.metrics for s in summaries)]
     metrics += sorted({name for s in summaries for name in s.metrics} - set(metrics))
@@ -365,7 +367,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _pareto(summaries: list[Summary], path: Path, trusted: bool, why_not: str) -> None:
+def _pareto(summaries: list[Summary], path: Path, trusted: bool, why_not: str, colour: dict[str, Any]) -> None:
     """Speedup vs PSNR per model, one colour per method; the frontier joins the settings no other
     beats on both (drawn from two of them on). The x axis is wall clock where it can be trusted,
     else the FLOPs speedup, and the title says which. Settings that land on one spot (a method and
@@ -377,7 +379,6 @@ def _pareto(summaries: list[Summary], path: Path, trusted: bool, why_not: str) -
     for axis, model in zip(axes[0], models, strict=True):
         shown = [s for s in summaries if s.model == model and s.quality is not None and s.quality != math.inf]
         methods = list(dict.fromkeys(s.method for s in shown))
-        colour = _colours(plt, methods)
         points = [(s.speedup if trusted else s.flops_speedup, s.quality or 0.0, s) for s in shown]
         axis.scatter([x for x, _, _ in points], [y for _, y, _ in points], s=0)  # sets the limits
         frontier = sorted((x, y) for x, y, _ in points if not any(o[0] >= x and o[1] > y for o in points))
@@ -469,7 +470,7 @@ def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def plot_quality(summaries: list[Summary], path: Path) -> None:
+def plot_quality(summaries: list[Summary], path: Path, colour: dict[str, Any] | None = None) -> None:
     """The primary metric against the share of block executions, one line per method through its settings
     (diffusers' methods dashed); methods that run every block are left to the budget tables.
     Settings of several methods on one spot (a method and its diffusers twin) are drawn as rings
@@ -480,7 +481,7 @@ def plot_quality(summaries: list[Summary], path: Path) -> None:
     methods = list(dict.fromkeys(s.method for s in summaries if s.quality not in (None, math.inf) and s.blocks < 1))
     peers = {s.method for s in summaries if s.diffusers}
     primary = metric_name(summaries[0].primary) if summaries else "quality"
-    colour = _colours(plt, methods)
+    colour = colour or method_colours(summaries)
     for axis, model in zip(axes[0], models, strict=True):
         groups: dict[str, list[Summary]] = {}
         for s in summaries:
@@ -507,10 +508,12 @@ def plot_quality(summaries: list[Summary], path: Path) -> None:
     plt.close(figure)
 
 
-def _colours(plt: Any, methods: list[str]) -> dict[str, Any]:
-    """One colour per method, the strong ones of tab20 first."""
-    palette = plt.get_cmap("tab20").colors
+def method_colours(summaries: list[Summary]) -> dict[str, Any]:
+    """One colour per method of the study, the same in every plot: the strong ones of tab20 first,
+    in the order the methods first appear."""
+    palette = _pyplot().get_cmap("tab20").colors
     order = [*palette[0::2], *palette[1::2]]
+    methods = dict.fromkeys(s.method for s in summaries)
     return {method: order[number % len(order)] for number, method in enumerate(methods)}
 
 

@@ -456,3 +456,32 @@ def test_the_testbed_computes_with_one_thread_unless_told_and_the_count_is_part_
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_every_plot_of_a_report_gives_a_method_the_same_colour(finished, tmp_path, monkeypatch):
+    """Each legend's colour per method, across both plots and every model's panel, from the figures drawn."""
+    import matplotlib.axes
+    import matplotlib.colors
+    import matplotlib.figure
+
+    db, _ = finished
+    seen: dict[str, set[str]] = {}
+
+    def record(original):
+        def legend(self, handles, labels, *args, **kwargs):
+            for handle, label in zip(handles, labels, strict=True):
+                if label != "frontier":
+                    seen.setdefault(label, set()).add(matplotlib.colors.to_hex(handle.get_color()))
+            return original(self, handles, labels, *args, **kwargs)
+
+        return legend
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "legend", record(matplotlib.axes.Axes.legend))
+    monkeypatch.setattr(matplotlib.figure.Figure, "legend", record(matplotlib.figure.Figure.legend))
+    from cachekit.study.report import method_colours
+
+    summaries = summarize(ResultStore(db).rows("tiny"))
+    write_report(db, tmp_path / "report")
+    assert seen and all(len(colours) == 1 for colours in seen.values()), seen
+    assert len({next(iter(colours)) for colours in seen.values()}) == len(seen)  # and no two share one
+    assert set(method_colours(summaries)) == {s.method for s in summaries}
