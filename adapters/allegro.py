@@ -3,8 +3,6 @@ cross attention to the text, table-modulated like PixArt."""
 
 from __future__ import annotations
 
-from diffusers import AllegroTransformer3DModel
-
 from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import (
     FULL_3D,
@@ -30,7 +28,7 @@ ALLEGRO_SPEC = AdapterSpec(
 
 AllegroAdapter = declare_adapter(
     ALLEGRO_SPEC,
-    AllegroTransformer3DModel,
+    "diffusers.AllegroTransformer3DModel",
     Example(
         config={
             "num_attention_heads": 2,

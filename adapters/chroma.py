@@ -8,9 +8,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from diffusers import ChromaTransformer2DModel
 
-from cachekit.adapter import call_arg
+from cachekit.adapter import LazyClass, call_arg
 from cachekit.adapters.flux import FLUX_DOUBLE_BLOCKS
 from cachekit.declarative import DeclarativeAdapter, Example, image_ids, registering
 from cachekit.schemas.adapter import (
@@ -51,7 +50,7 @@ CHROMA_SPEC = AdapterSpec(
 
 class ChromaAdapter(DeclarativeAdapter):
     spec = CHROMA_SPEC
-    model_class = ChromaTransformer2DModel
+    model_class = LazyClass("diffusers.ChromaTransformer2DModel")
     example_model = Example(
         config={
             "patch_size": 1,
@@ -70,8 +69,6 @@ class ChromaAdapter(DeclarativeAdapter):
         conditions={"encoder_hidden_states": (1, 6, 32)},
         constants={"img_ids": image_ids(4, 4), "txt_ids": torch.zeros(6, 3)},
     )
-
-    model: ChromaTransformer2DModel
 
     def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
         first = self.model.transformer_blocks[0]

@@ -3,8 +3,6 @@ video and text tokens, which the blocks take and return separately."""
 
 from __future__ import annotations
 
-from diffusers import CogVideoXTransformer3DModel
-
 from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import (
     ENCODER,
@@ -45,7 +43,7 @@ COGVIDEOX_SPEC = AdapterSpec(
 
 CogVideoXAdapter = declare_adapter(
     COGVIDEOX_SPEC,
-    CogVideoXTransformer3DModel,
+    "diffusers.CogVideoXTransformer3DModel",
     Example(
         config={
             "num_attention_heads": 2,

@@ -4,7 +4,6 @@ tokens separately; the adaptive norm modulates both at once."""
 from __future__ import annotations
 
 import torch
-from diffusers import CogView4Transformer2DModel
 
 from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import (
@@ -44,7 +43,7 @@ COGVIEW4_SPEC = AdapterSpec(
 
 CogView4Adapter = declare_adapter(
     COGVIEW4_SPEC,
-    CogView4Transformer2DModel,
+    "diffusers.CogView4Transformer2DModel",
     Example(
         config={
             "patch_size": 2,

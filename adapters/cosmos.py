@@ -7,8 +7,6 @@ but is not on the 0-1000 scale: timestep windows (PAB's) need values on its own 
 
 from __future__ import annotations
 
-from diffusers import CosmosTransformer3DModel
-
 from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import (
     FULL_3D,
@@ -38,7 +36,7 @@ COSMOS_SPEC = AdapterSpec(
 
 CosmosAdapter = declare_adapter(
     COSMOS_SPEC,
-    CosmosTransformer3DModel,
+    "diffusers.CosmosTransformer3DModel",
     Example(
         config={
             "in_channels": 4,

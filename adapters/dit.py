@@ -4,7 +4,6 @@ class label in its own adaptive norm; block 0's embedder is the one the probe an
 from __future__ import annotations
 
 import torch
-from diffusers import DiTTransformer2DModel
 
 from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import (
@@ -39,7 +38,7 @@ DIT_SPEC = AdapterSpec(
 
 DiTAdapter = declare_adapter(
     DIT_SPEC,
-    DiTTransformer2DModel,
+    "diffusers.DiTTransformer2DModel",
     Example(
         config={
             "sample_size": 8,

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import FluxTransformer2DModel
 
 from cachekit.declarative import Example, declare_adapter, image_ids, registering
 from cachekit.schemas.adapter import (
@@ -77,7 +76,7 @@ TINY_FLUX: dict[str, Any] = {
 
 FluxAdapter = declare_adapter(
     FLUX_SPEC,
-    FluxTransformer2DModel,
+    "diffusers.FluxTransformer2DModel",
     Example(
         config=TINY_FLUX,
         latents=(1, 16, 4),

@@ -11,9 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from diffusers import HiDreamImageTransformer2DModel
 
-from cachekit.adapter import call_arg
+from cachekit.adapter import LazyClass, call_arg
 from cachekit.declarative import DeclarativeAdapter, Example, registering
 from cachekit.schemas.adapter import (
     HIDDEN,
@@ -58,7 +57,7 @@ HIDREAM_SPEC = AdapterSpec(
 
 class HiDreamAdapter(DeclarativeAdapter):
     spec = HIDREAM_SPEC
-    model_class = HiDreamImageTransformer2DModel
+    model_class = LazyClass("diffusers.HiDreamImageTransformer2DModel")
     example_model = Example(
         config={
             "patch_size": 2,
@@ -83,8 +82,6 @@ class HiDreamAdapter(DeclarativeAdapter):
             "pooled_embeds": (1, 8),
         },
     )
-
-    model: HiDreamImageTransformer2DModel
 
     def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
         first = self.model.double_stream_blocks[0].block

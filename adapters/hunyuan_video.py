@@ -5,8 +5,8 @@ all of them. Attention runs over all video and text tokens at once."""
 from __future__ import annotations
 
 import torch
-from diffusers import HunyuanVideoTransformer3DModel
 
+from cachekit.adapter import LazyClass
 from cachekit.declarative import DeclarativeAdapter, Example, registering
 from cachekit.schemas.adapter import (
     ENCODER,
@@ -52,7 +52,7 @@ HUNYUAN_VIDEO_SPEC = AdapterSpec(
 
 class HunyuanVideoAdapter(DeclarativeAdapter):
     spec = HUNYUAN_VIDEO_SPEC
-    model_class = HunyuanVideoTransformer3DModel
+    model_class = LazyClass("diffusers.HunyuanVideoTransformer3DModel")
     example_model = Example(
         config={
             "in_channels": 4,
@@ -73,8 +73,6 @@ class HunyuanVideoAdapter(DeclarativeAdapter):
         conditions={"encoder_hidden_states": (1, 6, 16), "pooled_projections": (1, 8)},
         constants={"encoder_attention_mask": torch.ones(1, 6), "guidance": torch.tensor([3000.0])},
     )
-
-    model: HunyuanVideoTransformer3DModel
 
     @classmethod
     def matches(cls, model: torch.nn.Module) -> bool:

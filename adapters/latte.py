@@ -5,8 +5,6 @@ block and branch), decided once per call."""
 
 from __future__ import annotations
 
-from diffusers import LatteTransformer3DModel
-
 from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import (
     HIDDEN,
@@ -54,7 +52,7 @@ LATTE_SPEC = AdapterSpec(
 
 LatteAdapter = declare_adapter(
     LATTE_SPEC,
-    LatteTransformer3DModel,
+    "diffusers.LatteTransformer3DModel",
     Example(
         config={
             "sample_size": 8,

@@ -4,7 +4,6 @@ cross attention to the text, modulated per token by a table plus the projected t
 from __future__ import annotations
 
 import torch
-from diffusers import LTXVideoTransformer3DModel
 
 from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import (
@@ -49,7 +48,7 @@ LTX_SPEC = AdapterSpec(
 
 LTXAdapter = declare_adapter(
     LTX_SPEC,
-    LTXVideoTransformer3DModel,
+    "diffusers.LTXVideoTransformer3DModel",
     Example(
         config={
             "in_channels": 4,

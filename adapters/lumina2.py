@@ -8,7 +8,6 @@ Lumina2 pipelines pass 1 - t/1000 (it runs from 0 at pure noise to 1), mapped ba
 from __future__ import annotations
 
 import torch
-from diffusers import Lumina2Transformer2DModel
 
 from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import (
@@ -41,7 +40,7 @@ LUMINA2_SPEC = AdapterSpec(
 
 Lumina2Adapter = declare_adapter(
     LUMINA2_SPEC,
-    Lumina2Transformer2DModel,
+    "diffusers.Lumina2Transformer2DModel",
     Example(
         config={
             "sample_size": 4,

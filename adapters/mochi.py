@@ -7,7 +7,6 @@ Mochi pipelines pass 1000 - t (the model runs from 0 at pure noise to 1000), map
 from __future__ import annotations
 
 import torch
-from diffusers import MochiTransformer3DModel
 
 from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import (
@@ -48,7 +47,7 @@ MOCHI_SPEC = AdapterSpec(
 
 MochiAdapter = declare_adapter(
     MOCHI_SPEC,
-    MochiTransformer3DModel,
+    "diffusers.MochiTransformer3DModel",
     Example(
         config={
             "patch_size": 2,

@@ -3,8 +3,6 @@ per-block table plus the projected timestep of `adaln_single`."""
 
 from __future__ import annotations
 
-from diffusers import PixArtTransformer2DModel
-
 from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import (
     IMAGE_ONLY,
@@ -29,7 +27,7 @@ PIXART_SPEC = AdapterSpec(
 
 PixArtAdapter = declare_adapter(
     PIXART_SPEC,
-    PixArtTransformer2DModel,
+    "diffusers.PixArtTransformer2DModel",
     Example(
         config={
             "sample_size": 8,

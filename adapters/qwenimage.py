@@ -7,9 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from diffusers import QwenImageTransformer2DModel
 
-from cachekit.adapter import call_arg
+from cachekit.adapter import LazyClass, call_arg
 from cachekit.declarative import DeclarativeAdapter, Example, registering
 from cachekit.schemas.adapter import (
     ENCODER,
@@ -46,7 +45,7 @@ QWENIMAGE_SPEC = AdapterSpec(
 
 class QwenImageAdapter(DeclarativeAdapter):
     spec = QWENIMAGE_SPEC
-    model_class = QwenImageTransformer2DModel
+    model_class = LazyClass("diffusers.QwenImageTransformer2DModel")
     example_model = Example(
         config={
             "patch_size": 2,
@@ -62,8 +61,6 @@ class QwenImageAdapter(DeclarativeAdapter):
         conditions={"encoder_hidden_states": (1, 6, 16)},
         constants={"encoder_hidden_states_mask": torch.ones(1, 6), "img_shapes": [(1, 4, 4)]},
     )
-
-    model: QwenImageTransformer2DModel
 
     def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
         first = self.model.transformer_blocks[0]

@@ -3,8 +3,6 @@ table-modulated like PixArt."""
 
 from __future__ import annotations
 
-from diffusers import SanaTransformer2DModel
-
 from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import (
     IMAGE_ONLY,
@@ -29,7 +27,7 @@ SANA_SPEC = AdapterSpec(
 
 SanaAdapter = declare_adapter(
     SANA_SPEC,
-    SanaTransformer2DModel,
+    "diffusers.SanaTransformer2DModel",
     Example(
         config={
             "patch_size": 1,

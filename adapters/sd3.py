@@ -6,8 +6,6 @@ SD3.5's dual-attention blocks have a second, image-only self-attention (`attn2`)
 
 from __future__ import annotations
 
-from diffusers import SD3Transformer2DModel
-
 from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import (
     ENCODER,
@@ -46,7 +44,7 @@ SD3_SPEC = AdapterSpec(
 
 SD3Adapter = declare_adapter(
     SD3_SPEC,
-    SD3Transformer2DModel,
+    "diffusers.SD3Transformer2DModel",
     Example(
         config={
             "sample_size": 8,

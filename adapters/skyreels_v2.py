@@ -3,8 +3,6 @@ each frame has its own timestep, so the modulation (and the probe) is per token.
 
 from __future__ import annotations
 
-from diffusers import SkyReelsV2Transformer3DModel
-
 from cachekit.adapters.wan import TINY_WAN, WAN_BLOCKS
 from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import FULL_3D, TEMB, AdapterSpec, OutputSpec, TableProbe, TimestepSpec
@@ -22,7 +20,7 @@ SKYREELS_V2_SPEC = AdapterSpec(
 
 SkyReelsV2Adapter = declare_adapter(
     SKYREELS_V2_SPEC,
-    SkyReelsV2Transformer3DModel,
+    "diffusers.SkyReelsV2Transformer3DModel",
     Example(
         config=TINY_WAN,
         latents=(1, 4, 2, 8, 8),

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffusers import WanTransformer3DModel
-
 from cachekit.declarative import Example, declare_adapter, registering
 from cachekit.schemas.adapter import FULL_3D, AdapterSpec, Argument, BlockListSpec, OutputSpec, TableProbe, TimestepSpec
 
@@ -51,7 +49,7 @@ TINY_WAN: dict[str, Any] = {
 
 WanAdapter = declare_adapter(
     WAN_SPEC,
-    WanTransformer3DModel,
+    "diffusers.WanTransformer3DModel",
     Example(
         config=TINY_WAN,
         latents=(1, 4, 2, 8, 8),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
+import inspect
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -193,6 +195,33 @@ class ResidualSpan:
         return tuple(block for segment in self.segments for block in segment)
 
 
+class LazyClass:
+    """A model class named by its import path ("diffusers.FluxTransformer2DModel"), imported the
+    first time an adapter uses it: loading the registry (`cachekit list`) then imports no model
+    library, and a model is told apart by its classes' names before anything is imported."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.name = path.rpartition(".")[2]
+        self._class: type[nn.Module] | None = None
+
+    def __get__(self, instance: object, owner: type | None = None) -> type[nn.Module]:
+        if self._class is None:
+            module, _, name = self.path.rpartition(".")
+            self._class = getattr(importlib.import_module(module), name)
+        return self._class
+
+    def named_in(self, model: nn.Module) -> bool:
+        """Whether a class of `model` (its own or a base) has this name: the cheap check first."""
+        return any(klass.__name__ == self.name for klass in type(model).__mro__)
+
+
+def model_class_name(adapter: type[Adapter]) -> str:
+    """The name of the class `adapter` supports, without importing it."""
+    declared = inspect.getattr_static(adapter, "model_class")
+    return declared.name if isinstance(declared, LazyClass) else declared.__name__
+
+
 class Adapter:
     """Base class of model-family adapters.
 
@@ -217,6 +246,9 @@ class Adapter:
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         """Whether this adapter knows `model`. Override where variants of a class differ."""
+        declared = inspect.getattr_static(cls, "model_class")
+        if isinstance(declared, LazyClass) and not declared.named_in(model):
+            return False
         return isinstance(model, cls.model_class)
 
     @classmethod

@@ -31,6 +31,7 @@ from cachekit.adapter import (
     Adapter,
     BlockArgument,
     BlockStreams,
+    LazyClass,
     ModuleSite,
     OutputSite,
     ResidualSpan,
@@ -401,11 +402,12 @@ def _find(block: nn.Module, path: str) -> nn.Module | None:
 
 def declare_adapter(
     spec: AdapterSpec | Mapping[str, Any] | str | os.PathLike[str],
-    model_class: type[nn.Module],
+    model_class: type[nn.Module] | str,
     example: Example | None = None,
 ) -> type[DeclarativeAdapter]:
-    """An adapter class for `model_class` from a spec (object, dict, or TOML/JSON file), with a
-    tiny `example` model for the conformance tests.
+    """An adapter class for `model_class` (the class, or its import path, "diffusers.FluxTransformer2DModel",
+    imported when first used) from a spec (object, dict, or TOML/JSON file), with a tiny `example`
+    model for the conformance tests.
 
     Register it like any adapter: ``register(declare_adapter(spec, MyDiT))`` in a plugin's
     ``cachekit_register_adapters`` hook (or ``cachekit_register_adapters = registering(...)``),
@@ -419,7 +421,8 @@ def declare_adapter(
         spec = read_table(beside_caller if not path.is_absolute() and beside_caller.is_file() else path)
     spec = AdapterSpec.model_validate(spec)
     class_name = "".join(part.title() for part in spec.name.split("_")) + "Adapter"
-    fields = {"spec": spec, "model_class": model_class, "example_model": example, "__module__": _caller_module()}
+    declared = LazyClass(model_class) if isinstance(model_class, str) else model_class
+    fields = {"spec": spec, "model_class": declared, "example_model": example, "__module__": _caller_module()}
     return type(class_name, (DeclarativeAdapter,), fields)
 
 

@@ -27,7 +27,7 @@ import pluggy
 from torch import nn
 
 from cachekit import hookspecs
-from cachekit.adapter import Adapter
+from cachekit.adapter import Adapter, model_class_name
 from cachekit.errors import PluginError, UnknownEstimatorError, UnknownStrategyError, UnsupportedModelError
 from cachekit.estimator import Estimator
 from cachekit.metric import Metric
@@ -269,7 +269,7 @@ def resolve_adapter(model: nn.Module) -> type[Adapter]:
     mro = type(model).__mro__
     candidates = [adapter for adapter in registry().adapters.values() if adapter.matches(model)]
     if not candidates:
-        supported = sorted({adapter.model_class.__name__ for adapter in registry().adapters.values()})
+        supported = sorted({model_class_name(adapter) for adapter in registry().adapters.values()})
         raise UnsupportedModelError(
             f"no cachekit adapter supports {type(model).__name__}; supported models: {', '.join(supported) or 'none'}"
         )

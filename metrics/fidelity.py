@@ -1,6 +1,7 @@
 """Fidelity to the uncached output: PSNR, SSIM and MS-SSIM (torchmetrics does the maths).
 
 Images (B, C, H, W) and videos (B, C, F, H, W), whose frames are scored as images, in [-1, 1].
+torchmetrics is imported when a metric first scores, so loading the registry stays quick.
 """
 
 from __future__ import annotations
@@ -8,11 +9,6 @@ from __future__ import annotations
 from typing import cast
 
 import torch
-from torchmetrics.functional.image import (
-    multiscale_structural_similarity_index_measure,
-    peak_signal_noise_ratio,
-    structural_similarity_index_measure,
-)
 
 from cachekit.hookspecs import hookimpl
 from cachekit.metric import Metric, MetricSkipped, Sample
@@ -56,6 +52,8 @@ class PSNR(Metric):
         preds, target = _pair(sample)
         if torch.equal(preds, target):
             return float("inf")
+        from torchmetrics.functional.image import peak_signal_noise_ratio
+
         return float(peak_signal_noise_ratio(preds, target, data_range=DATA_RANGE))
 
 
@@ -66,6 +64,8 @@ class SSIM(Metric):
         preds, target = _pair(sample)
         if torch.equal(preds, target):
             return 1.0
+        from torchmetrics.functional.image import structural_similarity_index_measure
+
         return float(cast(torch.Tensor, structural_similarity_index_measure(preds, target, data_range=DATA_RANGE)))
 
 
@@ -76,6 +76,8 @@ class MSSSIM(Metric):
         preds, target = _pair(sample)
         if min(preds.shape[-2:]) < MS_SSIM_MIN_SIZE:
             raise MetricSkipped(f"images of {preds.shape[-2]}x{preds.shape[-1]} are under {MS_SSIM_MIN_SIZE} px")
+        from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
         return float(multiscale_structural_similarity_index_measure(preds, target, data_range=DATA_RANGE))
 
 

@@ -11,9 +11,8 @@ from typing import Any
 from PIL import Image
 
 from cachekit.hookspecs import hookimpl
-from cachekit.metric import Metric, Sample, local_file
+from cachekit.metric import Metric, Sample, local_file, rgb_bytes
 from cachekit.metrics.fidelity import colour_frames
-from cachekit.study.samples import as_bytes
 
 CHECKPOINT = "ImageReward-v1.0"
 
@@ -42,7 +41,7 @@ class ImageReward(Metric):
         frames = colour_frames(sample.output)
         if self._model is None:
             self._model = reward.load(CHECKPOINT, device="cpu", download_root=str(self.root))
-        images = [Image.fromarray(as_bytes(frame)) for frame in frames]
+        images = [Image.fromarray(rgb_bytes(frame).movedim(0, -1).numpy()) for frame in frames]
         scores = self._model.score(sample.condition, images)
         scores = scores if isinstance(scores, list) else [scores]
         return sum(scores) / len(scores)

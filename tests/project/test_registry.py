@@ -212,3 +212,31 @@ def _module(path: Path) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_loading_every_plugin_imports_no_model_library(tmp_path):
+    """`cachekit list` stays quick: adapters name their model classes, imported when first used,
+    and metrics import their libraries when they first score."""
+    code = (
+        "import sys, cachekit\n"
+        "from cachekit.registry import registry\n"
+        "loaded = registry()\n"
+        "assert not loaded.errors, loaded.errors\n"
+        "print(len(loaded.adapters), sorted(m for m in ('diffusers', 'torchmetrics', 'transformers') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[1:] == ["[]"] and int(result.stdout.split()[0]) >= 19
+
+
+def test_an_adapter_is_told_by_its_class_names_before_its_class_is_imported():
+    from diffusers import FluxTransformer2DModel, WanTransformer3DModel
+
+    from cachekit.adapter import LazyClass
+
+    flux = cachekit.testing.tiny_flux_transformer()
+    lazy = LazyClass("diffusers.WanTransformer3DModel")
+    assert not lazy.named_in(flux) and lazy._class is None  # told apart without importing anything
+    assert LazyClass("diffusers.FluxTransformer2DModel").named_in(flux)
+    assert lazy.__get__(None, None) is WanTransformer3DModel and FluxTransformer2DModel
+    assert cachekit.resolve_adapter(flux).name == "flux"
