@@ -70,6 +70,8 @@ class ChromaAdapter(DeclarativeAdapter):
         constants={"img_ids": image_ids(4, 4), "txt_ids": torch.zeros(6, 3)},
     )
 
+    model: Any  # an instance of `model_class`, imported when first used
+
     def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
         first = self.model.transformer_blocks[0]
         hidden_states = call_arg(args, kwargs, HIDDEN.position, HIDDEN.name)

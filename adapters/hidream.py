@@ -83,6 +83,8 @@ class HiDreamAdapter(DeclarativeAdapter):
         },
     )
 
+    model: Any  # an instance of `model_class`, imported when first used
+
     def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
         first = self.model.double_stream_blocks[0].block
         hidden_states = call_arg(args, kwargs, 0, "hidden_states")

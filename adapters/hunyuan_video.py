@@ -4,6 +4,8 @@ all of them. Attention runs over all video and text tokens at once."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from cachekit.adapter import LazyClass
@@ -73,6 +75,8 @@ class HunyuanVideoAdapter(DeclarativeAdapter):
         conditions={"encoder_hidden_states": (1, 6, 16), "pooled_projections": (1, 8)},
         constants={"encoder_attention_mask": torch.ones(1, 6), "guidance": torch.tensor([3000.0])},
     )
+
+    model: Any  # an instance of `model_class`, imported when first used
 
     @classmethod
     def matches(cls, model: torch.nn.Module) -> bool:

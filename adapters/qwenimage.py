@@ -62,6 +62,8 @@ class QwenImageAdapter(DeclarativeAdapter):
         constants={"encoder_hidden_states_mask": torch.ones(1, 6), "img_shapes": [(1, 4, 4)]},
     )
 
+    model: Any  # an instance of `model_class`, imported when first used
+
     def probe(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
         first = self.model.transformer_blocks[0]
         hidden_states = call_arg(args, kwargs, 0, "hidden_states")

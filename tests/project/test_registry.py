@@ -222,7 +222,8 @@ def test_loading_every_plugin_imports_no_model_library(tmp_path):
         "from cachekit.registry import registry\n"
         "loaded = registry()\n"
         "assert not loaded.errors, loaded.errors\n"
-        "print(len(loaded.adapters), sorted(m for m in ('diffusers', 'torchmetrics', 'transformers') if m in sys.modules))"
+        "libraries = ('diffusers', 'torchmetrics', 'transformers')\n"
+        "print(len(loaded.adapters), sorted(m for m in libraries if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
