@@ -43,6 +43,14 @@ def current_group() -> Any:
     return _GROUP.get()
 
 
+#: Whether host reads of meta tensors answer zeros (`cachekit.testing.meta_reads`, for tests of full-size shapes).
+_meta_reads = [False]
+
+
+def meta_reads_answered() -> bool:
+    return _meta_reads[0]
+
+
 def read(*values: torch.Tensor) -> list[float]:
     """Device values as Python floats: the one host sync of a decision."""
     if len(values) == 1:

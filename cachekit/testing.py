@@ -26,6 +26,8 @@ from diffusers import (
 )
 from torch import nn
 
+from cachekit import signals
+
 _LETTERS = [chr(code) for code in range(ord("a"), ord("z") + 1)]
 
 
@@ -347,8 +349,10 @@ def meta_reads() -> Iterator[None]:
 
     for name in originals:
         setattr(torch.Tensor, name, reader(name))
+    signals._meta_reads[0] = True
     try:
         yield
     finally:
+        signals._meta_reads[0] = False
         for name in originals:
             delattr(torch.Tensor, name)

@@ -21,10 +21,16 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
 
 from cachekit.adapter import Adapter, CallSignal, OutputSite, Streams
-from cachekit.errors import AlreadyAttachedError, ConcurrentUseError, RankDivergenceError, StrategyError
+from cachekit.errors import (
+    AlreadyAttachedError,
+    ConcurrentUseError,
+    RankDivergenceError,
+    StrategyError,
+    UnsupportedModelError,
+)
 from cachekit.estimator import Kept
 from cachekit.runtime.placement import context_parallel_group
-from cachekit.signals import read, reduced_over
+from cachekit.signals import meta_reads_answered, read, reduced_over
 from cachekit.stats import BranchStats, CacheStats, GenerationStats, tensor_bytes
 from cachekit.steps import StepTracker
 from cachekit.strategy import Step, Strategy
@@ -114,6 +120,13 @@ class Frames:
 
     def _begin(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], context: Any) -> Call:
         adapter, tracker = self.adapter, self.tracker
+        sample = adapter.latent_input(args, kwargs)
+        if sample.is_meta and not meta_reads_answered():
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} was called on the meta device, whose tensors hold no values: a strategy "
+                "decides from values and keeps them; run the model on a real device, or remove the strategy "
+                "(handle.remove()) for a pass that needs only shapes"
+            )
         enabled = getattr(self.model, "_cache_config", None)
         if enabled is not None:
             raise AlreadyAttachedError(
@@ -122,7 +135,6 @@ class Frames:
                 "cachekit's, or handle.remove() to keep diffusers'"
             )
         timestep = functools.partial(adapter.step_of, args, kwargs)  # read only where the pipeline gives no step
-        sample = adapter.latent_input(args, kwargs)
         thread = threading.get_ident()
         if self._owner not in (None, thread) and not tracker.opens_generation(timestep, sample, context):
             raise ConcurrentUseError(self._concurrent("in the middle of a generation another thread runs"))
@@ -191,8 +203,8 @@ class Frames:
     @torch.compiler.disable
     def see_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Before the call (and any diffusers hook that splits its arguments): its call signals."""
-        if self.adapter.latent_input(args, kwargs).is_meta:
-            return
+        if self.adapter.latent_input(args, kwargs).is_meta and not meta_reads_answered():
+            return  # `begin` names the mistake
         self._seen = {name: source.read(args, kwargs) for name, source in self.call_signals.items()}
 
     def generation_ended(self) -> None:
@@ -262,8 +274,6 @@ class CallHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         frames = self.frames
-        if frames.adapter.latent_input(args, kwargs).is_meta:  # shapes only (a memory estimate): nothing to decide
-            return self.fn_ref.original_forward(*args, **kwargs)
         call = frames.begin(args, kwargs, self.context._context)
         try:
             output = self.fn_ref.original_forward(*args, **kwargs)
