@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cachekit.schemas.diffusers_methods import DIFFUSERS_METHODS
+from cachekit.study.intervals import Interval, bootstrap, paired_difference
 from cachekit.study.metrics import DEFAULT_PRIMARY
 from cachekit.study.store import UNCACHED, read_study
 
@@ -55,6 +56,20 @@ class Summary:
     primary: str = DEFAULT_PRIMARY  # the metric methods are ranked by
     higher: bool = True  # whether higher values of it are better
     diffusers: bool = False  # one of diffusers' methods, run as a baseline
+    samples: dict[tuple[int, str], float] = field(default_factory=dict)  # the primary metric per (seed, condition)
+
+    @property
+    def interval(self) -> Interval | None:
+        """The primary metric's mean over samples with its 95% bootstrap interval (None for the reference)."""
+        return None if self.setting == UNCACHED else bootstrap(list(self.samples.values()))
+
+    @property
+    def worst(self) -> float | None:
+        """The primary metric of its worst sample (None where every sample matched exactly)."""
+        finite = [value for value in self.samples.values() if math.isfinite(value)]
+        if self.setting == UNCACHED or not finite:
+            return None
+        return min(finite) if self.higher else max(finite)
 
     @property
     def quality(self) -> float | None:
@@ -130,6 +145,11 @@ def summarize(rows: list[dict[str, Any]], primary: str = DEFAULT_PRIMARY) -> lis
                 primary=primary,
                 higher=higher,
                 diffusers=group[0]["strategy"] in DIFFUSERS_METHODS,
+                samples={
+                    (r["seed"], r["condition"]): r["metrics"][primary]
+                    for r in group
+                    if r["metrics"].get(primary) is not None
+                },
             )
         )
     return summaries
@@ -210,10 +230,46 @@ def budget_tables(summaries: list[Summary], budgets: tuple[float, ...] = BUDGETS
                 for budget in budgets:
                     found = best[(method, budget)]
                     text = "—" if found is None else _figure(found.primary, found.quality)
-                    cells.append(f"**{text}**" if winners[budget] == method else text)
+                    text = f"**{text}**" if winners[budget] == method else text
+                    cells.append(text + _bounds(found))
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
-            lines += ["", "Winner: " + "; ".join(f"≤ {b:.0%} {w or '—'}" for b, w in winners.items()) + ".", ""]
+            verdicts = [_verdict(budget, winners[budget], best, chosen) for budget in budgets]
+            lines += ["", "Winner: " + "; ".join(verdicts) + ".", ""]
     return lines
+
+
+def _bounds(summary: Summary | None) -> str:
+    """A figure's 95% interval, where it has one."""
+    interval = summary.interval if summary is not None else None
+    if interval is None or interval.samples < 2:
+        return ""
+    digits = 2 if summary.primary == "psnr" else 4  # type: ignore[union-attr]
+    return f" [{interval.low:.{digits}f}, {interval.high:.{digits}f}]"
+
+
+def _verdict(budget: float, winner: str | None, best: dict[Any, Summary | None], methods: dict[str, Any]) -> str:
+    """The winner at `budget` and by how much over the runner-up: the paired difference over the
+    samples both scored, with its 95% interval; a tie where the interval holds 0."""
+    if winner is None:
+        return f"≤ {budget:.0%} —"
+    top = best[(winner, budget)]
+    others = [best[(method, budget)] for method in methods if method != winner and best[(method, budget)] is not None]
+    if top is None or not others:
+        return f"≤ {budget:.0%} {winner}"
+    runner_up = max(others, key=lambda s: s.rank)  # type: ignore[union-attr]
+    assert runner_up is not None
+    turned = 1 if top.higher else -1
+    difference = paired_difference(
+        {key: turned * value for key, value in top.samples.items()},
+        {key: turned * value for key, value in runner_up.samples.items()},
+    )
+    if difference is None or difference.samples < 2:
+        return f"≤ {budget:.0%} {winner}"
+    digits = 2 if top.primary == "psnr" else 4
+    by = f"{difference.mean:+.{digits}f} [{difference.low:+.{digits}f}, {difference.high:+.{digits}f}]"
+    if not difference.excludes_zero:
+        return f"≤ {budget:.0%} a tie between {winner} and {runner_up.method} ({by})"
+    return f"≤ {budget:.0%} {winner} ({by} over {runner_up.method})"
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -227,7 +283,8 @@ def write_report(db: str | Path, out: str | Path | None = None, study: str | Non
     study, rows, runs, samples = records.name, records.rows, records.runs, records.samples
     out = Path(out) if out is not None else Path(db).with_name(f"{Path(db).stem}-report")
     out.mkdir(parents=True, exist_ok=True)
-    summaries = summarize(rows, runs[-1]["spec"].get("primary", DEFAULT_PRIMARY) if runs else DEFAULT_PRIMARY)
+    primary = runs[-1]["spec"].get("primary", DEFAULT_PRIMARY) if runs else DEFAULT_PRIMARY
+    summaries = summarize(rows, primary)
     trusted, why_not = wall_clock_trusted(summaries)
     colours = method_colours(summaries)  # one colour per method in every plot
     _pareto(summaries, out / "pareto.png", trusted, why_not, colours)
@@ -250,11 +307,16 @@ def write_report(db: str | Path, out: str | Path | None = None, study: str | Non
         "smallest of its shares of FLOPs spent, blocks executed and attention calls computed), which a measured "
         "speedup cannot honestly exceed. Block executions and attention calls are "
         "counted with plain torch hooks for every method alike (a block executes when its attention or MLP runs); "
-        "quality is the mean over cells against the uncached output.",
+        "quality is the mean over cells against the uncached output, with the 95% bootstrap interval of the "
+        "primary metric's mean over the cells (seeds x conditions) and the worst cell. Each budget's winner is "
+        "given with its paired difference to the runner-up over the cells both scored, and its interval: where "
+        "that interval holds 0 the budget is a tie.",
         "",
         "| model | strategy | cells | latency (s) [min-max] | speedup | limit | calls computed | blocks executed "
-        "| attention computed | FLOPs saved | " + " | ".join(_METRIC_NAMES.get(m, m) for m in metrics) + " |",
-        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(metrics),
+        "| attention computed | FLOPs saved | "
+        + " | ".join(_METRIC_NAMES.get(m, m) for m in metrics)
+        + f" | {metric_name(primary)} 95% interval | worst sample |",
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (len(metrics) + 2),
         *(_table_row(summary, metrics) for summary in summaries),
         "",
         *(
@@ -354,6 +416,8 @@ def _table_row(s: Summary, metrics: list[str]) -> str:
         "-" if s.attention_computed is None else f"{s.attention_computed:.1%}",
         f"{s.flops_saved:.1%}",
         *(_figure(name, s.metrics.get(name)) for name in metrics),
+        _bounds(s).strip() or "-",
+        _figure(s.primary, s.worst) if s.worst is not None or s.setting == UNCACHED else "exact",
     ]
     return "| " + " | ".join(cells) + " |"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import sqlite3
 import statistics
@@ -115,6 +116,37 @@ def test_report_table_equals_the_database_rows(finished):
         assert cells[7] == f"{blocks:.1%}"
         psnr = statistics.fmean(r["psnr"] for r in group)
         assert cells[10] == ("exact" if psnr == math.inf else f"{psnr:.2f}")
+        interval, worst = cells[-2], cells[-1].removesuffix(" |")
+        finite = [r["psnr"] for r in group if math.isfinite(r["psnr"])]
+        if label == "uncached" or not finite:
+            assert interval == "-" and worst in ("-", "exact")
+            continue
+        low, high = (float(x) for x in interval.strip("[]").split(", "))
+        assert low <= statistics.fmean(finite) + 0.005 and high >= statistics.fmean(finite) - 0.005
+        assert worst == f"{min(finite):.2f}"  # the worst cell
+
+
+def test_each_budget_winner_is_given_with_its_paired_difference_or_called_a_tie(finished):
+    from cachekit.study.intervals import paired_difference
+    from cachekit.study.report import budget_tables
+
+    db, _ = finished
+    summaries = summarize(ResultStore(db).rows("tiny"))
+    text = "\n".join(budget_tables(summaries, budgets=(1.0,)))  # every method fits: teacache vs uniform
+    found = re.search(r"Winner: ≤ 100% (?:a tie between (\S+) and (\S+)|(\S+)) \(([+-]\d+\.\d+) \[", text)
+    assert found, text
+    tie_first, tie_second, winner, shown = found.groups()
+    cached = [s for s in summaries if s.quality not in (None, math.inf)]
+    best = {
+        method: max((s for s in cached if s.method == method), key=lambda s: s.rank)
+        for method in ("teacache", "uniform")
+    }
+    first = tie_first or winner
+    assert first == max(best, key=lambda method: best[method].rank)
+    second = best["uniform" if first == "teacache" else "teacache"]
+    difference = paired_difference(best[first].samples, second.samples)
+    assert shown == f"{difference.mean:+.2f}" and (tie_first is not None) == (not difference.excludes_zero)
+    assert tie_second in (None, second.method)
 
 
 def test_the_report_says_what_was_asked_where_it_ran_and_how_far_it_got(finished):
