@@ -57,6 +57,8 @@ class Summary:
     higher: bool = True  # whether higher values of it are better
     diffusers: bool = False  # one of diffusers' methods, run as a baseline
     samples: dict[tuple[int, str], float] = field(default_factory=dict)  # the primary metric per (seed, condition)
+    shares: dict[tuple[int, str], float] = field(default_factory=dict)  # share of block executions per cell
+    speedups: dict[tuple[int, str], float] = field(default_factory=dict)  # per cell, against its uncached cell
 
     @property
     def interval(self) -> Interval | None:
@@ -150,9 +152,21 @@ def summarize(rows: list[dict[str, Any]], primary: str = DEFAULT_PRIMARY) -> lis
                     for r in group
                     if r["metrics"].get(primary) is not None
                 },
+                shares={(r["seed"], r["condition"]): r["block_share"] for r in group},
+                speedups=_cell_speedups(group, groups.get((model, UNCACHED), [])),
             )
         )
     return summaries
+
+
+def _cell_speedups(group: list[dict[str, Any]], uncached: list[dict[str, Any]]) -> dict[tuple[int, str], float]:
+    """Each cell's speedup: its uncached cell's median latency over its own (same seed and condition)."""
+    reference = {(r["seed"], r["condition"]): statistics.median(r["latencies"]) for r in uncached}
+    return {
+        (r["seed"], r["condition"]): reference[(r["seed"], r["condition"])] / statistics.median(r["latencies"])
+        for r in group
+        if (r["seed"], r["condition"]) in reference and statistics.median(r["latencies"]) > 0
+    }
 
 
 def wall_clock_trusted(summaries: list[Summary]) -> tuple[bool, str]:
@@ -238,6 +252,13 @@ def budget_tables(summaries: list[Summary], budgets: tuple[float, ...] = BUDGETS
     return lines
 
 
+def _spread(interval: Interval | None, form: str) -> str:
+    """An interval as `[low, high]`, or "-" where there is none to give (one cell)."""
+    if interval is None or interval.samples < 2:
+        return "-"
+    return f"[{form.format(interval.low)}, {form.format(interval.high)}]"
+
+
 def _bounds(summary: Summary | None) -> str:
     """A figure's 95% interval, where it has one."""
     interval = summary.interval if summary is not None else None
@@ -308,15 +329,17 @@ def write_report(db: str | Path, out: str | Path | None = None, study: str | Non
         "speedup cannot honestly exceed. Block executions and attention calls are "
         "counted with plain torch hooks for every method alike (a block executes when its attention or MLP runs); "
         "quality is the mean over cells against the uncached output, with the 95% bootstrap interval of the "
-        "primary metric's mean over the cells (seeds x conditions) and the worst cell. Each budget's winner is "
+        "primary metric's mean over the cells (seeds x conditions) and the worst cell; the share of block "
+        "executions and the speedup (each cell's against its uncached cell) have their intervals too. Each "
+        "budget's winner is "
         "given with its paired difference to the runner-up over the cells both scored, and its interval: where "
         "that interval holds 0 the budget is a tie.",
         "",
         "| model | strategy | cells | latency (s) [min-max] | speedup | limit | calls computed | blocks executed "
         "| attention computed | FLOPs saved | "
         + " | ".join(_METRIC_NAMES.get(m, m) for m in metrics)
-        + f" | {metric_name(primary)} 95% interval | worst sample |",
-        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (len(metrics) + 2),
+        + f" | {metric_name(primary)} 95% interval | worst sample | blocks 95% interval | speedup 95% interval |",
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (len(metrics) + 4),
         *(_table_row(summary, metrics) for summary in summaries),
         "",
         *(
@@ -418,6 +441,8 @@ def _table_row(s: Summary, metrics: list[str]) -> str:
         *(_figure(name, s.metrics.get(name)) for name in metrics),
         _bounds(s).strip() or "-",
         _figure(s.primary, s.worst) if s.worst is not None or s.setting == UNCACHED else "exact",
+        _spread(bootstrap(list(s.shares.values())), "{:.1%}"),
+        _spread(bootstrap(list(s.speedups.values())), "{:.2f}"),
     ]
     return "| " + " | ".join(cells) + " |"
 

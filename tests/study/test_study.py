@@ -116,7 +116,22 @@ def test_report_table_equals_the_database_rows(finished):
         assert cells[7] == f"{blocks:.1%}"
         psnr = statistics.fmean(r["psnr"] for r in group)
         assert cells[10] == ("exact" if psnr == math.inf else f"{psnr:.2f}")
-        interval, worst = cells[-2], cells[-1].removesuffix(" |")
+        interval, worst, share_bounds, speedup_bounds = cells[-4], cells[-3], cells[-2], cells[-1].removesuffix(" |")
+        share_low, share_high = (float(x.rstrip("%")) / 100 for x in share_bounds.strip("[]").split(", "))
+        shares = [r["block_share"] for r in group]
+        rounding = 0.0006  # the report gives shares to a tenth of a percent
+        assert min(shares) - rounding <= share_low <= statistics.fmean(shares) + rounding
+        assert statistics.fmean(shares) - rounding <= share_high <= max(shares) + rounding
+        by_cell = {
+            (r["seed"], r["condition"]): statistics.median(json.loads(r["latencies_s"]))
+            for r in rows
+            if r["setting"] == "uncached"
+        }
+        speedups = [
+            by_cell[(r["seed"], r["condition"])] / statistics.median(json.loads(r["latencies_s"])) for r in group
+        ]
+        speedup_low, speedup_high = (float(x) for x in speedup_bounds.strip("[]").split(", "))
+        assert min(speedups) - 0.005 <= speedup_low <= speedup_high <= max(speedups) + 0.005
         finite = [r["psnr"] for r in group if math.isfinite(r["psnr"])]
         if label == "uncached" or not finite:
             assert interval == "-" and worst in ("-", "exact")
