@@ -125,7 +125,10 @@ def parser() -> argparse.ArgumentParser:
         help='a strategy config as JSON, e.g. \'{"strategy": "uniform"}\'',
     )
     target = tune.add_mutually_exclusive_group(required=True)
-    target.add_argument("--ratio", type=float, help="the share of block executions to spend")
+    target.add_argument("--ratio", type=float, help="the share of block executions to spend, as closely as it can")
+    target.add_argument(
+        "--budget", type=float, help="the most block executions to spend (a share, 0-1): the best quality within it"
+    )
     target.add_argument(
         "--quality",
         type=float,
@@ -315,12 +318,17 @@ def _tune(args: argparse.Namespace) -> None:
 
     spec = _calibration_spec(args.spec, args.threads)
     base = args.strategy
-    check_target(base, ratio=args.ratio)  # before any model loads
+    check_target(base, ratio=args.ratio if args.budget is None else args.budget)  # before any model loads
     if args.write:
         preset_file(base)
     model = load_model(spec.model, spec)
     tuner = Tuner(model, base, spec.held_out_seeds, spec.conditions(), not args.quiet, spec.primary)
-    result = tuner.to_ratio(args.ratio) if args.ratio is not None else tuner.to_quality(args.quality)
+    if args.budget is not None:
+        result = tuner.to_budget(args.budget)
+    elif args.ratio is not None:
+        result = tuner.to_ratio(args.ratio)
+    else:
+        result = tuner.to_quality(args.quality)
     for trial in result.trials:
         figures = f"computed {trial.computed:.1%}, {result.metric} {trial.quality:.4g}"
         print(f"  {result.knob.field}={trial.value:.5g}: {figures}")
@@ -333,7 +341,9 @@ def _tune(args: argparse.Namespace) -> None:
         print(f"warning: the target was not met; the setting above is the closest found ({result.missed})")
     if args.write and result.met:
         target = (
-            f"a computed share of {args.ratio}"
+            f"a budget of {args.budget:.0%} of block executions"
+            if args.budget is not None
+            else f"a computed share of {args.ratio}"
             if args.ratio is not None
             else f"{spec.primary} bounded by {args.quality}"
         )

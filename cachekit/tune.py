@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 import cachekit
 from cachekit.counting import WorkCounter
+from cachekit.errors import CachekitError
 from cachekit.metric import Sample
 from cachekit.registry import get_strategy, list_strategies, resolve_adapter
 from cachekit.schemas.files import read_table
@@ -30,10 +31,14 @@ BISECTIONS = 14
 QUALITY_CLOSE = 0.01
 
 
+class BudgetError(CachekitError, ValueError):
+    """A budget a strategy cannot meet on this model and step count."""
+
+
 @dataclass(frozen=True)
 class Trial:
     value: float
-    computed: float  # share of transformer calls that ran the span
+    computed: float  # share of block executions (counted from the outside)
     computed_steps: float  # per generation and branch, on average
     quality: float  # the primary metric's mean over the held-out generations
 
@@ -138,6 +143,37 @@ class Tuner:
         if abs(result.chosen.computed - target) > tolerance:
             result.met = False
             result.missed = f"it computes {result.chosen.computed:.1%} of calls, the target {target:.1%}"
+        return result
+
+    def to_budget(self, budget: float) -> TuneResult:
+        """The best-scoring setting whose mean share of block executions is at most `budget` (0-1]
+        on the held-out pairs. A budget below what the strategy can reach at all (its warm-up,
+        forced last step or always-computed blocks) is refused with the smallest reachable share."""
+        check_target(self.base, ratio=budget)
+        knob = self.knob
+        most_reuse = self.measure(
+            self.model.spec.steps if knob.integer else (knob.high if knob.reuses_more == "higher" else knob.low)
+        )
+        if most_reuse.computed > budget + 1e-9:
+            self.bar.close()
+            raise BudgetError(
+                f"{self.base['strategy']} cannot spend as little as {budget:.1%} of block executions here: at "
+                f"{knob.field}={most_reuse.value:.4g}, reusing all it can, it spends {most_reuse.computed:.1%} "
+                f"(its warm-up, last step and always-computed blocks); give a budget of at least "
+                f"{math.ceil(most_reuse.computed * 1000) / 1000:.1%}"
+            )
+        step_share = 1 / self.model.spec.steps
+
+        def best(trials: list[Trial]) -> Trial:
+            within = [trial for trial in [*trials, most_reuse] if trial.computed <= budget + 1e-9]
+            return max(within, key=lambda t: (t.quality if self.higher else -t.quality, -t.computed))
+
+        result = self._search(
+            reuse_more=lambda trial: trial.computed > budget,
+            best=best,
+            done=lambda trial: budget - step_share / 2 <= trial.computed <= budget + 1e-9,
+        )
+        result.trials.append(most_reuse)
         return result
 
     def to_quality(self, bound: float) -> TuneResult:

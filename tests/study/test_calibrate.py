@@ -216,3 +216,30 @@ def test_the_projected_embedding_is_recorded_on_wan():
         hook.remove()
     expected = [relative_l1(seen[i], seen[i - 2]) for i in range(2, len(seen))]  # per branch: cond, uncond
     assert projected.x == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "budget"),
+    [({"strategy": "teacache", "coefficients": [1.0, 0.0]}, 0.45), ({"strategy": "uniform"}, 0.4)],
+)
+def test_tuning_to_a_budget_spends_at_most_it_with_the_best_quality_found(strategy, budget):
+    steps = 20
+    model = TestbedModel("flux-digits", CalibrationSpec(model="flux-digits", labels=[5], steps=steps))
+    result = Tuner(model, strategy, seeds=[1000], conditions=["5"]).to_budget(budget)
+    within = [trial for trial in result.trials if trial.computed <= budget + 1e-9]
+    assert result.chosen.computed <= budget and result.chosen in within
+    assert result.chosen.quality == max(trial.quality for trial in within)
+    assert budget - result.chosen.computed <= 3 / steps  # not far below it either
+
+
+def test_a_budget_below_what_the_strategy_can_reach_names_the_smallest_share():
+    from cachekit.tune import BudgetError
+
+    model = TestbedModel("flux-digits", CalibrationSpec(model="flux-digits", labels=[5], steps=10))
+    with pytest.raises(
+        BudgetError,
+        match=r"uniform cannot spend as little as 5\.0% of block executions here: at interval=10, reusing all it "
+        r"can, it spends 20\.0% \(its warm-up, last step and always-computed blocks\); give a budget of at least "
+        r"20\.0%",
+    ):
+        Tuner(model, {"strategy": "uniform"}, seeds=[1000], conditions=["5"]).to_budget(0.05)
