@@ -195,6 +195,11 @@ class StudySpec(Generation):
         description="Quality metrics besides the primary one (always computed): names, or tables "
         "{name = ..., options}. Unset: every installed metric that can run on this machine.",
     )
+    calibration_seeds: list[int] = Field(
+        default_factory=list,
+        description="Seeds whose cells choose each method's setting at each budget of the report, which then "
+        "scores that choice on `seeds` alone (held out). Unset: settings are chosen on the cells they are scored on.",
+    )
     save_tensors: bool = Field(
         default=True,
         description="Keep every cell's output as a safetensors file beside its PNG/MP4 (the uncached references' "
@@ -207,6 +212,18 @@ class StudySpec(Generation):
         if isinstance(models, list):
             return [{"name": model} if isinstance(model, str) else model for model in models]
         return models
+
+    @model_validator(mode="after")
+    def _calibration_apart(self) -> StudySpec:
+        shared = sorted(set(self.seeds) & set(self.calibration_seeds))
+        if shared:
+            raise ValueError(
+                f"seeds {shared} are both scored and calibration seeds: a setting chosen on a seed cannot be "
+                "scored on it; give calibration_seeds of their own"
+            )
+        if len(set(self.calibration_seeds)) != len(self.calibration_seeds):
+            raise ValueError(f"calibration_seeds repeats a value: {self.calibration_seeds}")
+        return self
 
     @model_validator(mode="after")
     def _models_once(self) -> StudySpec:

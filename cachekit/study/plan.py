@@ -120,7 +120,7 @@ def plan(spec: StudySpec) -> Plan:
     cells = [
         Cell(model.name, setting, seed, condition)
         for model in spec.models
-        for seed in spec.seeds
+        for seed in [*spec.seeds, *spec.calibration_seeds]
         for condition in _conditions(spec, model.name)
         for setting in settings
     ]
