@@ -140,6 +140,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="store the chosen threshold in the calibrated preset file, so TeaCacheConfig(preset=...) uses it",
     )
+    tune.add_argument(
+        "--save",
+        type=Path,
+        help="with --budget: add the chosen setting to this file, which a config's `tuned` names, so that "
+        '{"strategy": ..., "budget": B, "tuned": FILE} takes it on this model at this step count',
+    )
     tune.add_argument("--quiet", action="store_true", help="no progress bar")
     calibrate.add_argument("--quiet", action="store_true", help="no progress bar")
     for command in (run, calibrate, tune, one):
@@ -313,9 +319,12 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 
 def _tune(args: argparse.Namespace) -> None:
+    from cachekit.budget import save as save_budget
     from cachekit.study.models import load_model
-    from cachekit.tune import Tuner, check_target, preset_file, write_threshold
+    from cachekit.tune import Tuner, check_target, preset_file, tuned_setting, write_threshold
 
+    if args.save is not None and args.budget is None:
+        raise ValueError("--save stores the setting chosen for a budget: give --budget too")
     spec = _calibration_spec(args.spec, args.threads)
     base = args.strategy
     check_target(base, ratio=args.ratio if args.budget is None else args.budget)  # before any model loads
@@ -325,6 +334,8 @@ def _tune(args: argparse.Namespace) -> None:
     tuner = Tuner(model, base, spec.held_out_seeds, spec.conditions(), not args.quiet, spec.primary)
     if args.budget is not None:
         result = tuner.to_budget(args.budget)
+        if args.save is not None:
+            print(f"saved to {save_budget(args.save, tuned_setting(model, base, result, args.budget))}")
     elif args.ratio is not None:
         result = tuner.to_ratio(args.ratio)
     else:

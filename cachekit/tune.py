@@ -16,10 +16,10 @@ import torch
 from tqdm import tqdm
 
 import cachekit
+from cachekit.budget import BudgetError, TunedSetting, base_of
 from cachekit.counting import WorkCounter
-from cachekit.errors import CachekitError
 from cachekit.metric import Sample
-from cachekit.registry import get_strategy, list_strategies, resolve_adapter
+from cachekit.registry import get_strategy, list_strategies, make_config, resolve_adapter
 from cachekit.schemas.files import read_table
 from cachekit.schemas.teacache import TeaCachePreset
 from cachekit.strategy import Knob
@@ -29,10 +29,6 @@ from cachekit.study.models import StudyModel
 BISECTIONS = 14
 #: A quality trial this close to its bound (relative) ends the search: reusing more would miss it.
 QUALITY_CLOSE = 0.01
-
-
-class BudgetError(CachekitError, ValueError):
-    """A budget a strategy cannot meet on this model and step count."""
 
 
 @dataclass(frozen=True)
@@ -219,6 +215,24 @@ class Tuner:
         self.bar.total = self.bar.n  # the search may end before its last trial
         self.bar.close()
         return TuneResult(self.knob, self.metric.name, best(trials), trials)
+
+
+def tuned_setting(model: StudyModel, base: dict[str, Any], result: TuneResult, budget: float) -> TunedSetting:
+    """What `cachekit tune --budget B --save FILE` stores: the setting chosen for the budget, with
+    the model, config and step count it holds for."""
+    transformer = model.transformer
+    chosen = result.chosen
+    return TunedSetting(
+        identity=resolve_adapter(transformer)(transformer).identity(),
+        config=base_of(make_config(result.config(base)), result.knob.field),
+        steps=model.spec.steps,
+        budget=budget,
+        knob=result.knob.field,
+        value=chosen.value,
+        spent=chosen.computed,
+        quality=chosen.quality,
+        metric=result.metric,
+    )
 
 
 def preset_file(base: dict[str, Any]) -> Path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, SerializeAsAny
+from pydantic import BeforeValidator, Field, SerializeAsAny, model_validator
 
 from cachekit.schemas.estimators import CopyConfig, EstimatorConfig, parse_estimator
 from cachekit.schemas.named import NamedConfig
@@ -35,6 +35,17 @@ class StrategyConfig(NamedConfig):
         description='How a skipped value is produced: "copy" (the last computed value), "taylor" (a forecast '
         'from the last computed values, e.g. {"kind": "taylor", "order": 2}), "foca", or a plugin\'s kind.',
     )
+    budget: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="The share of block executions to spend at most, instead of the strategy's knob: the knob "
+        "comes from the file `tuned` names (`cachekit tune ... --budget B --save FILE`).",
+    )
+    speedup: float | None = Field(default=None, ge=1, description="A budget as its inverse: 5 is a budget of 0.2.")
+    tuned: str | None = Field(
+        default=None, description="The file of settings `cachekit tune --budget ... --save` chose, for `budget`."
+    )
     max_kept_bytes: int | None = Field(
         default=None,
         ge=0,
@@ -42,6 +53,18 @@ class StrategyConfig(NamedConfig):
         "Checked from the first computed call, before the device runs out; on CUDA the device's free memory "
         "is checked too.",
     )
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> StrategyConfig:
+        if self.budget is not None and self.speedup is not None:
+            raise ValueError("give budget or speedup (its inverse), not both")
+        if self.tuned is not None and self.spending() is None:
+            raise ValueError("tuned names the settings tuned for a budget: give budget (or speedup) too")
+        return self
+
+    def spending(self) -> float | None:
+        """The budget asked for (a speedup as its inverse), or None."""
+        return self.budget if self.speedup is None else 1 / self.speedup
 
 
 class UniformConfig(StrategyConfig):

@@ -25,6 +25,7 @@ from cachekit.errors import (
     AlreadyAttachedError,
     ConcurrentUseError,
     RankDivergenceError,
+    StepCountError,
     StrategyError,
     UnsupportedModelError,
 )
@@ -102,6 +103,7 @@ class Frames:
         self._reduction: Any = None  # the signal group's context of the running call
         self._busy = threading.Lock()  # held during a transformer call
         self._owner: int | None = None  # the thread running the current generation
+        self.tuned_steps: int | None = None  # the step count a budget's setting was tuned at
 
     def group(self) -> Any:
         """The process group decisions must agree over: the one given to `apply`, else the model's
@@ -141,6 +143,13 @@ class Frames:
         before = (tracker.snapshot(), self._generation, self.joined_late)
         step = tracker.advance(timestep, sample, context)
         if tracker.generation != self._generation:
+            if self.tuned_steps is not None and tracker.num_steps not in (None, self.tuned_steps):
+                raise StepCountError(
+                    f"this generation has {tracker.num_steps} steps, but the setting for the strategy's budget was "
+                    f"tuned at {self.tuned_steps}: a budget's setting holds at its step count only; tune it at "
+                    f"{tracker.num_steps} (`cachekit tune ... --budget ... --save`), or generate {self.tuned_steps} "
+                    "steps"
+                )
             self._owner = thread
             self._generation = tracker.generation
             self.joined_late = step.index > 0

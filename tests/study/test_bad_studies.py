@@ -396,6 +396,10 @@ def test_cli_reports_mistakes_in_one_line(tmp_path):
             ["study", "run", "default", "--threads", "0"],
             r"--threads: give a whole number of threads, 1 or more, got '0'",
         ),
+        (
+            ["tune", str(spec), "--strategy", '{"strategy": "uniform"}', "--ratio", "0.4", "--save", "b.json"],
+            r"cachekit: error: --save stores the setting chosen for a budget: give --budget too",
+        ),
     ]
     for arguments, message in cases:
         result = subprocess.run(
