@@ -77,8 +77,22 @@ def on_the_cpu(code: str) -> str:
 
 
 def test_front_door(tmp_path):
+    """The budget's three blocks in order, on the tiny FluxPipeline saved as a folder on the CPU:
+    tune at 30% on the held-out seeds, save, then apply by budget and print the stats."""
+    from cachekit.testing import tiny_flux_pipeline
+
+    tiny_flux_pipeline().save_pretrained(tmp_path / "flux")
+    spec = block("# flux-dev.toml").replace('"black-forest-labs/FLUX.1-dev"', f'"{tmp_path / "flux"}"')
+    spec = spec.replace('device = "cuda"', 'device = "cpu"').replace('dtype = "bfloat16"', 'dtype = "float32"')
+    spec += "height = 32\nwidth = 32\npipeline_kwargs = { max_sequence_length = 16 }\n"
+    (tmp_path / "flux-dev.toml").write_text(spec)
+    (tune,) = commands("cachekit tune flux-dev.toml")
+    result = subprocess.run(tune, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "saved to flux-dev-budgets.json" in result.stdout
     printed = run_python(on_the_cpu(block("import torch\nfrom diffusers import FluxPipeline")), tmp_path)
-    assert "teacache on flux" in printed and "  preset: flux-dev\n" in printed and "rel_l1_thresh: 0.4" in printed
+    assert "teacache on flux" in printed and "  preset: flux-dev\n" in printed
+    assert re.search(r"  budget: 30% tuned at 28 steps: rel_l1_thresh=\S+, spent \d+\.\d% and psnr", printed), printed
     assert "branch 0 (cond): 28 calls" in printed
 
 
@@ -245,6 +259,8 @@ def commands(first_line: str) -> list[str]:
 
 HANDLERS = {
     "import torch\nfrom diffusers import FluxPipeline": test_front_door,
+    "# flux-dev.toml": test_front_door,
+    "cachekit tune flux-dev.toml": test_front_door,
     "cachekit study run default --report": test_study_command,
     "cachekit generate flux-digits": test_generate_command,
     "# a config object, and the counts of one site": test_use,
