@@ -24,6 +24,7 @@ import tomllib
 from pathlib import Path
 
 from cachekit.study import write_report
+from cachekit.study.intervals import paired_difference
 from cachekit.study.report import BUDGETS, best_within, budget_tables, plot_quality, summarize
 from cachekit.study.store import ResultStore
 
@@ -115,7 +116,9 @@ def _db(out: Path, model: str) -> Path:
 
 
 def _verdict(model: str, summaries: list) -> str:
-    """Per budget: cachekit's best method against the best peer (diffusers' measured, cache-dit's figures)."""
+    """Per budget: cachekit's best method against the best peer (diffusers' measured, cache-dit's
+    figures), with the paired difference to diffusers' best over the samples both scored and its
+    95% bootstrap interval: ahead only where that interval is above 0, a tie where it holds 0."""
     lines = [f"{model}: cachekit's best vs the best peer, PSNR (dB) within each share of block executions"]
     ours = [s for s in summaries if not s.diffusers]
     theirs = [s for s in summaries if s.diffusers]
@@ -123,11 +126,22 @@ def _verdict(model: str, summaries: list) -> str:
         best = best_within(ours, lambda s: s.blocks, budget)
         peer = best_within(theirs, lambda s: s.blocks, budget)
         cache_dit = CACHE_DIT[model].get(budget)
-        peers = [value for value in (peer.quality if peer else None, cache_dit) if value is not None]
-        ahead = best is not None and all((best.quality or 0.0) >= value for value in peers)
+        difference = paired_difference(best.samples, peer.samples) if best is not None and peer is not None else None
+        beats_cache_dit = cache_dit is None or (best is not None and (best.quality or 0.0) >= cache_dit)
+        if best is None and peer is None and cache_dit is None:
+            verdict = "no method fits"
+        elif best is None:
+            verdict = "BEHIND"
+        elif difference is not None and not difference.excludes_zero:
+            verdict = "a tie with diffusers" if beats_cache_dit else "BEHIND cache-dit"
+        elif difference is not None and difference.mean < 0:
+            verdict = "BEHIND"
+        else:
+            verdict = "cachekit ahead" if beats_cache_dit else "BEHIND cache-dit"
+        paired = "" if difference is None else f" (paired difference {difference.text()})"
         lines.append(
-            f"  <= {budget:.0%}: cachekit {_show(best)}; diffusers {_show(peer)}; cache-dit "
-            f"{'—' if cache_dit is None else f'{cache_dit:.1f}'} -> {'cachekit ahead' if ahead else 'BEHIND'}"
+            f"  <= {budget:.0%}: cachekit {_show(best)}; diffusers {_show(peer)}{paired}; cache-dit "
+            f"{'—' if cache_dit is None else f'{cache_dit:.1f}'} -> {verdict}"
         )
     return "\n".join(lines)
 

@@ -53,3 +53,36 @@ def test_the_memory_table_matches_the_sizes_of_what_is_kept():
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
     assert f"| {residual / 2**30:.2f} GiB |" in rows["uniform, copy (span)"]
     assert f"| {3 * residual / 2**30:.2f} GiB |" in rows["uniform, taylor 2 (span)"]
+
+
+def frontier_rows(ours: list[float], theirs: list[float]) -> list[dict]:
+    """One sample per seed for the uncached reference, a cachekit setting and a diffusers one, all at 30%."""
+    rows = []
+    for seed, (mine, peer) in enumerate(zip(ours, theirs, strict=True)):
+        for setting, strategy, psnr in (
+            ("uncached", "uncached", float("inf")),
+            ("a", "uniform", mine),
+            ("b", "diffusers.first_block_cache", peer),
+        ):
+            share = 1.0 if setting == "uncached" else 0.3
+            rows.append({
+                "model": "flux-digits", "setting": setting, "label": setting, "method": strategy, "strategy": strategy,
+                "seed": seed, "condition": "3", "latencies": [share], "computed_calls": None, "calls": 10,
+                "attention_computed": 0, "attention_reused": 0, "flops": share, "flops_saved": 1 - share,
+                "block_executions": round(60 * share), "block_share": share, "metrics": {"psnr": psnr},
+            })  # fmt: skip
+    return rows
+
+
+def test_the_frontier_calls_cachekit_ahead_only_where_the_paired_interval_is_above_zero():
+    import frontier
+
+    from cachekit.study.report import summarize
+
+    clear = frontier._verdict("flux-digits", summarize(frontier_rows([50, 52, 51, 53], [40, 41, 40, 42])))
+    assert "(paired difference 10.75 [" in clear and "-> cachekit ahead" in clear.splitlines()[2]
+    noisy = frontier._verdict("flux-digits", summarize(frontier_rows([50, 40, 50, 40], [45, 45, 45, 45])))
+    assert "-> a tie with diffusers" in noisy.splitlines()[2]
+    behind = frontier._verdict("flux-digits", summarize(frontier_rows([30, 31, 30, 31], [40, 41, 40, 41])))
+    assert "-> BEHIND" in behind.splitlines()[2]
+    assert behind.splitlines()[1].endswith("-> no method fits")  # nothing at 20%, nor a cache-dit figure
