@@ -243,3 +243,19 @@ def test_a_budget_below_what_the_strategy_can_reach_names_the_smallest_share():
         r"20\.0%",
     ):
         Tuner(model, {"strategy": "uniform"}, seeds=[1000], conditions=["5"]).to_budget(0.05)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "values"),
+    [
+        ({"strategy": "uniform"}, [1, 2, 3, 5, 8]),
+        ({"strategy": "teacache", "coefficients": [1.0, 0.0]}, [0.01, 0.1, 0.5, 2.0]),
+    ],
+)
+def test_the_share_a_knob_spends_falls_as_it_reuses_more(strategy, values):
+    """What the budget search relies on: along the knob, toward reusing more, the share of block
+    executions never rises (so bisection finds the budget's edge)."""
+    model = TestbedModel("flux-digits", CalibrationSpec(model="flux-digits", labels=[5], steps=12))
+    tuner = Tuner(model, strategy, seeds=[1000], conditions=["5"])
+    shares = [tuner.measure(value).computed for value in values]
+    assert shares == sorted(shares, reverse=True) and shares[0] > shares[-1], shares
