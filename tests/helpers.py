@@ -56,6 +56,32 @@ class ExecutionCounter:
             handle.remove()
 
 
+def cell_row(setting: str, seed: int, psnr: float, share: float, method: str, label: str | None = None) -> dict:
+    """A results row as `ResultStore.rows()` gives it, for report tests made without running a study:
+    flux-digits, label 3, 10 calls of 6 blocks, one timed generation as long as its share of blocks.
+    `method` is the strategy too (a diffusers method's name marks it as diffusers')."""
+    calls = 10
+    return {
+        "model": "flux-digits",
+        "setting": setting,
+        "label": label or setting,
+        "method": method,
+        "strategy": method,
+        "seed": seed,
+        "condition": "3",
+        "latencies": [share],
+        "computed_calls": round(share * calls),
+        "calls": calls,
+        "attention_computed": 0,
+        "attention_reused": 0,
+        "flops": share,
+        "flops_saved": 1 - share,
+        "block_executions": round(share * calls * 6),
+        "block_share": share,
+        "metrics": {"psnr": float("inf") if setting == "uncached" else psnr},
+    }
+
+
 def flux_inputs(batch: int = 1, timestep: float = 1.0, seed: int = 0) -> dict[str, object]:
     """Keyword arguments for one call of `cachekit.testing.tiny_flux_transformer()`."""
     generator = torch.Generator().manual_seed(seed)

@@ -7,7 +7,7 @@ import json
 import sys
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, cell_row
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -64,13 +64,7 @@ def frontier_rows(ours: list[float], theirs: list[float]) -> list[dict]:
             ("a", "uniform", mine),
             ("b", "diffusers.first_block_cache", peer),
         ):
-            share = 1.0 if setting == "uncached" else 0.3
-            rows.append({
-                "model": "flux-digits", "setting": setting, "label": setting, "method": strategy, "strategy": strategy,
-                "seed": seed, "condition": "3", "latencies": [share], "computed_calls": None, "calls": 10,
-                "attention_computed": 0, "attention_reused": 0, "flops": share, "flops_saved": 1 - share,
-                "block_executions": round(60 * share), "block_share": share, "metrics": {"psnr": psnr},
-            })  # fmt: skip
+            rows.append(cell_row(setting, seed, psnr, 1.0 if setting == "uncached" else 0.3, strategy))
     return rows
 
 

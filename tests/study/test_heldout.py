@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from helpers import cell_row
 
 from cachekit.study import load_spec, plan
 from cachekit.study.plan import StudySpecError
@@ -14,26 +15,7 @@ from cachekit.study.report import budget_tables, summarize
 
 def row(setting: str, seed: int, psnr: float, share: float, method: str = "m") -> dict:
     label = "uncached" if setting == "uncached" else f"{method} {setting}"
-    calls = 10
-    return {
-        "model": "flux-digits",
-        "setting": setting,
-        "label": label,
-        "method": method,
-        "strategy": method,
-        "seed": seed,
-        "condition": "3",
-        "latencies": [1.0 * share],
-        "computed_calls": round(share * calls),
-        "calls": calls,
-        "attention_computed": 0,
-        "attention_reused": 0,
-        "flops": share,
-        "flops_saved": 1 - share,
-        "block_executions": round(share * 60),
-        "block_share": share,
-        "metrics": {"psnr": float("inf") if setting == "uncached" else psnr},
-    }
+    return cell_row(setting, seed, psnr, share, method, label)
 
 
 def cells(seeds: list[int], a: float, b: float) -> list[dict]:
