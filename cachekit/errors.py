@@ -1,6 +1,11 @@
 """Errors cachekit raises for bad input. Each names what is wrong and what is allowed."""
 
 
+def shortened(text: str, width: int) -> str:
+    """`text` cut to `width` characters, ending in "..." where it was cut: a given value in a message."""
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 class CachekitError(Exception):
     """Base of every cachekit error."""
 

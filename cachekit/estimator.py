@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
-from cachekit.errors import EstimatorError
+from cachekit.errors import EstimatorError, shortened
 from cachekit.schemas.estimators import EstimatorConfig
 from cachekit.strategy import Step
 
@@ -121,8 +121,7 @@ def _described(value: Any) -> str:
     if isinstance(value, tuple):
         shape, dtype, device = value
         return f"a tensor of shape {tuple(shape)}, {str(dtype).removeprefix('torch.')}, on {device}"
-    text = f"{type(value).__name__} {value!r}"
-    return text if len(text) <= 120 else text[:117] + "..."
+    return shortened(f"{type(value).__name__} {value!r}", 120)
 
 
 def _dtypes(layout: Any) -> list[torch.dtype]:

@@ -17,7 +17,7 @@ import pydantic
 from pydantic import BaseModel
 from pydantic_core import PydanticCustomError
 
-from cachekit.errors import CachekitError
+from cachekit.errors import CachekitError, shortened
 
 
 class ConfigError(CachekitError, pydantic.ValidationError):
@@ -78,8 +78,7 @@ def _reason(problem: Any, model: type[BaseModel], data: Any) -> str:
     message = str(problem["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if problem["type"] in ("value_error", "assertion_error", "missing") or "input" not in problem:
         return message
-    given = repr(problem["input"])
-    return f"{message} (got {given if len(given) <= 80 else given[:77] + '...'})"
+    return f"{message} (got {shortened(repr(problem['input']), 80)})"
 
 
 def closest_name(name: str, names: list[str]) -> str | None:

@@ -49,11 +49,11 @@ def prompt_name(condition: str) -> str:
 def unique_names(texts: Iterable[str], name: Callable[[str], str]) -> dict[str, str]:
     """Each text's file name: `name(text)`, followed by a fingerprint of the text where two texts
     would otherwise share one."""
-    texts = list(dict.fromkeys(texts))
-    counts = collections.Counter(name(text) for text in texts)
+    names = {text: name(text) for text in texts}
+    counts = collections.Counter(names.values())
     return {
-        text: name(text) if counts[name(text)] == 1 else f"{name(text)}~{hashlib.sha1(text.encode()).hexdigest()[:8]}"
-        for text in texts
+        text: named if counts[named] == 1 else f"{named}~{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+        for text, named in names.items()
     }
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from cachekit import registry as registries
+from cachekit.errors import shortened
 from cachekit.metric import Metric, MetricError, MetricSkipped, MetricWarning, Sample
 from cachekit.study.store import COLUMNS
 
@@ -46,12 +47,11 @@ class Metrics:
                 continue
             number = _number(value)
             if number is None:
-                shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
                 notes.append(
                     self._failed(
                         metric.name,
-                        f"returned {shown} ({type(value).__name__}); a metric returns a number (a float, or a "
-                        "one-element tensor) or raises MetricSkipped",
+                        f"returned {shortened(repr(value), 60)} ({type(value).__name__}); a metric returns a number "
+                        "(a float, or a one-element tensor) or raises MetricSkipped",
                     )
                 )
                 continue

@@ -274,12 +274,11 @@ def _spread(interval: Interval | None, form: str) -> str:
 
 
 def _bounds(summary: Summary | None) -> str:
-    """A figure's 95% interval, where it has one."""
-    interval = summary.interval if summary is not None else None
-    if interval is None or interval.samples < 2:
+    """A figure's 95% interval, " [low, high]", where it has one."""
+    if summary is None:
         return ""
-    digits = 2 if summary.primary == "psnr" else 4  # type: ignore[union-attr]
-    return f" [{interval.low:.{digits}f}, {interval.high:.{digits}f}]"
+    text = _spread(summary.interval, f"{{:.{_digits(summary.primary)}f}}")
+    return "" if text == "-" else f" {text}"
 
 
 def _verdict(budget: float, winner: str | None, best: dict[Any, Summary | None], methods: dict[str, Any]) -> str:
@@ -300,7 +299,7 @@ def _verdict(budget: float, winner: str | None, best: dict[Any, Summary | None],
     )
     if difference is None or difference.samples < 2:
         return f"≤ {budget:.0%} {winner}"
-    digits = 2 if top.primary == "psnr" else 4
+    digits = _digits(top.primary)
     by = f"{difference.mean:+.{digits}f} [{difference.low:+.{digits}f}, {difference.high:+.{digits}f}]"
     if not difference.excludes_zero:
         return f"≤ {budget:.0%} a tie between {winner} and {runner_up.method} ({by})"
@@ -417,7 +416,12 @@ def _figure(metric: str, value: float | None) -> str:
         return "-"
     if value == math.inf:
         return "exact"
-    return f"{value:.2f}" if metric == "psnr" else f"{value:.4f}"
+    return f"{value:.{_digits(metric)}f}"
+
+
+def _digits(metric: str) -> int:
+    """Decimals a metric's figures are given with: PSNR in dB to 2, the others (0-1 scales) to 4."""
+    return 2 if metric == "psnr" else 4
 
 
 def _progress(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[str]:
