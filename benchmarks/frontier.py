@@ -1,16 +1,20 @@
-"""The quality frontier: cachekit's methods against diffusers' own on the trained testbed models.
+"""The quality frontier: cachekit's strongest methods against diffusers' own on the trained
+testbed models, held out, at 50 steps and at 28 (FLUX.1-dev's default).
 
-Runs `frontier.toml` once per testbed model, the two models in parallel processes of one thread
-each, then prints per model the best mean PSNR each method reaches within 20, 30, 40 and 50% of
-block executions (counted with plain torch hooks, the same for every method), beside the
-figures measured for cache-dit 1.5.3, and writes the reports and one plot of PSNR against the
-share of block executions. `nox -s frontier`, or:
+Runs `frontier.toml` once per testbed model and step count, two processes of one thread each at a
+time. Every method's setting at each budget (10-50% of block executions, counted with plain torch
+hooks, the same for every method) is chosen on the calibration seeds and scored on the evaluation
+seeds. Prints per model and step count the budget tables, then per budget: cachekit's best against
+diffusers' best (each the setting best on the calibration seeds among all of its side's methods),
+the paired difference over the evaluation samples with its 95% bootstrap interval and the share
+spent there; and the schedule search against its static baseline (uniform, the same estimator).
+`nox -s frontier`, or:
 
     python benchmarks/frontier.py --out frontier-results [--dtype bfloat16]
 
-In bfloat16 (`nox -s frontier -- --dtype bfloat16`), the precision users run, each model's table
-comes with its bf16 noise floor: the mean PSNR of its bf16 uncached samples against its float32
-ones. Differences between methods above that floor cannot be seen in bf16.
+In bfloat16 (`nox -s frontier -- --dtype bfloat16`), each model's table comes with its bf16 noise
+floor: the mean PSNR of its bf16 uncached samples against its float32 ones. Differences between
+methods above that floor cannot be seen in bf16.
 """
 
 from __future__ import annotations
@@ -24,20 +28,17 @@ import tomllib
 from pathlib import Path
 
 from cachekit.study import write_report
-from cachekit.study.intervals import paired_difference
-from cachekit.study.report import BUDGETS, best_within, budget_tables, plot_quality, summarize
+from cachekit.study.intervals import Interval, paired_difference
+from cachekit.study.report import Summary, best_within, budget_tables, plot_quality, summarize
 from cachekit.study.store import ResultStore
 
 HERE = Path(__file__).parent
 MODELS = ["flux-digits", "wan-moving-digits"]
-
-#: cache-dit 1.5.3 DBCache + TaylorSeer on the same models, samples and budgets, as measured when
-#: this benchmark was specified (None: it cannot reach that budget). Not rerun here: cache-dit is
-#: not a dependency.
-CACHE_DIT = {
-    "flux-digits": {0.3: 44.0, 0.4: 54.2, 0.5: 57.7},
-    "wan-moving-digits": {0.2: None, 0.3: None, 0.5: 49.5},
-}
+STEPS = [50, 28]
+#: How far ahead of diffusers' best cachekit's best must be, in dB, with its interval above 0.
+MARGIN = 1.0
+#: How far over a budget the share spent on the evaluation cells may go.
+OVERSPEND = 0.01
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,44 +50,120 @@ def main(argv: list[str] | None = None) -> None:
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
-    running = []
-    for model in MODELS:
-        spec = args.out / f"frontier-{model}.toml"
-        text = (HERE / "frontier.toml").read_text().replace("{model}", model)
-        spec.write_text(f'models = ["{model}"]\ndtype = "{args.dtype}"\n' + text)
-        command = [sys.executable, "-m", "cachekit", "study", "run", str(spec), "--db", str(_db(args.out, model))]
-        log = (args.out / f"frontier-{model}.log").open("w")
-        environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        fresh = ["--fresh"] if args.fresh else []
-        # run from the output folder: from the repository root, `-m cachekit` would import the source folder
-        process = subprocess.Popen([*command, *fresh], stdout=log, stderr=log, env=environment, cwd=args.out)
-        running.append((model, process))
-    for model, process in running:
-        if process.wait() != 0:
-            sys.exit(f"the {model} study failed; see {args.out / f'frontier-{model}.log'}")
-    print(f"frontier: both studies in {time.monotonic() - began:.0f} s")
+    studies = [(model, steps) for steps in STEPS for model in MODELS]
+    waiting, running = list(studies), []
+    while waiting or running:
+        while waiting and len(running) < 2:  # one process per core
+            model, steps = waiting.pop(0)
+            running.append(((model, steps), _start(args, model, steps)))
+        time.sleep(1)
+        for study, process in list(running):
+            if process.poll() is not None:
+                running.remove((study, process))
+                if process.returncode != 0:
+                    sys.exit(f"the {study} study failed; see {_path(args.out, *study, '.log')}")
+    print(f"frontier: {len(studies)} studies in {time.monotonic() - began:.0f} s")
 
-    summaries = []
-    for model in MODELS:
-        db = _db(args.out, model)
-        write_report(db, args.out / f"report-{model}")
+    everything = []
+    for model, steps in studies:
+        db = _path(args.out, model, steps, ".sqlite")
+        write_report(db, args.out / f"report-{model}-{steps}")
+        spec = tomllib.loads(_path(args.out, model, steps, ".toml").read_text())
         store = ResultStore(db)
         try:
-            summaries += summarize(store.rows("frontier"))
+            rows = store.rows("frontier")
         finally:
             store.close()
-    print("\n".join(budget_tables(summaries)))
-    for model in MODELS:
+        calibration = set(spec["calibration_seeds"])
+        scored = summarize([row for row in rows if row["seed"] not in calibration])
+        chosen_on = summarize([row for row in rows if row["seed"] in calibration])
+        budgets = tuple(spec["budgets"])
+        print(f"\n## {model}, {steps} steps\n")
+        print("\n".join(budget_tables(scored, budgets, chosen_on=chosen_on)))
         if args.dtype == "bfloat16":
-            floor = noise_floor(model, spec_of(args.out, model))
-            print(f"{model}: bf16 noise floor {floor:.2f} dB (bf16 uncached vs float32 uncached)")
-        print(_verdict(model, [s for s in summaries if s.model == model]))
-    plot_quality(summaries, args.out / "frontier.png")
-    print(f"plot: {args.out / 'frontier.png'}; reports: {args.out}/report-<model>/report.md")
+            print(f"{model}: bf16 noise floor {noise_floor(model, spec):.2f} dB (bf16 uncached vs float32 uncached)")
+        print(verdict(f"{model}, {steps} steps", scored, chosen_on, budgets))
+        print(schedule_against_uniform(scored, chosen_on, budgets))
+        if steps == STEPS[0]:
+            everything += scored
+    plot_quality(everything, args.out / "frontier.png")
+    reports = f"{args.out}/report-<model>-<steps>/report.md"
+    print(f"\nplot ({STEPS[0]} steps): {args.out / 'frontier.png'}; reports: {reports}")
 
 
-def spec_of(out: Path, model: str) -> dict:
-    return tomllib.loads((out / f"frontier-{model}.toml").read_text())
+def _start(args: argparse.Namespace, model: str, steps: int) -> subprocess.Popen:
+    spec = _path(args.out, model, steps, ".toml")
+    text = (HERE / "frontier.toml").read_text().replace("{model}", model).replace("{steps}", str(steps))
+    spec.write_text(f'models = ["{model}"]\ndtype = "{args.dtype}"\n' + text)
+    command = [sys.executable, "-m", "cachekit", "study", "run", str(spec), "--db", str(_path(args.out, model, steps))]
+    log = _path(args.out, model, steps, ".log").open("w")
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # run from the output folder: from the repository root, `-m cachekit` would import the source folder
+    fresh = ["--fresh"] if args.fresh else []
+    return subprocess.Popen([*command, *fresh], stdout=log, stderr=log, env=environment, cwd=args.out)
+
+
+def _path(out: Path, model: str, steps: int, suffix: str = ".sqlite") -> Path:
+    return out / f"frontier-{model}-{steps}{suffix}"
+
+
+def held_out_best(
+    scored: list[Summary], chosen_on: list[Summary], budget: float, side: object = lambda s: True
+) -> Summary | None:
+    """The evaluation figures of the setting, among those `side` takes, that scores best on the
+    calibration seeds within `budget` of block executions there."""
+    chosen = best_within([s for s in chosen_on if side(s)], lambda s: s.blocks, budget)
+    return None if chosen is None else next((s for s in scored if s.setting == chosen.setting), None)
+
+
+def verdict(title: str, scored: list[Summary], chosen_on: list[Summary], budgets: tuple[float, ...]) -> str:
+    """Per budget: cachekit's best against diffusers' best, held out; ahead where the paired
+    difference is at least `MARGIN` dB with its interval above 0, and the share spent on the
+    evaluation cells within `OVERSPEND` of the budget."""
+    lines = [f"{title}: cachekit's best vs diffusers' best, PSNR (dB), chosen on calibration seeds, held out"]
+    for budget in budgets:
+        ours = held_out_best(scored, chosen_on, budget, lambda s: not s.diffusers)
+        theirs = held_out_best(scored, chosen_on, budget, lambda s: s.diffusers)
+        difference = paired_difference(ours.samples, theirs.samples) if ours and theirs else None
+        lines.append(
+            f"  <= {budget:.0%}: cachekit {_show(ours)}; diffusers {_show(theirs)}"
+            + ("" if difference is None else f"; paired difference {difference.text()}")
+            + f" -> {_outcome(ours, theirs, difference, budget)}"
+        )
+    return "\n".join(lines)
+
+
+def _outcome(ours: Summary | None, theirs: Summary | None, difference: Interval | None, budget: float) -> str:
+    if ours is None:
+        return "no cachekit method fits" if theirs is None else "BEHIND (no cachekit method fits)"
+    if ours.blocks > budget + OVERSPEND:
+        return f"OVERSPENT ({ours.blocks:.1%})"
+    if difference is None:
+        return "ahead (no diffusers method fits)"
+    if difference.low > 0 and difference.mean >= MARGIN:
+        return f"ahead by {difference.mean:.1f} dB"
+    if difference.low > 0:
+        return f"ahead by less than {MARGIN:g} dB"
+    return "a tie" if difference.high > 0 else "BEHIND"
+
+
+def schedule_against_uniform(scored: list[Summary], chosen_on: list[Summary], budgets: tuple[float, ...]) -> str:
+    """Per budget: the searched schedule against uniform with the same estimator, held out."""
+    lines = ["schedule vs uniform (second-order forecast), PSNR (dB), held out"]
+    for budget in budgets:
+        schedule = held_out_best(scored, chosen_on, budget, lambda s: s.method == "schedule+taylor2")
+        uniform = held_out_best(scored, chosen_on, budget, lambda s: s.method == "uniform+taylor2")
+        difference = paired_difference(schedule.samples, uniform.samples) if schedule and uniform else None
+        outcome = (
+            "uniform cannot spend this little"
+            if difference is None
+            else "schedule ahead"
+            if difference.low > 0
+            else "NOT AHEAD"
+        )
+        shown = "" if difference is None else f"; paired difference {difference.text()}"
+        lines.append(f"  <= {budget:.0%}: schedule {_show(schedule)}; uniform {_show(uniform)}{shown} -> {outcome}")
+    return "\n".join(lines)
 
 
 def noise_floor(model: str, spec: dict) -> float:
@@ -111,43 +188,8 @@ def noise_floor(model: str, spec: dict) -> float:
     return sum(scores) / len(scores)
 
 
-def _db(out: Path, model: str) -> Path:
-    return out / f"frontier-{model}.sqlite"
-
-
-def _verdict(model: str, summaries: list) -> str:
-    """Per budget: cachekit's best method against the best peer (diffusers' measured, cache-dit's
-    figures), with the paired difference to diffusers' best over the samples both scored and its
-    95% bootstrap interval: ahead only where that interval is above 0, a tie where it holds 0."""
-    lines = [f"{model}: cachekit's best vs the best peer, PSNR (dB) within each share of block executions"]
-    ours = [s for s in summaries if not s.diffusers]
-    theirs = [s for s in summaries if s.diffusers]
-    for budget in BUDGETS:
-        best = best_within(ours, lambda s: s.blocks, budget)
-        peer = best_within(theirs, lambda s: s.blocks, budget)
-        cache_dit = CACHE_DIT[model].get(budget)
-        difference = paired_difference(best.samples, peer.samples) if best is not None and peer is not None else None
-        beats_cache_dit = cache_dit is None or (best is not None and (best.quality or 0.0) >= cache_dit)
-        if best is None and peer is None and cache_dit is None:
-            verdict = "no method fits"
-        elif best is None:
-            verdict = "BEHIND"
-        elif difference is not None and not difference.excludes_zero:
-            verdict = "a tie with diffusers" if beats_cache_dit else "BEHIND cache-dit"
-        elif difference is not None and difference.mean < 0:
-            verdict = "BEHIND"
-        else:
-            verdict = "cachekit ahead" if beats_cache_dit else "BEHIND cache-dit"
-        paired = "" if difference is None else f" (paired difference {difference.text()})"
-        lines.append(
-            f"  <= {budget:.0%}: cachekit {_show(best)}; diffusers {_show(peer)}{paired}; cache-dit "
-            f"{'—' if cache_dit is None else f'{cache_dit:.1f}'} -> {verdict}"
-        )
-    return "\n".join(lines)
-
-
-def _show(summary: object) -> str:
-    return "—" if summary is None else f"{summary.quality:.2f} ({summary.label}, {summary.blocks:.1%})"  # type: ignore[attr-defined]
+def _show(summary: Summary | None) -> str:
+    return "—" if summary is None else f"{summary.quality:.2f} ({summary.label}, spent {summary.blocks:.1%})"
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ class TunedSetting:
     steps: int
     budget: float
     knob: str
-    value: float
+    value: float | str  # a schedule's mask
     spent: float  # the mean share of block executions it spent on the held-out seeds
     quality: float
     metric: str

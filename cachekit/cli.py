@@ -342,7 +342,7 @@ def _tune(args: argparse.Namespace) -> None:
         result = tuner.to_quality(args.quality)
     for trial in result.trials:
         figures = f"computed {trial.computed:.1%}, {result.metric} {trial.quality:.4g}"
-        print(f"  {result.knob.field}={trial.value:.5g}: {figures}")
+        print(f"  {result.knob.show(trial.value)}: {figures}")
     chosen = result.chosen
     print(
         f"chosen {json.dumps(result.config(base))}: computed {chosen.computed:.1%} "

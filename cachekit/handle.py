@@ -112,12 +112,12 @@ def apply(
     config = make_config(config)
     strategy_class = get_strategy(config.strategy)
     models, scheduler = _split_target(target)
-    tuned = None
+    tuned, knob = None, strategy_class.knob
     if config.spending() is not None:  # the knob from the setting tuned for this budget on this model
-        if strategy_class.knob is None:
+        if knob is None:
             raise BudgetError(f"strategy {config.strategy!r} declares no knob, so it cannot be given a budget")
         first = next(iter(models.values()))
-        config, tuned = resolve_budget(config, strategy_class.knob.field, resolve_adapter(first)(first).identity())
+        config, tuned = resolve_budget(config, knob.field, resolve_adapter(first)(first).identity())
     for model in models.values():
         if model in _ATTACHED:
             raise AlreadyAttachedError(
@@ -138,11 +138,11 @@ def apply(
             f"strategy {config.strategy!r} must know the generation's length: apply it to the pipeline, or set "
             "num_inference_steps in its config when applying it to a bare transformer"
         )
-    if tuned is not None:
+    if tuned is not None and knob is not None:
         for runtime in runtimes.values():
             runtime.frames.tuned_steps = tuned.steps
             runtime.stats.info["budget"] = (
-                f"{tuned.budget:.0%} tuned at {tuned.steps} steps: {tuned.knob}={tuned.value:.4g}, spent "
+                f"{tuned.budget:.0%} tuned at {tuned.steps} steps: {knob.show(tuned.value)}, spent "
                 f"{tuned.spent:.1%} and {tuned.metric} {tuned.quality:.4g} on held-out seeds"
             )
     installed: list[Runtime] = []

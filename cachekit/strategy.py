@@ -65,14 +65,20 @@ class Signals(Mapping[str, Any]):
 @dataclass(frozen=True)
 class Knob:
     """The config field that trades compute for quality, which tuning searches: an integer
-    interval (tried 1, 2, ... up to the step count) or a threshold (bisected on a log scale
-    between `low` and `high`). `reuses_more`: the direction in which the strategy skips more."""
+    interval (tried 1, 2, ... up to the step count), a threshold (bisected on a log scale
+    between `low` and `high`), or a per-step mask (found for a budget by `cachekit.schedule`).
+    `reuses_more`: the direction in which the strategy skips more."""
 
     field: str
     integer: bool = False
     reuses_more: Literal["higher", "lower"] = "higher"
     low: float = 1e-4
     high: float = 10.0
+    mask: bool = False
+
+    def show(self, value: float | str) -> str:
+        """`value` as messages quote it: `field=value`."""
+        return f"{self.field}={value}" if isinstance(value, str) else f"{self.field}={value:.5g}"
 
 
 class ExampleConfigs(NamedTuple):

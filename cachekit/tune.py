@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 import cachekit
+from cachekit import schedule
 from cachekit.budget import BudgetError, TunedSetting, base_of
 from cachekit.counting import WorkCounter
 from cachekit.metric import Sample
@@ -33,7 +34,7 @@ QUALITY_CLOSE = 0.01
 
 @dataclass(frozen=True)
 class Trial:
-    value: float
+    value: float | str  # a mask for a schedule
     computed: float  # share of block executions (counted from the outside)
     computed_steps: float  # per generation and branch, on average
     quality: float  # the primary metric's mean over the held-out generations
@@ -90,7 +91,8 @@ class Tuner:
         self.base = base
         self.knob = knob_of(base)
         self.pairs = [(seed, condition) for seed in seeds for condition in conditions]
-        trials = model.spec.steps if self.knob.integer else BISECTIONS
+        trials = model.spec.steps if self.knob.integer else 0 if self.knob.mask else BISECTIONS
+        self.edges: schedule.EdgeCosts | None = None  # a schedule's measured edge costs, shared by its budgets
         self.bar = tqdm(total=len(self.pairs) * (1 + trials), desc="tuning", unit="generation", disable=not progress)
         self.references = {pair: self._generate(pair) for pair in self.pairs}
 
@@ -99,12 +101,12 @@ class Tuner:
         self.bar.update()
         return output
 
-    def measure(self, value: float) -> Trial:
+    def measure(self, value: float | str) -> Trial:
         """The knob at `value`: the share of block executions (counted from the outside, as
         studies count them, whatever the strategy's level) and the PSNR over the held-out pairs."""
         config = {**self.base, self.knob.field: int(value) if self.knob.integer else value}
         outputs, shares, steps = [], [], []
-        self.bar.set_postfix_str(f"{self.knob.field}={value:.4g}")
+        self.bar.set_postfix_str(self.knob.show(value))
         transformer = self.model.transformer
         counter = WorkCounter(transformer, resolve_adapter(transformer)(transformer))
         try:
@@ -130,6 +132,8 @@ class Tuner:
         """The setting whose computed-call share is closest to `target` (0-1]; not met when even
         that one is further than `tolerance` from it."""
         check_target(self.base, ratio=target)
+        if self.knob.mask:
+            return schedule.search(self, target)
         step_share = 1 / self.model.spec.steps  # what one more computed step changes the share by
         result = self._search(
             reuse_more=lambda trial: trial.computed > target,
@@ -147,6 +151,8 @@ class Tuner:
         forced last step or always-computed blocks) is refused with the smallest reachable share."""
         check_target(self.base, ratio=budget)
         knob = self.knob
+        if knob.mask:
+            return schedule.search(self, budget)
         most_reuse = self.measure(
             self.model.spec.steps if knob.integer else (knob.high if knob.reuses_more == "higher" else knob.low)
         )
@@ -154,7 +160,7 @@ class Tuner:
             self.bar.close()
             raise BudgetError(
                 f"{self.base['strategy']} cannot spend as little as {budget:.1%} of block executions here: at "
-                f"{knob.field}={most_reuse.value:.4g}, reusing all it can, it spends {most_reuse.computed:.1%} "
+                f"{knob.show(most_reuse.value)}, reusing all it can, it spends {most_reuse.computed:.1%} "
                 f"(its warm-up, last step and always-computed blocks); give a budget of at least "
                 f"{math.ceil(most_reuse.computed * 1000) / 1000:.1%}"
             )
@@ -174,6 +180,8 @@ class Tuner:
 
     def to_quality(self, bound: float) -> TuneResult:
         """The most reusing setting whose primary metric meets `bound` (else the best one)."""
+        if self.knob.mask:
+            raise ValueError(f"{self.base['strategy']}'s mask is searched for a budget: give --budget, not --quality")
 
         def best(trials: list[Trial]) -> Trial:
             meeting = [trial for trial in trials if self.meets(trial, bound)]

@@ -200,6 +200,11 @@ class StudySpec(Generation):
         description="Seeds whose cells choose each method's setting at each budget of the report, which then "
         "scores that choice on `seeds` alone (held out). Unset: settings are chosen on the cells they are scored on.",
     )
+    budgets: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default=[0.2, 0.3, 0.4, 0.5],
+        min_length=1,
+        description="The shares of block executions the report compares methods within (its winner per budget).",
+    )
     save_tensors: bool = Field(
         default=True,
         description="Keep every cell's output as a safetensors file beside its PNG/MP4 (the uncached references' "

@@ -12,7 +12,7 @@ import contextlib
 import difflib
 import inspect
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +24,8 @@ from cachekit.errors import CachekitError
 from cachekit.metric import local_file
 from cachekit.schemas.study import Generation
 
+#: Called after each step with its index and the latents it made; returns replacements, or None.
+OnStep = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 #: Spec fields and the pipeline argument each one sets.
 ARGUMENTS = {
     "guidance_scale": "guidance_scale",
@@ -169,8 +171,12 @@ class StudyModel:
     def transformer(self) -> torch.nn.Module:
         return self.target.transformer
 
-    def generate(self, seed: int, condition: str, steps: int | None = None) -> torch.Tensor:
-        """One generation from the seed's initial noise (`steps`: the spec's unless given)."""
+    def generate(
+        self, seed: int, condition: str, steps: int | None = None, on_step: OnStep | None = None
+    ) -> torch.Tensor:
+        """One generation from the seed's initial noise (`steps`: the spec's unless given).
+        `on_step(index, latents)`: after each step, with the latents it made; what it returns
+        (unless None) replaces them."""
         raise NotImplementedError
 
 
@@ -184,13 +190,16 @@ class TestbedModel(StudyModel):
         super().__init__(name, pipe, spec, own)
         self._latents: dict[int, torch.Tensor] = {}
 
-    def generate(self, seed: int, condition: str, steps: int | None = None) -> torch.Tensor:
+    def generate(
+        self, seed: int, condition: str, steps: int | None = None, on_step: OnStep | None = None
+    ) -> torch.Tensor:
         if seed not in self._latents:  # made once per seed, shared by every strategy
             self._latents[seed] = self.target.prepare_latents(seed)
         return self.target(
             [int(condition)],
             latents=self._latents[seed],
             num_inference_steps=steps or self.spec.steps,
+            **_callback(on_step),
             **self.arguments,
         )
 
@@ -216,18 +225,33 @@ class DiffusersModel(StudyModel):
             with Image.open(self.arguments["image"]) as image:
                 self.arguments["image"] = image.convert("RGB")
 
-    def generate(self, seed: int, condition: str, steps: int | None = None) -> torch.Tensor:
+    def generate(
+        self, seed: int, condition: str, steps: int | None = None, on_step: OnStep | None = None
+    ) -> torch.Tensor:
         result = self.target(
             prompt=condition,
             num_inference_steps=steps or self.spec.steps,
             generator=torch.Generator(self.spec.device).manual_seed(seed),
             output_type="pt",
+            **_callback(on_step),
             **self.arguments,
         )
         output = result.frames if hasattr(result, "frames") else result.images
         if output.ndim == 5:  # video pipelines return (B, F, C, H, W)
             output = output.transpose(1, 2)
         return output.float() * 2 - 1
+
+
+def _callback(on_step: OnStep | None) -> dict[str, Any]:
+    """`on_step` as the pipeline argument diffusers' pipelines (and the testbed's) take."""
+    if on_step is None:
+        return {}
+
+    def callback(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        replaced = on_step(index, tensors["latents"])
+        return tensors if replaced is None else {**tensors, "latents": replaced}
+
+    return {"callback_on_step_end": callback}
 
 
 def load_model(name: str, spec: Generation, own: frozenset[str] = frozenset()) -> StudyModel:

@@ -111,6 +111,7 @@ def plan(spec: StudySpec) -> Plan:
                 config = _config(values, spec)
             except (pydantic.ValidationError, LookupError, TypeError, ValueError) as error:
                 raise StudySpecError(f"strategies[{index}] ({json.dumps(values)}): {error}") from None
+            _check_budget(config, spec, index)
             method = method or _method(entry, config, index, methods)
             setting = Setting(_key(config), _label(method, config, sorted(entry.sweep)), config, method)
             if setting.key in {s.key for s in settings}:
@@ -125,6 +126,21 @@ def plan(spec: StudySpec) -> Plan:
         for setting in settings
     ]
     return Plan(spec, settings, cells, metrics)
+
+
+def _check_budget(config: StrategyConfig | DiffusersMethodConfig, spec: StudySpec, index: int) -> None:
+    """A budget entry is tuned on calibration cells, by its strategy's knob: both must be there."""
+    if not isinstance(config, StrategyConfig) or config.spending() is None or config.tuned is not None:
+        return
+    from cachekit.registry import get_strategy
+
+    if get_strategy(config.strategy).knob is None:
+        raise StudySpecError(f"strategies[{index}]: strategy {config.strategy!r} declares no knob to tune for a budget")
+    if not spec.calibration_seeds:
+        raise StudySpecError(
+            f"strategies[{index}]: a budget ({config.spending():.0%}) is tuned on calibration cells: give the study "
+            "calibration_seeds (apart from its seeds), or the file tuned for it (tuned = FILE)"
+        )
 
 
 def check_model(model: str, spec: Generation, where: str, own: frozenset[str] = frozenset()) -> None:

@@ -319,12 +319,13 @@ def write_report(db: str | Path, out: str | Path | None = None, study: str | Non
     out.mkdir(parents=True, exist_ok=True)
     primary = runs[-1]["spec"].get("primary", DEFAULT_PRIMARY) if runs else DEFAULT_PRIMARY
     calibration = set(runs[-1]["spec"].get("calibration_seeds") or []) if runs else set()
+    budgets = tuple(runs[-1]["spec"].get("budgets") or BUDGETS) if runs else BUDGETS
     summaries = summarize([row for row in rows if row["seed"] not in calibration], primary)
     chosen_on = summarize([row for row in rows if row["seed"] in calibration], primary) if calibration else None
     trusted, why_not = wall_clock_trusted(summaries)
     colours = method_colours(summaries)  # one colour per method in every plot
     _pareto(summaries, out / "pareto.png", trusted, why_not, colours)
-    plot_quality(summaries, out / "quality.png", colours)
+    plot_quality(summaries, out / "quality.png", colours, budgets)
     _timeline(rows, summaries, out / "timeline.png")
     metrics = [name for name in SHOWN_FIRST if any(name in s.metrics for s in summaries)]
     metrics += sorted({name for s in summaries for name in s.metrics} - set(metrics))
@@ -380,7 +381,7 @@ def write_report(db: str | Path, out: str | Path | None = None, study: str | Non
             if calibration
             else []
         ),
-        *budget_tables(summaries, chosen_on=chosen_on),
+        *budget_tables(summaries, budgets, chosen_on=chosen_on),
         f"![{metric_name(summaries[0].primary if summaries else DEFAULT_PRIMARY)} vs share of block executions]"
         "(quality.png)",
         "",
@@ -589,7 +590,9 @@ def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def plot_quality(summaries: list[Summary], path: Path, colour: dict[str, Any] | None = None) -> None:
+def plot_quality(
+    summaries: list[Summary], path: Path, colour: dict[str, Any] | None = None, budgets: tuple[float, ...] = BUDGETS
+) -> None:
     """The primary metric against the share of block executions, one line per method through its settings
     (diffusers' methods dashed); methods that run every block are left to the budget tables.
     Settings of several methods on one spot (a method and its diffusers twin) are drawn as rings
@@ -611,7 +614,7 @@ def plot_quality(summaries: list[Summary], path: Path, colour: dict[str, Any] | 
             group.sort(key=lambda s: s.blocks)
             style = "--" if group[0].diffusers else "-"
             axis.plot([s.blocks for s in group], [s.quality for s in group], style, color=colour[method], linewidth=1.2)
-        for budget in BUDGETS:
+        for budget in budgets:
             axis.axvline(budget, color="grey", linewidth=0.5)
         axis.margins(x=0.08, y=0.08)
         axis.set(title=model, xlabel="share of block executions (counted)", ylabel=f"{primary} vs uncached")

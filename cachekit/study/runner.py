@@ -35,6 +35,7 @@ from cachekit.schemas.configs import StrategyConfig
 from cachekit.schemas.diffusers_methods import DiffusersMethodConfig
 from cachekit.schemas.study import StudySpec
 from cachekit.stats import GenerationStats
+from cachekit.study.budgets import needs_tuning, tune_budgets, tuned_file, with_tuned, without_budget
 from cachekit.study.diffusers_methods import apply_diffusers_method
 from cachekit.study.metrics import Metrics
 from cachekit.study.models import StudyModel, load_model, on_device, skeleton
@@ -77,7 +78,8 @@ def run_study(
             if store is not None:
                 store.check_protocol(spec.name, protocol(spec))
                 store.record_run(spec.name, spec.model_dump(mode="json"), len(the_plan.cells), environment(spec))
-            _run_share(spec, store, the_plan.cells, workers, progress, the_plan.metrics, checked)
+            tuned = tuned_file(db if workers.alone else process_db(db, workers.rank))
+            _run_share(spec, store, the_plan.cells, workers, progress, the_plan.metrics, checked, tuned)
         finally:
             if store is not None:
                 store.close()
@@ -149,9 +151,11 @@ def _run_share(
     progress: bool,
     metrics: Metrics,
     checked: set[str],
+    tuned: Path,
 ) -> None:
     """Run this process's share of the cells; skip those done before, or meanwhile by another writer.
-    The settings of a model not `checked` before loading are tried once it has loaded."""
+    The settings of a model not `checked` before loading are tried once it has loaded; its budget
+    entries are tuned on the calibration cells (kept in `tuned`) before its first cell."""
     groups = list(dict.fromkeys((cell.model, cell.seed, cell.condition) for cell in cells))
     mine = set(workers.share(groups))
     done = workers.agree(store.finished(spec.name) if store is not None else set())
@@ -175,6 +179,11 @@ def _run_share(
                 if entry.name not in checked:
                     settings = list({cell.setting.key: cell.setting for cell in model_cells}.values())
                     check_settings(entry.name, model.target, settings, spec.generation(entry.name).steps)
+                budgeted = {c.setting.key: c.setting.config for c in model_cells if needs_tuning(c.setting.config)}
+                if budgeted:
+                    bar.set_description(f"{entry.name}: tuning {len(budgeted)} budget settings on calibration cells")
+                    tune_budgets(model, list(budgeted.values()), spec, tuned)  # type: ignore[arg-type]
+                    model_cells = [_with_tuned(cell, tuned) for cell in model_cells]
                 costs = measure_costs(model, model_cells[0], workers)
                 for cell in model_cells:
                     bar.set_description(f"{entry.name} seed={cell.seed} {cell.condition!r} {cell.setting.label}")
@@ -182,6 +191,11 @@ def _run_share(
                     if not workers.agree(store is not None and store.has(*key)):
                         _run_and_store(store, spec, model, cell, costs, workers.name, metrics, shown)
                     bar.update()
+
+
+def _with_tuned(cell: Cell, tuned: Path) -> Cell:
+    setting = dataclasses.replace(cell.setting, config=with_tuned(cell.setting.config, tuned))
+    return dataclasses.replace(cell, setting=setting)
 
 
 def protocol(spec: StudySpec) -> dict[str, dict[str, Any]]:
@@ -238,7 +252,7 @@ def check_settings(name: str, target: Any, settings: list[Setting], steps: int) 
     generation of `steps` steps, so one that cannot run on it (no preset fits, a point it lacks,
     per-step values for another step count) is named before its first cell, not hours in."""
     for setting in settings:
-        config = setting.config
+        config = without_budget(setting.config, steps)  # a budget entry is tuned once its model has loaded
         if config is None:
             continue
         if isinstance(config, StrategyConfig) and config.num_inference_steps is None:

@@ -6,6 +6,9 @@ step, cond first) and exposes `transformer` and `scheduler`, so `cachekit.apply`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch import nn
@@ -51,9 +54,11 @@ class TestbedPipeline:
         guidance_scale: float = 3.0,
         batched_cfg: bool = False,
         latents: torch.Tensor | None = None,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict[str, Any]], dict[str, Any]] | None = None,
     ) -> torch.Tensor:
         """Samples in [-1, 1] for the digit classes `labels`: (B, 1, 16, 16) images or
-        (B, 1, frames, 16, 16) videos."""
+        (B, 1, frames, 16, 16) videos. `callback_on_step_end`: as diffusers' pipelines call it,
+        after each step with {"latents": ...}; the "latents" it returns replace them."""
         labels = torch.as_tensor(labels).reshape(-1)
         if labels.is_floating_point() or not all(0 <= label < CLASSES for label in labels.tolist()):
             raise ValueError(f"labels {labels.tolist()}: the testbed models generate the digits 0 to {CLASSES - 1}")
@@ -62,7 +67,7 @@ class TestbedPipeline:
         cond = self.conditioning(labels)
         uncond = self.conditioning(torch.full_like(labels, NULL_CLASS))
         self.scheduler.set_timesteps(num_inference_steps)
-        for t in self.scheduler.timesteps:
+        for index, t in enumerate(self.scheduler.timesteps):
             sigma = (t / 1000).expand(len(labels)).to(x.device, x.dtype)
             if guidance_scale == 1.0:
                 velocity = self._velocity(x, sigma, cond)
@@ -75,6 +80,8 @@ class TestbedPipeline:
                 v_uncond = self._velocity(x, sigma, uncond)
                 velocity = v_uncond + guidance_scale * (v_cond - v_uncond)
             x = self.scheduler.step(velocity, t, x, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                x = callback_on_step_end(self, index, t, {"latents": x}).get("latents", x)
         return x.clamp(-1, 1)
 
     def _velocity(self, x: torch.Tensor, sigma: torch.Tensor, condition: tuple) -> torch.Tensor:

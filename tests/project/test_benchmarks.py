@@ -55,28 +55,35 @@ def test_the_memory_table_matches_the_sizes_of_what_is_kept():
     assert f"| {3 * residual / 2**30:.2f} GiB |" in rows["uniform, taylor 2 (span)"]
 
 
-def frontier_rows(ours: list[float], theirs: list[float]) -> list[dict]:
-    """One sample per seed for the uncached reference, a cachekit setting and a diffusers one, all at 30%."""
+def frontier_rows(ours: list[float], theirs: list[float], seed0: int = 0, spent: float = 0.3) -> list[dict]:
+    """One sample per seed for the uncached reference, a cachekit setting (spending `spent`) and a
+    diffusers one (30%)."""
     rows = []
-    for seed, (mine, peer) in enumerate(zip(ours, theirs, strict=True)):
-        for setting, strategy, psnr in (
-            ("uncached", "uncached", float("inf")),
-            ("a", "uniform", mine),
-            ("b", "diffusers.first_block_cache", peer),
+    for seed, (mine, peer) in enumerate(zip(ours, theirs, strict=True), start=seed0):
+        for setting, strategy, psnr, share in (
+            ("uncached", "uncached", float("inf"), 1.0),
+            ("a", "uniform", mine, spent),
+            ("b", "diffusers.first_block_cache", peer, 0.3),
         ):
-            rows.append(cell_row(setting, seed, psnr, 1.0 if setting == "uncached" else 0.3, strategy))
+            rows.append(cell_row(setting, seed, psnr, share, strategy))
     return rows
 
 
-def test_the_frontier_calls_cachekit_ahead_only_where_the_paired_interval_is_above_zero():
+def test_the_frontier_calls_cachekit_ahead_only_by_a_margin_with_the_paired_interval_above_zero():
     import frontier
 
     from cachekit.study.report import summarize
 
-    clear = frontier._verdict("flux-digits", summarize(frontier_rows([50, 52, 51, 53], [40, 41, 40, 42])))
-    assert "(paired difference 10.75 [" in clear and "-> cachekit ahead" in clear.splitlines()[2]
-    noisy = frontier._verdict("flux-digits", summarize(frontier_rows([50, 40, 50, 40], [45, 45, 45, 45])))
-    assert "-> a tie with diffusers" in noisy.splitlines()[2]
-    behind = frontier._verdict("flux-digits", summarize(frontier_rows([30, 31, 30, 31], [40, 41, 40, 41])))
-    assert "-> BEHIND" in behind.splitlines()[2]
-    assert behind.splitlines()[1].endswith("-> no method fits")  # nothing at 20%, nor a cache-dit figure
+    chosen_on = summarize(frontier_rows([45, 45, 45, 45], [44, 44, 44, 44], seed0=100))  # calibration cells
+
+    def outcome(ours, theirs, spent=0.3):
+        text = frontier.verdict("t", summarize(frontier_rows(ours, theirs, spent=spent)), chosen_on, (0.2, 0.3))
+        assert text.splitlines()[1].endswith("-> no cachekit method fits")  # nothing at 20%
+        return text.splitlines()[2]
+
+    clear = outcome([50, 52, 51, 53], [40, 41, 40, 42])
+    assert "; paired difference 10.75 [" in clear and clear.endswith("-> ahead by 10.8 dB")
+    assert outcome([40.5, 41.5, 40.6, 42.4], [40, 41, 40, 42]).endswith("-> ahead by less than 1 dB")
+    assert outcome([50, 40, 50, 40], [45, 45, 45, 45]).endswith("-> a tie")
+    assert outcome([30, 31, 30, 31], [40, 41, 40, 41]).endswith("-> BEHIND")
+    assert outcome([50, 52, 51, 53], [40, 41, 40, 42], spent=0.35).endswith("-> OVERSPENT (35.0%)")
