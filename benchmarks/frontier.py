@@ -1,8 +1,8 @@
 """The quality frontier: cachekit's strongest methods against diffusers' own on the trained
 testbed models, held out, at 50 steps and at 28 (FLUX.1-dev's default).
 
-Runs `frontier.toml` once per testbed model and step count, two processes of one thread each at a
-time. Every method's setting at each budget (10-50% of block executions, counted with plain torch
+Runs `frontier.toml` once per testbed model and step count: one process of one thread per model,
+its step counts in turn. Every method's setting at each budget (10-50% of block executions, counted with plain torch
 hooks, the same for every method) is chosen on the calibration seeds and scored on the evaluation
 seeds. Prints per model and step count the budget tables, then per budget: cachekit's best against
 diffusers' best (each the setting best on the calibration seeds among all of its side's methods),
@@ -50,12 +50,14 @@ def main(argv: list[str] | None = None) -> None:
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
-    studies = [(model, steps) for steps in STEPS for model in MODELS]
-    waiting, running = list(studies), []
-    while waiting or running:
-        while waiting and len(running) < 2:  # one process per core
-            model, steps = waiting.pop(0)
-            running.append(((model, steps), _start(args, model, steps)))
+    studies = [(model, steps) for model in MODELS for steps in STEPS]
+    lanes = [[study for study in studies if study[0] == model] for model in MODELS]  # one per core
+    running = []
+    while any(lanes) or running:
+        for lane in lanes:
+            if lane and not any(study[0] == lane[0][0] for study, _ in running):
+                model, steps = lane.pop(0)
+                running.append(((model, steps), _start(args, model, steps)))
         time.sleep(1)
         for study, process in list(running):
             if process.poll() is not None:

@@ -325,6 +325,11 @@ def _tune(args: argparse.Namespace) -> None:
 
     if args.save is not None and args.budget is None:
         raise ValueError("--save stores the setting chosen for a budget: give --budget too")
+    if args.save is not None and str(args.strategy.get("strategy")).startswith("diffusers."):
+        raise ValueError(
+            "--save stores a setting cachekit.apply takes; one of diffusers' methods is tuned for a budget here "
+            "(the setting is printed) or in a study (a budget entry)"
+        )
     spec = _calibration_spec(args.spec, args.threads)
     base = args.strategy
     check_target(base, ratio=args.ratio if args.budget is None else args.budget)  # before any model loads

@@ -6,7 +6,8 @@ cost, measured once with the config's estimator in the loop: the RMS error, agai
 trajectory, of the latents reached at j when step i starts from the uncached latents. Runs that
 put the uncached latents back at every computed step (teacher forcing) measure a whole row of
 edges per generation: N·L transformer calls per calibration sample for edges up to L steps long.
-LeMiCa weighs its edges by the error of the final sample instead, which costs N²·L calls; a local
+LeMiCa weighs its edges by the error of the final sample instead, which costs N²·L calls. Edge
+costs are averaged over a few of the calibration samples (`EDGE_SAMPLES`); a local
 cost ignores how an error grows after j, so the final choice is made on whole generations: a
 dynamic program finds, for K steps, the path with the least total cost and the one with the least
 sum of squared costs (which spreads the error instead of piling it on one edge, as LeMiCa's
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
 
 #: (i, j): compute at step i, next at j (j = the step count: the end).
 Edge = tuple[int, int]
+#: Calibration samples the edge costs are averaged over: a cost ranks edges, which few samples
+#: settle; the candidate masks are then judged on every sample.
+EDGE_SAMPLES = 4
 
 
 def best_path(costs: Mapping[Edge, float], steps: int, computed: int) -> tuple[str, float] | None:
@@ -144,7 +148,8 @@ def search(tuner: Tuner, budget: float) -> TuneResult:
             f"at least the first step; give a budget of at least {math.ceil(1000 / steps) / 1000:.1%}"
         )
     if tuner.edges is None:
-        tuner.edges = EdgeCosts(tuner.model, tuner.base, tuner.pairs, tuner.bar)
+        spread = tuner.pairs[:: max(1, len(tuner.pairs) // EDGE_SAMPLES)][:EDGE_SAMPLES]
+        tuner.edges = EdgeCosts(tuner.model, tuner.base, spread, tuner.bar)
     costs = tuner.edges.up_to(2 * math.ceil(steps / computed))
     candidates = [evenly_spaced(steps, computed)]
     for spread in (False, True):

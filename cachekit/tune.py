@@ -21,9 +21,11 @@ from cachekit.budget import BudgetError, TunedSetting, base_of
 from cachekit.counting import WorkCounter
 from cachekit.metric import Sample
 from cachekit.registry import get_strategy, list_strategies, make_config, resolve_adapter
+from cachekit.schemas.diffusers_methods import DIFFUSERS_METHODS
 from cachekit.schemas.files import read_table
 from cachekit.schemas.teacache import TeaCachePreset
 from cachekit.strategy import Knob
+from cachekit.study.diffusers_methods import KNOBS, apply_diffusers_method
 from cachekit.study.metrics import DEFAULT_PRIMARY, metrics_for
 from cachekit.study.models import StudyModel
 
@@ -43,6 +45,8 @@ class Trial:
 def knob_of(base: dict[str, Any]) -> Knob:
     """The knob the strategy of `base` declares; a strategy without one is refused by name."""
     name = base.get("strategy")
+    if isinstance(name, str) and name in DIFFUSERS_METHODS:  # diffusers' own, in a study
+        return KNOBS[DIFFUSERS_METHODS[name]]
     knob = get_strategy(name).knob if isinstance(name, str) else None
     if knob is None:
         tunable = [strategy for strategy in list_strategies() if get_strategy(strategy).knob is not None]
@@ -110,7 +114,7 @@ class Tuner:
         transformer = self.model.transformer
         counter = WorkCounter(transformer, resolve_adapter(transformer)(transformer))
         try:
-            with cachekit.apply(self.model.target, config):
+            with _apply(self.model.target, config):
                 for pair in self.pairs:
                     counter.reset()
                     outputs.append(self._generate(pair))
@@ -223,6 +227,13 @@ class Tuner:
         self.bar.total = self.bar.n  # the search may end before its last trial
         self.bar.close()
         return TuneResult(self.knob, self.metric.name, best(trials), trials)
+
+
+def _apply(target: Any, config: dict[str, Any]) -> Any:
+    """A cachekit strategy through `cachekit.apply`; one of diffusers' methods through its hooks."""
+    if config.get("strategy") in DIFFUSERS_METHODS:
+        return apply_diffusers_method(target, config)
+    return cachekit.apply(target, config)
 
 
 def tuned_setting(model: StudyModel, base: dict[str, Any], result: TuneResult, budget: float) -> TunedSetting:

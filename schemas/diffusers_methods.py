@@ -25,6 +25,13 @@ class DiffusersMethodConfig(NamedConfig):
 
     name_field = "strategy"
     strategy: str
+    budget: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="In a study, the share of block executions to spend at most: the method's knob is tuned for it "
+        "on the calibration cells, by the search cachekit's strategies get.",
+    )
 
 
 class DiffusersFirstBlockCache(DiffusersMethodConfig):

@@ -37,8 +37,17 @@ from cachekit.schemas.diffusers_methods import (
 )
 from cachekit.schemas.magcache import load_magcache_preset
 from cachekit.steps import StepTracker, watch_scheduler
+from cachekit.strategy import Knob
 
 CONTEXT_HOOK = "cachekit_peer_context"
+#: The field a budget tunes, per method: searched as cachekit's strategies' knobs are.
+KNOBS: dict[type[DiffusersMethodConfig], Knob] = {
+    DiffusersFirstBlockCache: Knob("threshold"),
+    DiffusersMagCache: Knob("threshold"),
+    DiffusersTaylorSeer: Knob("cache_interval", integer=True),
+    DiffusersSeaCache: Knob("threshold"),
+    DiffusersPAB: Knob("spatial_attention_block_skip_range", integer=True),
+}
 
 
 def make_diffusers_method_config(values: DiffusersMethodConfig | dict[str, Any]) -> DiffusersMethodConfig:
@@ -53,7 +62,7 @@ def make_diffusers_method_config(values: DiffusersMethodConfig | dict[str, Any])
 
 def diffusers_config(config: DiffusersMethodConfig, adapter: Adapter, tracker: StepTracker) -> Any:
     """The diffusers config `config` stands for, on the model `adapter` reads."""
-    fields = config.model_dump(exclude={"strategy"})
+    fields = config.model_dump(exclude={"strategy", "budget"})
     if isinstance(config, DiffusersFirstBlockCache):
         return FirstBlockCacheConfig(**fields)
     if isinstance(config, DiffusersMagCache):

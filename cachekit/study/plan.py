@@ -129,17 +129,24 @@ def plan(spec: StudySpec) -> Plan:
 
 
 def _check_budget(config: StrategyConfig | DiffusersMethodConfig, spec: StudySpec, index: int) -> None:
-    """A budget entry is tuned on calibration cells, by its strategy's knob: both must be there."""
-    if not isinstance(config, StrategyConfig) or config.spending() is None or config.tuned is not None:
-        return
-    from cachekit.registry import get_strategy
+    """A budget entry is tuned on calibration cells, by its method's knob: both must be there."""
+    from cachekit.study.budgets import needs_tuning
 
-    if get_strategy(config.strategy).knob is None:
-        raise StudySpecError(f"strategies[{index}]: strategy {config.strategy!r} declares no knob to tune for a budget")
+    if not needs_tuning(config):
+        return
+    if isinstance(config, StrategyConfig):
+        from cachekit.registry import get_strategy
+
+        if get_strategy(config.strategy).knob is None:
+            raise StudySpecError(
+                f"strategies[{index}]: strategy {config.strategy!r} declares no knob to tune for a budget"
+            )
     if not spec.calibration_seeds:
+        budget = config.spending() if isinstance(config, StrategyConfig) else config.budget
         raise StudySpecError(
-            f"strategies[{index}]: a budget ({config.spending():.0%}) is tuned on calibration cells: give the study "
-            "calibration_seeds (apart from its seeds), or the file tuned for it (tuned = FILE)"
+            f"strategies[{index}]: a budget ({budget:.0%}) is tuned on calibration cells: give the study "
+            "calibration_seeds (apart from its seeds)"
+            + (", or the file tuned for it (tuned = FILE)" if isinstance(config, StrategyConfig) else "")
         )
 
 

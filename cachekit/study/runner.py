@@ -182,8 +182,12 @@ def _run_share(
                 budgeted = {c.setting.key: c.setting.config for c in model_cells if needs_tuning(c.setting.config)}
                 if budgeted:
                     bar.set_description(f"{entry.name}: tuning {len(budgeted)} budget settings on calibration cells")
-                    tune_budgets(model, list(budgeted.values()), spec, tuned)  # type: ignore[arg-type]
-                    model_cells = [_with_tuned(cell, tuned) for cell in model_cells]
+                    unmet = tune_budgets(model, budgeted, spec, tuned)
+                    model_cells = [
+                        _with_tuned(cell, tuned, model) for cell in model_cells if cell.setting.key not in unmet
+                    ]
+                    if not model_cells:
+                        continue
                 costs = measure_costs(model, model_cells[0], workers)
                 for cell in model_cells:
                     bar.set_description(f"{entry.name} seed={cell.seed} {cell.condition!r} {cell.setting.label}")
@@ -193,8 +197,8 @@ def _run_share(
                     bar.update()
 
 
-def _with_tuned(cell: Cell, tuned: Path) -> Cell:
-    setting = dataclasses.replace(cell.setting, config=with_tuned(cell.setting.config, tuned))
+def _with_tuned(cell: Cell, tuned: Path, model: StudyModel) -> Cell:
+    setting = dataclasses.replace(cell.setting, config=with_tuned(cell.setting.config, tuned, model))
     return dataclasses.replace(cell, setting=setting)
 
 

@@ -4,11 +4,14 @@ runs, then scored on every seed with the setting chosen; kept beside the databas
 from __future__ import annotations
 
 import json
+import re
+import warnings
 
 import pytest
 
 from cachekit.budget import load
 from cachekit.study import load_spec, run_study
+from cachekit.study.budgets import BudgetWarning
 from cachekit.study.models import TestbedModel
 from cachekit.study.plan import StudySpecError, plan
 from cachekit.study.runner import ResultStore
@@ -31,6 +34,15 @@ sweep.budget = [0.3, 0.5]
 [[strategies]]
 strategy = "schedule"
 budget = 0.4
+
+[[strategies]]
+strategy = "diffusers.first_block_cache"
+budget = 0.5
+
+# computes its first three steps: 10% of 8 steps is out of its reach
+[[strategies]]
+strategy = "diffusers.taylorseer_cache"
+budget = 0.1
 """
 
 
@@ -47,36 +59,58 @@ def study(tmp_path_factory):
 
     Tuner.__init__ = spying
     try:
-        db = run_study(load_spec(folder / "spec.toml"), folder / "r.sqlite", progress=False)
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            db = run_study(load_spec(folder / "spec.toml"), folder / "r.sqlite", progress=False)
     finally:
         Tuner.__init__ = original
-    return db, seen
+    return db, seen, [w for w in warned if issubclass(w.category, BudgetWarning)]
 
 
 def test_budget_entries_are_tuned_on_calibration_seeds_only_and_spend_within_budget(study):
-    db, seen = study
-    assert seen == [[1000], [1000]]  # one search per strategy config, on the calibration seed alone
+    db, seen, _ = study
+    assert seen == [[1000]] * 4  # one search per method config, on the calibration seed alone
     tuned = {(s.config["strategy"], s.budget): s for s in load(db.with_name("r.tuned.json"))}
-    assert sorted(tuned) == [("schedule", 0.4), ("uniform", 0.3), ("uniform", 0.5)]
+    assert sorted(tuned) == [
+        ("diffusers.first_block_cache", 0.5),
+        ("schedule", 0.4),
+        ("uniform", 0.3),
+        ("uniform", 0.5),
+    ]
     model = TestbedModel("flux-digits", load_spec(db.with_name("spec.toml")).generation("flux-digits"))
     independent = Tuner(model, {"strategy": "uniform"}, seeds=[1000], conditions=["5"]).to_budget(0.3)
     assert tuned[("uniform", 0.3)].value == independent.chosen.value
     rows = [r for r in ResultStore(db).rows("b") if r["setting"] != "uncached"]
-    assert len(rows) == 6  # 3 settings x (seed 0 + calibration seed 1000)
+    assert len(rows) == 8  # 4 settings x (seed 0 + calibration seed 1000)
     for r in rows:
         config = json.loads(r["setting"])
-        assert config["tuned"] is None  # the setting is the entry as written; the file is the study's
+        assert config.get("tuned") is None  # the setting is the entry as written; the file is the study's
         assert r["block_share"] <= config["budget"] + 1e-9
+    fbc = tuned[("diffusers.first_block_cache", 0.5)]
+    assert fbc.knob == "threshold" and fbc.spent <= 0.5
+
+
+def test_a_budget_a_method_cannot_meet_is_warned_and_its_cells_left_out(study):
+    db, _, warned = study
+    assert len(warned) == 1
+    assert re.search(
+        r"flux-digits: diffusers.taylorseer_cache cannot spend as little as 10\.0% .* give a budget of at least "
+        r"[\d.]+%; its cells are left out",
+        str(warned[0].message),
+    )
+    assert not [r for r in ResultStore(db).rows("b") if r["strategy"] == "diffusers.taylorseer_cache"]
 
 
 def test_a_resumed_study_does_not_tune_again(study, monkeypatch):
-    db, _ = study
+    db, _, _ = study
 
     def no_tuning(*args, **kwargs):
         raise AssertionError("tuned again")
 
     monkeypatch.setattr(Tuner, "__init__", no_tuning)
-    run_study(load_spec(db.with_name("spec.toml")), db, progress=False)  # every cell done: nothing runs
+    spec = load_spec(db.with_name("spec.toml"))
+    spec = spec.model_copy(update={"strategies": spec.strategies[:-1]})  # the unmet budget would be tried again
+    run_study(spec, db, progress=False)  # every cell done: nothing runs
 
 
 @pytest.mark.parametrize(
