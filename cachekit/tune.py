@@ -97,6 +97,7 @@ class Tuner:
         self.pairs = [(seed, condition) for seed in seeds for condition in conditions]
         trials = model.spec.steps if self.knob.integer else 0 if self.knob.mask else BISECTIONS
         self.edges: schedule.EdgeCosts | None = None  # a schedule's measured edge costs, shared by its budgets
+        self._measured: dict[float | str, Trial] = {}  # a setting two searches try is generated once
         self.bar = tqdm(total=len(self.pairs) * (1 + trials), desc="tuning", unit="generation", disable=not progress)
         self.references = {pair: self._generate(pair) for pair in self.pairs}
 
@@ -108,6 +109,8 @@ class Tuner:
     def measure(self, value: float | str) -> Trial:
         """The knob at `value`: the share of block executions (counted from the outside, as
         studies count them, whatever the strategy's level) and the PSNR over the held-out pairs."""
+        if value in self._measured:
+            return self._measured[value]
         config = {**self.base, self.knob.field: int(value) if self.knob.integer else value}
         outputs, shares, steps = [], [], []
         self.bar.set_postfix_str(self.knob.show(value))
@@ -126,7 +129,10 @@ class Tuner:
             self.metric(Sample(output.cpu(), self.references[pair].cpu(), pair[1]))
             for output, pair in zip(outputs, self.pairs, strict=True)
         ]
-        return Trial(value, statistics.fmean(shares), statistics.fmean(steps), statistics.fmean(scores))
+        self._measured[value] = Trial(
+            value, statistics.fmean(shares), statistics.fmean(steps), statistics.fmean(scores)
+        )
+        return self._measured[value]
 
     def meets(self, trial: Trial, bound: float) -> bool:
         """Whether `trial`'s quality is on the right side of `bound` (at least it, or at most)."""
