@@ -14,7 +14,9 @@ def test_quickstart_runs(tmp_path):
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "quickstart.py")], cwd=tmp_path, capture_output=True, text=True, check=True
     )
-    assert "strategies: ['easycache', 'fbcache', 'magcache', 'pab', 'seacache', 'taylorseer'" in result.stdout
+    assert (
+        "strategies: ['easycache', 'fbcache', 'magcache', 'pab', 'schedule', 'seacache', 'taylorseer'" in result.stdout
+    )
     assert "estimator=TaylorConfig(kind='taylor', dtype=None, order=2" in result.stdout
     uniform = "20 calls, span 8 computed / 12 reused, schedule C..C..C..C..C..C..CC"  # interval 3, last step
     assert f"branch 0 (cond): {uniform}" in result.stdout and f"branch 1 (uncond): {uniform}" in result.stdout

@@ -259,8 +259,8 @@ CASES = [
         "tune a strategy without knob",
         lambda t: check_target({"strategy": "pab"}),
         ValueError,
-        r"strategy 'pab' declares no knob to tune; strategies with one: easycache, fbcache, magcache, seacache, "
-        "taylorseer, teacache, uniform",
+        r"strategy 'pab' declares no knob to tune; strategies with one: easycache, fbcache, magcache, schedule, "
+        "seacache, taylorseer, teacache, uniform",
     ),
 ]
 

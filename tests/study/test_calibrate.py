@@ -126,8 +126,8 @@ def test_unknown_knob():
     model = TestbedModel("flux-digits", CalibrationSpec(model="flux-digits", labels=[5], steps=4, order=2))
     with pytest.raises(
         ValueError,
-        match="strategy 'pab' declares no knob to tune; strategies with one: easycache, fbcache, magcache, seacache, "
-        "taylorseer, teacache, uniform",
+        match="strategy 'pab' declares no knob to tune; strategies with one: easycache, fbcache, magcache, schedule, "
+        "seacache, taylorseer, teacache, uniform",
     ):
         Tuner(model, {"strategy": "pab"}, seeds=[7], conditions=["5"])
 
