@@ -148,12 +148,12 @@ def search(tuner: Tuner, budget: float) -> TuneResult:
             f"at least the first step; give a budget of at least {math.ceil(1000 / steps) / 1000:.1%}"
         )
     if tuner.edges is None:
-        spread = tuner.pairs[:: max(1, len(tuner.pairs) // EDGE_SAMPLES)][:EDGE_SAMPLES]
-        tuner.edges = EdgeCosts(tuner.model, tuner.base, spread, tuner.bar)
+        samples = tuner.pairs[:: max(1, len(tuner.pairs) // EDGE_SAMPLES)][:EDGE_SAMPLES]
+        tuner.edges = EdgeCosts(tuner.model, tuner.base, samples, tuner.bar)
     costs = tuner.edges.up_to(2 * math.ceil(steps / computed))
     candidates = [evenly_spaced(steps, computed)]
-    for spread in (False, True):
-        found = best_path({edge: cost**2 if spread else cost for edge, cost in costs.items()}, steps, computed)
+    for squared in (False, True):
+        found = best_path({edge: cost**2 if squared else cost for edge, cost in costs.items()}, steps, computed)
         if found is not None and found[0] not in candidates:
             candidates.append(found[0])
     tuner.bar.total += len(candidates) * len(tuner.pairs)
