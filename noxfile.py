@@ -27,6 +27,9 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 # Third-party plugins, installed as a user would: an estimator that joins the conformance matrix,
 # and a metric that studies compute.
 PLUGINS = [str(ROOT / "tests" / "plugins" / name) for name in ("damped", "sharpness")]
+# References the tests check cachekit against, without their own dependencies (their code paths
+# the tests call need only torch).
+REFERENCES = ["cache-dit==1.5.3"]
 
 
 @nox.session
@@ -34,6 +37,7 @@ def tests(session: nox.Session) -> None:
     """The fast suite, against the installed package."""
     install(session, "test")
     session.install("--no-deps", "--no-build-isolation", *PLUGINS)
+    session.install("--no-deps", *REFERENCES)
     session.run("pytest", "-m", "not slow", *session.posargs, env={"CACHEKIT_INSTALLED_TESTS": "1", **ONE_THREAD})
 
 
@@ -42,6 +46,7 @@ def slow(session: nox.Session) -> None:
     """Tests marked slow."""
     install(session, "test")
     session.install("--no-deps", "--no-build-isolation", *PLUGINS)
+    session.install("--no-deps", *REFERENCES)
     session.run("pytest", "-m", "slow", *session.posargs, success_codes=[0, 5], env=ONE_THREAD)
 
 

@@ -1,4 +1,4 @@
-"""Estimator configs: how a strategy's skipped values are produced (copy, Taylor forecast, FoCa).
+"""Estimator configs: how a strategy's skipped values are produced (copy, Taylor forecast, FoCa, DMD).
 
 Every strategy config has an ``estimator`` field. A built-in kind is validated here; a kind a plugin
 registers is kept as given and validated by cachekit when the config is made, against the config
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from cachekit.schemas.named import NamedConfig
 
@@ -54,6 +54,30 @@ class FoCaConfig(EstimatorConfig):
     kind: Literal["foca"] = "foca"
 
 
+class DMDConfig(EstimatorConfig):
+    """Dynamic Mode Decomposition: the last `window` computed values, evenly spaced, fit a linear
+    propagator whose eigenmodes (damped or oscillating exponentials) are advanced to the skipped
+    step; an exponential basis where Taylor's is polynomial. Until 4 evenly spaced values exist, a
+    first-order Taylor forecast over the step count."""
+
+    kind: Literal["dmd"] = "dmd"
+    window: int = Field(default=6, ge=4, le=64, description="Computed values kept and fitted (the newest).")
+    rank: int = Field(
+        default=0, ge=0, description="Modes kept; 0: every mode above 1e-4 of the strongest (noise is dropped)."
+    )
+    ridge: float = Field(default=1e-8, ge=0, description="Added to the singular values before inverting them.")
+
+    @model_validator(mode="after")
+    def _rank_within_window(self) -> DMDConfig:
+        if self.rank > self.window - 1:
+            raise ValueError(
+                f"rank {self.rank} needs a window of at least {self.rank + 1} values (a window of {self.window} "
+                f"fits at most {self.window - 1} modes, one per pair of consecutive values); raise window, lower "
+                "rank, or give rank 0 (automatic)"
+            )
+        return self
+
+
 class PluginEstimatorConfig(EstimatorConfig):
     """An estimator kind no built-in config knows: a plugin's, checked when the strategy is made."""
 
@@ -64,7 +88,7 @@ class PluginEstimatorConfig(EstimatorConfig):
 
 
 BUILT_IN_ESTIMATORS: dict[str, type[EstimatorConfig]] = {
-    config.registered_name(): config for config in (CopyConfig, TaylorConfig, FoCaConfig)
+    config.registered_name(): config for config in (CopyConfig, TaylorConfig, FoCaConfig, DMDConfig)
 }
 
 
