@@ -29,7 +29,7 @@ from pathlib import Path
 
 from cachekit.study import write_report
 from cachekit.study.intervals import Interval, paired_difference
-from cachekit.study.report import Summary, best_within, budget_tables, plot_quality, summarize
+from cachekit.study.report import Summary, best_within, budget_tables, held_out, plot_quality
 from cachekit.study.store import ResultStore
 
 HERE = Path(__file__).parent
@@ -76,9 +76,8 @@ def main(argv: list[str] | None = None) -> None:
             rows = store.rows("frontier")
         finally:
             store.close()
-        calibration = set(spec["calibration_seeds"])
-        scored = summarize([row for row in rows if row["seed"] not in calibration])
-        chosen_on = summarize([row for row in rows if row["seed"] in calibration])
+        scored, chosen_on = held_out(rows, set(spec["calibration_seeds"]))
+        assert chosen_on is not None  # frontier.toml names calibration seeds
         budgets = tuple(spec["budgets"])
         print(f"\n## {model}, {steps} steps\n")
         print("\n".join(budget_tables(scored, budgets, chosen_on=chosen_on)))

@@ -95,5 +95,10 @@ def resolve(config: StrategyConfig, knob: str, identity: str) -> tuple[StrategyC
     ), chosen
 
 
+def setting_key(identity: str, config: dict[str, Any], steps: int, budget: float) -> tuple[Any, ...]:
+    """What tells tuned settings apart: the model, the matched config, the step count, the budget."""
+    return identity, json.dumps(config, sort_keys=True), steps, round(budget, 9)
+
+
 def _key(setting: TunedSetting) -> tuple[Any, ...]:
-    return setting.identity, json.dumps(setting.config, sort_keys=True), setting.steps, setting.budget
+    return setting_key(setting.identity, setting.config, setting.steps, setting.budget)

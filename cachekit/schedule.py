@@ -63,13 +63,17 @@ def best_path(costs: Mapping[Edge, float], steps: int, computed: int) -> tuple[s
     for k in range(computed, 0, -1):
         chosen.add(step)
         step = best[k][step][1]
-    return "".join("1" if index in chosen else "0" for index in range(steps)), total
+    return mask_of(chosen, steps), total
 
 
 def evenly_spaced(steps: int, computed: int) -> str:
     """The mask computing `computed` steps spread as evenly as the step count allows, step 0 first."""
-    chosen = {k * steps // computed for k in range(computed)}
-    return "".join("1" if index in chosen else "0" for index in range(steps))
+    return mask_of({k * steps // computed for k in range(computed)}, steps)
+
+
+def mask_of(computed: set[int], steps: int) -> str:
+    """The mask of `steps` steps that computes the steps `computed`."""
+    return "".join("1" if index in computed else "0" for index in range(steps))
 
 
 class EdgeCosts:
@@ -95,8 +99,7 @@ class EdgeCosts:
             measured: dict[Edge, list[float]] = defaultdict(list)
             for offset in range(gap):
                 computed = {0, *range(offset, self.steps, gap)}
-                mask = "".join("1" if index in computed else "0" for index in range(self.steps))
-                with cachekit.apply(self.model.target, {**self.base, "mask": mask}):
+                with cachekit.apply(self.model.target, {**self.base, "mask": mask_of(computed, self.steps)}):
                     for pair in self.pairs:
                         for edge, error in self._forced(pair, computed).items():
                             if edge[1] - edge[0] == gap:  # its history spaced like the edge itself

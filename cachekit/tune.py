@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-import cachekit
 from cachekit import schedule
 from cachekit.budget import BudgetError, TunedSetting, base_of
 from cachekit.counting import WorkCounter
@@ -25,9 +24,10 @@ from cachekit.schemas.diffusers_methods import DIFFUSERS_METHODS
 from cachekit.schemas.files import read_table
 from cachekit.schemas.teacache import TeaCachePreset
 from cachekit.strategy import Knob
-from cachekit.study.diffusers_methods import KNOBS, apply_diffusers_method
+from cachekit.study.diffusers_methods import KNOBS
 from cachekit.study.metrics import DEFAULT_PRIMARY, metrics_for
 from cachekit.study.models import StudyModel
+from cachekit.study.runner import apply_setting
 
 BISECTIONS = 14
 #: A quality trial this close to its bound (relative) ends the search: reusing more would miss it.
@@ -117,7 +117,7 @@ class Tuner:
         transformer = self.model.transformer
         counter = WorkCounter(transformer, resolve_adapter(transformer)(transformer))
         try:
-            with _apply(self.model.target, config):
+            with apply_setting(self.model.target, config):
                 for pair in self.pairs:
                     counter.reset()
                     outputs.append(self._generate(pair))
@@ -235,21 +235,18 @@ class Tuner:
         return TuneResult(self.knob, self.metric.name, best(trials), trials)
 
 
-def _apply(target: Any, config: dict[str, Any]) -> Any:
-    """A cachekit strategy through `cachekit.apply`; one of diffusers' methods through its hooks."""
-    if config.get("strategy") in DIFFUSERS_METHODS:
-        return apply_diffusers_method(target, config)
-    return cachekit.apply(target, config)
-
-
 def tuned_setting(model: StudyModel, base: dict[str, Any], result: TuneResult, budget: float) -> TunedSetting:
     """What `cachekit tune --budget B --save FILE` stores: the setting chosen for the budget, with
     the model, config and step count it holds for."""
-    transformer = model.transformer
+    return setting_for(model, base_of(make_config(result.config(base)), result.knob.field), result, budget)
+
+
+def setting_for(model: StudyModel, matched: dict[str, Any], result: TuneResult, budget: float) -> TunedSetting:
+    """The setting `result` chose for `budget` on `model`, kept for the config `matched`."""
     chosen = result.chosen
     return TunedSetting(
-        identity=resolve_adapter(transformer)(transformer).identity(),
-        config=base_of(make_config(result.config(base)), result.knob.field),
+        identity=model.identity(),
+        config=matched,
         steps=model.spec.steps,
         budget=budget,
         knob=result.knob.field,

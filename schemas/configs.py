@@ -13,6 +13,8 @@ from pydantic import BeforeValidator, Field, SerializeAsAny, model_validator
 from cachekit.schemas.estimators import CopyConfig, EstimatorConfig, parse_estimator
 from cachekit.schemas.named import NamedConfig
 
+#: A share of a generation's block executions: what a budget asks to spend at most.
+Share = Annotated[float, Field(gt=0, le=1)]
 #: An estimator config, or its kind name, or a dict with its ``kind``.
 Estimator = Annotated[SerializeAsAny[EstimatorConfig], BeforeValidator(parse_estimator)]
 
@@ -35,10 +37,8 @@ class StrategyConfig(NamedConfig):
         description='How a skipped value is produced: "copy" (the last computed value), "taylor" (a forecast '
         'from the last computed values, e.g. {"kind": "taylor", "order": 2}), "foca", or a plugin\'s kind.',
     )
-    budget: float | None = Field(
+    budget: Share | None = Field(
         default=None,
-        gt=0,
-        le=1,
         description="The share of block executions to spend at most, instead of the strategy's knob: the knob "
         "comes from the file `tuned` names (`cachekit tune ... --budget B --save FILE`).",
     )

@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
+from cachekit.schemas.configs import Share
 from cachekit.schemas.magcache import Ratios
 from cachekit.schemas.named import NamedConfig
 
@@ -25,10 +26,8 @@ class DiffusersMethodConfig(NamedConfig):
 
     name_field = "strategy"
     strategy: str
-    budget: float | None = Field(
+    budget: Share | None = Field(
         default=None,
-        gt=0,
-        le=1,
         description="In a study, the share of block executions to spend at most: the method's knob is tuned for it "
         "on the calibration cells, by the search cachekit's strategies get.",
     )

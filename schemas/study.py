@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from cachekit.schemas.checked import Checked
+from cachekit.schemas.configs import Share
 
 
 class StrategyEntry(Checked):
@@ -200,7 +201,7 @@ class StudySpec(Generation):
         description="Seeds whose cells choose each method's setting at each budget of the report, which then "
         "scores that choice on `seeds` alone (held out). Unset: settings are chosen on the cells they are scored on.",
     )
-    budgets: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+    budgets: list[Share] = Field(
         default=[0.2, 0.3, 0.4, 0.5],
         min_length=1,
         description="The shares of block executions the report compares methods within (its winner per budget).",

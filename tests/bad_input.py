@@ -87,16 +87,12 @@ def register_strategy_class(config_class: type[StrategyConfig], decide: Any) -> 
             return decide(step)
 
     Strategy.config_class = config_class
-
-    class Plugin:
-        @hookimpl
-        def cachekit_register_strategies(self, register):
-            register(Strategy)
-
-    cachekit.register_plugin(Plugin(), f"test-{config_class.registered_name()}")
+    strategies_plugin(lambda register: register(Strategy), f"test-{config_class.registered_name()}")
 
 
-def plugin_warning(registers: Any, name: str) -> None:
+def strategies_plugin(registers: Any, name: str) -> None:
+    """A plugin `name` whose strategies hook calls `registers(register)`."""
+
     class Plugin:
         @hookimpl
         def cachekit_register_strategies(self, register):

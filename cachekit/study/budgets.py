@@ -12,8 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from cachekit.budget import BudgetError, TunedSetting, base_of, load, save
-from cachekit.registry import resolve_adapter
+from cachekit.budget import BudgetError, TunedSetting, base_of, load, save, setting_key
 from cachekit.schemas.configs import StrategyConfig
 from cachekit.schemas.diffusers_methods import DiffusersMethodConfig
 from cachekit.schemas.study import StudySpec
@@ -74,7 +73,7 @@ def tune_budgets(model: StudyModel, configs: dict[str, Any], spec: StudySpec, pa
     """Tune each budget config of `configs` (by setting key) on `model` that `path` does not hold
     yet; one search per method config (a schedule measures its edges once for all its budgets).
     Returns the keys of those whose budget the method cannot meet (warned; their cells are left out)."""
-    from cachekit.tune import Tuner
+    from cachekit.tune import Tuner, setting_for
 
     held = _held(path)
     groups: dict[str, dict[str, StrategyConfig | DiffusersMethodConfig]] = {}
@@ -87,26 +86,14 @@ def tune_budgets(model: StudyModel, configs: dict[str, Any], spec: StudySpec, pa
         conditions = spec.generation(model.name).conditions()
         tuner = Tuner(model, base, spec.calibration_seeds, conditions, False, spec.primary)
         for key, config in group.items():
-            budget = _budget(config)
+            budget = budget_of(config)
             try:
                 result = tuner.to_budget(budget)
             except BudgetError as error:
                 warnings.warn(f"{model.name}: {error}; its cells are left out", BudgetWarning, stacklevel=2)
                 unmet.add(key)
                 continue
-            chosen = result.chosen
-            setting = TunedSetting(
-                _identity(model),
-                base,
-                model.spec.steps,
-                budget,
-                result.knob.field,
-                chosen.value,
-                chosen.computed,
-                chosen.quality,
-                result.metric,
-            )
-            save(path, setting)
+            save(path, setting_for(model, base, result, budget))
     return unmet
 
 
@@ -117,21 +104,17 @@ def _base(config: StrategyConfig | DiffusersMethodConfig) -> dict[str, Any]:
     return config.model_dump(mode="json", exclude={knob(config).field, "budget"})
 
 
-def _budget(config: StrategyConfig | DiffusersMethodConfig) -> float:
+def budget_of(config: StrategyConfig | DiffusersMethodConfig) -> float:
+    """The share a budget entry asks for (a strategy's speedup as its inverse)."""
     budget = config.spending() if isinstance(config, StrategyConfig) else config.budget
     assert budget is not None
     return budget
 
 
 def _key(model: StudyModel, config: StrategyConfig | DiffusersMethodConfig) -> tuple[Any, ...]:
-    return _identity(model), json.dumps(_base(config), sort_keys=True), model.spec.steps, round(_budget(config), 9)
+    return setting_key(model.identity(), _base(config), model.spec.steps, budget_of(config))
 
 
 def _held(path: Path) -> dict[tuple[Any, ...], TunedSetting]:
     settings = load(path) if path.is_file() else []
-    return {(s.identity, json.dumps(s.config, sort_keys=True), s.steps, round(s.budget, 9)): s for s in settings}
-
-
-def _identity(model: StudyModel) -> str:
-    transformer = model.transformer
-    return resolve_adapter(transformer)(transformer).identity()
+    return {setting_key(s.identity, s.config, s.steps, s.budget): s for s in settings}

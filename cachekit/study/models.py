@@ -171,6 +171,12 @@ class StudyModel:
     def transformer(self) -> torch.nn.Module:
         return self.target.transformer
 
+    def identity(self) -> str:
+        """Its transformer's identity (`Adapter.identity()`), which tuned settings are kept for."""
+        from cachekit.registry import resolve_adapter
+
+        return resolve_adapter(self.transformer)(self.transformer).identity()
+
     def generate(
         self, seed: int, condition: str, steps: int | None = None, on_step: OnStep | None = None
     ) -> torch.Tensor:

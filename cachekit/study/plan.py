@@ -130,7 +130,7 @@ def plan(spec: StudySpec) -> Plan:
 
 def _check_budget(config: StrategyConfig | DiffusersMethodConfig, spec: StudySpec, index: int) -> None:
     """A budget entry is tuned on calibration cells, by its method's knob: both must be there."""
-    from cachekit.study.budgets import needs_tuning
+    from cachekit.study.budgets import budget_of, needs_tuning
 
     if not needs_tuning(config):
         return
@@ -142,9 +142,8 @@ def _check_budget(config: StrategyConfig | DiffusersMethodConfig, spec: StudySpe
                 f"strategies[{index}]: strategy {config.strategy!r} declares no knob to tune for a budget"
             )
     if not spec.calibration_seeds:
-        budget = config.spending() if isinstance(config, StrategyConfig) else config.budget
         raise StudySpecError(
-            f"strategies[{index}]: a budget ({budget:.0%}) is tuned on calibration cells: give the study "
+            f"strategies[{index}]: a budget ({budget_of(config):.0%}) is tuned on calibration cells: give the study "
             "calibration_seeds (apart from its seeds)"
             + (", or the file tuned for it (tuned = FILE)" if isinstance(config, StrategyConfig) else "")
         )

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from cachekit.schemas.diffusers_methods import DIFFUSERS_METHODS
+from cachekit.schemas.study import StudySpec
 from cachekit.study.intervals import Interval, bootstrap, paired_difference
 from cachekit.study.metrics import DEFAULT_PRIMARY
 from cachekit.study.store import UNCACHED, read_study
 
 #: Shares of the uncached work at which the report compares methods.
-BUDGETS = (0.2, 0.3, 0.4, 0.5)
+BUDGETS = tuple(StudySpec.model_fields["budgets"].default)
 #: Wall clock is trusted when, for every setting, the slower quarter of its timed generations is
 #: within this factor of the faster quarter (and no speedup is above its compute limit).
 TRUSTED_SPREAD = 1.25
@@ -167,6 +168,15 @@ def _cell_speedups(group: list[dict[str, Any]], uncached: list[dict[str, Any]]) 
         for r in group
         if (r["seed"], r["condition"]) in reference and statistics.median(r["latencies"]) > 0
     }
+
+
+def held_out(
+    rows: list[dict[str, Any]], calibration: set[int], primary: str = DEFAULT_PRIMARY
+) -> tuple[list[Summary], list[Summary] | None]:
+    """The summaries of the cells scored (all but the `calibration` seeds') and of the calibration
+    cells settings are chosen on (None without calibration seeds)."""
+    scored = summarize([row for row in rows if row["seed"] not in calibration], primary)
+    return scored, summarize([row for row in rows if row["seed"] in calibration], primary) if calibration else None
 
 
 def wall_clock_trusted(summaries: list[Summary]) -> tuple[bool, str]:
@@ -320,8 +330,7 @@ def write_report(db: str | Path, out: str | Path | None = None, study: str | Non
     primary = runs[-1]["spec"].get("primary", DEFAULT_PRIMARY) if runs else DEFAULT_PRIMARY
     calibration = set(runs[-1]["spec"].get("calibration_seeds") or []) if runs else set()
     budgets = tuple(runs[-1]["spec"].get("budgets") or BUDGETS) if runs else BUDGETS
-    summaries = summarize([row for row in rows if row["seed"] not in calibration], primary)
-    chosen_on = summarize([row for row in rows if row["seed"] in calibration], primary) if calibration else None
+    summaries, chosen_on = held_out(rows, calibration, primary)
     trusted, why_not = wall_clock_trusted(summaries)
     colours = method_colours(summaries)  # one colour per method in every plot
     _pareto(summaries, out / "pareto.png", trusted, why_not, colours)

@@ -32,7 +32,7 @@ from cachekit.errors import CachekitError, MissingPointError
 from cachekit.metric import Sample
 from cachekit.registry import resolve_adapter
 from cachekit.schemas.configs import StrategyConfig
-from cachekit.schemas.diffusers_methods import DiffusersMethodConfig
+from cachekit.schemas.diffusers_methods import DIFFUSERS_METHODS, DiffusersMethodConfig
 from cachekit.schemas.study import StudySpec
 from cachekit.stats import GenerationStats
 from cachekit.study.budgets import needs_tuning, tune_budgets, tuned_file, with_tuned, without_budget
@@ -267,11 +267,14 @@ def check_settings(name: str, target: Any, settings: list[Setting], steps: int) 
             raise StudySpecError(f"{setting.label} cannot run on {name}: {error}") from None
 
 
-def apply_setting(target: Any, config: StrategyConfig | DiffusersMethodConfig) -> Any:
-    """A cachekit strategy through `cachekit.apply`, a diffusers method through its own hooks."""
-    if isinstance(config, StrategyConfig):
-        return cachekit.apply(target, config)
-    return apply_diffusers_method(target, config)
+def apply_setting(target: Any, config: StrategyConfig | DiffusersMethodConfig | dict[str, Any]) -> Any:
+    """A cachekit strategy through `cachekit.apply`, a diffusers method through its own hooks
+    (a config, or a dict with its ``strategy``)."""
+    if isinstance(config, DiffusersMethodConfig) or (
+        isinstance(config, dict) and config["strategy"] in DIFFUSERS_METHODS
+    ):
+        return apply_diffusers_method(target, config)
+    return cachekit.apply(target, config)
 
 
 def _run_and_store(

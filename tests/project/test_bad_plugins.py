@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from bad_input import no_fixed_name, plugin_warning
+from bad_input import no_fixed_name, strategies_plugin
 
 import cachekit
 from cachekit.hookspecs import hookimpl
@@ -28,7 +28,7 @@ from cachekit.registry import PluginWarning
 )
 def test_bad_plugins_are_reported_by_name_and_the_others_load(fresh_registry, register, name, message):
     with pytest.warns(PluginWarning, match=message):
-        plugin_warning(register, name)
+        strategies_plugin(register, name)
     assert name in cachekit.plugin_errors() and "uniform" in cachekit.list_strategies()
 
 
