@@ -126,11 +126,21 @@ def apply(
             )
     tracker = StepTracker(config.num_inference_steps)  # experts share the steps of one generation
     estimator_class = get_estimator(config.estimator.kind)
+    branches = config.branches
+    branch_estimator = None if branches is None else get_estimator(branches.estimator.kind)
     runtimes = {}
     for name, model in models.items():
         adapter = resolve_adapter(model)(model)
         strategy = strategy_class(config)
-        runtimes[name] = Runtime(model, adapter, strategy, estimator_class(config.estimator), tracker, process_group)
+        runtimes[name] = Runtime(
+            model,
+            adapter,
+            strategy,
+            estimator_class(config.estimator),
+            tracker,
+            process_group,
+            branch_estimator=None if branch_estimator is None else branch_estimator(branches.estimator),
+        )
     # after attach, which may settle defaults from the model (a preset that forces the last step)
     needs_num_steps = any(runtime.strategy.needs_num_steps for runtime in runtimes.values())
     if needs_num_steps and scheduler is None and config.num_inference_steps is None:

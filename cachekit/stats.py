@@ -26,6 +26,8 @@ class BranchStats:
     """One CFG branch of one generation."""
 
     calls: int = 0
+    #: Calls the branch level produced from the other CFG branch, running no block.
+    produced: int = 0
     #: Site kind ("span", "attention:spatial", ...) to its counts.
     sites: dict[str, SiteCounts] = field(default_factory=dict)
     #: The span decision of each call in order: True computed, False reused.
@@ -47,11 +49,11 @@ class BranchStats:
     def mark(self) -> tuple[Any, ...]:
         """What the counts are now, for `rewind` after a call that raised."""
         sites = {site: (c.computed, c.reused) for site, c in self.sites.items()}
-        return self.calls, sites, len(self.span_schedule), len(self.module_schedule)
+        return self.calls, self.produced, sites, len(self.span_schedule), len(self.module_schedule)
 
     def rewind(self, mark: tuple[Any, ...]) -> None:
         """Back to `mark`: a call that raised counts for nothing (its branch's kept values are dropped)."""
-        self.calls, sites, spans, modules = mark
+        self.calls, self.produced, sites, spans, modules = mark
         self.sites = {site: SiteCounts(*counts) for site, counts in sites.items()}
         del self.span_schedule[spans:], self.module_schedule[modules:]
         self.kept_bytes = 0
@@ -63,6 +65,8 @@ class BranchStats:
     def __str__(self) -> str:
         counts = ", ".join(f"{site} {c.computed} computed / {c.reused} reused" for site, c in self.sites.items())
         lines = [f"{self.calls} calls", counts or "nothing reusable"]
+        if self.produced:
+            lines.insert(1, f"{self.produced} produced from the other branch")
         if self.span_schedule:
             lines.append("schedule " + "".join("C" if computed else "." for computed in self.span_schedule))
         if self.module_schedule:

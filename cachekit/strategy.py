@@ -27,6 +27,9 @@ class Step:
     num_steps: int | None  # steps in the generation, when known
     timestep: float
     branch: int  # 0 for the first call at this timestep, 1 for the next (CFG as separate calls)
+    #: The branch level produces this call's CFG partner from it at this step (the second call of a
+    #: two-call step is not run; a batched call runs on its conditional half only).
+    alone: bool = False
 
     @property
     def is_last(self) -> bool:

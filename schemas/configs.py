@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, SerializeAsAny, model_validator
 
+from cachekit.schemas.branches import BranchLevelConfig
 from cachekit.schemas.estimators import CopyConfig, EstimatorConfig, parse_estimator
 from cachekit.schemas.named import NamedConfig
 
@@ -45,6 +46,11 @@ class StrategyConfig(NamedConfig):
     speedup: float | None = Field(default=None, ge=1, description="A budget as its inverse: 5 is a budget of 0.2.")
     tuned: str | None = Field(
         default=None, description="The file of settings `cachekit tune --budget ... --save` chose, for `budget`."
+    )
+    branches: BranchLevelConfig | None = Field(
+        default=None,
+        description="The branch level: with CFG, produce the second branch from the first on most steps "
+        '(e.g. {"interval": 3}); None: every branch is computed (as the strategy decides).',
     )
     max_kept_bytes: int | None = Field(
         default=None,

@@ -1,4 +1,5 @@
-"""Estimator configs: how a strategy's skipped values are produced (copy, Taylor forecast, FoCa, DMD).
+"""Estimator configs: how a strategy's skipped values are produced (copy, Taylor forecast, FoCa, DMD,
+FasterCache's rules).
 
 Every strategy config has an ``estimator`` field. A built-in kind is validated here; a kind a plugin
 registers is kept as given and validated by cachekit when the config is made, against the config
@@ -78,6 +79,29 @@ class DMDConfig(EstimatorConfig):
         return self
 
 
+class FasterCacheDifferenceConfig(EstimatorConfig):
+    """FasterCache's CFG-Cache rule (arXiv 2410.19355) for the difference between CFG branches: the
+    last recorded difference split by a 2-D FFT over height and width into a low-frequency disc
+    (radius min(height, width) // 5 around the centre) and the rest, each band multiplied on every
+    skipped call by its alpha while the timestep is inside its window (so consecutive skips
+    compound, as diffusers' FasterCacheConfig does). For values laid out (batch, channels, [frames,]
+    height, width): a model's prediction, not tokens."""
+
+    kind: Literal["fastercache"] = "fastercache"
+    alpha_low: float = Field(default=1.1, gt=0, description="Weight of the low band per skipped call in low_window.")
+    alpha_high: float = Field(default=1.1, gt=0, description="Weight of the high band per skipped call in high_window.")
+    low_window: tuple[float, float] = Field(default=(99.0, 901.0), description="(low, high) timesteps, exclusive.")
+    high_window: tuple[float, float] = Field(default=(-1.0, 301.0), description="(low, high) timesteps, exclusive.")
+
+
+class ExtrapolateConfig(EstimatorConfig):
+    """FasterCache's attention rule: the newest value plus `weight` times its change since the one
+    before; the estimate then counts as the newest value, so consecutive skips keep extrapolating."""
+
+    kind: Literal["extrapolate"] = "extrapolate"
+    weight: float = Field(default=0.5, ge=0, le=10, description="How much of the last change is added again.")
+
+
 class PluginEstimatorConfig(EstimatorConfig):
     """An estimator kind no built-in config knows: a plugin's, checked when the strategy is made."""
 
@@ -88,7 +112,8 @@ class PluginEstimatorConfig(EstimatorConfig):
 
 
 BUILT_IN_ESTIMATORS: dict[str, type[EstimatorConfig]] = {
-    config.registered_name(): config for config in (CopyConfig, TaylorConfig, FoCaConfig, DMDConfig)
+    config.registered_name(): config
+    for config in (CopyConfig, TaylorConfig, FoCaConfig, DMDConfig, FasterCacheDifferenceConfig, ExtrapolateConfig)
 }
 
 

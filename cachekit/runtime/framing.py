@@ -8,6 +8,7 @@ pipeline call ends the generation.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from collections.abc import Mapping
@@ -30,14 +31,16 @@ from cachekit.errors import (
     UnsupportedModelError,
 )
 from cachekit.estimator import Kept
+from cachekit.runtime.branching import KEPT, SKIPPED, BranchLevel
 from cachekit.runtime.placement import context_parallel_group
 from cachekit.signals import meta_reads_answered, read, reduced_over
 from cachekit.stats import BranchStats, CacheStats, GenerationStats, tensor_bytes
 from cachekit.steps import StepTracker
 from cachekit.strategy import Step, Strategy
 
-#: What a branch keeps, by site: ("span", segment) for the span's residuals, (module, run) for a module's outputs.
-Key = tuple[str, int]
+#: What a branch keeps, by site: ("span", segment) for the span's residuals, (module, run) for a module's
+#: outputs; under the batched branch level, with the batch half it holds (`branching.SKIPPED`, `KEPT`).
+Key = tuple[Any, ...]
 
 
 @dataclass
@@ -68,6 +71,10 @@ class Call:
     module_runs: dict[str, int] = field(default_factory=dict)  # site -> runs so far in this call
     computed_modules: int = 0
     undo: Any = None  # what `Frames.end` restores if the call raises
+    produced: bool = False  # the branch level produces this call's output: no block runs
+    #: Under the batched branch level, the batch halves the call runs: both, or the kept one alone.
+    halves: tuple[int, ...] = ()
+    batch: int = 0  # then: the batch the call was given (both halves)
 
 
 class Frames:
@@ -85,6 +92,7 @@ class Frames:
         call_signals: Mapping[str, CallSignal] | None = None,
         wants_output: bool = False,
         module_sites: bool = False,
+        branching: BranchLevel | None = None,
     ) -> None:
         self.model = model
         self.adapter = adapter
@@ -95,6 +103,7 @@ class Frames:
         self.call_signals = dict(call_signals or {})  # read from the call's arguments, before it runs
         self.wants_output = wants_output
         self.module_sites = module_sites
+        self.branching = branching
         self.call: Call | None = None
         self._seen: dict[str, Any] = {}  # the call signals of the call about to run, whole
         self._generation = -1  # the tracker's generation the branches belong to
@@ -155,6 +164,11 @@ class Frames:
             self.joined_late = step.index > 0
             self._branches.clear()
             self.stats.generations.append(GenerationStats(tracker.num_steps))
+            if self.branching is not None:
+                self.branching.start()
+        branching = self.branching
+        if branching is not None:
+            step = dataclasses.replace(step, alone=branching.alone(step))
         branch = self._branches.get(step.branch)
         if branch is None:
             stats = self.stats.last.branch(step.branch)
@@ -165,6 +179,12 @@ class Frames:
         undo = (*before, branch.stats.mark())
         branch.stats.calls += 1
         call = Call(step, branch, group=self.group(), device=sample.device, undo=undo)
+        if branching is not None:
+            call.produced = branching.produces(step)
+            branch.stats.produced += call.produced
+            if branching.batched:
+                call.halves = (KEPT,) if step.alone else (SKIPPED, KEPT)
+                call.batch = sample.shape[0]
         self._reduction = reduced_over(call.group)
         self._reduction.__enter__()
         if self._seen:
@@ -284,8 +304,12 @@ class CallHook(ModelHook):
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         frames = self.frames
         call = frames.begin(args, kwargs, self.context._context)
+        forward, branching = self.fn_ref.original_forward, frames.branching
         try:
-            output = self.fn_ref.original_forward(*args, **kwargs)
+            if branching is None:
+                output = forward(*args, **kwargs)
+            else:
+                output = branching.run(call.step, call.produced, forward, args, kwargs)
         except BaseException:
             frames.end(call, None)
             raise

@@ -43,24 +43,31 @@ class Memory:
 
     def record(self, call: Call, key: Key, value: Any, inputs: Sequence[Any] = ()) -> None:
         """A computed value into the branch's estimator state for `key`, made from `inputs`."""
-        kept = call.branch.kept.get(key)
-        if kept is None:
-            kept = call.branch.kept[key] = Kept(self.estimator, self.storage)
-        grown = kept.record(value, call.step, _shapes(inputs))
-        if grown:
-            call.branch.stats.keep(grown)
-            self._check(call)
+        for part, part_value, part_inputs in _parts(call, key, value, inputs):
+            kept = call.branch.kept.get(part)
+            if kept is None:
+                kept = call.branch.kept[part] = Kept(self.estimator, self.storage)
+            grown = kept.record(part_value, call.step, _shapes(part_inputs))
+            if grown:
+                call.branch.stats.keep(grown)
+                self._check(call)
 
     def must_compute(self, call: Call, key: Key, what: str, inputs: Sequence[Any] = ()) -> bool:
         """Whether a call the strategy would reuse must compute: nothing was kept for `key` yet, or
         it was kept for inputs of other shapes (the batch or the tokens changed)."""
-        kept = call.branch.kept.get(key)
-        if kept is None:
-            return self.frames.compute_first(what, call.step)
-        return kept.inputs != _shapes(inputs)
+        for part, _, part_inputs in _parts(call, key, None, inputs):
+            kept = call.branch.kept.get(part)
+            if kept is None:
+                return self.frames.compute_first(what, call.step)
+            if kept.inputs != _shapes(part_inputs):
+                return True
+        return False
 
     def estimate(self, call: Call, key: Key) -> Any:
-        return call.branch.kept[key].estimate(call.step)
+        if not call.halves:
+            return call.branch.kept[key].estimate(call.step)
+        estimates = [call.branch.kept[(*key, half)].estimate(call.step) for half in call.halves]
+        return estimates[0] if len(estimates) == 1 else _joined(*estimates)
 
     def projected(self) -> tuple[int, int]:
         """(bytes every branch seen so far will keep, branches)."""
@@ -94,6 +101,32 @@ class Memory:
             f"{limit}. Keep less: the span level (one residual per branch instead of one output per module), "
             "fewer sites, or a storage dtype (estimator dtype='bfloat16'); max_kept_bytes sets the limit"
         )
+
+
+def _parts(call: Call, key: Key, value: Any, inputs: Sequence[Any]) -> list[tuple[Key, Any, Sequence[Any]]]:
+    """Where `value` (made from `inputs`) is kept: whole under `key`; under the batched branch level,
+    per batch half, a call of both halves split in two."""
+    if not call.halves:
+        return [(key, value, inputs)]
+    if len(call.halves) == 1:
+        return [((*key, call.halves[0]), value, inputs)]
+    return [((*key, half), _half(value, half), [_half(item, half) for item in inputs]) for half in call.halves]
+
+
+def _half(value: Any, half: int) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.chunk(2)[half]
+    if isinstance(value, tuple | list):
+        return type(value)(_half(item, half) for item in value)
+    return value
+
+
+def _joined(first: Any, second: Any) -> Any:
+    if isinstance(first, torch.Tensor):
+        return torch.cat([first, second])
+    if isinstance(first, tuple | list):
+        return type(first)(_joined(a, b) for a, b in zip(first, second, strict=True))
+    return first
 
 
 def _shapes(inputs: Sequence[Any]) -> tuple[Any, ...]:

@@ -12,6 +12,7 @@ from torch import nn
 from cachekit.adapter import OUTPUT, Adapter, BlockArgument, CallSignal, FirstBlockSignal, OutputSite, Place
 from cachekit.errors import StrategyError
 from cachekit.estimator import Estimator
+from cachekit.runtime.branching import BranchLevel
 from cachekit.runtime.framing import CallHook, Frames, OutputSignalHook
 from cachekit.runtime.installing import Installer, each_once
 from cachekit.runtime.memory import Memory
@@ -33,6 +34,7 @@ class Runtime:
         estimator: Estimator[Any],
         tracker: StepTracker,
         process_group: Any = None,
+        branch_estimator: Estimator[Any] | None = None,
     ):
         self.model = model
         self.adapter = adapter
@@ -61,6 +63,11 @@ class Runtime:
             *(adapter.attention_sites() if Place.ATTENTION in points else []),
             *(adapter.mlp_sites() if Place.MLP in points else []),
         ]
+        branches = strategy.config.branches
+        branching = None
+        if branches is not None:
+            assert branch_estimator is not None, "a branch level needs its estimator"
+            branching = BranchLevel(branches, branch_estimator, adapter, _dtype(branches.estimator.dtype))
         each_once(model, [block for block, _ in self._places], "block")
         each_once(model, [site.module for site in self._sites], "attention/MLP module")
         self._keeps = {site.name: strategy.may_reuse(site) for site in self._sites}
@@ -74,6 +81,7 @@ class Runtime:
             call_signals={n: s for n, s in self._signals.items() if isinstance(s, CallSignal)},
             wants_output=OUTPUT in points,
             module_sites=bool(self._sites),
+            branching=branching,
         )
         dtype = strategy.config.estimator.dtype
         segments = len({place.segment for _, place in self._places if not place.head})
@@ -83,7 +91,7 @@ class Runtime:
             sites=segments + sum(self._keeps.values()),
             where="sites (span segments and attention/MLP modules)" if self._sites else "segments of the span",
             limit=strategy.config.max_kept_bytes,
-            storage=getattr(torch, dtype) if dtype else None,
+            storage=_dtype(dtype),
         )
         self.span = Span(self.frames, self.memory, strategy, first_block)
         regated = {site.name for site in self._sites if site.gated and strategy.reuses_gated(site)}
@@ -119,3 +127,8 @@ class Runtime:
             self._call_hook.remove()
             self._call_hook = None
         self._installer.uninstall()
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    """An estimator config's storage dtype."""
+    return getattr(torch, name) if name else None

@@ -15,6 +15,7 @@ from torch import nn
 
 from cachekit.adapter import Adapter, BlockArgument, BlockStreams, FirstBlockSignal, Segment
 from cachekit.errors import StrategyError
+from cachekit.runtime.branching import kept_half
 from cachekit.runtime.framing import Call, Frames
 from cachekit.runtime.memory import Memory
 from cachekit.strategy import Signals, Strategy
@@ -148,6 +149,8 @@ class Span:
         values = call.signals
         if call.head_residual:
             values = {**values, "head_residual": tuple(call.head_residual)}
+        if call.halves:  # batched CFG under the branch level: decide from the kept half, as when it runs alone
+            values = {name: _kept_halves(value, call.batch) for name, value in values.items()}
         signals = Signals(values)
         frames, branch = self.frames, call.branch
         call.compute = frames.decision(call, self.strategy.decide_span(call.step, signals, branch.state), "decide_span")
@@ -189,3 +192,9 @@ class Span:
         return place.streams.pack(
             tuple(None if delta is None else value + delta for value, delta in zip(inputs, residual, strict=True))
         )
+
+
+def _kept_halves(value: Any, batch: int) -> Any:
+    if isinstance(value, tuple):
+        return tuple(kept_half(item, batch) for item in value)
+    return kept_half(value, batch)

@@ -1,7 +1,7 @@
 """A testbed model ready to generate: the transformer, its class conditioning, a scheduler.
 
 It samples the way real DiT pipelines do (shifted flow matching, CFG as two transformer calls per
-step, cond first) and exposes `transformer` and `scheduler`, so `cachekit.apply` takes it.
+step, cond first, or as one batched call, uncond half first) and exposes `transformer` and `scheduler`, so `cachekit.apply` takes it.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ class TestbedPipeline:
             if guidance_scale == 1.0:
                 velocity = self._velocity(x, sigma, cond)
             elif batched_cfg:
-                both = tuple(None if c is None else torch.cat([c, u]) for c, u in zip(cond, uncond, strict=True))
-                v_cond, v_uncond = self._velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
+                both = tuple(None if c is None else torch.cat([u, c]) for c, u in zip(cond, uncond, strict=True))
+                v_uncond, v_cond = self._velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both).chunk(2)
                 velocity = v_uncond + guidance_scale * (v_cond - v_uncond)
             else:
                 v_cond = self._velocity(x, sigma, cond)
