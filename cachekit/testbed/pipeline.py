@@ -1,7 +1,8 @@
 """A testbed model ready to generate: the transformer, its class conditioning, a scheduler.
 
 It samples the way real DiT pipelines do (shifted flow matching, CFG as two transformer calls per
-step, cond first, or as one batched call, uncond half first) and exposes `transformer` and `scheduler`, so `cachekit.apply` takes it.
+step, cond first, or as one batched call, uncond half first) and exposes `transformer` and
+`scheduler`, so `cachekit.apply` takes it.
 """
 
 from __future__ import annotations
