@@ -1,6 +1,7 @@
 """The conformance matrix, as pytest tests: every installed adapter x every installed strategy
-(with a copy and a Taylor forecast, in float32; with a copy in bfloat16) and every installed
-estimator.
+(with a copy and a Taylor forecast, in float32; with a copy in bfloat16), every installed
+estimator, and the branch level with every installed estimator of the difference between CFG
+branches.
 
 Each adapter ships a tiny random instance of its model (`Adapter.example()`) and each strategy a
 never-reusing and a reusing config (`Strategy.example_configs()`), so a plugin joins the matrix by
@@ -39,8 +40,10 @@ def cells() -> list[tuple[str, str, str]]:
     copy and with a second-order Taylor forecast in float32, and with a copy in bfloat16 (the
     precision users run: bf16 timesteps, inputs and weights); every other estimator (a plugin's
     included) with a span-level and a module-level strategy."""
-    strategies, estimators = sorted(registry.registry().strategies), sorted(registry.registry().estimators)
-    others = [estimator for estimator in estimators if estimator not in ("copy", "taylor")]
+    strategies, estimators = sorted(registry.registry().strategies), registry.registry().estimators
+    others = [
+        name for name in sorted(estimators) if name not in ("copy", "taylor") and not estimators[name].predictions_only
+    ]
     return [
         *((strategy, estimator, "float32") for strategy in strategies for estimator in ("copy", "taylor")),
         *((strategy, estimator, "float32") for strategy in ("uniform", "pab") for estimator in others),
@@ -51,6 +54,7 @@ def cells() -> list[tuple[str, str, str]]:
 ADAPTERS = sorted(registry.registry().adapters)
 STRATEGIES = sorted(registry.registry().strategies)
 CELLS = cells()
+ESTIMATORS = sorted(registry.registry().estimators)
 ESTIMATOR_CONFIGS = {"taylor": {"kind": "taylor", "order": 2}}
 STEPS = 6
 
@@ -185,8 +189,44 @@ def test_reusing_with_cfg_runs_and_counts_match_executions(adapter_name, strateg
         runs = sum(count for site, count in zip(sites, site_runs, strict=True) if site.kind.value == kind)
         if kind in totals:
             assert runs == totals[kind][0], kind
-        elif "span" not in totals:
-            assert runs == calls * sum(site.kind.value == kind for site in sites), kind
+        elif "span" not in totals:  # a kind the strategy does not decide always runs (some modules twice a call)
+            assert runs >= calls * sum(site.kind.value == kind for site in sites), kind
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("adapter_name", ADAPTERS)
+def test_branch_level_produces_the_second_branch_and_runs_no_block_for_it(adapter_name, estimator):
+    """Every step computed (uniform, interval 1) and the second branch produced on every odd step:
+    those calls run no block, and both branches' counts say so."""
+    model = example(adapter_name)
+    if registry.registry().estimators[estimator].predictions_only and model.latents.ndim < 4:
+        pytest.skip(
+            f"{adapter_name} predicts tokens {tuple(model.latents.shape)}, and {estimator!r} takes predictions laid out "
+            "(batch, channels, [frames,] height, width)"
+        )
+    config = cachekit.make_config(
+        {
+            "strategy": "uniform",
+            "interval": 1,
+            "num_inference_steps": STEPS,
+            "branches": {"interval": 2, "estimator": ESTIMATOR_CONFIGS.get(estimator, {"kind": estimator})},
+        }
+    )
+    blocks = cachekit.resolve_adapter(model.model)(model.model).blocks()
+    counter = RunCounter(blocks)
+    try:
+        with cachekit.apply(model.model, config) as handle:
+            output = denoise(model)
+    finally:
+        counter.close()
+
+    produced = len(range(1, STEPS, 2))
+    assert torch.isfinite(output).all()
+    assert not torch.equal(output, uncached(adapter_name, "float32"))
+    branches = handle.stats.last.branches
+    assert [branches[0].produced, branches[1].produced] == [0, produced]
+    assert branches[1].sites["span"].computed == STEPS - produced
+    assert counter.counts == [2 * STEPS - produced] * len(blocks)
 
 
 @pytest.mark.parametrize("adapter_name", ADAPTERS)

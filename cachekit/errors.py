@@ -60,3 +60,8 @@ class EstimatorError(CachekitError, RuntimeError):
 
 class KeptMemoryError(CachekitError, MemoryError):
     """What a strategy would keep is more than `max_kept_bytes` or the device's free memory."""
+
+
+class BranchLevelError(CachekitError, ValueError):
+    """The branch level cannot run as configured: no CFG to skip a branch of, or an estimator for
+    predictions given where residuals are kept."""

@@ -29,6 +29,9 @@ class Estimator(Generic[ConfigT]):
     """
 
     config_class: ClassVar[type[EstimatorConfig]]
+    #: True for an estimator that takes only values laid out as a model's prediction, (batch,
+    #: channels, [frames,] height, width): the branch level's difference, not a residual of tokens.
+    predictions_only: ClassVar[bool] = False
 
     def __init__(self, config: ConfigT) -> None:
         self.config = config

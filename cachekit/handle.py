@@ -12,7 +12,7 @@ from torch import nn
 from cachekit.adapter import Adapter
 from cachekit.budget import BudgetError
 from cachekit.budget import resolve as resolve_budget
-from cachekit.errors import AlreadyAttachedError, HandleRemovedError
+from cachekit.errors import AlreadyAttachedError, BranchLevelError, HandleRemovedError
 from cachekit.registry import get_estimator, get_strategy, make_config, resolve_adapter
 from cachekit.runtime import Runtime
 from cachekit.schemas.configs import StrategyConfig
@@ -126,6 +126,12 @@ def apply(
             )
     tracker = StepTracker(config.num_inference_steps)  # experts share the steps of one generation
     estimator_class = get_estimator(config.estimator.kind)
+    if estimator_class.predictions_only:
+        raise BranchLevelError(
+            f"estimator {config.estimator.kind!r} takes a model's predictions (the difference between CFG branches), "
+            f"not the residuals or module outputs strategy {config.strategy!r} keeps: give it as the branch level's "
+            f"estimator (branches={{'estimator': {config.estimator.kind!r}}}), and another kind as `estimator`"
+        )
     branches = config.branches
     branch_estimator = None if branches is None else get_estimator(branches.estimator.kind)
     runtimes = {}

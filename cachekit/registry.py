@@ -126,7 +126,8 @@ class Registry:
                 self.add(plugin, entry_point.name)
 
     def add_package(self, package: ModuleType) -> None:
-        """Each module of `package` as a plugin named after the module, in name order."""
+        """Each module of `package` as a plugin named by its import name (a strategy and an estimator
+        may share a module name), in name order."""
         for module in sorted(pkgutil.iter_modules(package.__path__), key=lambda module: module.name):
             if module.name.startswith("_"):
                 continue
@@ -134,9 +135,9 @@ class Registry:
             try:
                 plugin = importlib.import_module(qualified)
             except Exception as exc:
-                self._fail(module.name, f"import of {qualified!r} raised {exc!r}")
+                self._fail(qualified, f"import of {qualified!r} raised {exc!r}")
                 continue
-            self.add(plugin, module.name, helpers_allowed=True)
+            self.add(plugin, qualified, helpers_allowed=True)
 
     def add(self, plugin: object, name: str, helpers_allowed: bool = False) -> None:
         """Register `plugin` under `name` and run its registration hooks. A plugin that implements
@@ -306,14 +307,21 @@ def make_config(config: StrategyConfig | Mapping[str, Any] | str | os.PathLike[s
 
 
 def _with_registered_estimator(config: StrategyConfig) -> StrategyConfig:
-    """`config` with its estimator validated by the config class its kind registered."""
-    estimator = config.estimator
+    """`config` with its estimators (the strategy's, the branch level's) validated by the config
+    class each kind registered."""
+    update: dict[str, Any] = {"estimator": _registered(config.estimator)}
+    if config.branches is not None:
+        update["branches"] = config.branches.model_copy(update={"estimator": _registered(config.branches.estimator)})
+    return config.model_copy(update=update)
+
+
+def _registered(estimator: EstimatorConfig) -> EstimatorConfig:
     expected = get_estimator(estimator.kind).config_class
     if isinstance(estimator, expected):
-        return config
+        return estimator
     if not isinstance(estimator, PluginEstimatorConfig):
         raise TypeError(f"estimator {estimator.kind!r} takes a {expected.__name__}, got {type(estimator).__name__}")
-    return config.model_copy(update={"estimator": expected.model_validate(estimator.fields())})
+    return expected.model_validate(estimator.fields())
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:

@@ -32,6 +32,7 @@ class _Bands:
 
 class FasterCacheEstimator(Estimator[FasterCacheDifferenceConfig]):
     config_class = FasterCacheDifferenceConfig
+    predictions_only = True
 
     def new_state(self) -> _Bands:
         return _Bands()
@@ -41,8 +42,9 @@ class FasterCacheEstimator(Estimator[FasterCacheDifferenceConfig]):
             raise EstimatorError(
                 f"the fastercache estimator splits frequencies over a value's last two dimensions (height, width), "
                 f"but got a value of shape {tuple(value.shape)}: it takes values laid out (batch, channels, [frames,] "
-                "height, width), such as the difference between CFG branches' predictions on a model that predicts "
-                "unpacked latents (Wan, CogVideoX, Latte), not tokens"
+                "height, width): the difference between CFG branches' predictions on a model that predicts latents "
+                "(Wan, CogVideoX, Latte, ...), not tokens (Flux, LTX, Qwen-Image); there, give the branch level "
+                "another estimator (branches={'estimator': 'copy'})"
             )
         state.low = low_frequencies(value.float())
         state.high = value.float() - state.low

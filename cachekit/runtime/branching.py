@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from cachekit.adapter import Adapter
-from cachekit.errors import StrategyError, UnsupportedModelError
+from cachekit.errors import BranchLevelError
 from cachekit.estimator import Estimator, Kept
 from cachekit.schemas.branches import BranchLevelConfig
 from cachekit.strategy import Step
@@ -45,6 +45,7 @@ class BranchLevel:
         """A generation begins: nothing recorded."""
         self.difference: Kept | None = None
         self._first: tuple[int, Any] | None = None  # (step, the first branch's output there)
+        self._paired = False  # a second call came in a step of this generation
 
     def skips(self, step: Step) -> bool:
         """Whether the second branch is produced, not computed, at `step`."""
@@ -78,6 +79,7 @@ class BranchLevel:
         first = self._first
         if step.branch != 1 or first is None or first[0] != step.index:
             return forward(*args, **kwargs)  # a third call of a step, or one whose partner raised
+        self._paired = True
         prediction = self.adapter.prediction(first[1])
         if produced:
             return _with_prediction(first[1], self._produced(prediction, step))
@@ -90,7 +92,7 @@ class BranchLevel:
     ) -> Any:
         batch = self.adapter.latent_input(args, kwargs).shape[0]
         if batch % 2:
-            raise UnsupportedModelError(
+            raise BranchLevelError(
                 f"the branch level with cfg='batched' takes a call whose batch holds both CFG branches (the "
                 f"unconditional half first), but this call's latent has a batch of {batch}: run the pipeline with "
                 "CFG (guidance_scale > 1), or set cfg='calls' for a pipeline that calls the transformer once per branch"
@@ -105,6 +107,8 @@ class BranchLevel:
         return _with_prediction(output, torch.cat([self._produced(kept, step), kept]))
 
     def _record(self, skipped: torch.Tensor, kept: torch.Tensor, step: Step) -> None:
+        if self.config.interval == 1:
+            return  # never skips: nothing to keep
         if self.difference is None:
             self.difference = Kept(self.estimator, self.storage)
         self.difference.record(skipped.float() - kept.float(), step)
@@ -115,8 +119,8 @@ class BranchLevel:
 
     def _check_cfg(self, step: Step) -> None:
         """A two-call step begins: the previous one must have had a second call."""
-        if self.difference is None and step.index >= self.config.warmup and self._first is not None:
-            raise StrategyError(
+        if not self._paired and self._first is not None:
+            raise BranchLevelError(
                 "the branch level (branches=...) produces the second CFG branch of a step from the first, but this "
                 f"pipeline called the transformer once per step up to step {step.index}: it runs without CFG (a "
                 "guidance-distilled model, or guidance_scale 1), or with CFG batched into one call (then set "

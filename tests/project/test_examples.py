@@ -15,7 +15,8 @@ def test_quickstart_runs(tmp_path):
         [sys.executable, str(EXAMPLES / "quickstart.py")], cwd=tmp_path, capture_output=True, text=True, check=True
     )
     assert (
-        "strategies: ['easycache', 'fbcache', 'magcache', 'pab', 'schedule', 'seacache', 'taylorseer'" in result.stdout
+        "strategies: ['easycache', 'fastercache', 'fbcache', 'magcache', 'pab', 'schedule', 'seacache', 'taylorseer'"
+        in result.stdout
     )
     assert "estimator=TaylorConfig(kind='taylor', dtype=None, order=2" in result.stdout
     uniform = "20 calls, span 8 computed / 12 reused, schedule C..C..C..C..C..C..CC"  # interval 3, last step

@@ -74,7 +74,8 @@ def test_failing_hook_and_duplicate_name_are_reported_by_plugin_name(fresh_regis
     with pytest.warns(PluginWarning, match="'raises' failed to load: .*boom"):
         cachekit.register_plugin(Raises(), "raises")
     with pytest.warns(
-        PluginWarning, match="plugin 'claims-uniform' registers strategy 'uniform', which plugin 'uniform' already"
+        PluginWarning,
+        match="plugin 'claims-uniform' registers strategy 'uniform', which plugin 'cachekit.strategies.uniform' already",
     ):
         cachekit.register_plugin(ClaimsUniform(), "claims-uniform")
     with pytest.warns(PluginWarning, match="not a Strategy subclass"):

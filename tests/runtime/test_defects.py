@@ -151,7 +151,8 @@ def test_built_in_names_win_and_the_plugin_claiming_one_is_named(monkeypatch):
     monkeypatch.setattr(registry_module.importlib.metadata, "entry_points", lambda group: found)
     fresh = Registry()
     with pytest.warns(
-        PluginWarning, match=r"plugin 'aaa-impostor' registers strategy 'uniform', which plugin 'uniform'"
+        PluginWarning,
+        match=r"plugin 'aaa-impostor' registers strategy 'uniform', which plugin 'cachekit.strategies.uniform'",
     ):
         fresh.load_entry_points()
     assert fresh.strategies["uniform"].__module__ == "cachekit.strategies.uniform"
