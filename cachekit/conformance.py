@@ -201,8 +201,8 @@ def test_branch_level_produces_the_second_branch_and_runs_no_block_for_it(adapte
     model = example(adapter_name)
     if registry.registry().estimators[estimator].predictions_only and model.latents.ndim < 4:
         pytest.skip(
-            f"{adapter_name} predicts tokens {tuple(model.latents.shape)}, and {estimator!r} takes predictions laid out "
-            "(batch, channels, [frames,] height, width)"
+            f"{adapter_name} predicts tokens {tuple(model.latents.shape)}, and {estimator!r} takes predictions "
+            "laid out (batch, channels, [frames,] height, width)"
         )
     config = cachekit.make_config(
         {

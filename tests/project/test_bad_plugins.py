@@ -21,7 +21,8 @@ from cachekit.registry import PluginWarning
         (
             lambda r: r(cachekit.get_strategy("uniform")),
             "claims-uniform",
-            r"plugin 'claims-uniform' registers strategy 'uniform', which plugin 'cachekit.strategies.uniform' already registered",
+            r"plugin 'claims-uniform' registers strategy 'uniform', which plugin 'cachekit.strategies.uniform' "
+            "already registered",
         ),
         (no_fixed_name, "loose-name", r"Loose must fix its strategy name: strategy: Literal\['my_name'\] = 'my_name'"),
     ],
