@@ -75,7 +75,7 @@ def test_failing_hook_and_duplicate_name_are_reported_by_plugin_name(fresh_regis
         cachekit.register_plugin(Raises(), "raises")
     with pytest.warns(
         PluginWarning,
-        match="plugin 'claims-uniform' registers strategy 'uniform', which plugin 'cachekit.strategies.uniform' already",
+        match="plugin 'claims-uniform' registers strategy 'uniform', which plugin 'cachekit.strategies.uniform'",
     ):
         cachekit.register_plugin(ClaimsUniform(), "claims-uniform")
     with pytest.warns(PluginWarning, match="not a Strategy subclass"):
