@@ -6,6 +6,9 @@ attention or MLP modules runs inside it (a cache's own signal, like a norm run f
 not count); an attention module executes when any of its leaves runs. FLOPs skipped add up per
 call: a whole block's where the block did not execute, else those of its modules that did not.
 
+A block run on part of the call's batch (the batched branch level runs the conditional half alone)
+counts as that part of an execution.
+
 A module that is itself a leaf (an MLP that is one Linear) is watched through its own forward,
 which a cache that skips the module never calls; so open the counter before applying a cache, and
 close it after removing the cache.
@@ -16,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -28,7 +32,7 @@ class Work:
 
     calls: int = 0
     blocks: int = 0  # blocks per call
-    block_runs: int = 0
+    block_runs: float = 0.0  # a run on half the call's batch counts half
     attention_sites: int = 0  # attention modules per call
     attention_runs: int = 0
     flops_skipped: float = 0.0
@@ -50,6 +54,7 @@ class _Watch:
     flops: float
     sites: list[tuple[ModuleSite, float]]
     ran: bool = False
+    share: float = 1.0  # of the call's batch the block runs on
     site_ran: dict[str, bool] = field(default_factory=dict)
 
 
@@ -66,12 +71,14 @@ class WorkCounter:
             *(adapter.mlp_sites() if adapter.provides(Place.MLP) else []),
         ]
         self.work = Work(blocks=len(blocks), attention_sites=sum(site.kind.value != "mlp" for site in sites))
-        self._handles: list[RemovableHandle] = [model.register_forward_pre_hook(self._call)]
+        self._adapter = adapter
+        self._batch = 1  # of the current call
+        self._handles: list[RemovableHandle] = [model.register_forward_pre_hook(self._call, with_kwargs=True)]
         self._wrapped: list[nn.Module] = []
         for index, block in enumerate(blocks):
             own = [site for site in sites if site.block == index]
             watch = _Watch(flops.get(block, 0.0), [(site, flops.get(site.module, 0.0)) for site in own])
-            self._handles.append(block.register_forward_pre_hook(self._enter(watch)))
+            self._handles.append(block.register_forward_pre_hook(self._enter(watch), with_kwargs=True))
             self._handles.append(block.register_forward_hook(self._leave(watch)))
             for site in own:
                 self._watch(site.module, self._ran(watch, site.name))
@@ -93,17 +100,20 @@ class WorkCounter:
         module.forward = counted
         self._wrapped.append(module)
 
-    def _call(self, *_: Any) -> None:
+    def _call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.work.calls += 1
+        self._batch = _batch(self._adapter.latent_input(args, kwargs))
 
     def reset(self) -> None:
         """Count from zero (e.g. for the next generation)."""
         self.work = Work(blocks=self.work.blocks, attention_sites=self.work.attention_sites)
 
     def _enter(self, watch: _Watch) -> Any:
-        def hook(*_: Any) -> None:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             watch.ran = False
             watch.site_ran = {}
+            first = next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)), None)
+            watch.share = min(1.0, _batch(first) / self._batch) if first is not None else 1.0
 
         return hook
 
@@ -121,7 +131,7 @@ class WorkCounter:
             if not watch.ran:
                 work.flops_skipped += watch.flops
                 return
-            work.block_runs += 1
+            work.block_runs += watch.share
             for site, flops in watch.sites:
                 ran = watch.site_ran.get(site.name, False)
                 if site.kind.value != "mlp":
@@ -142,3 +152,7 @@ class WorkCounter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _batch(tensor: torch.Tensor) -> int:
+    return tensor.shape[0] if tensor.ndim else 1
