@@ -123,7 +123,7 @@ def test_equals_diffusers_with_batched_cfg_on_wan_moving_digits():
         return cachekit.apply(pipe, FasterCacheConfig(branches={"cfg": "batched"})).remove
 
     runs = compare(generate, model, with_cachekit, with_diffusers)
-    tick.remove()
+    ticking.remove()
     _check(runs, STEPS)
 
 
