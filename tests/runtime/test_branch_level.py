@@ -144,8 +144,11 @@ def test_a_step_skipped_by_the_step_level_skips_both_branches():
 
 def test_without_cfg_the_branch_level_is_a_named_error():
     pipe = tiny_flux_pipeline()
-    with cachekit.apply(pipe, UniformConfig(interval=2, branches={"interval": 2})), pytest.raises(
-        BranchLevelError, match=r"called the transformer once per step up to step 1: it runs without CFG"
+    with (
+        cachekit.apply(pipe, UniformConfig(interval=2, branches={"interval": 2})),
+        pytest.raises(
+            BranchLevelError, match=r"called the transformer once per step up to step 1: it runs without CFG"
+        ),
     ):
         pipe("a red cat", num_inference_steps=4, height=32, width=32, max_sequence_length=16)
 

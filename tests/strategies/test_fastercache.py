@@ -104,9 +104,11 @@ def test_equals_diffusers_with_batched_cfg_on_wan_moving_digits():
     pipe = testbed.load("wan-moving-digits")
     model = pipe.transformer
     clock = [0.0]
-    tick = model.register_forward_pre_hook(
-        lambda _m, _a, kwargs: clock.__setitem__(0, kwargs["timestep"].max()), with_kwargs=True
-    )
+
+    def tick(_module, _args, kwargs):  # what diffusers' pipelines give as current_timestep
+        clock[0] = kwargs["timestep"].max()
+
+    ticking = model.register_forward_pre_hook(tick, with_kwargs=True)
 
     def generate(trajectory, forced):
         def step_end(_pipe, index, _t, values):
