@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,13 +23,23 @@ from cachekit.estimator import Estimator, Kept
 from cachekit.schemas.branches import BranchLevelConfig
 from cachekit.strategy import Step
 
+if TYPE_CHECKING:
+    from cachekit.runtime.framing import Call
+
 #: A call's batch halves, in a batched-CFG call: the one the branch level may skip, the other.
 SKIPPED, KEPT = 0, 1
 
 
 class BranchLevel:
     """What the branch level keeps through one generation: the difference between the branches (an
-    estimator state) and, with CFG as two calls, the first branch's output of the current step."""
+    estimator state), how many steps the first branch computed, and, with CFG as two calls, the
+    first branch's output of the current step.
+
+    It counts the steps on which the first branch computed (ran its blocks): the second branch is
+    computed on the `interval`-th of those, on the warmup steps and outside the window; on every
+    other step it is produced, including the steps a step-level strategy skipped altogether, so a
+    skipped step runs no block for any branch. Without a step-level strategy that skips, the count
+    is the step index."""
 
     def __init__(
         self, config: BranchLevelConfig, estimator: Estimator[Any], adapter: Adapter, storage: torch.dtype | None
@@ -44,52 +54,64 @@ class BranchLevel:
     def start(self) -> None:
         """A generation begins: nothing recorded."""
         self.difference: Kept | None = None
-        self._first: tuple[int, Any] | None = None  # (step, the first branch's output there)
+        self._computed = 0  # steps so far on which the first branch computed
+        #: (step, the first branch's output there, its place among the computed steps or None: reused)
+        self._first: tuple[int, Any, int | None] | None = None
         self._paired = False  # a second call came in a step of this generation
 
-    def skips(self, step: Step) -> bool:
-        """Whether the second branch is produced, not computed, at `step`."""
+    def _skips(self, step: Step, place: int) -> bool:
+        """Whether the second branch is produced at `step`, whose first branch is the `place`-th to compute."""
         config = self.config
-        if self.difference is None or step.index < config.warmup or step.index % config.interval == 0:
+        if self.difference is None or step.index < config.warmup or place % config.interval == 0:
             return False
         return config.window is None or config.window[0] < step.timestep < config.window[1]
 
     def alone(self, step: Step) -> bool:
-        """Whether the call at `step` runs without its CFG partner (which it then stands for)."""
-        return step.branch == 0 and self.skips(step)
+        """Whether the call at `step` runs without its CFG partner (which it then stands for), if it
+        computes: known when the step begins."""
+        return step.branch == 0 and self._skips(step, self._computed)
 
     def produces(self, step: Step) -> bool:
-        """Whether the call at `step` is the second of a two-call step that is skipped: no block runs."""
+        """Whether the call at `step` is the second of a two-call step that is produced: no block runs."""
         first = self._first
-        return (
-            not self.batched and step.branch == 1 and first is not None and first[0] == step.index and self.skips(step)
-        )
+        if self.batched or step.branch != 1 or first is None or first[0] != step.index or self.difference is None:
+            return False
+        place = first[2]
+        return place is None or self._skips(step, place)
 
-    def run(
-        self, step: Step, produced: bool, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
-    ) -> Any:
-        """The call's output: computed, or (`produced`: the second branch of a skipped step) produced."""
+    def run(self, call: Call, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+        """The call's output: computed, or (`call.produced`: the second branch of a produced step) produced."""
+        step = call.step
         if self.batched:
-            return self._batched(step, forward, args, kwargs)
+            return self._batched(call, forward, args, kwargs)
         if step.branch == 0:
             self._check_cfg(step)
             output = forward(*args, **kwargs)
-            self._first = (step.index, output)
+            self._first = (step.index, output, self._count(call))
             return output
         first = self._first
         if step.branch != 1 or first is None or first[0] != step.index:
             return forward(*args, **kwargs)  # a third call of a step, or one whose partner raised
         self._paired = True
         prediction = self.adapter.prediction(first[1])
-        if produced:
+        if call.produced:
             return _with_prediction(first[1], self._produced(prediction, step))
         output = forward(*args, **kwargs)
-        self._record(self.adapter.prediction(output), prediction, step)
+        if call.compute and first[2] is not None:
+            self._record(self.adapter.prediction(output), prediction, step)
         return output
 
+    def _count(self, call: Call) -> int | None:
+        """The first branch's call is over: its place among the computed steps (None: it reused)."""
+        if not call.compute:
+            return None
+        self._computed += 1
+        return self._computed - 1
+
     def _batched(
-        self, step: Step, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+        self, call: Call, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
     ) -> Any:
+        step = call.step
         batch = self.adapter.latent_input(args, kwargs).shape[0]
         if batch % 2:
             raise BranchLevelError(
@@ -97,13 +119,18 @@ class BranchLevel:
                 f"unconditional half first), but this call's latent has a batch of {batch}: run the pipeline with "
                 "CFG (guidance_scale > 1), or set cfg='calls' for a pipeline that calls the transformer once per branch"
             )
-        if not step.alone:
+        if step.alone:
+            output = forward(*_kept_half(args, batch), **_kept_half(kwargs, batch))
+            kept = self.adapter.prediction(output)
+        else:
             output = forward(*args, **kwargs)
             skipped, kept = self.adapter.prediction(output).chunk(2)
+        place = self._count(call)
+        if not step.alone and place is not None:
             self._record(skipped, kept, step)
             return output
-        output = forward(*_kept_half(args, batch), **_kept_half(kwargs, batch))
-        kept = self.adapter.prediction(output)
+        if self.difference is None:
+            return output  # reused before a difference was recorded (a second expert joining late)
         return _with_prediction(output, torch.cat([self._produced(kept, step), kept]))
 
     def _record(self, skipped: torch.Tensor, kept: torch.Tensor, step: Step) -> None:

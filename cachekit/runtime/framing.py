@@ -306,10 +306,7 @@ class CallHook(ModelHook):
         call = frames.begin(args, kwargs, self.context._context)
         forward, branching = self.fn_ref.original_forward, frames.branching
         try:
-            if branching is None:
-                output = forward(*args, **kwargs)
-            else:
-                output = branching.run(call.step, call.produced, forward, args, kwargs)
+            output = forward(*args, **kwargs) if branching is None else branching.run(call, forward, args, kwargs)
         except BaseException:
             frames.end(call, None)
             raise

@@ -118,15 +118,18 @@ def test_batched_cfg_matches_two_calls_and_counts_half_the_blocks_of_a_halved_ca
         shares[cfg] = counter.work.block_share
     torch.testing.assert_close(outputs["batched"], outputs["calls"], rtol=0, atol=1e-5)
     computed = [index % 2 == 0 or index == STEPS - 1 for index in range(STEPS)]  # uniform: every 2nd and the last
-    skipped = [index % 3 != 0 for index in range(STEPS)]  # the branch level: all but every 3rd
-    expected = sum(c * (1 - s / 2) for c, s in zip(computed, skipped, strict=True)) / STEPS
+    both = [c and sum(computed[:index]) % 3 == 0 for index, c in enumerate(computed)]  # every 3rd computed step
+    expected = (sum(computed) + sum(both)) / (2 * STEPS)
+    assert [index for index, b in enumerate(both) if b] == [0, 6, 11]
     assert shares["calls"] == pytest.approx(expected)
     assert shares["batched"] == pytest.approx(expected)
     assert handle.stats.last.branches[0].span_schedule == computed
 
 
 def test_a_step_skipped_by_the_step_level_skips_both_branches():
-    """Uniform reuses odd steps; on an odd step whose second branch is produced, no block runs at all."""
+    """Uniform reuses odd steps (and computes the last); the branch level computes the second branch on
+    every 3rd step the first computed (steps 0, 6, 11) and produces it on every other step, so a step
+    the step level skips runs no block for either branch."""
     example, latents = wan_example()
     blocks = cachekit.resolve_adapter(example.model)(example.model).blocks()
     counter = RunCounter(blocks)
@@ -135,11 +138,10 @@ def test_a_step_skipped_by_the_step_level_skips_both_branches():
         two_calls(example, latents)
     counter.close()
     stats = handle.stats.last.branches
-    produced = sum(index % 3 != 0 for index in range(STEPS))
-    assert stats[1].produced == produced
-    assert len(stats[1].span_schedule) == STEPS - produced  # the produced calls decide nothing
-    assert stats[1].span_schedule == [True, False, True, False]  # steps 0, 3, 6, 9: uniform reuses the odd ones
-    assert counter.counts == [sum(stats[0].span_schedule) + 2] * len(blocks)
+    assert stats[1].produced == STEPS - 3
+    assert stats[1].span_schedule == [True, True, True]  # the produced calls decide nothing
+    assert sum(stats[0].span_schedule) == 7
+    assert counter.counts == [7 + 3] * len(blocks)
 
 
 def test_without_cfg_the_branch_level_is_a_named_error():
