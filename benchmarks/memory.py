@@ -35,6 +35,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "pab (attention and MLP outputs)": {"strategy": "pab"},
     "taylorseer, attention (its default)": {"strategy": "taylorseer"},
     "taylorseer, modules": {"strategy": "taylorseer", "level": "modules"},
+    "fastercache (self-attention outputs, conditional branch)": {
+        "strategy": "fastercache",
+        "branches": {"estimator": "copy"},
+    },
 }
 
 

@@ -112,6 +112,9 @@ class Strategy(Generic[ConfigT]):
     rank_consistent: ClassVar[bool] = False
     #: True when the decision depends on knowing the generation's last step.
     needs_num_steps: bool = False
+    #: True when it reuses only on calls that run alone (`Step.alone`): under the branch level, the
+    #: values of the branch it produces are then not kept at all.
+    reuses_alone_only: ClassVar[bool] = False
 
     def __init__(self, config: ConfigT) -> None:
         self.config = config

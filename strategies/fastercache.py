@@ -19,6 +19,7 @@ class FasterCacheStrategy(Strategy[FasterCacheConfig]):
     config_class = FasterCacheConfig
     rank_consistent = True  # decides from the step alone
     requires = frozenset({Place.ATTENTION})
+    reuses_alone_only = True  # under the branch level; without one, every call may reuse
 
     @classmethod
     def example_configs(cls) -> ExampleConfigs:

@@ -17,6 +17,7 @@ import torch
 
 from cachekit.errors import KeptMemoryError
 from cachekit.estimator import Estimator, Kept
+from cachekit.runtime.branching import SKIPPED
 from cachekit.runtime.framing import Call, Frames, Key
 
 #: How much the kept bytes may grow past the last comparison with free memory before the next one.
@@ -42,8 +43,14 @@ class Memory:
         self._checked_free = 0  # the projection last compared with free memory
 
     def record(self, call: Call, key: Key, value: Any, inputs: Sequence[Any] = ()) -> None:
-        """A computed value into the branch's estimator state for `key`, made from `inputs`."""
+        """A computed value into the branch's estimator state for `key`, made from `inputs` (not where
+        the strategy reuses only on calls that run alone and this is the produced branch's value)."""
+        alone_only = self.frames.branching is not None and self.frames.strategy.reuses_alone_only
+        if alone_only and call.step.branch != 0:
+            return
         for part, part_value, part_inputs in _parts(call, key, value, inputs):
+            if alone_only and part[-1] == SKIPPED and call.halves:
+                continue
             kept = call.branch.kept.get(part)
             if kept is None:
                 kept = call.branch.kept[part] = Kept(self.estimator, self.storage)
