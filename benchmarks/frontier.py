@@ -15,6 +15,10 @@ spent there; and the schedule search against its static baseline (uniform, the s
 In bfloat16 (`nox -s frontier -- --dtype bfloat16`), each model's table comes with its bf16 noise
 floor: the mean PSNR of its bf16 uncached samples against its float32 ones. Differences between
 methods above that floor cannot be seen in bf16.
+
+`--branches` runs `branches.toml` instead: on wan-moving-digits (CFG 3 as two calls, 50 steps), the
+step-level methods alone against the same with the branch level, at equal block executions, and
+per budget the best of each side held out (`nox -s frontier -- --branches`).
 """
 
 from __future__ import annotations
@@ -46,9 +50,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("frontier-results"))
     parser.add_argument("--fresh", action="store_true", help="recompute finished cells")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--branches", action="store_true", help="the branch level against the step level alone")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.branches:
+        branches(args)
+        return
     began = time.monotonic()
     studies = [(model, steps) for model in MODELS for steps in STEPS]
     lanes = [[study for study in studies if study[0] == model] for model in MODELS]  # one per core
@@ -90,6 +98,58 @@ def main(argv: list[str] | None = None) -> None:
     plot_quality(everything, args.out / "frontier.png")
     reports = f"{args.out}/report-<model>-<steps>/report.md"
     print(f"\nplot ({STEPS[0]} steps): {args.out / 'frontier.png'}; reports: {reports}")
+
+
+def branches(args: argparse.Namespace) -> None:
+    """`branches.toml`: its budget tables and, per budget, the step level's best against the best
+    with the branch level, held out."""
+    began = time.monotonic()
+    db = args.out / "branches.sqlite"
+    spec_path = HERE / "branches.toml"
+    command = [sys.executable, "-m", "cachekit", "study", "run", str(spec_path), "--db", str(db)]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with (args.out / "branches.log").open("w") as log:
+        fresh = ["--fresh"] if args.fresh else []
+        subprocess.run([*command, *fresh], stdout=log, stderr=log, env=environment, cwd=args.out, check=True)
+    print(f"branches: {time.monotonic() - began:.0f} s")
+    spec = tomllib.loads(spec_path.read_text())
+    store = ResultStore(db)
+    try:
+        rows = store.rows(spec["name"])
+    finally:
+        store.close()
+    scored, chosen_on = held_out(rows, set(spec["calibration_seeds"]))
+    assert chosen_on is not None
+    budgets = tuple(spec["budgets"])
+    print("\n".join(budget_tables(scored, budgets, chosen_on=chosen_on)))
+    print(branch_level_against_step_level(scored, chosen_on, budgets))
+
+
+def uses_branches(summary: Summary) -> bool:
+    """Whether a method of `branches.toml` has the branch level (its name says so; FasterCache's own)."""
+    return "branches" in summary.method or summary.method.startswith("fastercache")
+
+
+def branch_level_against_step_level(scored: list[Summary], chosen_on: list[Summary], budgets: tuple[float, ...]) -> str:
+    """Per budget: the best method with the branch level against the best without, each chosen on
+    the calibration seeds, held out."""
+    lines = ["with the branch level vs the step level alone, PSNR (dB), chosen on calibration seeds, held out"]
+    for budget in budgets:
+        both = held_out_best(scored, chosen_on, budget, uses_branches)
+        alone = held_out_best(scored, chosen_on, budget, lambda s: not uses_branches(s))
+        difference = paired_difference(both.samples, alone.samples) if both and alone else None
+        outcome = (
+            "one side does not fit"
+            if difference is None
+            else "ahead"
+            if difference.low > 0
+            else "a tie"
+            if difference.high > 0
+            else "BEHIND"
+        )
+        shown = "" if difference is None else f"; paired difference {difference.text()}"
+        lines.append(f"  <= {budget:.0%}: with {_show(both)}; alone {_show(alone)}{shown} -> {outcome}")
+    return "\n".join(lines)
 
 
 def _start(args: argparse.Namespace, model: str, steps: int) -> subprocess.Popen:

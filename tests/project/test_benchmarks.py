@@ -87,3 +87,35 @@ def test_the_frontier_calls_cachekit_ahead_only_by_a_margin_with_the_paired_inte
     assert outcome([50, 40, 50, 40], [45, 45, 45, 45]).endswith("-> a tie")
     assert outcome([30, 31, 30, 31], [40, 41, 40, 41]).endswith("-> BEHIND")
     assert outcome([50, 52, 51, 53], [40, 41, 40, 42], spent=0.35).endswith("-> OVERSPENT (35.0%)")
+
+
+def test_the_branch_level_table_compares_the_best_of_each_side_held_out():
+    import frontier
+
+    from cachekit.study.report import summarize
+
+    def rows(alone: list[float], both: list[float], seed0: int = 0) -> list[dict]:
+        found = []
+        for seed, (step_level, branch_level) in enumerate(zip(alone, both, strict=True), start=seed0):
+            for setting, method, psnr, share in (
+                ("uncached", "uncached", float("inf"), 1.0),
+                ("a", "schedule+dmd", step_level, 0.3),
+                ("b", "schedule + dmd, branches every 2nd (dmd)", branch_level, 0.28),
+                ("c", "fastercache", 60.0, 0.7),  # never within these budgets
+            ):
+                found.append(cell_row(setting, seed, psnr, share, method))
+        return found
+
+    chosen_on = summarize(rows([45, 45, 45, 45], [44, 44, 44, 44], seed0=100))
+
+    def line(alone, both):
+        text = frontier.branch_level_against_step_level(summarize(rows(alone, both)), chosen_on, (0.2, 0.3))
+        assert text.splitlines()[1].endswith("-> one side does not fit")  # nothing at 20%
+        return text.splitlines()[2]
+
+    behind = line([50, 52, 51, 53], [40, 41, 40, 42])
+    assert "with 40.75 (b, spent 28.0%); alone 51.50 (a, spent 30.0%)" in behind
+    assert behind.endswith("-> BEHIND")
+    assert line([40, 41, 40, 42], [50, 52, 51, 53]).endswith("-> ahead")
+    assert line([45, 45, 45, 45], [50, 40, 50, 40]).endswith("-> a tie")
+    assert frontier.uses_branches(summarize(rows([1], [1]))[-1]) is True

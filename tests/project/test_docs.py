@@ -257,6 +257,14 @@ def commands(first_line: str) -> list[str]:
     return [re.sub(r"^cachekit ", python, line) for line in lines if line and not line.startswith("#")]
 
 
+def test_branch_level(tmp_path):
+    """The branch level's block as written: uniform computes 11 of 20 steps (every 2nd and the
+    last); the second branch is computed on every 2nd of those (6) and produced on the other 14 steps."""
+    output = run_python(block("# the branch level on a testbed model"), tmp_path)
+    assert "branch 1 (call 2 of each step): 20 calls, 14 produced from the other branch, span 6 computed" in output
+    assert "branch 0 (call 1 of each step): 20 calls, span 11 computed / 9 reused" in output
+
+
 HANDLERS = {
     "import torch\nfrom diffusers import FluxPipeline": test_front_door,
     "# flux-dev.toml": test_front_door,
@@ -279,6 +287,7 @@ HANDLERS = {
     "cachekit calibrate calibration.toml": test_calibration_commands,
     "pip install torch": test_setup_commands_name_real_sessions,
     "pip install nox": test_setup_commands_name_real_sessions,
+    "# the branch level on a testbed model": test_branch_level,
 }
 
 
