@@ -133,7 +133,6 @@ def apply(
             f"estimator (branches={{'estimator': {config.estimator.kind!r}}}), and another kind as `estimator`"
         )
     branches = config.branches
-    branch_estimator = None if branches is None else get_estimator(branches.estimator.kind)
     runtimes = {}
     for name, model in models.items():
         adapter = resolve_adapter(model)(model)
@@ -145,7 +144,7 @@ def apply(
             estimator_class(config.estimator),
             tracker,
             process_group,
-            branch_estimator=None if branch_estimator is None else branch_estimator(branches.estimator),
+            branch_estimator=None if branches is None else get_estimator(branches.estimator.kind)(branches.estimator),
         )
     # after attach, which may settle defaults from the model (a preset that forces the last step)
     needs_num_steps = any(runtime.strategy.needs_num_steps for runtime in runtimes.values())

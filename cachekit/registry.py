@@ -309,10 +309,14 @@ def make_config(config: StrategyConfig | Mapping[str, Any] | str | os.PathLike[s
 def _with_registered_estimator(config: StrategyConfig) -> StrategyConfig:
     """`config` with its estimators (the strategy's, the branch level's) validated by the config
     class each kind registered."""
-    update: dict[str, Any] = {"estimator": _registered(config.estimator)}
-    if config.branches is not None:
-        update["branches"] = config.branches.model_copy(update={"estimator": _registered(config.branches.estimator)})
-    return config.model_copy(update=update)
+    update: dict[str, Any] = {}
+    estimator = _registered(config.estimator)
+    if estimator is not config.estimator:
+        update["estimator"] = estimator
+    branches = config.branches
+    if branches is not None and _registered(branches.estimator) is not branches.estimator:
+        update["branches"] = branches.model_copy(update={"estimator": _registered(branches.estimator)})
+    return config.model_copy(update=update) if update else config
 
 
 def _registered(estimator: EstimatorConfig) -> EstimatorConfig:

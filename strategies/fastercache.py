@@ -11,7 +11,7 @@ from typing import Any
 
 from cachekit.adapter import ModuleSite, Place, SiteKind
 from cachekit.hookspecs import hookimpl
-from cachekit.schemas.fastercache import FasterCacheConfig
+from cachekit.schemas.fastercache import FASTERCACHE_BRANCHES, FasterCacheConfig
 from cachekit.strategy import ExampleConfigs, Step, Strategy
 
 
@@ -24,7 +24,9 @@ class FasterCacheStrategy(Strategy[FasterCacheConfig]):
     @classmethod
     def example_configs(cls) -> ExampleConfigs:
         return ExampleConfigs(
-            never_reuses=FasterCacheConfig(attention_interval=1, branches={"interval": 1}),
+            never_reuses=FasterCacheConfig(
+                attention_interval=1, branches=FASTERCACHE_BRANCHES.model_copy(update={"interval": 1})
+            ),
             reuses=FasterCacheConfig(attention_window=(-1.0, 1001.0), branches=None),
         )
 

@@ -13,7 +13,11 @@ import cachekit
 from cachekit.registry import get_estimator, get_strategy, list_estimators, list_strategies, make_config
 from cachekit.testing import SyncCounter, run_flux, run_wan, tiny_flux_pipeline, tiny_wan_pipeline
 
-BUILT_IN_ESTIMATORS = [name for name in list_estimators() if get_estimator(name).__module__.startswith("cachekit.")]
+BUILT_IN_ESTIMATORS = [
+    name
+    for name in list_estimators()
+    if get_estimator(name).__module__.startswith("cachekit.") and not get_estimator(name).predictions_only
+]
 PIPELINES = {"flux": (tiny_flux_pipeline, run_flux), "wan": (tiny_wan_pipeline, run_wan)}
 
 
@@ -46,3 +50,16 @@ def test_host_syncs_per_call(pipeline, strategy, estimator):
         assert max(counter.per_call) == 1, counter.per_call
     else:
         assert counter.per_call == [0] * len(counter.per_call)
+
+
+@pytest.mark.parametrize("estimator", ["copy", "fastercache"])
+def test_the_branch_level_makes_no_host_sync(estimator):
+    """It decides from the step alone and produces the second branch on the device."""
+    pipe = tiny_wan_pipeline()
+    config = make_config(
+        {"strategy": "uniform", "interval": 2, "branches": {"interval": 2, "window": [-1, 900], "estimator": estimator}}
+    )
+    with cachekit.apply(pipe, config) as handle, SyncCounter(pipe.transformer) as counter:
+        run_wan(pipe, steps=6)
+    assert handle.stats.last.branches[1].produced > 0
+    assert counter.per_call == [0] * len(counter.per_call)

@@ -190,7 +190,7 @@ def test_a_metric_named_like_a_study_column_is_refused_where_a_study_would_use_i
     ("name", "message"),
     [
         ("Sharp Ness", r"Bad.name must be a lower-case name like 'clip_score', got 'Sharp Ness'"),
-        ("psnr", r"registers metric 'psnr', which plugin 'fidelity' already registered"),
+        ("psnr", r"registers metric 'psnr', which plugin 'cachekit.metrics.fidelity' already registered"),
     ],
 )
 def test_a_metric_plugin_with_a_bad_name_is_reported_by_name(fresh_registry, name, message):

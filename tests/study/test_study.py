@@ -287,8 +287,8 @@ def test_default_spec_is_shipped_and_valid():
     assert strategies == {*cachekit.list_strategies(), "diffusers.first_block_cache", "diffusers.taylorseer_cache"}
     methods = {cell.setting.method for cell in cells}
     assert "teacache+taylor2" in methods
-    assert len({cell.setting.key for cell in cells}) == 1 + 2 + 3 + 3 + 7 + 2
-    assert len(cells) == 2 * 2 * 4 * 18
+    assert len({cell.setting.key for cell in cells}) == 1 + 2 + 3 + 3 + 8 + 2
+    assert len(cells) == 2 * 2 * 4 * 19
 
 
 def test_cli_list(tmp_path):
@@ -296,7 +296,7 @@ def test_cli_list(tmp_path):
         [sys.executable, "-m", "cachekit", "list"], cwd=tmp_path, capture_output=True, text=True, check=True
     )
     assert (
-        "strategies: easycache, fbcache, magcache, pab, schedule, seacache, taylorseer, teacache, uniform"
+        "strategies: easycache, fastercache, fbcache, magcache, pab, schedule, seacache, taylorseer, teacache, uniform"
         in result.stdout
     )
     estimators = next(line for line in result.stdout.splitlines() if line.startswith("estimators:"))
