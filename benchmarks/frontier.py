@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 from cachekit.study import write_report
@@ -133,22 +134,39 @@ def uses_branches(summary: Summary) -> bool:
 def branch_level_against_step_level(scored: list[Summary], chosen_on: list[Summary], budgets: tuple[float, ...]) -> str:
     """Per budget: the best method with the branch level against the best without, each chosen on
     the calibration seeds, held out."""
-    lines = ["with the branch level vs the step level alone, PSNR (dB), chosen on calibration seeds, held out"]
+    return head_to_head(
+        "with the branch level vs the step level alone, PSNR (dB), chosen on calibration seeds, held out",
+        scored,
+        chosen_on,
+        budgets,
+        ("with", uses_branches),
+        ("alone", lambda s: not uses_branches(s)),
+        lambda d: (
+            "one side does not fit" if d is None else "ahead" if d.low > 0 else "a tie" if d.high > 0 else "BEHIND"
+        ),
+    )
+
+
+def head_to_head(
+    title: str,
+    scored: list[Summary],
+    chosen_on: list[Summary],
+    budgets: tuple[float, ...],
+    first: tuple[str, Callable[[Summary], bool]],
+    second: tuple[str, Callable[[Summary], bool]],
+    outcome: Callable[[Interval | None], str],
+) -> str:
+    """Per budget: the best of `first`'s side against the best of `second`'s, each chosen on the
+    calibration seeds, scored held out, with their paired difference and `outcome`'s word on it."""
+    lines = [title]
     for budget in budgets:
-        both = held_out_best(scored, chosen_on, budget, uses_branches)
-        alone = held_out_best(scored, chosen_on, budget, lambda s: not uses_branches(s))
-        difference = paired_difference(both.samples, alone.samples) if both and alone else None
-        outcome = (
-            "one side does not fit"
-            if difference is None
-            else "ahead"
-            if difference.low > 0
-            else "a tie"
-            if difference.high > 0
-            else "BEHIND"
-        )
+        ours = held_out_best(scored, chosen_on, budget, first[1])
+        theirs = held_out_best(scored, chosen_on, budget, second[1])
+        difference = paired_difference(ours.samples, theirs.samples) if ours and theirs else None
         shown = "" if difference is None else f"; paired difference {difference.text()}"
-        lines.append(f"  <= {budget:.0%}: with {_show(both)}; alone {_show(alone)}{shown} -> {outcome}")
+        lines.append(
+            f"  <= {budget:.0%}: {first[0]} {_show(ours)}; {second[0]} {_show(theirs)}{shown} -> {outcome(difference)}"
+        )
     return "\n".join(lines)
 
 
@@ -210,21 +228,15 @@ def _outcome(ours: Summary | None, theirs: Summary | None, difference: Interval 
 
 def schedule_against_uniform(scored: list[Summary], chosen_on: list[Summary], budgets: tuple[float, ...]) -> str:
     """Per budget: the searched schedule against uniform with the same estimator, held out."""
-    lines = ["schedule vs uniform (second-order forecast), PSNR (dB), held out"]
-    for budget in budgets:
-        schedule = held_out_best(scored, chosen_on, budget, lambda s: s.method == "schedule+taylor2")
-        uniform = held_out_best(scored, chosen_on, budget, lambda s: s.method == "uniform+taylor2")
-        difference = paired_difference(schedule.samples, uniform.samples) if schedule and uniform else None
-        outcome = (
-            "uniform cannot spend this little"
-            if difference is None
-            else "schedule ahead"
-            if difference.low > 0
-            else "NOT AHEAD"
-        )
-        shown = "" if difference is None else f"; paired difference {difference.text()}"
-        lines.append(f"  <= {budget:.0%}: schedule {_show(schedule)}; uniform {_show(uniform)}{shown} -> {outcome}")
-    return "\n".join(lines)
+    return head_to_head(
+        "schedule vs uniform (second-order forecast), PSNR (dB), held out",
+        scored,
+        chosen_on,
+        budgets,
+        ("schedule", lambda s: s.method == "schedule+taylor2"),
+        ("uniform", lambda s: s.method == "uniform+taylor2"),
+        lambda d: "uniform cannot spend this little" if d is None else "schedule ahead" if d.low > 0 else "NOT AHEAD",
+    )
 
 
 def noise_floor(model: str, spec: dict) -> float:
