@@ -113,10 +113,12 @@ def denoise(model_example: Any) -> torch.Tensor:
     return model_example.denoise(STEPS)
 
 
-def schedules(handle: Any) -> dict[int, list[Any]]:
-    """Per branch, what the strategy decided at each call: the span, or how many modules computed."""
+def schedules(handle: Any) -> dict[int, tuple[list[Any], int]]:
+    """Per branch, what the strategy decided at each call (the span, or how many modules computed)
+    and how many calls the branch level produced."""
     return {
-        branch: stats.span_schedule or stats.module_schedule for branch, stats in handle.stats.last.branches.items()
+        branch: (stats.span_schedule or stats.module_schedule, stats.produced)
+        for branch, stats in handle.stats.last.branches.items()
     }
 
 
@@ -150,12 +152,24 @@ def shard_changes(family: str, world: int) -> list[float]:
     ]
 
 
+#: Not a strategy: uniform with the branch level, which produces the second CFG branch from the first.
+BRANCH_LEVEL = "uniform with the branch level"
+
+
 def strategy(name: str, changes: list[float]) -> Any:
     """The config each strategy is checked with: its reusing example, or where that would not tell
     a shard's decision from the whole's, a sharper one: TeaCache's threshold lies between the two
     shards' changes, so deciding from a shard would split the ranks."""
     import cachekit
-    from cachekit.schemas import Broadcast, EasyCacheConfig, FBCacheConfig, PABConfig, SeaCacheConfig, TeaCacheConfig
+    from cachekit.schemas import (
+        Broadcast,
+        EasyCacheConfig,
+        FBCacheConfig,
+        PABConfig,
+        SeaCacheConfig,
+        TeaCacheConfig,
+        UniformConfig,
+    )
 
     everywhere = Broadcast(range=2, window=(0, 1000))
     sharper = {
@@ -166,6 +180,7 @@ def strategy(name: str, changes: list[float]) -> Any:
         "fbcache": lambda: FBCacheConfig(threshold=0.3),
         "seacache": lambda: SeaCacheConfig(threshold=0.5, num_inference_steps=STEPS),
         "easycache": lambda: EasyCacheConfig(warmup_steps=2, threshold=0.5, num_inference_steps=STEPS),
+        BRANCH_LEVEL: lambda: UniformConfig(interval=2, num_inference_steps=STEPS, branches={"interval": 2}),
     }
     if name in sharper:
         return sharper[name]()

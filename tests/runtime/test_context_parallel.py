@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
-from context_parallel import check_decisions_agree, check_divergence_is_named, spawn, strategies
+from context_parallel import BRANCH_LEVEL, check_decisions_agree, check_divergence_is_named, spawn, strategies
 from helpers import data_dependent
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -19,7 +19,7 @@ from cachekit.testing import meta_reads
 
 
 def test_every_rank_decides_as_one_process_would_under_ulysses():
-    spawn(check_decisions_agree, 2, "ulysses", ["flux", "wan"], strategies())
+    spawn(check_decisions_agree, 2, "ulysses", ["flux", "wan"], [*strategies(), BRANCH_LEVEL])
 
 
 @pytest.mark.slow
