@@ -41,9 +41,7 @@ def cells() -> list[tuple[str, str, str]]:
     precision users run: bf16 timesteps, inputs and weights); every other estimator (a plugin's
     included) with a span-level and a module-level strategy."""
     strategies, estimators = sorted(registry.registry().strategies), registry.registry().estimators
-    others = [
-        name for name in sorted(estimators) if name not in ("copy", "taylor") and not estimators[name].predictions_only
-    ]
+    others = [name for name in sorted(estimators) if name not in ("copy", "taylor") and on_a_bare_model(name)]
     return [
         *((strategy, estimator, "float32") for strategy in strategies for estimator in ("copy", "taylor")),
         *((strategy, estimator, "float32") for strategy in ("uniform", "pab") for estimator in others),
@@ -51,10 +49,20 @@ def cells() -> list[tuple[str, str, str]]:
     ]
 
 
+def on_a_bare_model(estimator: str) -> bool:
+    """Whether `estimator` runs on a bare transformer's residuals: not one that takes predictions
+    only, nor one that reads the noise levels a pipeline's scheduler gives (those run on the
+    pipelines, `test_trajectory_estimators_run_on_the_pipelines`)."""
+    found = registry.registry().estimators[estimator]
+    return not found.predictions_only and "sigma" not in found.trajectory
+
+
 ADAPTERS = sorted(registry.registry().adapters)
 STRATEGIES = sorted(registry.registry().strategies)
 CELLS = cells()
 ESTIMATORS = sorted(registry.registry().estimators)
+#: Estimators that read the noise levels only a pipeline's scheduler gives.
+READ_SIGMA = [name for name in ESTIMATORS if "sigma" in registry.registry().estimators[name].trajectory]
 ESTIMATOR_CONFIGS = {"taylor": {"kind": "taylor", "order": 2}}
 STEPS = 6
 
@@ -193,7 +201,7 @@ def test_reusing_with_cfg_runs_and_counts_match_executions(adapter_name, strateg
             assert runs >= calls * sum(site.kind.value == kind for site in sites), kind
 
 
-@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("estimator", [name for name in ESTIMATORS if name not in READ_SIGMA])
 @pytest.mark.parametrize("adapter_name", ADAPTERS)
 def test_branch_level_produces_the_second_branch_and_runs_no_block_for_it(adapter_name, estimator):
     """Every step computed (uniform, interval 1) and the second branch produced on every odd step:
@@ -352,6 +360,34 @@ def test_full_pipeline_runs_under_each_strategy(modality, strategy_name):
         output = run(pipe, steps=STEPS)
     assert output.shape == reference.shape and torch.isfinite(output).all()
     assert sum(counts.reused for b in handle.stats.last.branches.values() for counts in b.sites.values()) > 0
+
+
+@pytest.mark.parametrize(
+    "estimator", [name for name in ESTIMATORS if "sigma" in registry.registry().estimators[name].trajectory]
+)
+@pytest.mark.parametrize("modality", ["image", "video"])
+def test_trajectory_estimators_run_on_the_pipelines(modality, estimator):
+    """An estimator reading the noise levels, under a span and a module strategy, on a whole pipeline
+    (whose scheduler gives them): never reusing is exact, reusing runs and reuses."""
+    from cachekit.testing import run_flux, run_wan, tiny_flux_pipeline, tiny_wan_pipeline
+
+    pipe, run = (tiny_flux_pipeline(), run_flux) if modality == "image" else (tiny_wan_pipeline(), run_wan)
+    reference = run(pipe, steps=STEPS)
+    for strategy in ("uniform", "pab"):
+        never, reuses = (
+            cachekit.make_config({**config.model_dump(), "estimator": {"kind": estimator}})
+            for config in registry.registry().strategies[strategy].example_configs()
+        )
+        with cachekit.apply(pipe, never):
+            assert torch.equal(run(pipe, steps=STEPS), reference)
+        with cachekit.apply(pipe, reuses) as handle:
+            output = run(pipe, steps=STEPS)
+        assert output.shape == reference.shape and torch.isfinite(output).all()
+        assert sum(counts.reused for b in handle.stats.last.branches.values() for counts in b.sites.values()) > 0
+    branches = {"strategy": "uniform", "interval": 1, "branches": {"interval": 2, "estimator": estimator}}
+    with cachekit.apply(pipe, branches) as handle:
+        output = run(pipe, steps=STEPS)
+    assert torch.isfinite(output).all() and handle.stats.last.branches[1].produced == len(range(1, STEPS, 2))
 
 
 @pytest.mark.parametrize("adapter_name", ADAPTERS)

@@ -32,6 +32,10 @@ class Estimator(Generic[ConfigT]):
     #: True for an estimator that takes only values laid out as a model's prediction, (batch,
     #: channels, [frames,] height, width): the branch level's difference, not a residual of tokens.
     predictions_only: ClassVar[bool] = False
+    #: What of the trajectory `record` and `estimate` read from their `Step`: "sigma" (the step's
+    #: noise level and the next one's, from the pipeline's scheduler) and "latent" (the call's noisy
+    #: latent); the runtime sets only what is asked, and refuses a model or pipeline that cannot give it.
+    trajectory: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: ConfigT) -> None:
         self.config = config

@@ -57,6 +57,7 @@ class StepTracker:
         self._warned = False  # of a repeated timestep, in this generation
         self._scheduler: Any = None  # the watched scheduler
         self._schedule: list[float] | None = None  # its timesteps
+        self._sigmas: list[float] | None = None  # its noise levels, one more than its timesteps
         self._begin = 0  # where this generation starts in them (img2img starts later)
         self._stepped = 0  # its `step` calls in this generation
         self._scheduled = False  # the watched scheduler started this generation
@@ -75,12 +76,15 @@ class StepTracker:
         """The timestep of the latest call (None before the first)."""
         return self._timestep
 
-    def start(self, num_steps: int | None = None, schedule: list[float] | None = None) -> None:
-        """The next call opens a new generation (of `num_steps` steps, on `schedule`, when given)."""
+    def start(
+        self, num_steps: int | None = None, schedule: list[float] | None = None, sigmas: list[float] | None = None
+    ) -> None:
+        """The next call opens a new generation (of `num_steps` steps, on `schedule` and its noise
+        levels `sigmas`, when given)."""
         if num_steps is not None:
             self.num_steps = num_steps
         if schedule is not None and self.source != "timesteps":
-            self._schedule = schedule
+            self._schedule, self._sigmas = schedule, sigmas
         self._scheduled = schedule is not None
         self._open = True
         self._stepped = 0
@@ -143,7 +147,14 @@ class StepTracker:
         if opens or index != self._index:
             self._sample = sample
         self._index, self._branch, self._timestep = index, branch, value
-        return Step(index, self.num_steps, value, branch)
+        return Step(index, self.num_steps, value, branch, **self._noise_levels(index))
+
+    def _noise_levels(self, index: int) -> dict[str, float]:
+        """The step's noise level and the next one's, where the watched scheduler set them."""
+        sigmas, at = self._sigmas, self._begin + index
+        if not self._on_schedule() or sigmas is None or at + 1 >= len(sigmas):
+            return {}
+        return {"sigma": sigmas[at], "next_sigma": sigmas[at + 1]}
 
     # -- the sources ----------------------------------------------------------------------------
 
@@ -267,7 +278,13 @@ def watch_scheduler(scheduler: Any, tracker: StepTracker, adapter: Any = None) -
     def watched_set_timesteps(*args: Any, **kwargs: Any) -> Any:
         result = set_timesteps(*args, **kwargs)
         timesteps = torch.as_tensor(scheduler.timesteps)  # read once, before the transformer runs
-        tracker.start(len(timesteps), [to_model(value) for value in timesteps.float().tolist()])
+        sigmas = getattr(scheduler, "sigmas", None)
+        known = isinstance(sigmas, torch.Tensor) and len(sigmas) == len(timesteps) + 1  # a flow-matching schedule
+        tracker.start(
+            len(timesteps),
+            [to_model(value) for value in timesteps.float().tolist()],
+            sigmas.float().tolist() if known else None,
+        )
         return result
 
     @functools.wraps(step)

@@ -30,6 +30,12 @@ class Step:
     #: The branch level produces this call's CFG partner from it at this step (the second call of a
     #: two-call step is not run; a batched call runs on its conditional half only).
     alone: bool = False
+    #: The trajectory, for estimators that ask for it (`Estimator.trajectory`): the step's noise level
+    #: and the next step's (from the pipeline's flow-matching scheduler), and the call's noisy latent
+    #: laid out (batch, channels, frames, height, width).
+    sigma: float | None = None
+    next_sigma: float | None = None
+    latent: torch.Tensor | None = None
 
     @property
     def is_last(self) -> bool:

@@ -102,6 +102,16 @@ class ExtrapolateConfig(EstimatorConfig):
     weight: float = Field(default=0.5, ge=0, le=10, description="How much of the last change is added again.")
 
 
+class MeanCacheConfig(EstimatorConfig):
+    """MeanCache (arXiv 2601.19961): a skipped call gets the average of the value over its step,
+    v_last - JVP (next sigma - sigma), rather than the last value; the JVP (the value's rate of
+    change along the trajectory) comes from the last `span` values handed out (computed or
+    estimated) and their noise levels. Needs the pipeline's flow-matching scheduler."""
+
+    kind: Literal["meancache"] = "meancache"
+    span: int = Field(default=2, ge=1, le=8, description="Values the JVP is measured over (1: no correction, a copy).")
+
+
 class PluginEstimatorConfig(EstimatorConfig):
     """An estimator kind no built-in config knows: a plugin's, checked when the strategy is made."""
 
@@ -113,7 +123,15 @@ class PluginEstimatorConfig(EstimatorConfig):
 
 BUILT_IN_ESTIMATORS: dict[str, type[EstimatorConfig]] = {
     config.registered_name(): config
-    for config in (CopyConfig, TaylorConfig, FoCaConfig, DMDConfig, FasterCacheDifferenceConfig, ExtrapolateConfig)
+    for config in (
+        CopyConfig,
+        TaylorConfig,
+        FoCaConfig,
+        DMDConfig,
+        FasterCacheDifferenceConfig,
+        ExtrapolateConfig,
+        MeanCacheConfig,
+    )
 }
 
 

@@ -25,6 +25,7 @@ from cachekit.adapter import Adapter, CallSignal, OutputSite, Streams
 from cachekit.errors import (
     AlreadyAttachedError,
     ConcurrentUseError,
+    EstimatorError,
     RankDivergenceError,
     StepCountError,
     StrategyError,
@@ -93,6 +94,7 @@ class Frames:
         wants_output: bool = False,
         module_sites: bool = False,
         branching: BranchLevel | None = None,
+        trajectory: frozenset[str] = frozenset(),
     ) -> None:
         self.model = model
         self.adapter = adapter
@@ -104,6 +106,7 @@ class Frames:
         self.wants_output = wants_output
         self.module_sites = module_sites
         self.branching = branching
+        self.trajectory = trajectory  # what of the trajectory the estimators read
         self.call: Call | None = None
         self._seen: dict[str, Any] = {}  # the call signals of the call about to run, whole
         self._generation = -1  # the tracker's generation the branches belong to
@@ -151,6 +154,12 @@ class Frames:
             raise ConcurrentUseError(self._concurrent("in the middle of a generation another thread runs"))
         before = (tracker.snapshot(), self._generation, self.joined_late)
         step = tracker.advance(timestep, sample, context)
+        if self.trajectory:
+            try:
+                step = self._with_trajectory(step, args, kwargs)
+            except BaseException:
+                tracker.restore(before[0])  # the call counts for nothing
+                raise
         if tracker.generation != self._generation:
             if self.tuned_steps is not None and tracker.num_steps not in (None, self.tuned_steps):
                 raise StepCountError(
@@ -210,6 +219,21 @@ class Frames:
                 self._reduction.__exit__(None, None, None)
                 self._reduction = None
             self._busy.release()
+
+    def _with_trajectory(self, step: Step, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Step:
+        """`step` with the latent the estimators read; a step without the noise levels they read is
+        refused (they come from a pipeline's flow-matching scheduler)."""
+        if "sigma" in self.trajectory and step.sigma is None:
+            raise EstimatorError(
+                f"the estimator of strategy {self.strategy.name()!r} reads each step's noise level (sigma) and the "
+                "next step's, which come from the pipeline's flow-matching scheduler, but "
+                f"{type(self.model).__name__} was called without one (a bare transformer, or a scheduler without "
+                "sigmas): apply the strategy to the "
+                "pipeline, or choose an estimator that reads only the cached values (copy, taylor, dmd, ...)"
+            )
+        if "latent" in self.trajectory:
+            step = dataclasses.replace(step, latent=self.adapter.latent(args, kwargs))
+        return step
 
     def _undo(self, call: Call) -> None:
         """A call that raised (out of memory, an interrupt) counts for nothing: the step tracker

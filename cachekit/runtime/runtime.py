@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cachekit.adapter import OUTPUT, Adapter, BlockArgument, CallSignal, FirstBlockSignal, OutputSite, Place
-from cachekit.errors import StrategyError
+from cachekit.adapter import LATENT, OUTPUT, Adapter, BlockArgument, CallSignal, FirstBlockSignal, OutputSite, Place
+from cachekit.errors import MissingPointError, StrategyError
 from cachekit.estimator import Estimator
 from cachekit.runtime.branching import BranchLevel
 from cachekit.runtime.framing import CallHook, Frames, OutputSignalHook
@@ -68,6 +68,15 @@ class Runtime:
         if branches is not None:
             assert branch_estimator is not None, "a branch level needs its estimator"
             branching = BranchLevel(branches, branch_estimator, adapter, _dtype(branches.estimator.dtype))
+        estimators = [estimator, *([branch_estimator] if branching and branch_estimator else [])]
+        trajectory = frozenset().union(*(each.trajectory for each in estimators))
+        for each in estimators:
+            if "latent" in each.trajectory and LATENT in adapter.missing:
+                raise MissingPointError(
+                    f"estimator {each.name()!r} needs the latent of each call, which the {adapter.name!r} adapter "
+                    f"does not provide for {type(model).__name__}: {adapter.missing[LATENT]}; choose an estimator "
+                    "that needs only the cached values (copy, taylor, dmd, ...)"
+                )
         each_once(model, [block for block, _ in self._places], "block")
         each_once(model, [site.module for site in self._sites], "attention/MLP module")
         self._keeps = {site.name: strategy.may_reuse(site) for site in self._sites}
@@ -82,6 +91,7 @@ class Runtime:
             wants_output=OUTPUT in points,
             module_sites=bool(self._sites),
             branching=branching,
+            trajectory=frozenset(trajectory),
         )
         dtype = strategy.config.estimator.dtype
         segments = len({place.segment for _, place in self._places if not place.head})
