@@ -374,9 +374,10 @@ def test_trajectory_estimators_run_on_the_pipelines(modality, estimator):
     pipe, run = (tiny_flux_pipeline(), run_flux) if modality == "image" else (tiny_wan_pipeline(), run_wan)
     reference = run(pipe, steps=STEPS)
     for strategy in ("uniform", "pab"):
+        examples = registry.registry().strategies[strategy].example_configs()
+        assert examples is not None
         never, reuses = (
-            cachekit.make_config({**config.model_dump(), "estimator": {"kind": estimator}})
-            for config in registry.registry().strategies[strategy].example_configs()
+            cachekit.make_config({**config.model_dump(), "estimator": {"kind": estimator}}) for config in examples
         )
         with cachekit.apply(pipe, never):
             assert torch.equal(run(pipe, steps=STEPS), reference)

@@ -147,14 +147,15 @@ class StepTracker:
         if opens or index != self._index:
             self._sample = sample
         self._index, self._branch, self._timestep = index, branch, value
-        return Step(index, self.num_steps, value, branch, **self._noise_levels(index))
+        sigma, next_sigma = self._noise_levels(index)
+        return Step(index, self.num_steps, value, branch, sigma=sigma, next_sigma=next_sigma)
 
-    def _noise_levels(self, index: int) -> dict[str, float]:
+    def _noise_levels(self, index: int) -> tuple[float | None, float | None]:
         """The step's noise level and the next one's, where the watched scheduler set them."""
         sigmas, at = self._sigmas, self._begin + index
         if not self._on_schedule() or sigmas is None or at + 1 >= len(sigmas):
-            return {}
-        return {"sigma": sigmas[at], "next_sigma": sigmas[at + 1]}
+            return None, None
+        return sigmas[at], sigmas[at + 1]
 
     # -- the sources ----------------------------------------------------------------------------
 
@@ -279,12 +280,10 @@ def watch_scheduler(scheduler: Any, tracker: StepTracker, adapter: Any = None) -
         result = set_timesteps(*args, **kwargs)
         timesteps = torch.as_tensor(scheduler.timesteps)  # read once, before the transformer runs
         sigmas = getattr(scheduler, "sigmas", None)
-        known = isinstance(sigmas, torch.Tensor) and len(sigmas) == len(timesteps) + 1  # a flow-matching schedule
-        tracker.start(
-            len(timesteps),
-            [to_model(value) for value in timesteps.float().tolist()],
-            sigmas.float().tolist() if known else None,
-        )
+        levels = None
+        if isinstance(sigmas, torch.Tensor) and len(sigmas) == len(timesteps) + 1:  # a flow-matching schedule
+            levels = sigmas.float().tolist()
+        tracker.start(len(timesteps), [to_model(value) for value in timesteps.float().tolist()], levels)
         return result
 
     @functools.wraps(step)
