@@ -178,7 +178,7 @@ def test_any_strategy_takes_an_estimator_by_name_or_dict():
         (
             {"kind": "taylr"},
             UnknownEstimatorError,
-            r"unknown estimator kind 'taylr'; known kinds: copy, .*foca, taylor",
+            r"unknown estimator kind 'taylr'; known kinds: copy, .*foca, meancache, taylor",
         ),
         ({"kind": "taylor", "order": 0}, pydantic.ValidationError, r"estimator\.order\n.*greater than or equal to 1"),
         ({"kind": "taylor", "order": 9}, pydantic.ValidationError, r"estimator\.order\n.*less than or equal to 4"),
