@@ -113,7 +113,7 @@ def frontier(session: nox.Session) -> None:
     """cachekit's strongest methods against diffusers' own on the trained testbed models, held out:
     the best PSNR within 10-50% of block executions, per model, at 50 and 28 steps (about 19
     minutes on 2 cores). `-- --branches`: the branch level against the step level alone on
-    wan-moving-digits, at equal block executions (`benchmarks/branches.toml`)."""
+    wan-moving-digits, at equal block executions (`benchmarks/branches.toml`, about 19 minutes)."""
     install(session)
     session.run(
         "python",

@@ -119,3 +119,23 @@ def test_the_branch_level_table_compares_the_best_of_each_side_held_out():
     assert line([40, 41, 40, 42], [50, 52, 51, 53]).endswith("-> ahead")
     assert line([45, 45, 45, 45], [50, 40, 50, 40]).endswith("-> a tie")
     assert frontier.uses_branches(summarize(rows([1], [1]))[-1]) is True
+
+
+@pytest.mark.parametrize("name", ["frontier.toml", "branches.toml"])
+def test_the_benchmark_studies_plan(tmp_path, name):
+    """The frontier's specs as `frontier.py` writes them: every entry a valid method (a typo in a
+    setting would otherwise surface after the first 20 minutes)."""
+    from cachekit.study.plan import load_spec, plan
+
+    text = (ROOT / "benchmarks" / name).read_text()
+    if name == "frontier.toml":
+        text = 'models = ["wan-moving-digits"]\n' + text.replace("{model}", "wan-moving-digits").replace(
+            "{steps}", "28"
+        )
+    spec = tmp_path / name
+    spec.write_text(text)
+    cells = plan(load_spec(spec)).cells
+    methods = {cell.setting.method for cell in cells}
+    assert len(methods) >= 8
+    if name == "branches.toml":
+        assert {"fastercache", "schedule+meancache", "schedule+dmd"} <= methods
