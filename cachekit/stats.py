@@ -82,6 +82,8 @@ class BranchStats:
 class GenerationStats:
     num_steps: int | None
     branches: dict[int, BranchStats] = field(default_factory=dict)
+    #: Bytes the branch level keeps of the difference between the CFG branches (its estimator's state).
+    difference_bytes: int = 0
 
     def branch(self, index: int) -> BranchStats:
         return self.branches.setdefault(index, BranchStats())
@@ -121,6 +123,10 @@ class CacheStats:
         last = self.last
         steps = f", {last.num_steps} steps" if last.num_steps is not None else ""
         lines.append(f"  generation {len(self.generations)} of {len(self.generations)}{steps}:")
+        if last.difference_bytes:
+            lines.append(
+                f"    the branch level keeps {readable_bytes(last.difference_bytes)} of the branches' difference"
+            )
         for index, branch in last.branches.items():
             lines.append(f"    branch {index}{_branch_role(index, branch, len(last.branches))}: {branch}")
         return "\n".join(lines)

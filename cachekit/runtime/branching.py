@@ -49,6 +49,8 @@ class BranchLevel:
         self.adapter = adapter
         self.storage = storage
         self.batched = config.cfg == "batched"
+        #: Told of every growth of what the difference keeps: (the call, bytes), to check the memory.
+        self.grown: Callable[[Call, int], None] | None = None
         self.start()
 
     def start(self) -> None:
@@ -98,7 +100,7 @@ class BranchLevel:
             return _with_prediction(first[1], self._produced(prediction, step))
         output = forward(*args, **kwargs)
         if call.compute and first[2] is not None:
-            self._record(self.adapter.prediction(output), prediction, step)
+            self._record(call, self.adapter.prediction(output), prediction)
         return output
 
     def _count(self, call: Call) -> int | None:
@@ -127,18 +129,24 @@ class BranchLevel:
             skipped, kept = self.adapter.prediction(output).chunk(2)
         place = self._count(call)
         if not step.alone and place is not None:
-            self._record(skipped, kept, step)
+            self._record(call, skipped, kept)
             return output
         if self.difference is None:
             return output  # reused before a difference was recorded (a second expert joining late)
         return _with_prediction(output, torch.cat([self._produced(kept, step), kept]))
 
-    def _record(self, skipped: torch.Tensor, kept: torch.Tensor, step: Step) -> None:
+    def _record(self, call: Call, skipped: torch.Tensor, kept: torch.Tensor) -> None:
         if self.config.interval == 1:
             return  # never skips: nothing to keep
         if self.difference is None:
             self.difference = Kept(self.estimator, self.storage)
-        self.difference.record(skipped.float() - kept.float(), step)
+        grown = self.difference.record(skipped.float() - kept.float(), call.step)
+        if grown and self.grown is not None:
+            self.grown(call, grown)
+
+    def kept_bytes(self) -> int:
+        """What the difference keeps now, at most until the next record."""
+        return self.difference.nbytes if self.difference is not None else 0
 
     def _produced(self, kept: torch.Tensor, step: Step) -> torch.Tensor:
         assert self.difference is not None

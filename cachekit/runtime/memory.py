@@ -76,10 +76,16 @@ class Memory:
         estimates = [call.branch.kept[(*key, half)].estimate(call.step) for half in call.halves]
         return estimates[0] if len(estimates) == 1 else _joined(*estimates)
 
+    def kept_by_the_branch_level(self, call: Call, grown: int) -> None:
+        """The branch level's difference grew by `grown` bytes: counted, and checked as the rest."""
+        self.frames.stats.last.difference_bytes += grown
+        self._check(call)
+
     def projected(self) -> tuple[int, int]:
-        """(bytes every branch seen so far will keep, branches)."""
+        """(bytes every branch seen so far will keep, plus the branch level's difference; branches)."""
         branches = self.frames.branches()
-        total = 0
+        branching = self.frames.branching
+        total = 0 if branching is None else branching.kept_bytes()
         for branch in branches:
             kept = len(branch.kept)
             if kept:

@@ -103,6 +103,8 @@ class Runtime:
             limit=strategy.config.max_kept_bytes,
             storage=_dtype(dtype),
         )
+        if branching is not None:
+            branching.grown = self.memory.kept_by_the_branch_level
         self.span = Span(self.frames, self.memory, strategy, first_block)
         regated = {site.name for site in self._sites if site.gated and strategy.reuses_gated(site)}
         self.modules = Modules(self.frames, self.memory, adapter, strategy, regated)

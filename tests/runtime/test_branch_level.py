@@ -11,7 +11,7 @@ import torch
 import cachekit
 from cachekit import registry
 from cachekit.counting import WorkCounter
-from cachekit.errors import BranchLevelError, EstimatorError
+from cachekit.errors import BranchLevelError, EstimatorError, KeptMemoryError
 from cachekit.schemas import BranchLevelConfig, FasterCacheConfig, UniformConfig
 from cachekit.schemas.checked import ConfigError
 from cachekit.testing import RunCounter, run_flux, tiny_flux_pipeline, tiny_flux_transformer
@@ -182,3 +182,22 @@ def test_bad_branch_configs_are_named():
         BranchLevelConfig(cfg="interleaved")
     with pytest.raises(ConfigError, match="attention_window must be"):
         FasterCacheConfig(attention_window=(681, -1))
+
+
+@pytest.mark.parametrize("estimator", ["copy", "fastercache"])
+def test_what_the_branch_level_keeps_is_counted_and_held_to_the_limit(estimator):
+    """The difference is one float32 prediction (two bands for fastercache): counted in the stats and
+    in the projection `max_kept_bytes` is held to, before it is kept."""
+    example, latents = wan_example()
+    difference = torch.Size(LATENTS).numel() * 4 * (2 if estimator == "fastercache" else 1)
+    config = UniformConfig(interval=1, num_inference_steps=STEPS, branches={"interval": 3, "estimator": estimator})
+    with cachekit.apply(example.model, config) as handle:
+        two_calls(example, latents, steps=4)
+    assert handle.stats.last.difference_bytes == difference
+    assert "the branch level keeps" in str(handle.stats)
+    span = handle._runtime.memory.projected()[0] - difference
+    tight = config.model_copy(update={"max_kept_bytes": span + difference - 1})
+    with cachekit.apply(example.model, tight), pytest.raises(KeptMemoryError, match=r"above max_kept_bytes"):
+        two_calls(example, latents, steps=4)
+    with cachekit.apply(example.model, tight.model_copy(update={"max_kept_bytes": span + difference})):
+        two_calls(example, latents, steps=4)
