@@ -46,8 +46,9 @@ class FasterCacheEstimator(Estimator[FasterCacheDifferenceConfig]):
                 "(Wan, CogVideoX, Latte, ...), not tokens (Flux, LTX, Qwen-Image); there, give the branch level "
                 "another estimator (branches={'estimator': 'copy'})"
             )
-        state.low = low_frequencies(value.float())
-        state.high = value.float() - state.low
+        exact = value.float()
+        state.low = low_frequencies(exact)
+        state.high = exact - state.low
         state.dtype = value.dtype
 
     def estimate(self, state: _Bands, step: Step) -> torch.Tensor:

@@ -228,8 +228,8 @@ class Frames:
                 f"the estimator of strategy {self.strategy.name()!r} reads each step's noise level (sigma) and the "
                 "next step's, which come from the pipeline's flow-matching scheduler, but "
                 f"{type(self.model).__name__} was called without one (a bare transformer, or a scheduler without "
-                "sigmas): apply the strategy to the "
-                "pipeline, or choose an estimator that reads only the cached values (copy, taylor, dmd, ...)"
+                "sigmas): apply the strategy to the pipeline, or choose an estimator that reads only the cached "
+                "values (copy, taylor, dmd, ...)"
             )
         if "latent" in self.trajectory:
             step = dataclasses.replace(step, latent=self.adapter.latent(args, kwargs))

@@ -71,9 +71,7 @@ class Memory:
         return False
 
     def estimate(self, call: Call, key: Key) -> Any:
-        if not call.halves:
-            return call.branch.kept[key].estimate(call.step)
-        estimates = [call.branch.kept[(*key, half)].estimate(call.step) for half in call.halves]
+        estimates = [call.branch.kept[part].estimate(call.step) for part, _, _ in _parts(call, key, None, ())]
         return estimates[0] if len(estimates) == 1 else _joined(*estimates)
 
     def kept_by_the_branch_level(self, call: Call, grown: int) -> None:

@@ -68,7 +68,7 @@ class Runtime:
         if branches is not None:
             assert branch_estimator is not None, "a branch level needs its estimator"
             branching = BranchLevel(branches, branch_estimator, adapter, _dtype(branches.estimator.dtype))
-        estimators = [estimator, *([branch_estimator] if branching and branch_estimator else [])]
+        estimators = [estimator, *([branch_estimator] if branch_estimator is not None else [])]
         trajectory = frozenset().union(*(each.trajectory for each in estimators))
         for each in estimators:
             if "latent" in each.trajectory and LATENT in adapter.missing:
@@ -91,7 +91,7 @@ class Runtime:
             wants_output=OUTPUT in points,
             module_sites=bool(self._sites),
             branching=branching,
-            trajectory=frozenset(trajectory),
+            trajectory=trajectory,
         )
         dtype = strategy.config.estimator.dtype
         segments = len({place.segment for _, place in self._places if not place.head})
